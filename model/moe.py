@@ -1,0 +1,280 @@
+"""DeepSeekMoE: shared experts + fine-grained routed experts, with DeepSeek's routing and balance rules.
+
+Shape legend: B batch, T tokens per sequence, N = B*T tokens, D hidden, E routed experts, K experts per
+token, G expert groups (n_group), Dv balance/device groups, I expert intermediate width, M = N*K assignments.
+
+Routed experts are stacked weights run by grouped GEMM over tokens sorted by expert (torch._grouped_mm):
+no Python loop over experts. The router runs in fp32.
+
+Balance losses (each switchable by its coefficient) are attached to the MoE output by `AuxLossInjector`:
+forward returns the activation unchanged, backward feeds d(aux)=scale into the router. The loss never
+travels through the model's outputs, so pipeline stages need no extra outputs. Detached per-layer values
+and expert loads are kept on the module for the trainer (`stats`, `tokens_per_expert`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .layers import MLP
+
+
+# --------------------------------------------------------------------------------------------- routing
+@dataclass
+class Routing:
+    scores: torch.Tensor  # (N, E) fp32 affinities s_{i,t} (softmax or sigmoid), before any masking
+    indices: torch.Tensor  # (N, K) chosen experts
+    weights: torch.Tensor  # (N, K) fp32 gate values applied to the expert outputs
+
+
+class Router(nn.Module):
+    """Scores, group-limited top-k, optional auxiliary-loss-free selection bias (V3)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        # V3 bias: shifts selection only, updated outside forward by the sign of the load error
+        self.register_buffer("expert_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32),
+                             persistent=cfg.aux_loss_free_bias)
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        cfg = self.cfg
+        logits = F.linear(x.float(), self.weight.float())  # (N, E)
+        scores = logits.softmax(-1) if cfg.scoring_func == "softmax" else logits.sigmoid()
+        select = scores + self.expert_bias if cfg.aux_loss_free_bias else scores
+        if cfg.topk_method != "greedy" and cfg.n_group > 1:
+            select = self._mask_groups(select)
+        indices = select.topk(cfg.num_experts_per_tok, dim=-1).indices
+        weights = scores.gather(-1, indices)
+        if cfg.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return Routing(scores, indices, weights * cfg.routed_scaling_factor)
+
+    def _mask_groups(self, select: torch.Tensor) -> torch.Tensor:
+        """Keep only the topk_group best groups; V2 scores a group by its max, V3 by its top-2 sum."""
+        cfg = self.cfg
+        grouped = select.unflatten(-1, (cfg.n_group, -1))  # (N, G, E/G)
+        if cfg.topk_method == "noaux_tc":
+            group_score = grouped.topk(2, dim=-1).values.sum(-1)
+        else:
+            group_score = grouped.amax(-1)
+        top_groups = group_score.topk(cfg.topk_group, dim=-1).indices  # (N, topk_group)
+        keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, top_groups, True)
+        return grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).flatten(1)
+
+
+# --------------------------------------------------------------------------------------------- experts
+class _GroupedMM(torch.autograd.Function):
+    """x [M, Din] (rows sorted by group) @ w [G, Din, Dout] per group; offs = cumulative row ends [G] int32."""
+
+    @staticmethod
+    def forward(ctx, x, w, offs):
+        ctx.save_for_backward(x, w, offs)
+        return torch._grouped_mm(x, w, offs=offs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w, offs = ctx.saved_tensors
+        grad = grad.contiguous()  # the kernel rejects broadcast (stride-0) gradients
+        dx = torch._grouped_mm(grad, w.transpose(-2, -1), offs=offs) if ctx.needs_input_grad[0] else None
+        dw = torch._grouped_mm(x.t(), grad, offs=offs) if ctx.needs_input_grad[1] else None
+        return dx, dw, None
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    if x.shape[0] == 0:  # nothing routed here (possible under expert parallelism)
+        return x.new_zeros(0, w.shape[-1]) + 0 * w.sum()
+    return _GroupedMM.apply(x, w.to(x.dtype), offs)
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts as stacked weights in x @ W layout: gate_up [E, D, 2I], down [E, I, D]."""
+
+    def __init__(self, n_experts: int, dim: int, hidden: int):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, dim, 2 * hidden))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, hidden, dim))
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x [M, D] sorted by expert, counts [E] rows per expert -> [M, D]."""
+        offs = counts.cumsum(0).to(torch.int32)
+        gate, up = grouped_mm(x, self.gate_up_proj, offs).chunk(2, dim=-1)
+        return grouped_mm(F.silu(gate) * up, self.down_proj, offs)
+
+
+# --------------------------------------------------------------------------------------------- balance
+def expert_fraction(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """f_i = E / (K T) * #tokens choosing expert i, for indices [T, K] (1.0 everywhere when uniform)."""
+    t, k = indices.shape
+    counts = torch.bincount(indices.flatten(), minlength=n_experts).float()
+    return counts * n_experts / (k * t)
+
+
+def expert_balance_loss(scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """DeepSeek-V2 eq. 12-14: sum_i f_i P_i with P_i the mean affinity (without alpha)."""
+    f = expert_fraction(indices, scores.shape[-1])
+    return (f * scores.mean(0)).sum()
+
+
+def device_balance_loss(scores: torch.Tensor, indices: torch.Tensor, n_devices: int) -> torch.Tensor:
+    """DeepSeek-V2 eq. 15-17: f'_d = mean of f over device d's experts, P'_d = sum of P over them."""
+    f = expert_fraction(indices, scores.shape[-1]).view(n_devices, -1).mean(-1)
+    p = scores.mean(0).view(n_devices, -1).sum(-1)
+    return (f * p).sum()
+
+
+def comm_balance_loss(scores: torch.Tensor, indices: torch.Tensor, n_devices: int, max_devices: int) -> torch.Tensor:
+    """DeepSeek-V2 eq. 18-20: f''_d = D / (M T) * #tokens sent to device d, P''_d = sum of P over d."""
+    t, e = scores.shape
+    device_of = indices // (e // n_devices)  # (T, K)
+    sent = torch.zeros(t, n_devices, device=scores.device).scatter_(1, device_of, 1.0)
+    f = sent.sum(0) * n_devices / (max_devices * t)
+    p = scores.mean(0).view(n_devices, -1).sum(-1)
+    return (f * p).sum()
+
+
+def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, batch: int) -> torch.Tensor:
+    """DeepSeek-V3 eq. 17-20: the expert-level loss per sequence on normalised affinities, averaged."""
+    e, k = scores.shape[-1], indices.shape[-1]
+    s = (scores / scores.sum(-1, keepdim=True)).view(batch, -1, e)  # (B, T, E)
+    t = s.shape[1]
+    chosen = torch.zeros_like(s).scatter_(2, indices.view(batch, t, k), 1.0)
+    f = chosen.sum(1) * e / (k * t)  # (B, E)
+    return (f * s.mean(1)).sum(-1).mean()
+
+
+def capacity_keep_mask(routing: Routing, n_devices: int, capacity_factor: float,
+                       protected: torch.Tensor) -> torch.Tensor:
+    """DeepSeek-V2 device-level token dropping -> keep mask [N, K].
+
+    Each device (a group of E/Dv consecutive experts) may take ceil(capacity_factor * N*K / Dv)
+    assignments; beyond that the assignments with the lowest affinity are dropped. Assignments of
+    protected tokens (sequences exempt from dropping) are always kept and count against the budget first.
+    """
+    n, k = routing.indices.shape
+    e = routing.scores.shape[-1]
+    capacity = int(torch.ceil(torch.tensor(capacity_factor * n * k / n_devices)).item())
+    device = (routing.indices // (e // n_devices)).flatten()  # (M,)
+    affinity = routing.scores.gather(-1, routing.indices).flatten()
+    prot = protected.unsqueeze(-1).expand(n, k).flatten()
+    priority = affinity + 2.0 * prot  # protected first; affinities lie in [0, 1]
+    order = priority.argsort(descending=True, stable=True)
+    order = order[device[order].argsort(stable=True)]  # grouped by device, best first within a device
+    counts = torch.bincount(device, minlength=n_devices)
+    starts = counts.cumsum(0) - counts
+    rank_in_device = torch.empty_like(order)
+    rank_in_device[order] = torch.arange(order.numel(), device=order.device) - starts[device[order]]
+    return ((rank_in_device < capacity) | prot).view(n, k)
+
+
+class AuxLossInjector(torch.autograd.Function):
+    """Identity on `out`; in backward, gives `aux` the gradient `scale` so it trains the router."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, aux: torch.Tensor, scale: float):
+        ctx.scale = scale
+        ctx.aux_shape = aux.shape
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, grad.new_full(ctx.aux_shape, ctx.scale, dtype=torch.float32), None
+
+
+# --------------------------------------------------------------------------------------------- the layer
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.gate = Router(cfg)
+        self.experts = GroupedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+                               if cfg.n_shared_experts > 0 else None)
+        # gradient weight of the balance losses; the trainer sets 1/accumulation_steps
+        self.aux_loss_scale = 1.0
+        # accumulated between optimizer steps (reset by the trainer): routed assignments per expert,
+        # dropped and total assignments; the latest detached balance-loss values
+        self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts), persistent=False)
+        self.register_buffer("dropped", torch.zeros(2), persistent=False)
+        self.aux_values: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        flat = x.reshape(-1, d)
+        routing = self.gate(flat)
+        keep = self._keep_mask(routing, b, t)
+        routed = self._dispatch(flat, routing, keep).view(b, t, d)
+        out = routed if self.shared_experts is None else routed + self.shared_experts(x)
+        self._record(routing, keep)
+        if self.training and torch.is_grad_enabled():
+            aux = self._balance_loss(routing, b)
+            if aux is not None:
+                out = AuxLossInjector.apply(out, aux, self.aux_loss_scale)
+        return out
+
+    def _keep_mask(self, routing: Routing, b: int, t: int) -> torch.Tensor | None:
+        cf = self.cfg.capacity_factor
+        if cf is None or not self.training:  # the paper never drops at evaluation
+            return None
+        protected_seq = torch.rand(b, device=routing.scores.device) < self.cfg.no_drop_fraction
+        return capacity_keep_mask(routing, self.cfg.balance_groups, cf, protected_seq.repeat_interleave(t))
+
+    def _dispatch(self, x: torch.Tensor, routing: Routing, keep: torch.Tensor | None) -> torch.Tensor:
+        """Sort assignments by expert, run the grouped GEMMs, weight and sum back per token."""
+        n, k = routing.indices.shape
+        e = self.cfg.n_routed_experts
+        expert = routing.indices.flatten()
+        if keep is not None:  # dropped assignments go to a virtual expert E that is never computed
+            expert = expert.masked_fill(~keep.flatten(), e)
+        order = expert.argsort(stable=True)
+        counts = torch.bincount(expert, minlength=e + 1)[:e]
+        rows = order[: int(counts.sum())]
+        y = self.experts(x[rows // k], counts)  # (M_kept, D)
+        full = x.new_zeros(n * k, x.shape[-1]).index_copy(0, rows, y)
+        return torch.einsum("nkd,nk->nd", full.view(n, k, -1), routing.weights.to(x.dtype))
+
+    @torch.no_grad()
+    def _record(self, routing: Routing, keep: torch.Tensor | None) -> None:
+        self.tokens_per_expert += torch.bincount(routing.indices.flatten(), minlength=self.cfg.n_routed_experts)
+        total = routing.indices.numel()
+        kept = total if keep is None else int(keep.sum())
+        self.dropped += torch.tensor([total - kept, total], dtype=self.dropped.dtype, device=self.dropped.device)
+
+    def _balance_loss(self, routing: Routing, batch: int) -> torch.Tensor | None:
+        cfg, s, idx = self.cfg, routing.scores, routing.indices
+        d = cfg.balance_groups
+        max_devices = cfg.topk_group if (cfg.topk_method != "greedy" and cfg.n_group == d) else min(cfg.num_experts_per_tok, d)
+        terms = {
+            "expert": (cfg.aux_loss_alpha, lambda: expert_balance_loss(s, idx)),
+            "device": (cfg.device_aux_loss_alpha, lambda: device_balance_loss(s, idx, d)),
+            "comm": (cfg.comm_aux_loss_alpha, lambda: comm_balance_loss(s, idx, d, max_devices)),
+            "seq": (cfg.seq_aux_loss_alpha, lambda: sequence_balance_loss(s, idx, batch)),
+        }
+        total = None
+        for name, (alpha, fn) in terms.items():
+            if alpha > 0:
+                value = alpha * fn()
+                self.aux_values[name] = value.detach()
+                total = value if total is None else total + value
+        return total
+
+    # ---------------------------------------------------------------- trainer-facing, outside forward
+    @torch.no_grad()
+    def update_expert_bias(self, tokens_per_expert: torch.Tensor | None = None) -> None:
+        """V3 auxiliary-loss-free update: b_i += gamma * sign(mean load - load_i)."""
+        if not self.cfg.aux_loss_free_bias:
+            return
+        load = self.tokens_per_expert if tokens_per_expert is None else tokens_per_expert
+        self.gate.expert_bias += self.cfg.bias_update_speed * torch.sign(load.mean() - load)
+
+    @torch.no_grad()
+    def reset_stats(self) -> None:
+        self.tokens_per_expert.zero_()
+        self.dropped.zero_()
+        self.aux_values = {}

@@ -1,0 +1,159 @@
+"""The DeepSeek-V2/V3 decoder: embedding -> blocks (MLA + dense MLP or DeepSeekMoE) -> norm -> head.
+
+Shape legend: B batch, T tokens, D hidden, V vocab.
+
+`layers` is a ModuleDict keyed by the global layer index so pipeline stages can drop the layers they do
+not own (and drop `embed_tokens`, `norm`, `lm_head`, `mtp` by setting them to None) while parameter
+names stay stable for checkpoints. Build on the meta device for big presets, then `to_empty` and
+`init_weights()`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention import MLA, LatentKVCache
+from .config import ModelConfig
+from .layers import MLP, RMSNorm
+from .moe import MoE, GroupedExperts
+from .rope import rope_cos_sin
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLA(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def decode(self, x, cos, sin, cache: LatentKVCache, start: int) -> torch.Tensor:
+        x = x + self.self_attn.decode(self.input_layernorm(x), cos, sin, cache, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class MTPModule(nn.Module):
+    """One DeepSeek-V3 multi-token-prediction depth: h' = W [norm(emb(t_{i+k})); norm(h_{i}^{k-1})] -> block.
+
+    The embedding and output head are the main model's (shared). Concatenation order (embedding first)
+    follows the released V3 MTP weights (enorm, hnorm, eh_proj).
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.block = Block(cfg, layer_idx)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, cos, sin) -> torch.Tensor:
+        h = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
+        return self.block(h, cos, sin)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.num_hidden_layers)})
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        n = cfg.num_hidden_layers
+        self.mtp = nn.ModuleList([MTPModule(cfg, n + k) for k in range(cfg.num_nextn_predict_layers)]) \
+            if cfg.num_nextn_predict_layers > 0 else None
+        if self.embed_tokens.weight.device.type != "meta":
+            self.init_weights()
+
+    # ------------------------------------------------------------------------------------ init
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Normal(0, initializer_range) for every matrix (0.006 as in DeepSeek-V2/V3), ones for norms."""
+        gen = None if seed is None else torch.Generator(device="cpu").manual_seed(seed)
+        std = self.cfg.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                _normal_(module.weight, std, gen)
+            elif isinstance(module, GroupedExperts):
+                _normal_(module.gate_up_proj, std, gen)
+                _normal_(module.down_proj, std, gen)
+            elif isinstance(module, RMSNorm):
+                module.reset_parameters()
+            elif isinstance(module, MoE):
+                _normal_(module.gate.weight, std, gen)
+                module.gate.expert_bias.zero_()
+                module.reset_stats()
+        if self.cfg.tie_word_embeddings and self.lm_head is not None and self.embed_tokens is not None:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    # ------------------------------------------------------------------------------------ forward
+    def _rope(self, start: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope_cos_sin(self.cfg, torch.arange(start, start + length, device=device))
+
+    def hidden_states(self, tokens_or_h: torch.Tensor) -> torch.Tensor:
+        """Embedding (if this stage has it) and this stage's blocks: [B, T] ids or [B, T, D] -> [B, T, D]."""
+        h = self.embed_tokens(tokens_or_h) if self.embed_tokens is not None else tokens_or_h
+        cos, sin = self._rope(0, h.shape[1], h.device)
+        for block in self.layers.values():
+            h = block(h, cos, sin)
+        return h
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, V] (pipeline stages: hidden states in/out where parts are absent)."""
+        h = self.hidden_states(tokens)
+        if self.norm is None:
+            return h
+        return self.lm_head(self.norm(h))
+
+    def forward_with_mtp(self, tokens: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Main logits [B, T, V] and, per MTP depth k=1..D, logits [B, T-k, V] whose position i predicts
+        token i+k+1 (i.e. labels[:, k:] with labels = tokens shifted by one)."""
+        h = self.hidden_states(tokens)
+        logits = self.lm_head(self.norm(h))
+        emb = self.embed_tokens(tokens)
+        mtp_logits = []
+        for k, module in enumerate(self.mtp or [], start=1):
+            t = h.shape[1] - k
+            cos, sin = self._rope(0, t, h.device)
+            h = module(h[:, :t], emb[:, k:], cos, sin)
+            mtp_logits.append(self.lm_head(module.norm(h)))
+        return logits, mtp_logits
+
+    # ------------------------------------------------------------------------------------ generation
+    def new_cache(self, batch: int, max_len: int) -> list[LatentKVCache]:
+        p = self.embed_tokens.weight
+        return [LatentKVCache.empty(self.cfg, batch, max_len, p.dtype, p.device) for _ in self.layers]
+
+    def decode(self, tokens: torch.Tensor, cache: list[LatentKVCache], start: int) -> torch.Tensor:
+        """Logits [B, T, V] for new tokens at positions [start, start+T), reading/writing the latent cache."""
+        h = self.embed_tokens(tokens)
+        cos, sin = self._rope(start, tokens.shape[1], h.device)
+        for block, layer_cache in zip(self.layers.values(), cache):
+            h = block.decode(h, cos, sin, layer_cache, start)
+        return self.lm_head(self.norm(h))
+
+    # ------------------------------------------------------------------------------------ MoE access
+    def moe_layers(self) -> dict[int, MoE]:
+        """This model's (or stage's) MoE modules by global layer index (MTP depths follow the last layer)."""
+        blocks = {int(i): b for i, b in self.layers.items()}
+        for k, module in enumerate(self.mtp or []):
+            blocks[self.cfg.num_hidden_layers + k] = module.block
+        return {i: b.mlp for i, b in blocks.items() if isinstance(b.mlp, MoE)}
+
+    def set_aux_loss_scale(self, scale: float) -> None:
+        for moe in self.moe_layers().values():
+            moe.aux_loss_scale = scale
+
+
+def _normal_(t: torch.Tensor, std: float, gen: torch.Generator | None) -> None:
+    if gen is None or t.device.type == "cpu":
+        t.normal_(0.0, std, generator=gen)
+    else:  # draw on CPU for reproducibility across devices
+        t.copy_(torch.empty(t.shape, dtype=t.dtype).normal_(0.0, std, generator=gen))
