@@ -42,6 +42,7 @@ class Router(nn.Module):
         # V3 bias: shifts selection only, updated outside forward by the sign of the load error
         self.register_buffer("expert_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32),
                              persistent=cfg.aux_loss_free_bias)
+        nn.init.normal_(self.weight, 0.0, cfg.initializer_range)
 
     def forward(self, x: torch.Tensor) -> Routing:
         cfg = self.cfg
@@ -90,16 +91,24 @@ class _GroupedMM(torch.autograd.Function):
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     if x.shape[0] == 0:  # nothing routed here (possible under expert parallelism)
         return x.new_zeros(0, w.shape[-1]) + 0 * w.sum()
-    return _GroupedMM.apply(x, w.to(x.dtype), offs)
+    w = w.to(x.dtype)
+    d_in, d_out = w.shape[-2], w.shape[-1]
+    pad_in, pad_out = -d_in % 8, -d_out % 8  # the kernel needs 16-byte-aligned rows
+    if pad_in or pad_out:  # odd widths (never in real configs): zero-pad, differentiably
+        out = _GroupedMM.apply(F.pad(x, (0, pad_in)), F.pad(w, (0, pad_out, 0, pad_in)), offs)
+        return out[:, :d_out]
+    return _GroupedMM.apply(x, w, offs)
 
 
 class GroupedExperts(nn.Module):
     """E SwiGLU experts as stacked weights in x @ W layout: gate_up [E, D, 2I], down [E, I, D]."""
 
-    def __init__(self, n_experts: int, dim: int, hidden: int):
+    def __init__(self, n_experts: int, dim: int, hidden: int, std: float = 0.006):
         super().__init__()
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, dim, 2 * hidden))
         self.down_proj = nn.Parameter(torch.empty(n_experts, hidden, dim))
+        nn.init.normal_(self.gate_up_proj, 0.0, std)  # a no-op on the meta device
+        nn.init.normal_(self.down_proj, 0.0, std)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [M, D] sorted by expert, counts [E] rows per expert -> [M, D]."""
@@ -193,7 +202,8 @@ class MoE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.gate = Router(cfg)
-        self.experts = GroupedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.experts = GroupedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size,
+                                      cfg.initializer_range)
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
                                if cfg.n_shared_experts > 0 else None)
         # gradient weight of the balance losses; the trainer sets 1/accumulation_steps

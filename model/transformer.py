@@ -120,7 +120,7 @@ class Transformer(nn.Module):
         emb = self.embed_tokens(tokens)
         mtp_logits = []
         for k, module in enumerate(self.mtp or [], start=1):
-            t = h.shape[1] - k
+            t = tokens.shape[1] - k  # depth k sees positions whose token i+k exists
             cos, sin = self._rope(0, t, h.device)
             h = module(h[:, :t], emb[:, k:], cos, sin)
             mtp_logits.append(self.lm_head(module.norm(h)))
