@@ -84,8 +84,12 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.cfg.qk_nope_head_dim, self.cfg.v_head_dim], dim=-1)  # (B, T, H, N|V)
         q = torch.cat([q_nope, q_rope], dim=-1)
         k = torch.cat([k_nope, k_rope.unsqueeze(2).expand(-1, -1, k_nope.shape[2], -1)], dim=-1)
+        pad = q.shape[-1] - v.shape[-1]
+        if pad > 0:  # fused (flash) SDPA kernels need equal q/k/v head widths: zero-pad v, slice the output
+            v = F.pad(v, (0, pad))
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             is_causal=True, scale=self.scale)  # (B, H, T, V)
+                                             is_causal=True, scale=self.scale)  # (B, H, T, N+R)
+        out = out[..., : self.cfg.v_head_dim]  # (B, H, T, V)
         return self.o_proj(out.transpose(1, 2).flatten(2))
 
     def decode(self, x: torch.Tensor, cos, sin, cache: LatentKVCache, start: int) -> torch.Tensor:

@@ -46,7 +46,8 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Routing:
         cfg = self.cfg
-        logits = F.linear(x.float(), self.weight.float())  # (N, E)
+        with torch.autocast(x.device.type, enabled=False):  # router math stays fp32 under mixed precision
+            logits = F.linear(x.float(), self.weight.float())  # (N, E)
         scores = logits.softmax(-1) if cfg.scoring_func == "softmax" else logits.sigmoid()
         select = scores + self.expert_bias if cfg.aux_loss_free_bias else scores
         if cfg.topk_method != "greedy" and cfg.n_group > 1:
@@ -112,6 +113,8 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [M, D] sorted by expert, counts [E] rows per expert -> [M, D]."""
+        if torch.is_autocast_enabled(x.device.type):  # grouped GEMMs are not autocast ops: cast by hand
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         offs = counts.cumsum(0).to(torch.int32)
         gate, up = grouped_mm(x, self.gate_up_proj, offs).chunk(2, dim=-1)
         return grouped_mm(F.silu(gate) * up, self.down_proj, offs)
@@ -246,7 +249,7 @@ class MoE(nn.Module):
         counts = torch.bincount(expert, minlength=e + 1)[:e]
         rows = order[: int(counts.sum())]
         y = self.experts(x[rows // k], counts)  # (M_kept, D)
-        full = x.new_zeros(n * k, x.shape[-1]).index_copy(0, rows, y)
+        full = x.new_zeros(n * k, x.shape[-1]).index_copy(0, rows, y.to(x.dtype))
         return torch.einsum("nkd,nk->nd", full.view(n, k, -1), routing.weights.to(x.dtype))
 
     @torch.no_grad()

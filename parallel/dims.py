@@ -1,0 +1,69 @@
+"""ParallelDims: the sizes of every parallel axis, validated against the world size and the model
+before any process group exists, and the named DeviceMesh built from them.
+
+world = pp * dp_replicate * dp_shard * tp; expert parallelism borrows its ranks from dp_shard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from model.config import ModelConfig
+
+
+class LayoutError(ValueError):
+    """An impossible parallel layout (one line naming the numbers)."""
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    world_size: int
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    tp: int = 1
+    ep: int = 1
+    pp: int = 1
+    pp_stages_per_rank: int = 1
+
+    @classmethod
+    def resolve(cls, world_size: int, dp_replicate: int = 1, dp_shard: int = -1, tp: int = 1, ep: int = 1,
+                pp: int = 1, pp_stages_per_rank: int = 1) -> "ParallelDims":
+        """Fill dp_shard=-1 with what the other axes leave of the world, then validate."""
+        if dp_shard == -1:
+            rest = dp_replicate * tp * pp
+            if world_size % rest:
+                raise LayoutError(f"world size {world_size} is not divisible by dp_replicate*tp*pp = "
+                                  f"{dp_replicate}*{tp}*{pp} = {rest}")
+            dp_shard = world_size // rest
+        dims = cls(world_size, dp_replicate, dp_shard, tp, ep, pp, pp_stages_per_rank)
+        dims.validate()
+        return dims
+
+    def validate(self) -> None:
+        prod = self.pp * self.dp_replicate * self.dp_shard * self.tp
+        if prod != self.world_size:
+            raise LayoutError(f"pp*dp_replicate*dp_shard*tp = {self.pp}*{self.dp_replicate}*{self.dp_shard}*"
+                              f"{self.tp} = {prod} != world size {self.world_size}")
+        if self.dp_shard % self.ep:
+            raise LayoutError(f"ep={self.ep} must divide dp_shard={self.dp_shard} (expert parallelism borrows "
+                              f"data-parallel ranks)")
+
+    def validate_model(self, cfg: ModelConfig) -> None:
+        if cfg.num_attention_heads % self.tp:
+            raise LayoutError(f"num_attention_heads={cfg.num_attention_heads} is not divisible by tp={self.tp}")
+        if self.ep > 1 and cfg.n_routed_experts % self.ep:
+            raise LayoutError(f"n_routed_experts={cfg.n_routed_experts} is not divisible by ep={self.ep}")
+        stages = self.pp * self.pp_stages_per_rank
+        if cfg.num_hidden_layers < stages:
+            raise LayoutError(f"num_hidden_layers={cfg.num_hidden_layers} < pipeline stages "
+                              f"pp*pp_stages_per_rank = {self.pp}*{self.pp_stages_per_rank} = {stages}")
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel degree: how many ways the global batch is split."""
+        return self.dp_replicate * self.dp_shard
+
+    def build_mesh(self, device_type: str):
+        from torch.distributed.device_mesh import init_device_mesh
+        return init_device_mesh(device_type, (self.pp, self.dp_replicate, self.dp_shard, self.tp),
+                                mesh_dim_names=("pp", "dp_replicate", "dp_shard", "tp"))

@@ -1,0 +1,95 @@
+"""Typed config building, layout validation, optimizer groups and learning-rate schedules."""
+
+import math
+
+import pytest
+import torch
+
+from model import Transformer, load_preset
+from parallel import LayoutError, ParallelDims
+from train.__main__ import compose_config
+from train.config import ConfigError, OptimConfig
+from train.optim import build_optimizer, build_scheduler, lr_factor, param_groups
+
+
+def test_compose_defaults_to_tiny_on_builtin_data():
+    cfg = compose_config([])
+    assert cfg.model == load_preset("tiny")
+    assert cfg.data.path is None and cfg.optim.betas == (0.9, 0.95) and cfg.optim.weight_decay == 0.1
+
+
+def test_overrides_reach_typed_fields():
+    cfg = compose_config(["model=small", "train.steps=7", "optim.lr=1e-3", "precision=bf16", "output_dir=/tmp/x"])
+    assert (cfg.model.hidden_size, cfg.train.steps, cfg.optim.lr, cfg.precision.param_dtype) == (512, 7, 1e-3, "bfloat16")
+    assert cfg.output_dir == "/tmp/x"
+
+
+@pytest.mark.parametrize("overrides,fragment", [
+    (["+train.foo=1"], "unknown config key(s) ['train.foo']"),
+    (["train.steps=abc"], "train.steps must be int"),
+    (["train.steps=0"], "train.steps must be > 0, got 0"),
+    (["data.seq_len=9000"], "data.seq_len=9000 exceeds model.max_position_embeddings=4096"),
+    (["model=missing_preset"], "Could not find 'model/missing_preset'"),
+    (["+model.not_a_field=3"], "unknown model config keys: ['not_a_field']"),
+    (["optim.betas=[0.9]"], "optim.betas must be two numbers"),
+])
+def test_bad_config_is_one_line_error(overrides, fragment):
+    with pytest.raises(ConfigError) as e:
+        compose_config(overrides)
+    assert fragment in str(e.value)
+
+
+@pytest.mark.parametrize("kw,fragment", [
+    (dict(world_size=4, tp=3), "not divisible by dp_replicate*tp*pp = 1*3*1 = 3"),
+    (dict(world_size=4, dp_shard=2), "= 2 != world size 4"),
+    (dict(world_size=4, ep=3), "ep=3 must divide dp_shard=4"),
+])
+def test_layout_errors_name_the_numbers(kw, fragment):
+    with pytest.raises(LayoutError) as e:
+        ParallelDims.resolve(**kw)
+    assert fragment in str(e.value)
+
+
+def test_layout_checked_against_model():
+    dims = ParallelDims.resolve(world_size=8, tp=8)
+    with pytest.raises(LayoutError, match="num_attention_heads=4 is not divisible by tp=8"):
+        dims.validate_model(load_preset("tiny"))
+    assert ParallelDims.resolve(world_size=8, dp_replicate=2).dp_shard == 4
+
+
+def test_weight_decay_skips_norms_and_embedding():
+    model = Transformer(load_preset("tiny"))
+    groups = param_groups(model, OptimConfig())
+    decayed = {id(p) for p in groups[0]["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in decayed}
+    assert "layers.1.mlp.experts.gate_up_proj" in names and "lm_head.weight" in names
+    assert "embed_tokens.weight" not in names and "norm.weight" not in names
+    assert groups[1]["weight_decay"] == 0.0
+    n_all = sum(1 for _ in model.parameters())
+    assert len(groups[0]["params"]) + len(groups[1]["params"]) == n_all
+
+
+def test_deepseek_step_schedule():
+    cfg = OptimConfig(schedule="deepseek_step", warmup_steps=10, step_decay_at=(0.6, 0.9), step_decay_factor=0.316)
+    assert lr_factor(0, 100, cfg) == pytest.approx(0.1)
+    assert lr_factor(9, 100, cfg) == 1.0
+    assert lr_factor(59, 100, cfg) == 1.0
+    assert lr_factor(60, 100, cfg) == pytest.approx(0.316)
+    assert lr_factor(89, 100, cfg) == pytest.approx(0.316)
+    assert lr_factor(90, 100, cfg) == pytest.approx(0.316 ** 2)
+
+
+def test_cosine_schedule_endpoints_and_scheduler_wiring():
+    cfg = OptimConfig(schedule="cosine", warmup_steps=4, min_lr_ratio=0.1, lr=1.0)
+    assert lr_factor(4, 104, cfg) == pytest.approx(1.0)
+    assert lr_factor(54, 104, cfg) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(104, 104, cfg) == pytest.approx(0.1)
+    opt = build_optimizer(torch.nn.Linear(2, 2), cfg)
+    sched = build_scheduler(opt, cfg, 104)
+    lrs = []
+    for _ in range(6):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lrs[5] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 1 / 100)))

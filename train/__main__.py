@@ -1,0 +1,90 @@
+"""`python -m train [hydra overrides]`: compose the config, validate it, train.
+
+Plain overrides (`model=small train.steps=100 output_dir=runs/x`) compose through Hydra's compose API so
+that any configuration mistake is one line on stderr and exit code 2, before anything heavy happens.
+Hydra's own flags (`--multirun`/`-m`, `--cfg`, `--help`, `hydra/launcher=...` sweeps) go through
+`@hydra.main`, which then calls the same `run`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from pathlib import Path
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def one_line(e: BaseException) -> str:
+    text = str(e).split("Config search path")[0]  # Hydra appends its search path to missing-group errors
+    return re.sub(r"\s+", " ", text).strip() or type(e).__name__
+
+
+def compose_config(overrides: list[str]):
+    """Hydra composition + typed validation -> RunConfig (raises ConfigError with a one-line message)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from .config import ConfigError, build_config
+
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            composed = compose(config_name="config", overrides=overrides)
+        data = OmegaConf.to_container(composed, resolve=True)
+    except Exception as e:  # noqa: BLE001 — Hydra/OmegaConf raise many types; all are config errors here
+        raise ConfigError(one_line(e)) from None
+    return build_config(data)
+
+
+def run(cfg) -> int:
+    from .trainer import Trainer
+
+    trainer = Trainer(cfg)
+    try:
+        trainer.setup()
+        return trainer.run()
+    finally:
+        trainer.close()
+
+
+def _hydra_main(argv: list[str]) -> int:
+    import hydra
+    from omegaconf import OmegaConf
+
+    from .config import build_config
+
+    @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+    def entry(composed) -> int:
+        return run(build_config(OmegaConf.to_container(composed, resolve=True)))
+
+    sys.argv = [sys.argv[0]] + argv
+    entry()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    if any(a.startswith("-") or a.startswith("hydra/") for a in argv):
+        return _hydra_main(argv)
+    from .config import ConfigError
+
+    from parallel.dims import LayoutError
+
+    from .data.loader import DataError
+
+    try:
+        cfg = compose_config(argv)
+        return run(cfg)
+    except (ConfigError, LayoutError) as e:
+        print(f"config error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except DataError as e:
+        print(f"data error: {one_line(e)}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Checkpoints with torch.distributed.checkpoint (DCP): sharded, resharding on load, published atomically.
+
+Layout under `<output_dir>/checkpoints/`:
+    step_00000100/            a published checkpoint (renamed from step_00000100.tmp once complete)
+        .metadata, *.distcp   DCP: model (incl. expert-bias buffers) and optimizer, sharded by rank
+        train_state.json      step, scheduler, data-loader position, resolved config (rank 0)
+        rng/rank_<r>.pt       each rank's RNG states
+A directory without the `.tmp` suffix is only ever created by an atomic rename after every rank finished
+writing, so a crash mid-save leaves at most a `.tmp` directory, which is never loaded. A published
+checkpoint that still fails to load (disk corruption) is skipped with a warning for the previous one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+log = logging.getLogger(__name__)
+PREFIX = "step_"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _all_ok(ok: bool) -> bool:
+    """True when every rank reports ok."""
+    if not dist.is_initialized():
+        return ok
+    flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
+    dist.all_reduce(flag)
+    return int(flag.item()) == 0
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def published(root: Path) -> list[Path]:
+    """Published checkpoint directories, newest first."""
+    if not root.is_dir():
+        return []
+    dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
+    return sorted(dirs, key=lambda p: int(p.name[len(PREFIX):]), reverse=True)
+
+
+class Checkpointer:
+    def __init__(self, root: Path, keep: int, async_save: bool = False):
+        self.root = root
+        self.keep = keep
+        self.async_save = async_save
+        self._pending: tuple[Future, Path, Path] | None = None
+        self.last_step: int | None = None  # the step of the newest save (or load) of this run
+
+    # ------------------------------------------------------------------------------------------ save
+    def save(self, step: int, model, optimizer, train_state: dict[str, Any]) -> None:
+        """Write checkpoint `step`; publish it now (sync) or once its background write finished (async)."""
+        self.wait()
+        self.last_step = step
+        final = self.root / f"{PREFIX}{step:08d}"
+        tmp = self.root / f"{final.name}.tmp"
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # leftover of a crashed save of the same step
+            (tmp / "rng").mkdir(parents=True)
+            (tmp / "train_state.json").write_text(json.dumps(train_state, indent=1, default=str))
+        _barrier()
+        torch.save(rng_state(), tmp / "rng" / f"rank_{_rank()}.pt")
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        if self.async_save:
+            self._pending = (dcp.async_save(state, checkpoint_id=str(tmp)), tmp, final)
+        else:
+            dcp.save(state, checkpoint_id=str(tmp))
+            self._publish(tmp, final)
+
+    def wait(self) -> None:
+        """Finish and publish an in-flight async save."""
+        if self._pending is not None:
+            future, tmp, final = self._pending
+            self._pending = None
+            future.result()
+            self._publish(tmp, final)
+
+    def _publish(self, tmp: Path, final: Path) -> None:
+        _barrier()  # every rank's shards are on disk
+        if _rank() == 0:
+            if final.exists():  # re-saving a step (after a resume): replace it only now that tmp is whole
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            self._prune()
+        _barrier()
+
+    def _prune(self) -> None:
+        for old in published(self.root)[self.keep:]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    # ------------------------------------------------------------------------------------------ load
+    def load_latest(self, model, optimizer) -> dict[str, Any] | None:
+        """Load the newest checkpoint that loads on every rank; None when there is none at all."""
+        candidates = published(self.root)
+        for path in candidates:
+            state = self._try_load(path, model, optimizer)
+            if _all_ok(state is not None):
+                log.info("resumed from %s", path)
+                self.last_step = state["step"]
+                return state
+            log.warning("checkpoint %s is incomplete or corrupt; trying the previous one", path)
+        if candidates:
+            raise RuntimeError(f"no loadable checkpoint among {[p.name for p in candidates]} in {self.root}; "
+                               f"move them away to start afresh")
+        return None
+
+    def _try_load(self, path: Path, model, optimizer) -> dict[str, Any] | None:
+        try:
+            train_state = json.loads((path / "train_state.json").read_text())
+            if not (path / ".metadata").is_file():
+                raise FileNotFoundError(path / ".metadata")
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            state = {"model": model_sd, "optim": optim_sd}
+            dcp.load(state, checkpoint_id=str(path))
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+            rng_file = path / "rng" / f"rank_{_rank()}.pt"
+            if rng_file.is_file():
+                set_rng_state(torch.load(rng_file, weights_only=False))
+            else:
+                log.warning("%s has no RNG state for rank %d (different layout); keeping the seeded RNG",
+                            path, _rank())
+            return train_state
+        except Exception as e:  # noqa: BLE001 — any failure means: not this checkpoint
+            log.warning("cannot load %s: %s: %s", path, type(e).__name__, str(e).splitlines()[0][:300])
+            return None

@@ -1,0 +1,187 @@
+"""Typed run configuration.
+
+Hydra composes `conf/config.yaml` and its groups; `build_config` turns the resulting plain dict into these
+dataclasses, rejecting unknown keys, wrong types and impossible values with one line naming the key.
+Nothing past the entry point sees a DictConfig.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from model.config import ModelConfig, config_from_dict
+
+
+class ConfigError(ValueError):
+    """A user configuration mistake; the entry point prints it on one line and exits with code 2."""
+
+
+@dataclass
+class DataConfig:
+    path: Optional[str] = None  # prepared shards (python -m train.data.prepare); None: the built-in dataset
+    seq_len: int = 256
+    val_batches: int = 4  # held-out batches per validation pass
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    betas: tuple = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    decay_norms_and_embeddings: bool = False  # AdamW decays matrices only unless this is set
+    grad_clip: float = 1.0  # 0: no clipping
+    schedule: str = "cosine"  # cosine | deepseek_step | constant
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
+    step_decay_at: tuple = (0.6, 0.9)  # deepseek_step: fractions of training where lr is multiplied
+    step_decay_factor: float = 0.316
+
+
+@dataclass
+class PrecisionConfig:
+    name: str = "fp32"  # fp32 | bf16
+    param_dtype: str = "float32"  # dtype of computation under FSDP mixed precision
+    reduce_dtype: str = "float32"  # gradient reduction dtype
+
+
+@dataclass
+class ParallelConfig:
+    dp_replicate: int = 1
+    dp_shard: int = -1  # -1: whatever the other sizes leave of the world size
+    tp: int = 1
+    ep: int = 1
+    pp: int = 1
+    pp_schedule: str = "1F1B"
+    pp_microbatches: int = 0  # 0: one per micro-batch of the step
+    pp_stages_per_rank: int = 1
+    cpu_offload: bool = False
+
+
+@dataclass
+class LoopConfig:
+    steps: int = 300
+    seed: int = 0
+    global_batch_size: int = 16  # sequences per optimizer step, whatever the parallel layout
+    micro_batch_size: int = 8  # sequences per forward/backward on one rank
+    val_every: int = 100  # 0: no validation
+    peak_tflops: Optional[float] = None  # for MFU; None: a known GPU's BF16 peak, or measured GEMM peak on CPU
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100  # 0: only at the end
+    keep: int = 2
+    async_save: bool = False
+    load: bool = True  # resume from the newest complete checkpoint under output_dir
+
+
+@dataclass
+class LogConfig:
+    every: int = 10
+    moe_every: int = 50  # histograms + heatmap cadence (in steps)
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+# --------------------------------------------------------------------------------------------- building
+def _check_type(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _check_type(value, args[0], key)
+    if tp is tuple or origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return tuple(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
+        raise ConfigError(f"{key} must be {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {[prefix + k for k in unknown]}; known under "
+                          f"'{prefix.rstrip('.') or '<root>'}': {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in data.items():
+        key = prefix + name
+        if name == "model" and cls is RunConfig:
+            try:
+                kwargs[name] = config_from_dict(value)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(str(e)) from None
+        elif dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = _build(hints[name], value, key + ".")
+        else:
+            kwargs[name] = _check_type(value, hints[name], key)
+    return cls(**kwargs)
+
+
+def build_config(data: dict) -> RunConfig:
+    """Plain dict (Hydra's composed config, resolved) -> validated RunConfig."""
+    cfg = _build(RunConfig, data, "")
+    validate(cfg)
+    return cfg
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def validate(cfg: RunConfig) -> None:
+    t, o, d = cfg.train, cfg.optim, cfg.data
+    _require(t.steps > 0, f"train.steps must be > 0, got {t.steps}")
+    _require(t.global_batch_size > 0 and t.micro_batch_size > 0,
+             f"train.global_batch_size={t.global_batch_size} and train.micro_batch_size={t.micro_batch_size} must be > 0")
+    _require(t.global_batch_size % t.micro_batch_size == 0,
+             f"train.global_batch_size={t.global_batch_size} must be divisible by train.micro_batch_size={t.micro_batch_size}")
+    _require(d.seq_len > 1, f"data.seq_len must be > 1, got {d.seq_len}")
+    _require(d.seq_len <= cfg.model.max_position_embeddings,
+             f"data.seq_len={d.seq_len} exceeds model.max_position_embeddings={cfg.model.max_position_embeddings}")
+    _require(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
+    _require(o.schedule in ("cosine", "deepseek_step", "constant"),
+             f"optim.schedule must be cosine, deepseek_step or constant, got {o.schedule!r}")
+    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas must be two numbers in [0, 1), got {o.betas}")
+    _require(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
+    _require(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must lie in [0, 1], got {o.min_lr_ratio}")
+    _require(cfg.precision.name in ("fp32", "bf16"), f"precision must be fp32 or bf16, got {cfg.precision.name!r}")
+    for key in ("param_dtype", "reduce_dtype"):
+        val = getattr(cfg.precision, key)
+        _require(val in ("float32", "bfloat16", "float16"), f"precision.{key} must be float32, bfloat16 or float16, got {val!r}")
+    _require(cfg.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}")
+    _require(cfg.checkpoint.every >= 0, f"checkpoint.every must be >= 0, got {cfg.checkpoint.every}")
+    _require(cfg.log.every >= 1, f"log.every must be >= 1, got {cfg.log.every}")
+    p = cfg.parallel
+    for key in ("dp_replicate", "tp", "ep", "pp", "pp_stages_per_rank"):
+        _require(getattr(p, key) >= 1, f"parallel.{key} must be >= 1, got {getattr(p, key)}")
+    _require(p.dp_shard == -1 or p.dp_shard >= 1, f"parallel.dp_shard must be >= 1 or -1 (auto), got {p.dp_shard}")
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)

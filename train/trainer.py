@@ -1,0 +1,338 @@
+"""The training run: set-up, the step, logging, validation, checkpoints, preemption.
+
+One `Trainer` per process. Single process on CPU or one GPU; under torchrun, gloo (CPU) or NCCL (GPU) with
+the layout of `parallel.*`. Exact resume: model, optimizer, scheduler, data position and RNG come back from
+the newest complete checkpoint, so a killed-and-resumed run continues the uninterrupted loss curve.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import resource
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+
+from model import Transformer
+from model.analysis import param_counts, training_flops_per_token
+from parallel import ParallelDims, parallelize
+
+from .checkpoint import Checkpointer
+from .config import ConfigError, RunConfig, to_dict
+from .data.builtin import builtin_dataset
+from .data.loader import TokenDataset, TokenLoader
+from .metrics import MetricsWriter, format_progress, max_vio
+from .optim import build_optimizer, build_scheduler
+
+log = logging.getLogger("train")
+META_INIT_PARAMS = 2e9  # above this, build on the meta device and initialise shards in place
+GPU_PEAK_TFLOPS = {"H100": 989.0, "H800": 989.0, "H200": 989.0, "H20": 148.0, "A100": 312.0, "A800": 312.0}
+
+
+# --------------------------------------------------------------------------------------------- environment
+@dataclass
+class Env:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+
+def init_distributed() -> Env:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT", "RANK") if k not in os.environ]
+        if missing:
+            raise ConfigError(f"WORLD_SIZE={world} but {missing} unset: launch with torchrun (or srun torchrun)")
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    return Env(rank, world, local_rank, device)
+
+
+def measured_cpu_peak_tflops() -> float:
+    """Achieved fp32 GEMM throughput of this CPU (the MFU denominator when no hardware peak is known)."""
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(8):
+        a @ b
+    return 8 * 2 * 1024 ** 3 / (time.perf_counter() - t) / 1e12
+
+
+def peak_tflops(cfg: RunConfig, device: torch.device) -> float:
+    if cfg.train.peak_tflops:
+        return cfg.train.peak_tflops
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in GPU_PEAK_TFLOPS.items():
+            if key in name:
+                return value
+    return measured_cpu_peak_tflops()
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def all_mean(x: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= world
+    return x
+
+
+# --------------------------------------------------------------------------------------------- the trainer
+class Trainer:
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        self.env = init_distributed()
+        self.dims = ParallelDims.resolve(self.env.world, cfg.parallel.dp_replicate, cfg.parallel.dp_shard,
+                                         cfg.parallel.tp, cfg.parallel.ep, cfg.parallel.pp,
+                                         cfg.parallel.pp_stages_per_rank)
+        self.dims.validate_model(cfg.model)
+        self.dp_rank, self.dp_world = self.env.rank, self.dims.dp  # dp is the whole world in this build
+        self.step = 0
+        self._stop_signal: int | None = None
+        self._kill_at = int(os.environ.get("DSV2_TEST_KILL_AT_STEP", "-1"))
+
+    # ------------------------------------------------------------------------------------------ set-up
+    def setup(self) -> None:
+        cfg = self.cfg
+        if self.env.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        torch.manual_seed(cfg.train.seed)
+        self.model = self._build_model()
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
+        self._build_data()
+        self.checkpointer = Checkpointer(self.out / "checkpoints", cfg.checkpoint.keep, cfg.checkpoint.async_save)
+        resumed = self._resume() if cfg.checkpoint.load else None
+        self.metrics = MetricsWriter(self.out, enabled=self.env.rank == 0, resume_step=resumed)
+        self.flops_per_token = training_flops_per_token(cfg.model, cfg.data.seq_len)
+        self.peak_flops = peak_tflops(cfg, self.env.device) * 1e12
+        self._install_signal_handlers()
+
+    def _build_model(self) -> Transformer:
+        cfg, env = self.cfg, self.env
+        mesh = self.dims.build_mesh(env.device.type) if env.world > 1 else None
+        big = param_counts(cfg.model).total > META_INIT_PARAMS
+        with torch.device("meta" if big else "cpu"):
+            model = Transformer(cfg.model)
+        if not big:  # identical weights whatever the layout: initialise whole, then shard
+            model.init_weights(seed=cfg.train.seed)
+            model.to(env.device)
+        model = parallelize(model, mesh, self.dims, cfg.precision.param_dtype, cfg.precision.reduce_dtype,
+                            cfg.parallel.cpu_offload)
+        if big:
+            model.to_empty(device=env.device)
+            model.init_weights()
+        return model.train()
+
+    def _build_data(self) -> None:
+        cfg = self.cfg
+        path = Path(cfg.data.path) if cfg.data.path else self._builtin_path()
+        train_set, val_set = TokenDataset(path, "train"), TokenDataset(path, "val")
+        common = dict(seq_len=cfg.data.seq_len, global_batch_size=cfg.train.global_batch_size,
+                      micro_batch_size=cfg.train.micro_batch_size, dp_rank=self.dp_rank, dp_world=self.dp_world,
+                      seed=cfg.train.seed)
+        self.loader = TokenLoader(train_set, **common)
+        self.val_loader = TokenLoader(val_set, **common)
+        if train_set.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(f"data at {path} has vocab_size={train_set.vocab_size} > model.vocab_size="
+                              f"{cfg.model.vocab_size}")
+
+    def _builtin_path(self) -> Path:
+        if self.env.world > 1 and self.env.rank != 0:
+            dist.barrier()  # rank 0 prepares it first
+            return builtin_dataset()
+        path = builtin_dataset()
+        if self.env.world > 1:
+            dist.barrier()
+        return path
+
+    def _resume(self) -> int | None:
+        state = self.checkpointer.load_latest(self.model, self.optimizer)
+        if state is None:
+            return None
+        saved_model = state["config"]["model"]
+        now = to_dict(self.cfg)["model"]
+        diff = sorted(k for k in now if saved_model.get(k) != now[k])
+        if diff:
+            raise ConfigError(f"checkpoint in {self.out / 'checkpoints'} is for a different model (keys {diff}); "
+                              f"use another output_dir")
+        self.step = state["step"]
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.loader.load_state_dict(state["loader"])
+        log.info("resuming at step %d", self.step)
+        return self.step
+
+    def _install_signal_handlers(self) -> None:
+        def handler(signum, _frame):
+            self._stop_signal = signum
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, handler)
+
+    # ------------------------------------------------------------------------------------------ the step
+    def autocast(self):
+        if self.cfg.precision.name == "bf16" and self.env.world == 1:  # FSDP casts by its policy instead
+            return torch.autocast(self.env.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def loss(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        mcfg = self.cfg.model
+        with self.autocast():
+            if mcfg.num_nextn_predict_layers == 0:
+                return F.cross_entropy(self.model(inputs).float().flatten(0, 1), labels.flatten())
+            logits, mtp = self.model.forward_with_mtp(inputs)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+        for k, lg in enumerate(mtp, start=1):  # depth k predicts labels shifted by k more
+            loss = loss + mcfg.mtp_loss_weight / len(mtp) * F.cross_entropy(lg.float().flatten(0, 1),
+                                                                            labels[:, k:].flatten())
+        return loss
+
+    def train_step(self, micro_batches) -> dict:
+        n = len(micro_batches)
+        self.model.set_aux_loss_scale(1.0 / n)  # balance losses get the same 1/n as the LM loss
+        total = torch.zeros((), device=self.env.device)
+        for inputs, labels in micro_batches:
+            loss = self.loss(inputs.to(self.env.device), labels.to(self.env.device))
+            (loss / n).backward()
+            total += loss.detach() / n
+        moe = self._moe_step()
+        grad_norm = self._clip()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": all_mean(total, self.env.world).item(), "grad_norm": grad_norm, **moe}
+
+    def _clip(self) -> float:
+        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        return float(norm)
+
+    @torch.no_grad()
+    def _moe_step(self) -> dict:
+        """Global expert loads (summed over data-parallel ranks) -> bias update, balance metrics; reset."""
+        layers = self.model.moe_layers()
+        if not layers:
+            return {}
+        counts = torch.stack([m.tokens_per_expert for m in layers.values()])  # (L, E)
+        dropped = torch.stack([m.dropped for m in layers.values()]).sum(0)
+        if self.env.world > 1:
+            dist.all_reduce(counts)
+            dist.all_reduce(dropped)
+        aux: dict[str, float] = {}
+        for i, m in zip(layers, layers.values()):
+            m.update_expert_bias(counts[list(layers).index(i)])
+            for name, value in m.aux_values.items():
+                aux[f"aux/{name}"] = aux.get(f"aux/{name}", 0.0) + float(value)
+            m.reset_stats()
+        loads = counts / counts.sum(-1, keepdim=True).clamp_min(1)
+        self._last_loads = (loads.cpu(), list(layers))
+        return {"max_vio": max_vio(loads), "dropped_fraction": float(dropped[0] / dropped[1].clamp_min(1)), **aux}
+
+    # ------------------------------------------------------------------------------------------ the loop
+    def run(self) -> int:
+        cfg = self.cfg
+        tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
+        start, t0 = self.step, time.perf_counter()
+        window_t, window_steps = time.perf_counter(), 0
+        while self.step < cfg.train.steps:
+            result = self.train_step(self.loader.next_batch())
+            self.step += 1
+            window_steps += 1
+            if not math.isfinite(result["loss"]):
+                raise FloatingPointError(f"loss is {result['loss']} at step {self.step}")
+            if self.step % cfg.log.every == 0 or self.step == cfg.train.steps:
+                dt = (time.perf_counter() - window_t) / window_steps
+                self._log(result, dt, tokens_per_step, start, t0)
+                window_t, window_steps = time.perf_counter(), 0
+            if cfg.train.val_every and (self.step % cfg.train.val_every == 0 or self.step == cfg.train.steps):
+                self._validate()
+            if self._should_stop():
+                self._save()
+                log.info("signal %s: checkpoint at step %d written, exiting", self._stop_signal, self.step)
+                return 0
+            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.train.steps:
+                self._save()
+            if self.step == self._kill_at:  # fault injection for the resume tests: die like a lost node
+                self.checkpointer.wait()
+                os.kill(os.getpid(), signal.SIGKILL)
+        self._save()
+        self.checkpointer.wait()
+        return 0
+
+    def _should_stop(self) -> bool:
+        flag = torch.tensor([1 if self._stop_signal is not None else 0], dtype=torch.int64)
+        if self.env.world > 1:  # one coordinated checkpoint: if any rank was signalled, all stop
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() and self._stop_signal is None:
+                self._stop_signal = -1
+        return bool(flag.item())
+
+    def _save(self) -> None:
+        if self.checkpointer.last_step == self.step:
+            return
+        state = {"step": self.step, "scheduler": self.scheduler.state_dict(), "loader": self.loader.state_dict(),
+                 "config": to_dict(self.cfg)}
+        self.checkpointer.save(self.step, self.model, self.optimizer, state)
+
+    def _log(self, result: dict, step_time: float, tokens_per_step: int, start: int, t0: float) -> None:
+        tps = tokens_per_step / step_time
+        mfu = self.flops_per_token * tps / (self.peak_flops * self.env.world)
+        record = {"step": self.step, "loss": result["loss"], "lr": self.scheduler.get_last_lr()[0],
+                  "grad_norm": result["grad_norm"], "tokens_per_sec": tps, "mfu": mfu, "step_time": step_time,
+                  "peak_mem_gb": peak_memory_gb(self.env.device)}
+        record.update({k: v for k, v in result.items() if k not in record})
+        self.metrics.log(self.step, record)
+        if self.step % self.cfg.log.moe_every == 0 and hasattr(self, "_last_loads"):
+            loads, ids = self._last_loads
+            biases = [m.gate.expert_bias for m in self.model.moe_layers().values()]
+            bias = torch.stack(biases).cpu() if self.cfg.model.aux_loss_free_bias else None
+            self.metrics.log_moe(self.step, loads, ids, bias)
+        if self.env.rank == 0:
+            # scale this session's elapsed time as if it covered all `step` steps, so the ETA after a
+            # resume is based on this session's speed
+            elapsed = (time.perf_counter() - t0) * self.step / max(self.step - start, 1)
+            print(format_progress(self.step, self.cfg.train.steps, result["loss"], tps, mfu, elapsed), flush=True)
+
+    @torch.no_grad()
+    def _validate(self) -> None:
+        self.model.eval()
+        batches = self.val_loader.val_batches(self.cfg.data.val_batches, self.cfg.train.micro_batch_size)
+        losses = [self.loss(x.to(self.env.device), y.to(self.env.device)) for x, y in batches]
+        for m in self.model.moe_layers().values():
+            m.reset_stats()  # validation routing is not training load
+        self.model.train()
+        if not losses:
+            return
+        val = all_mean(torch.stack(losses).mean(), self.env.world).item()
+        self.metrics.log(self.step, {"step": self.step, "val_loss": val})
+        if self.env.rank == 0:
+            print(f"step {self.step} | val_loss {val:.4f}", flush=True)
+
+    def close(self) -> None:
+        if hasattr(self, "metrics"):
+            self.metrics.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
