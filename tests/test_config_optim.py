@@ -57,6 +57,13 @@ def test_layout_checked_against_model():
     assert ParallelDims.resolve(world_size=8, dp_replicate=2).dp_shard == 4
 
 
+def test_unbuilt_parallelism_is_refused_not_ignored():
+    from parallel import parallelize
+    dims = ParallelDims.resolve(world_size=2, tp=2)
+    with pytest.raises(LayoutError, match=r"parallel sizes \{'tp': 2\} are not implemented yet"):
+        parallelize(Transformer(load_preset("tiny")), None, dims)
+
+
 def test_weight_decay_skips_norms_and_embedding():
     model = Transformer(load_preset("tiny"))
     groups = param_groups(model, OptimConfig())
@@ -93,3 +100,13 @@ def test_cosine_schedule_endpoints_and_scheduler_wiring():
         sched.step()
     assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
     assert lrs[5] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 1 / 100)))
+
+
+@pytest.mark.parametrize("name", ["tiny", "small", "deepseek_v2_lite", "deepseek_v2", "deepseek_v3"])
+def test_hydra_preset_equals_load_preset(name):
+    assert compose_config([f"model={name}"]).model == load_preset(name)
+
+
+def test_any_model_field_overridable_on_any_preset():
+    cfg = compose_config(["model=deepseek_v2_lite", "model.capacity_factor=1.25", "model.seq_aux_loss_alpha=1e-4"])
+    assert (cfg.model.capacity_factor, cfg.model.seq_aux_loss_alpha, cfg.model.hidden_size) == (1.25, 1e-4, 2048)

@@ -21,6 +21,18 @@ def one_line(e: BaseException) -> str:
     return re.sub(r"\s+", " ", text).strip() or type(e).__name__
 
 
+def register_model_schema() -> None:
+    """`model/base`: every ModelConfig field with its default, so presets may list only what they set and
+    `model.<any field>=...` overrides work on every preset."""
+    import dataclasses
+
+    from hydra.core.config_store import ConfigStore
+
+    from model.config import ModelConfig
+
+    ConfigStore.instance().store(group="model", name="base", node=dataclasses.asdict(ModelConfig()))
+
+
 def compose_config(overrides: list[str]):
     """Hydra composition + typed validation -> RunConfig (raises ConfigError with a one-line message)."""
     from hydra import compose, initialize_config_dir
@@ -28,6 +40,7 @@ def compose_config(overrides: list[str]):
 
     from .config import ConfigError, build_config
 
+    register_model_schema()
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             composed = compose(config_name="config", overrides=overrides)
@@ -53,6 +66,8 @@ def _hydra_main(argv: list[str]) -> int:
     from omegaconf import OmegaConf
 
     from .config import build_config
+
+    register_model_schema()
 
     @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
     def entry(composed) -> int:

@@ -17,6 +17,7 @@ import logging
 import os
 import random
 import shutil
+import warnings
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -25,10 +26,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 log = logging.getLogger(__name__)
 PREFIX = "step_"
+# a single-process run saves without a process group on purpose
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
 def _rank() -> int:
@@ -154,6 +158,7 @@ class Checkpointer:
                 log.warning("%s has no RNG state for rank %d (different layout); keeping the seeded RNG",
                             path, _rank())
             return train_state
-        except Exception as e:  # noqa: BLE001 — any failure means: not this checkpoint
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 — any failure: not this checkpoint
+            # (DCP's CheckpointException derives from BaseException, so it is named explicitly)
             log.warning("cannot load %s: %s: %s", path, type(e).__name__, str(e).splitlines()[0][:300])
             return None

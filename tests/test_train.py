@@ -1,0 +1,175 @@
+"""End-to-end training runs through the real entry point (`python -m train`), single process and torchrun."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+
+def corpus_files(directory: Path) -> Path:
+    """A few hundred KB of real text: this package's and the json module's sources."""
+    directory.mkdir(parents=True, exist_ok=True)
+    import json as json_module
+    sources = sorted((ROOT / "model").glob("*.py")) + sorted(Path(json_module.__file__).parent.glob("*.py"))
+    for i, src in enumerate(sources):
+        shutil.copy(src, directory / f"doc{i:03d}.txt")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("data")
+    out = base / "shards"
+    subprocess.run([PY, "-m", "train.data.prepare", "--input", str(corpus_files(base / "corpus")), "--output", str(out),
+                    "--chunk-len", "129", "--samples-per-shard", "64", "--val-fraction", "0.05"],
+                   cwd=ROOT, check=True, capture_output=True)
+    return out
+
+
+def base_args(dataset: Path, out: Path, steps: int, **extra) -> list[str]:
+    args = {"model": "tiny", "data.path": str(dataset), "data.seq_len": 64, "train.steps": steps,
+            "train.global_batch_size": 4, "train.micro_batch_size": 2, "train.val_every": 0, "log.every": 1,
+            "checkpoint.every": 0, "output_dir": str(out), "optim.warmup_steps": 2}
+    args.update(extra)
+    return [f"{k}={v}" for k, v in args.items()]
+
+
+def train(args, nproc: int = 1, env_extra=None, check=True, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    if nproc == 1:
+        cmd = [PY, "-m", "train", *args]
+    else:
+        cmd = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "train", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"rc={proc.returncode}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def metrics(out: Path, key: str = "loss") -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r[key] for r in rows if key in r}
+
+
+# ------------------------------------------------------------------------------------------ resume
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigkill_and_resume_is_bit_exact(dataset, tmp_path, nproc):
+    straight = tmp_path / "straight"
+    train(base_args(dataset, straight, 8), nproc)
+    killed = tmp_path / "killed"
+    args = base_args(dataset, killed, 8, **{"checkpoint.every": 4})
+    proc = train(args, nproc, env_extra={"DSV2_TEST_KILL_AT_STEP": "5"}, check=False)
+    assert proc.returncode != 0  # died by SIGKILL after step 5 (checkpoint at 4)
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["step_00000004"]
+    train(args, nproc)
+    want, got = metrics(straight), metrics(killed)
+    assert list(got) == list(range(1, 9))
+    assert got == want  # identical floats, bit for bit
+    assert metrics(killed, "grad_norm") == metrics(straight, "grad_norm")
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_zero(dataset, tmp_path):
+    out = tmp_path / "run"
+    args = base_args(dataset, out, 40)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([PY, "-m", "train", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if (out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    saved = [int(p.name.split("_")[1]) for p in (out / "checkpoints").iterdir()]
+    assert len(saved) == 1 and 3 <= saved[0] < 40  # stopped early, at a step boundary
+    assert max(metrics(out)) == saved[0]
+    train(args)  # resume to the end: equal to an uninterrupted run
+    straight = tmp_path / "straight"
+    train(base_args(dataset, straight, 40))
+    assert metrics(out) == metrics(straight)
+
+
+def test_torn_checkpoint_is_skipped_for_the_previous_one(dataset, tmp_path):
+    out = tmp_path / "run"
+    extra = {"checkpoint.every": 2, "checkpoint.keep": 3, "optim.schedule": "constant"}
+    train(base_args(dataset, out, 6, **extra))
+    first = metrics(out)
+    ckpts = out / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000002", "step_00000004", "step_00000006"]
+    shard = sorted((ckpts / "step_00000006").glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # torn write
+    (ckpts / "step_00000008.tmp").mkdir()  # an unfinished save is never a candidate
+    proc = train(base_args(dataset, out, 8, **extra))
+    assert "step_00000006" in proc.stderr and "corrupt" in proc.stderr
+    resumed = metrics(out)
+    assert [resumed[s] for s in (5, 6)] == [first[s] for s in (5, 6)]  # recomputed from step 4, identically
+    assert sorted(resumed) == list(range(1, 9))
+
+
+# ------------------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("override,fragment", [
+    ("train.micro_batch_size=3", "must be divisible by train.micro_batch_size=3"),
+    ("+optim.momentum=0.9", "unknown config key(s) ['optim.momentum']"),
+    ("parallel.tp=2", "world size 1 is not divisible by dp_replicate*tp*pp = 1*2*1 = 2"),
+])
+def test_bad_config_exits_2_with_one_line(dataset, tmp_path, override, fragment):
+    proc = train(base_args(dataset, tmp_path / "x", 2) + [override], check=False)
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "INFO" not in ln]
+    assert len(lines) == 1 and fragment in lines[0], proc.stderr
+
+
+def test_corrupt_shard_is_reported_by_name(dataset, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(dataset, broken)
+    shard = sorted((broken / "train").glob("*.tar"))[0]
+    shard.write_bytes(shard.read_bytes()[:1000])
+    proc = train(base_args(broken, tmp_path / "run", 2), check=False)
+    assert proc.returncode != 0 and shard.name in proc.stderr
+
+
+def test_vocab_mismatch_between_data_and_model(dataset, tmp_path):
+    proc = train(base_args(dataset, tmp_path / "run", 2, **{"model.vocab_size": 100}), check=False)
+    assert proc.returncode == 2 and "vocab_size=257 > model.vocab_size=100" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------ data parallel
+def test_fsdp_two_processes_equal_one_process(dataset, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(base_args(dataset, one, 4), 1)
+    train(base_args(dataset, two, 4), 2)
+    a, b = metrics(one), metrics(two)
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6)
+    assert metrics(two, "max_vio") == pytest.approx(metrics(one, "max_vio"), rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ dashboards
+def test_tensorboard_has_every_required_tag(dataset, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    train(base_args(dataset, out, 4, **{"train.val_every": 2, "log.moe_every": 2,
+                                        "model.seq_aux_loss_alpha": 0.001, "model.capacity_factor": 1.0}))
+    acc = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0, "histograms": 0, "images": 0})
+    acc.Reload()
+    scalars = set(acc.Tags()["scalars"])
+    for tag in ["loss/train", "loss/val", "optim/lr", "optim/grad_norm", "perf/tokens_per_sec", "perf/mfu",
+                "perf/step_time", "memory/peak_gb", "moe/max_vio", "moe/dropped_fraction", "loss/aux/expert",
+                "loss/aux/device", "loss/aux/comm", "loss/aux/seq"]:
+        assert tag in scalars, tag
+    assert [e.step for e in acc.Scalars("loss/train")] == [1, 2, 3, 4]
+    assert {f"moe/layer_{i}/load" for i in (1, 2, 3)} <= set(acc.Tags()["histograms"])
+    assert "moe/load_heatmap" in acc.Tags()["images"]
+    assert metrics(out, "dropped_fraction")[4] > 0  # capacity factor 1.0 drops some assignments
