@@ -89,6 +89,7 @@ class _GroupedMM(torch.autograd.Function):
         return dx, dw, None
 
 
+@torch.compiler.disable  # data-dependent group sizes; its fake-tensor rule also rejects fp32 on CPU
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     if x.shape[0] == 0:  # nothing routed here (possible under expert parallelism)
         return x.new_zeros(0, w.shape[-1]) + 0 * w.sum()
