@@ -61,12 +61,12 @@ def metrics(out: Path, key: str = "loss") -> dict[int, float]:
 
 
 # ------------------------------------------------------------------------------------------ resume
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_sigkill_and_resume_is_bit_exact(dataset, tmp_path, nproc):
+@pytest.mark.parametrize("nproc,async_save", [(1, False), (2, False), (1, True)])
+def test_sigkill_and_resume_is_bit_exact(dataset, tmp_path, nproc, async_save):
     straight = tmp_path / "straight"
     train(base_args(dataset, straight, 8), nproc)
     killed = tmp_path / "killed"
-    args = base_args(dataset, killed, 8, **{"checkpoint.every": 4})
+    args = base_args(dataset, killed, 8, **{"checkpoint.every": 4, "checkpoint.async_save": async_save})
     proc = train(args, nproc, env_extra={"DSV2_TEST_KILL_AT_STEP": "5"}, check=False)
     assert proc.returncode != 0  # died by SIGKILL after step 5 (checkpoint at 4)
     assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["step_00000004"]
@@ -77,7 +77,8 @@ def test_sigkill_and_resume_is_bit_exact(dataset, tmp_path, nproc):
     assert metrics(killed, "grad_norm") == metrics(straight, "grad_norm")
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_zero(dataset, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_signal_saves_a_checkpoint_and_exits_zero(dataset, tmp_path, sig):
     out = tmp_path / "run"
     args = base_args(dataset, out, 40)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -88,7 +89,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(dataset, tmp_path):
         if (out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 3:
             break
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-2000:]
     saved = [int(p.name.split("_")[1]) for p in (out / "checkpoints").iterdir()]
@@ -153,6 +154,16 @@ def test_fsdp_two_processes_equal_one_process(dataset, tmp_path):
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6)
     assert metrics(two, "max_vio") == pytest.approx(metrics(one, "max_vio"), rel=1e-5)
+
+
+def test_bf16_run_tracks_fp32(dataset, tmp_path):
+    fp32, bf16 = tmp_path / "fp32", tmp_path / "bf16"
+    train(base_args(dataset, fp32, 3))
+    train(base_args(dataset, bf16, 3) + ["precision=bf16"])
+    a, b = metrics(fp32), metrics(bf16)
+    assert a != b  # really computed in bf16
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=0.02)
 
 
 # ------------------------------------------------------------------------------------------ dashboards

@@ -1,28 +1,35 @@
-"""Run metrics: `metrics.jsonl` (one JSON object per logged step), TensorBoard scalars, expert-load
-histograms and a layers x experts load heatmap, and the console progress line. Rank 0 only: a disabled
-writer does nothing.
+"""Run metrics, written on rank 0 only (a disabled writer does nothing and creates no files).
+
+- `<output_dir>/metrics.jsonl`: one JSON object per `log` call, keys exactly as the caller gave them.
+- `<output_dir>/tb/`: TensorBoard scalars under the tags of DESIGN.md "Metrics" (`tag_for`), per-layer
+  expert-load histograms, the expert-bias histogram and a layers x experts load heatmap image.
+- `format_progress`: the console progress line; `max_vio`: the routing-imbalance number.
+
+Resuming at step s drops what the killed run logged after s (jsonl rewritten atomically, TensorBoard
+events hidden through `purge_step`), so the resumed log has no duplicate or orphan steps.
 """
 
 from __future__ import annotations
 
 import json
-import math
+import numbers
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-# caller key -> TensorBoard tag (DESIGN.md "Metrics"); aux/<name> -> loss/aux/<name>; others -> misc/<key>
+# caller key -> TensorBoard tag; aux/<name> -> loss/aux/<name>; anything else -> misc/<key>
 TAGS = {"loss": "loss/train", "val_loss": "loss/val", "lr": "optim/lr", "grad_norm": "optim/grad_norm",
         "tokens_per_sec": "perf/tokens_per_sec", "mfu": "perf/mfu", "step_time": "perf/step_time",
         "peak_mem_gb": "memory/peak_gb", "max_vio": "moe/max_vio", "dropped_fraction": "moe/dropped_fraction"}
 
-# a viridis-like colour ramp (dark blue -> teal -> green -> yellow), interpolated piecewise-linearly
+# viridis-like colour ramp (dark purple -> blue -> teal -> green -> yellow), interpolated piecewise-linearly
 _RAMP = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float32)
 
 
 def tag_for(key: str) -> str:
+    """TensorBoard tag for a metrics.jsonl key."""
     if key in TAGS:
         return TAGS[key]
     if key.startswith("aux/"):
@@ -30,27 +37,37 @@ def tag_for(key: str) -> str:
     return "misc/" + key
 
 
+def _check_loads(loads: torch.Tensor) -> None:
+    if loads.dim() != 2 or loads.numel() == 0:
+        raise ValueError(f"loads must be a non-empty [n_moe_layers, n_experts] tensor, got {tuple(loads.shape)}")
+
+
 def max_vio(loads: torch.Tensor) -> float:
-    """MaxVio (arXiv 2408.15664): max over layers of max_i load_i / mean_i load_i - 1; loads [L, E]."""
+    """MaxVio (arXiv 2408.15664): max over layers of (max_i load_i / mean_i load_i) - 1; loads [L, E]."""
+    _check_loads(loads)
     loads = loads.float()
     per_layer = loads.max(-1).values / loads.mean(-1).clamp_min(1e-12) - 1
     return float(per_layer.max())
 
 
 def heatmap_image(loads: torch.Tensor, block: int = 8) -> np.ndarray:
-    """[L, E] load fractions -> HWC uint8 image; uniform load (1/E) sits mid-scale, 2/E and above at the top."""
-    loads = loads.float().numpy()
-    e = loads.shape[1]
-    scaled = np.clip(loads * e / 2.0, 0.0, 1.0) * (len(_RAMP) - 1)  # 0 -> 0, 1/E -> middle, 2/E -> 1
+    """[L, E] load fractions -> (L*block, E*block, 3) uint8 image.
+
+    Scale: 0 is the bottom colour, uniform load 1/E the middle, 2/E and above the top, so balanced
+    layers read as one flat mid colour and hot/cold experts stand out in either direction.
+    """
+    _check_loads(loads)
+    loads = loads.detach().float().cpu().numpy()
+    scaled = np.clip(loads * loads.shape[1] / 2.0, 0.0, 1.0) * (len(_RAMP) - 1)
     lo = np.floor(scaled).astype(int).clip(0, len(_RAMP) - 2)
     frac = (scaled - lo)[..., None]
     rgb = _RAMP[lo] * (1 - frac) + _RAMP[lo + 1] * frac  # (L, E, 3)
-    rgb = rgb.repeat(block, axis=0).repeat(block, axis=1)
-    return rgb.round().astype(np.uint8)
+    return rgb.repeat(block, axis=0).repeat(block, axis=1).round().astype(np.uint8)
 
 
 def format_progress(step: int, total_steps: int, loss: float, tokens_per_sec: float, mfu: float,
                     elapsed_s: float) -> str:
+    """One console line; ETA = elapsed time per step so far x steps left; `mfu` is a 0..1 fraction."""
     eta = elapsed_s / max(step, 1) * max(total_steps - step, 0)
     h, rem = divmod(int(round(eta)), 3600)
     m, s = divmod(rem, 60)
@@ -58,68 +75,93 @@ def format_progress(step: int, total_steps: int, loss: float, tokens_per_sec: fl
             f"| eta {h:02d}:{m:02d}:{s:02d}")
 
 
-def _truncate_jsonl(path: Path, last_step: int) -> None:
-    """Drop records after `last_step` (a resumed run re-logs them), atomically."""
+def _step_of(line: str) -> int | None:
+    """The record's step, or None for a torn line (a kill mid-write) or a record without one."""
+    try:
+        step = json.loads(line).get("step")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
+
+
+def truncate_jsonl(path: Path, last_step: int) -> None:
+    """Keep only records with step <= `last_step` (a resumed run logs the rest again), atomically."""
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= last_step]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(ln + "\n" for ln in keep))
+    keep = [ln for ln in path.read_text().splitlines() if (s := _step_of(ln)) is not None and s <= last_step]
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write("".join(ln + "\n" for ln in keep))
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
 class MetricsWriter:
+    """metrics.jsonl + TensorBoard for one run. `resume_step`: the step the run resumes from; None means a
+    fresh run from step 0, so anything an earlier attempt logged into this output_dir is dropped too."""
+
     def __init__(self, output_dir: Path, enabled: bool, resume_step: int | None = None):
         self.enabled = enabled
         if not enabled:
             return
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # imported here: other ranks never pay for it
 
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
+        last = resume_step or 0
         self.jsonl_path = output_dir / "metrics.jsonl"
-        _truncate_jsonl(self.jsonl_path, resume_step if resume_step is not None else 0)
+        truncate_jsonl(self.jsonl_path, last)
         self._jsonl = open(self.jsonl_path, "a")
-        self.tb = SummaryWriter(log_dir=str(output_dir / "tb"), purge_step=(resume_step or 0) + 1)
+        # purge_step hides events with step > last from earlier event files in tb/
+        self.tb = SummaryWriter(log_dir=str(output_dir / "tb"), purge_step=last + 1)
 
     def log(self, step: int, record: dict) -> None:
-        """One JSON line and the matching TensorBoard scalars."""
+        """The main entry point: one JSON line and the matching TensorBoard scalars."""
         if not self.enabled:
             return
         self._write_jsonl(record)
-        self._write_scalars(step, record)
+        self.log_scalars(step, record)
 
     def _write_jsonl(self, record: dict) -> None:
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
 
-    def _write_scalars(self, step: int, record: dict) -> None:
+    def log_scalars(self, step: int, record: dict) -> None:
+        """Numeric values of `record` as TensorBoard scalars at global step `step` (the `step` key itself
+        and non-numeric values are skipped)."""
+        if not self.enabled:
+            return
         for key, value in record.items():
-            if key == "step" or isinstance(value, bool) or not isinstance(value, (int, float)):
-                continue
-            if math.isfinite(value):
-                self.tb.add_scalar(tag_for(key), value, step)
+            if key != "step" and isinstance(value, numbers.Real) and not isinstance(value, bool):
+                self.tb.add_scalar(tag_for(key), float(value), step)
         self.tb.flush()
 
     def log_moe(self, step: int, loads: torch.Tensor, layer_ids: list[int],
                 expert_bias: torch.Tensor | None = None) -> None:
-        """Per-layer expert-load histograms, the bias histogram and the layers x experts heatmap image."""
+        """loads [n_moe_layers, n_experts] load fractions (row i is model layer layer_ids[i]) -> per-layer
+        histograms `moe/layer_<id>/load`, `moe/expert_bias` and the `moe/load_heatmap` image."""
         if not self.enabled:
             return
+        _check_loads(loads)
+        if len(layer_ids) != loads.shape[0]:
+            raise ValueError(f"{len(layer_ids)} layer ids for {loads.shape[0]} rows of loads")
+        loads = loads.detach().float().cpu()
         for row, layer in zip(loads, layer_ids):
-            self.tb.add_histogram(f"moe/layer_{layer}/load", row.float(), step)
+            self.tb.add_histogram(f"moe/layer_{layer}/load", row, step)
         if expert_bias is not None:
-            self.tb.add_histogram("moe/expert_bias", expert_bias.float().flatten(), step)
+            self.tb.add_histogram("moe/expert_bias", expert_bias.detach().float().cpu().flatten(), step)
         self.tb.add_image("moe/load_heatmap", heatmap_image(loads), step, dataformats="HWC")
         self.tb.flush()
 
     def close(self) -> None:
+        """Flush and close both outputs; later calls are no-ops."""
         if self.enabled:
             self._jsonl.close()
             self.tb.close()
             self.enabled = False
 
-    def __enter__(self) -> "MetricsWriter":
+    def __enter__(self) -> MetricsWriter:
         return self
 
     def __exit__(self, *exc) -> None:

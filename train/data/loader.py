@@ -1,10 +1,11 @@
 """Reading prepared shards: random access to samples, and the deterministic data-parallel batch stream.
 
 The stream is defined globally, independent of the parallel layout: every sample of `chunk_len` tokens
-gives `chunk_len // (seq_len + 1)` windows; an epoch visits the samples in a permutation seeded by
-(seed, epoch); optimizer step s consumes global windows [s*G, (s+1)*G); data-parallel rank r takes the
-contiguous slice [r*G/W, (r+1)*G/W) of them. So the union over ranks of a step's batch is the same for
-any W, and the loader's state is one integer (steps consumed), valid under any layout.
+gives `chunk_len // (seq_len + 1)` windows (kept in order); an epoch visits the samples in a permutation
+seeded by (seed, epoch); optimizer step s consumes global windows [s*G, (s+1)*G), continuing into the next
+epoch's permutation without a seam; data-parallel rank r takes the contiguous slice [r*G/W, (r+1)*G/W).
+So the concatenation over ranks of a step's batch is the same for any W, and the loader's state is one
+integer (steps consumed), valid under any layout.
 """
 
 from __future__ import annotations
@@ -17,38 +18,63 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .prepare import FORMAT_VERSION
+
 log = logging.getLogger(__name__)
+
+Batch = list[tuple[torch.Tensor, torch.Tensor]]  # micro-batches of (inputs [mb, T], labels [mb, T]) int64
 
 
 class DataError(ValueError):
     """Missing, malformed or corrupt data, with the offending file named."""
 
 
+def read_index(root: Path) -> dict:
+    """The dataset's index.json, or a DataError naming it."""
+    index_file = root / "index.json"
+    try:
+        index = json.loads(index_file.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{index_file} not found: prepare data with `python -m train.data.prepare`") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{index_file} is not a valid dataset index ({type(e).__name__}: {e})") from None
+    if not isinstance(index, dict) or index.get("format") != FORMAT_VERSION:
+        raise DataError(f"{index_file}: not a dataset index of format {FORMAT_VERSION}")
+    return index
+
+
 class TokenDataset:
-    """One split of a prepared dataset; `sample(i)` reads sample i by seeking into its shard."""
+    """One split of a prepared dataset; `sample(i)` reads sample i (chunk_len tokens) by seeking into its shard."""
 
     def __init__(self, path: str | Path, split: str):
-        self.root = Path(path)
-        index_file = self.root / "index.json"
+        self.root, self.split = Path(path), split
+        index = read_index(self.root)
+        if split not in index.get("splits", {}):
+            raise DataError(f"{self.root / 'index.json'} has no split {split!r}")
         try:
-            index = json.loads(index_file.read_text())
-            shards = index["splits"][split]
             self.chunk_len, self.vocab_size = int(index["chunk_len"]), int(index["vocab_size"])
-            self.dtype = np.dtype(index["dtype"])
-        except FileNotFoundError:
-            raise DataError(f"{index_file} not found: prepare data with `python -m train.data.prepare`") from None
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise DataError(f"{index_file} is not a valid dataset index ({type(e).__name__}: {e})") from None
-        self.unigram_entropy = index.get("unigram_entropy_nats")
-        self._locations: list[tuple[Path, int, int, int]] = []
-        for shard in shards:
-            file = self.root / split / shard["file"]
-            size = file.stat().st_size if file.exists() else None
-            if size != shard["bytes"]:
-                raise DataError(f"shard {file} is missing or truncated: {size} bytes on disk, {shard['bytes']} "
-                                f"expected")
-            self._locations += [(file, off, length, crc) for off, length, crc in shard["samples"]]
+            self.eos_id = int(index["eos_id"])
+            self.dtype = np.dtype(index["dtype"]).newbyteorder("<")
+            self._locations = self._check_shards(index["splits"][split])
+        except DataError:
+            raise
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"{self.root / 'index.json'} is not a valid dataset index "
+                            f"({type(e).__name__}: {e})") from None
+        self.unigram_entropy: float | None = index.get("unigram_entropy_nats")  # nats/token of the train split
         self._handles: dict[Path, object] = {}
+
+    def _check_shards(self, shards: list[dict]) -> list[tuple[Path, int, int, int]]:
+        """(file, offset, length, crc32) of every sample, after checking each shard is there at its full size."""
+        locations = []
+        for shard in shards:
+            file = self.root / self.split / shard["file"]
+            size = file.stat().st_size if file.is_file() else None
+            if size != shard["bytes"]:
+                found = "no such file" if size is None else f"{size} bytes on disk"
+                raise DataError(f"shard {file} is missing or truncated: {found}, {shard['bytes']} bytes expected")
+            locations += [(file, int(off), int(length), int(crc)) for off, length, crc in shard["samples"]]
+        return locations
 
     def __len__(self) -> int:
         return len(self._locations)
@@ -58,29 +84,43 @@ class TokenDataset:
         f = self._handles.get(file) or self._handles.setdefault(file, open(file, "rb"))
         f.seek(offset)
         payload = f.read(length)
-        if len(payload) != length or zlib.crc32(payload) != crc or length != self.chunk_len * self.dtype.itemsize:
-            raise DataError(f"shard {file} is corrupt: sample at byte {offset} fails its length/CRC check")
+        if length != self.chunk_len * self.dtype.itemsize or len(payload) != length or zlib.crc32(payload) != crc:
+            raise DataError(f"shard {file} is corrupt: sample {i} at byte {offset} fails its length/CRC32 check")
         return np.frombuffer(payload, dtype=self.dtype)
 
-    def __getstate__(self):  # file handles do not travel to other processes
+    def close(self) -> None:
+        for f in self._handles.values():
+            f.close()
+        self._handles = {}
+
+    def __getstate__(self):  # open files do not travel to other processes
         return {**self.__dict__, "_handles": {}}
 
 
 class TokenLoader:
+    """The deterministic batch stream over a TokenDataset for data-parallel rank `dp_rank` of `dp_world`."""
+
     def __init__(self, dataset: TokenDataset, seq_len: int, global_batch_size: int, micro_batch_size: int,
                  dp_rank: int = 0, dp_world: int = 1, seed: int = 0):
         self.ds = dataset
         self.seq_len, self.G, self.mb = seq_len, global_batch_size, micro_batch_size
         self.rank, self.world, self.seed = dp_rank, dp_world, seed
-        self.per_sample = dataset.chunk_len // (seq_len + 1)
+        self._validate()
+        self.per_sample = dataset.chunk_len // (seq_len + 1)  # windows per sample
         if self.per_sample == 0:
             raise DataError(f"data.seq_len={seq_len} needs windows of {seq_len + 1} tokens but {dataset.root} holds "
-                            f"samples of chunk_len={dataset.chunk_len}; prepare with a larger --chunk-len")
-        if global_batch_size % (dp_world * micro_batch_size):
-            raise ValueError(f"global_batch_size={global_batch_size} is not divisible by dp_world*micro_batch_size"
-                             f" = {dp_world}*{micro_batch_size}")
+                            f"samples of chunk_len={dataset.chunk_len}; prepare with --chunk-len >= {seq_len + 1}")
         self.steps = 0  # optimizer steps consumed: the whole resumable state
         self._perm: tuple[int, torch.Tensor] | None = None
+        self._last: tuple[int, np.ndarray] | None = None  # windows of one sample are read together
+
+    def _validate(self) -> None:
+        if min(self.seq_len, self.G, self.mb, self.world) < 1 or not 0 <= self.rank < self.world:
+            raise ValueError(f"need seq_len, global_batch_size, micro_batch_size, dp_world >= 1 and 0 <= dp_rank < "
+                             f"dp_world; got {self.seq_len}, {self.G}, {self.mb}, {self.world}, {self.rank}")
+        if self.G % (self.world * self.mb):
+            raise ValueError(f"global_batch_size={self.G} is not divisible by dp_world*micro_batch_size = "
+                             f"{self.world}*{self.mb}")
 
     # ------------------------------------------------------------------------------------------ windows
     @property
@@ -93,45 +133,51 @@ class TokenLoader:
             self._perm = (epoch, torch.randperm(len(self.ds), generator=gen))
         return self._perm[1]
 
+    def _sample(self, i: int) -> np.ndarray:
+        if self._last is None or self._last[0] != i:
+            self._last = (i, self.ds.sample(i))
+        return self._last[1]
+
     def window(self, g: int, shuffle: bool = True) -> np.ndarray:
-        """Global window g of the stream: seq_len + 1 tokens."""
+        """Global window g of the stream (seq_len + 1 tokens); shuffle=False reads samples in file order."""
         epoch, k = divmod(g, self.windows_per_epoch)
         sample_pos, w = divmod(k, self.per_sample)
         sample = int(self._permutation(epoch)[sample_pos]) if shuffle else sample_pos
         start = w * (self.seq_len + 1)
-        return self.ds.sample(sample)[start:start + self.seq_len + 1]
+        return self._sample(sample)[start:start + self.seq_len + 1]
 
-    def _micro_batches(self, first: int, count: int, shuffle: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        rows = np.stack([self.window(g, shuffle) for g in range(first, first + count)]).astype(np.int64)
-        t = torch.from_numpy(rows)
-        return [(t[i:i + self.mb, :-1], t[i:i + self.mb, 1:]) for i in range(0, count, self.mb)]
+    def _rows(self, first: int, count: int, shuffle: bool) -> torch.Tensor:
+        rows = [self.window(g, shuffle) for g in range(first, first + count)]
+        return torch.from_numpy(np.stack(rows).astype(np.int64))  # (count, seq_len + 1)
+
+    @staticmethod
+    def _split(rows: torch.Tensor, size: int) -> Batch:
+        return [(r[:, :-1].contiguous(), r[:, 1:].contiguous()) for r in rows.split(size)]
 
     # ------------------------------------------------------------------------------------------ API
-    def next_batch(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def next_batch(self) -> Batch:
         """This rank's micro-batches (inputs [mb, T], labels [mb, T]) of the next optimizer step."""
+        if len(self.ds) == 0:
+            raise DataError(f"{self.ds.root}: split {self.ds.split!r} has no samples")
         local = self.G // self.world
         first = self.steps * self.G + self.rank * local
         self.steps += 1
-        return self._micro_batches(first, local, shuffle=True)
+        return self._split(self._rows(first, local, shuffle=True), self.mb)
 
-    def val_batches(self, n_batches: int, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The same held-out batches on every call: windows in file order, each global batch split over ranks."""
+    def val_batches(self, n_batches: int, batch_size: int) -> Batch:
+        """The same held-out batches on every call: windows in file order; global batch b (batch_size per rank)
+        is split over ranks like a training step. Fewer than n_batches if the split is too small."""
         global_batch = batch_size * self.world
         n = min(n_batches, self.windows_per_epoch // global_batch)
-        out = []
-        for b in range(n):
-            first = b * global_batch + self.rank * batch_size
-            rows = np.stack([self.window(g, shuffle=False) for g in range(first, first + batch_size)])
-            t = torch.from_numpy(rows.astype(np.int64))
-            out.append((t[:, :-1], t[:, 1:]))
-        return out
+        return [self._split(self._rows(b * global_batch + self.rank * batch_size, batch_size, False), batch_size)[0]
+                for b in range(n)]
 
     def state_dict(self) -> dict:
         return {"steps": self.steps, "seed": self.seed, "seq_len": self.seq_len, "global_batch_size": self.G}
 
     def load_state_dict(self, state: dict) -> None:
-        changed = {k: (state.get(k), v) for k, v in (("seed", self.seed), ("seq_len", self.seq_len),
-                                                      ("global_batch_size", self.G)) if state.get(k) != v}
+        now = {"seed": self.seed, "seq_len": self.seq_len, "global_batch_size": self.G}
+        changed = {k: (state.get(k), v) for k, v in now.items() if state.get(k) != v}
         if changed:
             log.warning("data loader resumed with changed settings %s (saved, now): the stream differs from the "
                         "original run", changed)
