@@ -76,10 +76,8 @@ def config_to_hf(cfg: ModelConfig) -> dict:
              num_key_value_heads=cfg.num_attention_heads, n_group=cfg.n_group, topk_group=cfg.topk_group,
              topk_method=cfg.topk_method, scoring_func=cfg.scoring_func, moe_layer_freq=1,
              aux_loss_alpha=cfg.aux_loss_alpha, seq_aux=cfg.seq_aux_loss_alpha > 0, attention_bias=False,
-             rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling, initializer_range=cfg.initializer_range,
-             bos_token_id=None, eos_token_id=None, torch_dtype="float32")
-    if cfg.rope_scaling is not None:
-        d["rope_scaling"] = dict(cfg.rope_scaling)
+             rope_theta=cfg.rope_theta, rope_scaling=dict(cfg.rope_scaling) if cfg.rope_scaling else None,
+             initializer_range=cfg.initializer_range, bos_token_id=None, eos_token_id=None, torch_dtype="float32")
     return d
 
 
@@ -116,8 +114,9 @@ def _load_tensor(model: Transformer, hf_name: str, t: torch.Tensor, params: dict
         if kind == "down_proj":
             params[base + "down_proj"][j].copy_(t.t())
             return [base + "down_proj"]
-        target = params[base + "gate_up_proj"][j]
-        target[:, :inter].copy_(t.t()) if kind == "gate_proj" else target[:, inter:].copy_(t.t())
+        gate_up = params[base + "gate_up_proj"][j]  # (D, 2I): gate columns first, then up
+        half = gate_up[:, :inter] if kind == "gate_proj" else gate_up[:, inter:]
+        half.copy_(t.t())
         return [base + "gate_up_proj"]
     m = _STACKED.search(name)
     if m:

@@ -242,8 +242,8 @@ class Trainer:
             dist.all_reduce(counts)
             dist.all_reduce(dropped)
         aux: dict[str, float] = {}
-        for i, m in zip(layers, layers.values()):
-            m.update_expert_bias(counts[list(layers).index(i)])
+        for row, m in zip(counts, layers.values()):
+            m.update_expert_bias(row)
             for name, value in m.aux_values.items():
                 aux[f"aux/{name}"] = aux.get(f"aux/{name}", 0.0) + float(value)
             m.reset_stats()
