@@ -202,3 +202,18 @@ def test_default_run_learns_well_below_unigram_entropy(tmp_path):
     assert 3.0 < entropy < 3.6
     assert val[300] < 0.85 * entropy  # measured: 2.50 vs 3.30 (0.76)
     assert val[300] < val[100]
+
+
+def test_resuming_a_different_model_or_only_corrupt_checkpoints_is_one_line(dataset, tmp_path):
+    out = tmp_path / "run"
+    train(base_args(dataset, out, 2))
+    saved = sorted((out / "checkpoints").iterdir())
+    proc = train(base_args(dataset, out, 4, **{"model.hidden_size": 96}), check=False)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("config error")]
+    assert proc.returncode == 2 and len(lines) == 1 and "different model (keys ['hidden_size'])" in lines[0]
+    for shard in (out / "checkpoints" / "step_00000002").glob("*.distcp"):
+        shard.write_bytes(b"garbage")
+    proc = train(base_args(dataset, out, 4), check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "checkpoint error: no loadable checkpoint among ['step_00000002']" in proc.stderr
+    assert sorted((out / "checkpoints").iterdir()) == saved  # nothing deleted or overwritten

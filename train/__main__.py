@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from parallel.dims import LayoutError
 
+    from .checkpoint import CheckpointError
     from .data.loader import DataError
 
     try:
@@ -98,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except DataError as e:
         print(f"data error: {one_line(e)}", file=sys.stderr)
+        return 1
+    except CheckpointError as e:
+        print(f"checkpoint error: {one_line(e)}", file=sys.stderr)
         return 1
 
 

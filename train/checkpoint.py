@@ -68,6 +68,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class CheckpointError(RuntimeError):
+    """Checkpoints exist but none can be loaded (one line for the user; nothing is deleted)."""
+
+
 def published(root: Path) -> list[Path]:
     """Published checkpoint directories, newest first."""
     if not root.is_dir():
@@ -138,8 +142,17 @@ class Checkpointer:
                 return state
             log.warning("checkpoint %s is incomplete or corrupt; trying the previous one", path)
         if candidates:
-            raise RuntimeError(f"no loadable checkpoint among {[p.name for p in candidates]} in {self.root}; "
+            raise CheckpointError(f"no loadable checkpoint among {[p.name for p in candidates]} in {self.root}; "
                                f"move them away to start afresh")
+        return None
+
+    def newest_train_state(self) -> dict[str, Any] | None:
+        """train_state.json of the newest published checkpoint that has a readable one."""
+        for path in published(self.root):
+            try:
+                return json.loads((path / "train_state.json").read_text())
+            except (OSError, ValueError):
+                continue
         return None
 
     def _try_load(self, path: Path, model, optimizer) -> dict[str, Any] | None:

@@ -148,7 +148,7 @@ class Trainer:
 
     def _build_data(self) -> None:
         cfg = self.cfg
-        path = Path(cfg.data.path) if cfg.data.path else self._builtin_path()
+        path = Path(cfg.data.path) if cfg.data.path else builtin_dataset()  # file-locked: one rank prepares
         train_set, val_set = TokenDataset(path, "train"), TokenDataset(path, "val")
         common = dict(seq_len=cfg.data.seq_len, global_batch_size=cfg.train.global_batch_size,
                       micro_batch_size=cfg.train.micro_batch_size, dp_rank=self.dp_rank, dp_world=self.dp_world,
@@ -159,30 +159,26 @@ class Trainer:
             raise ConfigError(f"data at {path} has vocab_size={train_set.vocab_size} > model.vocab_size="
                               f"{cfg.model.vocab_size}")
 
-    def _builtin_path(self) -> Path:
-        if self.env.world > 1 and self.env.rank != 0:
-            dist.barrier()  # rank 0 prepares it first
-            return builtin_dataset()
-        path = builtin_dataset()
-        if self.env.world > 1:
-            dist.barrier()
-        return path
-
     def _resume(self) -> int | None:
+        self._check_same_model()  # before loading: a different model would otherwise look like corruption
         state = self.checkpointer.load_latest(self.model, self.optimizer)
         if state is None:
             return None
-        saved_model = state["config"]["model"]
-        now = to_dict(self.cfg)["model"]
-        diff = sorted(k for k in now if saved_model.get(k) != now[k])
-        if diff:
-            raise ConfigError(f"checkpoint in {self.out / 'checkpoints'} is for a different model (keys {diff}); "
-                              f"use another output_dir")
         self.step = state["step"]
         self.scheduler.load_state_dict(state["scheduler"])
         self.loader.load_state_dict(state["loader"])
         log.info("resuming at step %d", self.step)
         return self.step
+
+    def _check_same_model(self) -> None:
+        saved = self.checkpointer.newest_train_state()
+        if saved is None:
+            return
+        saved_model, now = saved["config"]["model"], to_dict(self.cfg)["model"]
+        diff = sorted(k for k in now if saved_model.get(k) != now[k])
+        if diff:
+            raise ConfigError(f"checkpoints in {self.out / 'checkpoints'} are for a different model (keys {diff}); "
+                              f"use another output_dir")
 
     def _install_signal_handlers(self) -> None:
         def handler(signum, _frame):
