@@ -15,6 +15,7 @@ and expert loads are kept on the module for the trainer (`stats`, `tokens_per_ex
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -117,37 +118,68 @@ class GroupedExperts(nn.Module):
         if torch.is_autocast_enabled(x.device.type):  # grouped GEMMs are not autocast ops: cast by hand
             x = x.to(torch.get_autocast_dtype(x.device.type))
         offs = counts.cumsum(0).to(torch.int32)
-        gate, up = grouped_mm(x, self.gate_up_proj, offs).chunk(2, dim=-1)
-        return grouped_mm(F.silu(gate) * up, self.down_proj, offs)
+        gate, up = grouped_mm(x, _local(self.gate_up_proj), offs).chunk(2, dim=-1)
+        return grouped_mm(F.silu(gate) * up, _local(self.down_proj), offs)
+
+
+def _local(w: torch.Tensor) -> torch.Tensor:
+    """This process's part of a weight that parallel/ may have sharded (by expert); plain tensors as they are."""
+    to_local = getattr(w, "to_local", None)
+    return w if to_local is None else to_local()
 
 
 # --------------------------------------------------------------------------------------------- balance
-def expert_fraction(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """f_i = E / (K T) * #tokens choosing expert i, for indices [T, K] (1.0 everywhere when uniform)."""
-    t, k = indices.shape
-    counts = torch.bincount(indices.flatten(), minlength=n_experts).float()
-    return counts * n_experts / (k * t)
+@dataclass
+class LoadCounts:
+    """The (non-differentiable) counts the balance losses need; summed over data-parallel ranks when
+    `MoE.reduce_counts` is set, so f is the global load while P stays each rank's local mean."""
+
+    per_expert: torch.Tensor  # (E,) assignments per expert
+    per_device: torch.Tensor  # (Dv,) tokens sending to each device group
+    tokens: torch.Tensor  # () tokens T
+
+    @classmethod
+    def of(cls, indices: torch.Tensor, n_experts: int, n_devices: int) -> "LoadCounts":
+        t = indices.shape[0]
+        per_expert = torch.bincount(indices.flatten(), minlength=n_experts).float()
+        device_of = indices // (n_experts // n_devices)
+        sent = torch.zeros(t, n_devices, device=indices.device).scatter_(1, device_of, 1.0).sum(0)
+        return cls(per_expert, sent, torch.tensor(float(t), device=indices.device))
+
+    def reduced(self, reduce_sum) -> "LoadCounts":
+        """All counts summed by `reduce_sum` (one collective on a packed vector)."""
+        packed = reduce_sum(torch.cat([self.per_expert, self.per_device, self.tokens.view(1)]))
+        e, d = self.per_expert.numel(), self.per_device.numel()
+        return LoadCounts(packed[:e], packed[e:e + d], packed[e + d])
 
 
-def expert_balance_loss(scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+def _counts(counts: LoadCounts | None, indices: torch.Tensor, n_experts: int, n_devices: int) -> LoadCounts:
+    return LoadCounts.of(indices, n_experts, n_devices) if counts is None else counts
+
+
+def expert_balance_loss(scores: torch.Tensor, indices: torch.Tensor, counts: LoadCounts | None = None) -> torch.Tensor:
     """DeepSeek-V2 eq. 12-14: sum_i f_i P_i with P_i the mean affinity (without alpha)."""
-    f = expert_fraction(indices, scores.shape[-1])
+    e, k = scores.shape[-1], indices.shape[-1]
+    c = _counts(counts, indices, e, 1)
+    f = c.per_expert * e / (k * c.tokens)
     return (f * scores.mean(0)).sum()
 
 
-def device_balance_loss(scores: torch.Tensor, indices: torch.Tensor, n_devices: int) -> torch.Tensor:
+def device_balance_loss(scores: torch.Tensor, indices: torch.Tensor, n_devices: int,
+                        counts: LoadCounts | None = None) -> torch.Tensor:
     """DeepSeek-V2 eq. 15-17: f'_d = mean of f over device d's experts, P'_d = sum of P over them."""
-    f = expert_fraction(indices, scores.shape[-1]).view(n_devices, -1).mean(-1)
+    e, k = scores.shape[-1], indices.shape[-1]
+    c = _counts(counts, indices, e, n_devices)
+    f = (c.per_expert * e / (k * c.tokens)).view(n_devices, -1).mean(-1)
     p = scores.mean(0).view(n_devices, -1).sum(-1)
     return (f * p).sum()
 
 
-def comm_balance_loss(scores: torch.Tensor, indices: torch.Tensor, n_devices: int, max_devices: int) -> torch.Tensor:
+def comm_balance_loss(scores: torch.Tensor, indices: torch.Tensor, n_devices: int, max_devices: int,
+                      counts: LoadCounts | None = None) -> torch.Tensor:
     """DeepSeek-V2 eq. 18-20: f''_d = D / (M T) * #tokens sent to device d, P''_d = sum of P over d."""
-    t, e = scores.shape
-    device_of = indices // (e // n_devices)  # (T, K)
-    sent = torch.zeros(t, n_devices, device=scores.device).scatter_(1, device_of, 1.0)
-    f = sent.sum(0) * n_devices / (max_devices * t)
+    c = _counts(counts, indices, scores.shape[-1], n_devices)
+    f = c.per_device * n_devices / (max_devices * c.tokens)
     p = scores.mean(0).view(n_devices, -1).sum(-1)
     return (f * p).sum()
 
@@ -217,6 +249,8 @@ class MoE(nn.Module):
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts), persistent=False)
         self.register_buffer("dropped", torch.zeros(2), persistent=False)
         self.aux_values: dict[str, torch.Tensor] = {}
+        # set by parallel/: sums a tensor over the data-parallel ranks, so the balance losses use global loads
+        self.reduce_counts: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
@@ -265,10 +299,15 @@ class MoE(nn.Module):
         cfg, s, idx = self.cfg, routing.scores, routing.indices
         d = cfg.balance_groups
         max_devices = cfg.topk_group if (cfg.topk_method != "greedy" and cfg.n_group == d) else min(cfg.num_experts_per_tok, d)
+        counts = None
+        if cfg.aux_loss_alpha > 0 or cfg.device_aux_loss_alpha > 0 or cfg.comm_aux_loss_alpha > 0:
+            counts = LoadCounts.of(idx.detach(), cfg.n_routed_experts, d)
+            if self.reduce_counts is not None:
+                counts = counts.reduced(self.reduce_counts)
         terms = {
-            "expert": (cfg.aux_loss_alpha, lambda: expert_balance_loss(s, idx)),
-            "device": (cfg.device_aux_loss_alpha, lambda: device_balance_loss(s, idx, d)),
-            "comm": (cfg.comm_aux_loss_alpha, lambda: comm_balance_loss(s, idx, d, max_devices)),
+            "expert": (cfg.aux_loss_alpha, lambda: expert_balance_loss(s, idx, counts)),
+            "device": (cfg.device_aux_loss_alpha, lambda: device_balance_loss(s, idx, d, counts)),
+            "comm": (cfg.comm_aux_loss_alpha, lambda: comm_balance_loss(s, idx, d, max_devices, counts)),
             "seq": (cfg.seq_aux_loss_alpha, lambda: sequence_balance_loss(s, idx, batch)),
         }
         total = None
