@@ -92,8 +92,9 @@ class _GroupedMM(torch.autograd.Function):
 
 @torch.compiler.disable  # data-dependent group sizes; its fake-tensor rule also rejects fp32 on CPU
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    if x.shape[0] == 0:  # nothing routed here (possible under expert parallelism)
-        return x.new_zeros(0, w.shape[-1]) + 0 * w.sum()
+    if x.shape[0] == 0:  # nothing routed here (possible under expert parallelism): keep x and w in the graph,
+        # so backward still visits every node before this one (all-to-alls must run on every rank)
+        return x @ w[0].to(x.dtype) + 0 * w.sum()
     w = w.to(x.dtype)
     d_in, d_out = w.shape[-2], w.shape[-1]
     pad_in, pad_out = -d_in % 8, -d_out % 8  # the kernel needs 16-byte-aligned rows

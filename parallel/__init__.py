@@ -1,9 +1,9 @@
 """Everything applied to a model to run it at scale. `parallelize` is the one place that wraps the model.
 
-Implemented: data parallelism with FSDP2 (`fully_shard` per block, then the root), HSDP when
-dp_replicate > 1, mixed precision (fp32 master weights, bf16 compute, fp32 reductions) and CPU offload.
-Tensor, expert and pipeline parallelism are validated here but not yet built: asking for them is a
-clear error rather than a silent single-device run.
+Order (on a model whose weights are initialised whole, or on meta): expert parallelism (shard the expert
+stacks over "ep", install the all-to-all hooks), global balance loads, then FSDP2 per block and the root:
+dense weights over dp_shard (HSDP with dp_replicate), expert weights over what dp_shard leaves after ep.
+Mixed precision: fp32 master weights, `param_dtype` compute, `reduce_dtype` gradient reductions.
 """
 
 from __future__ import annotations
@@ -12,38 +12,82 @@ import torch
 from torch import nn
 
 from .dims import LayoutError, ParallelDims
+from .expert import apply_ep, reduce_loads_over
 
-__all__ = ["LayoutError", "ParallelDims", "parallelize", "dp_mesh"]
+__all__ = ["LayoutError", "ParallelDims", "parallelize", "dp_mesh", "clip_grad_norm_"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def dp_mesh(mesh):
-    """The data-parallel sub-mesh: 2-D (replicate, shard) for HSDP, 1-D for FSDP."""
+    """The mesh dense weights are sharded over: 2-D (replicate, shard) for HSDP, 1-D for FSDP."""
     if mesh["dp_replicate"].size() > 1:
         return mesh["dp_replicate", "dp_shard"]
     return mesh["dp_shard"]
 
 
+def expert_dp_mesh(mesh):
+    """The mesh expert weights are sharded over once split by expert over "ep"."""
+    if mesh["dp_replicate"].size() > 1:
+        return mesh["dp_replicate", "efsdp"]
+    return mesh["efsdp"]
+
+
 def parallelize(model: nn.Module, mesh, dims: ParallelDims, param_dtype: str = "float32",
                 reduce_dtype: str = "float32", cpu_offload: bool = False) -> nn.Module:
-    """Apply the parallel layout to a model built on the meta device (before `to_empty`/`init_weights`)."""
-    unsupported = {k: v for k, v in (("tp", dims.tp), ("ep", dims.ep), ("pp", dims.pp)) if v > 1}
+    """Apply the parallel layout to this process's model (part)."""
+    unsupported = {k: v for k, v in (("tp", dims.tp), ("pp", dims.pp)) if v > 1}
     if unsupported:
         raise LayoutError(f"parallel sizes {unsupported} are not implemented yet; this build supports data "
-                          f"parallelism (dp_shard, dp_replicate) only")
-    if mesh is None or dims.dp == 1:
+                          f"(dp_shard, dp_replicate) and expert (ep) parallelism")
+    if mesh is None:
         return model
+    if dims.ep > 1:
+        apply_ep(model, mesh["ep"])
+    if dims.dp > 1:
+        reduce = reduce_loads_over(mesh["dp"].get_group())
+        for moe in model.moe_layers().values():
+            moe.reduce_counts = reduce
+        _fully_shard(model, mesh, dims, param_dtype, reduce_dtype, cpu_offload)
+    return model
+
+
+def _fully_shard(model, mesh, dims, param_dtype, reduce_dtype, cpu_offload) -> None:
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-    kwargs = {"mesh": dp_mesh(mesh),
-              "mp_policy": MixedPrecisionPolicy(param_dtype=_DTYPES[param_dtype], reduce_dtype=_DTYPES[reduce_dtype])}
+    kwargs = {"mp_policy": MixedPrecisionPolicy(param_dtype=_DTYPES[param_dtype], reduce_dtype=_DTYPES[reduce_dtype])}
     if cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
+    if dims.ep > 1:
+        for moe in model.moe_layers().values():
+            experts = fully_shard(moe.experts, mesh=expert_dp_mesh(mesh), **kwargs)
+            # an expert's gradient already sums every ep rank's tokens: average over the whole dp degree
+            experts.set_gradient_divide_factor(float(dims.dp))
     for block in model.layers.values():
-        fully_shard(block, **kwargs)
+        fully_shard(block, mesh=dp_mesh(mesh), **kwargs)
     for module in model.mtp or []:
-        fully_shard(module, **kwargs)
-    fully_shard(model, **kwargs)
-    register_fsdp_forward_method(model, "forward_with_mtp")  # the root's params are gathered for it too
-    return model
+        fully_shard(module, mesh=dp_mesh(mesh), **kwargs)
+    fully_shard(model, mesh=dp_mesh(mesh), **kwargs)
+    if hasattr(model, "forward_with_mtp"):
+        register_fsdp_forward_method(model, "forward_with_mtp")  # the root's params are gathered for it too
+
+
+def clip_grad_norm_(parameters, max_norm: float) -> float:
+    """Global gradient-norm clipping for a mix of plain tensors and DTensors on different meshes
+    (dense weights on the dp mesh, experts on (efsdp, ep)): one norm per mesh/placement group, combined."""
+    groups: dict = {}
+    for p in parameters:
+        if p.grad is not None:
+            key = (getattr(p.grad, "device_mesh", None), tuple(getattr(p.grad, "placements", ())))
+            groups.setdefault(key, []).append(p)
+    norms = []
+    for group in groups.values():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in group], 2.0)
+        norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    if not norms:
+        return 0.0
+    total = torch.stack([n.float() for n in norms]).norm()
+    if max_norm != float("inf"):
+        for group in groups.values():
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    return float(total)

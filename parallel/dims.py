@@ -2,6 +2,11 @@
 before any process group exists, and the named DeviceMesh built from them.
 
 world = pp * dp_replicate * dp_shard * tp; expert parallelism borrows its ranks from dp_shard.
+
+Mesh axes: ("pp", "dp_replicate", "efsdp", "ep", "tp") with dp_shard = efsdp * ep, plus flattened views
+"dp_shard" (efsdp, ep) for dense FSDP and "dp" (dp_replicate, efsdp, ep) for the data stream and the
+global loads; expert weights, already split over "ep", are FSDP-sharded over "efsdp" (and replicated
+over "dp_replicate").
 """
 
 from __future__ import annotations
@@ -47,12 +52,20 @@ class ParallelDims:
         if self.dp_shard % self.ep:
             raise LayoutError(f"ep={self.ep} must divide dp_shard={self.dp_shard} (expert parallelism borrows "
                               f"data-parallel ranks)")
+        if self.pp_stages_per_rank < 1:
+            raise LayoutError(f"pp_stages_per_rank={self.pp_stages_per_rank} must be >= 1")
 
     def validate_model(self, cfg: ModelConfig) -> None:
         if cfg.num_attention_heads % self.tp:
             raise LayoutError(f"num_attention_heads={cfg.num_attention_heads} is not divisible by tp={self.tp}")
         if self.ep > 1 and cfg.n_routed_experts % self.ep:
             raise LayoutError(f"n_routed_experts={cfg.n_routed_experts} is not divisible by ep={self.ep}")
+        if self.ep > 1 and not cfg.n_routed_experts:
+            raise LayoutError(f"ep={self.ep} needs routed experts but n_routed_experts=0")
+        limited = cfg.topk_method != "greedy" and cfg.n_group > 1
+        if self.ep > 1 and limited and cfg.n_group % self.ep and self.ep % cfg.n_group:
+            raise LayoutError(f"n_group={cfg.n_group} and ep={self.ep}: one must divide the other so a routing "
+                              f"group maps to whole devices (n_group % ep == 0) or devices to whole groups")
         stages = self.pp * self.pp_stages_per_rank
         if cfg.num_hidden_layers < stages:
             raise LayoutError(f"num_hidden_layers={cfg.num_hidden_layers} < pipeline stages "
@@ -65,5 +78,8 @@ class ParallelDims:
 
     def build_mesh(self, device_type: str):
         from torch.distributed.device_mesh import init_device_mesh
-        return init_device_mesh(device_type, (self.pp, self.dp_replicate, self.dp_shard, self.tp),
-                                mesh_dim_names=("pp", "dp_replicate", "dp_shard", "tp"))
+        mesh = init_device_mesh(device_type, (self.pp, self.dp_replicate, self.dp_shard // self.ep, self.ep, self.tp),
+                                mesh_dim_names=("pp", "dp_replicate", "efsdp", "ep", "tp"))
+        mesh["efsdp", "ep"]._flatten("dp_shard")
+        mesh["dp_replicate", "efsdp", "ep"]._flatten("dp")
+        return mesh

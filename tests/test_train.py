@@ -147,8 +147,10 @@ def test_vocab_mismatch_between_data_and_model(dataset, tmp_path):
 
 # ------------------------------------------------------------------------------------------ data parallel
 def test_fsdp_two_processes_equal_one_process(dataset, tmp_path):
+    # the balance losses use loads summed over data-parallel ranks: the reference runs both ranks'
+    # micro-batches as one
     one, two = tmp_path / "one", tmp_path / "two"
-    train(base_args(dataset, one, 4), 1)
+    train(base_args(dataset, one, 4, **{"train.micro_batch_size": 4}), 1)
     train(base_args(dataset, two, 4), 2)
     a, b = metrics(one), metrics(two)
     for step in a:

@@ -24,7 +24,7 @@ import yaml
 
 from model import Transformer
 from model.analysis import param_counts, training_flops_per_token
-from parallel import ParallelDims, parallelize
+from parallel import ParallelDims, clip_grad_norm_, parallelize
 
 from .checkpoint import Checkpointer
 from .config import ConfigError, RunConfig, to_dict
@@ -89,10 +89,10 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def all_mean(x: torch.Tensor, world: int) -> torch.Tensor:
+def all_mean(x: torch.Tensor, world: int, group=None) -> torch.Tensor:
     if world > 1:
         x = x.clone()
-        dist.all_reduce(x)
+        dist.all_reduce(x, group=group)
         x /= world
     return x
 
@@ -107,7 +107,10 @@ class Trainer:
                                          cfg.parallel.tp, cfg.parallel.ep, cfg.parallel.pp,
                                          cfg.parallel.pp_stages_per_rank)
         self.dims.validate_model(cfg.model)
-        self.dp_rank, self.dp_world = self.env.rank, self.dims.dp  # dp is the whole world in this build
+        self.mesh = self.dims.build_mesh(self.env.device.type) if self.env.world > 1 else None
+        self.dp_group = self.mesh["dp"].get_group() if self.mesh is not None else None
+        self.dp_rank = self.mesh["dp"].get_local_rank() if self.mesh is not None else 0
+        self.dp_world = self.dims.dp
         self.step = 0
         self._stop_signal: int | None = None
         self._kill_at = int(os.environ.get("DSV2_TEST_KILL_AT_STEP", "-1"))
@@ -132,14 +135,13 @@ class Trainer:
 
     def _build_model(self) -> Transformer:
         cfg, env = self.cfg, self.env
-        mesh = self.dims.build_mesh(env.device.type) if env.world > 1 else None
         big = param_counts(cfg.model).total > META_INIT_PARAMS
         with torch.device("meta" if big else "cpu"):
             model = Transformer(cfg.model)
         if not big:  # identical weights whatever the layout: initialise whole, then shard
             model.init_weights(seed=cfg.train.seed)
             model.to(env.device)
-        model = parallelize(model, mesh, self.dims, cfg.precision.param_dtype, cfg.precision.reduce_dtype,
+        model = parallelize(model, self.mesh, self.dims, cfg.precision.param_dtype, cfg.precision.reduce_dtype,
                             cfg.parallel.cpu_offload)
         if big:
             model.to_empty(device=env.device)
@@ -217,14 +219,11 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": all_mean(total, self.env.world).item(), "grad_norm": grad_norm, **moe}
+        return {"loss": all_mean(total, self.dp_world, self.dp_group).item(), "grad_norm": grad_norm, **moe}
 
     def _clip(self) -> float:
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
-        return float(norm)
+        return clip_grad_norm_(self.model.parameters(), max_norm)
 
     @torch.no_grad()
     def _moe_step(self) -> dict:
@@ -234,9 +233,9 @@ class Trainer:
             return {}
         counts = torch.stack([m.tokens_per_expert for m in layers.values()])  # (L, E)
         dropped = torch.stack([m.dropped for m in layers.values()]).sum(0)
-        if self.env.world > 1:
-            dist.all_reduce(counts)
-            dist.all_reduce(dropped)
+        if self.dp_world > 1:  # every data-parallel rank routed different tokens
+            dist.all_reduce(counts, group=self.dp_group)
+            dist.all_reduce(dropped, group=self.dp_group)
         aux: dict[str, float] = {}
         for row, m in zip(counts, layers.values()):
             m.update_expert_bias(row)
@@ -322,7 +321,7 @@ class Trainer:
         self.model.train()
         if not losses:
             return
-        val = all_mean(torch.stack(losses).mean(), self.env.world).item()
+        val = all_mean(torch.stack(losses).mean(), self.dp_world, self.dp_group).item()
         self.metrics.log(self.step, {"step": self.step, "val_loss": val})
         if self.env.rank == 0:
             print(f"step {self.step} | val_loss {val:.4f}", flush=True)

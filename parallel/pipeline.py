@@ -1,0 +1,269 @@
+"""Pipeline parallelism with torch.distributed.pipelining: layer split, stage modules, schedules.
+
+The model is cut by global layer index: stage s of S owns the contiguous layers `split_layers(L, S)[s]`,
+stage 0 also the embedding, stage S-1 also the final norm and the output head. Each pipeline rank keeps
+one `Transformer` per stage it holds (a copy with the other layers removed, see `build_stage_modules`), so
+parameter names ("layers.3.self_attn.o_proj.weight") stay those of the whole model and DCP checkpoints
+load across layouts.
+
+Stage placement (`stage_ids`):
+  - loop style, rank r holds stages r, r+pp, r+2pp, ...: GPipe and 1F1B (one stage per rank),
+    Interleaved1F1B (two or more);
+  - V style, rank r holds stages r and 2pp-1-r: ZBVZeroBubble and DualPipeV (exactly two per rank), so
+    rank 0 holds both the embedding and the head.
+
+Loss and gradient scale. `loss_fn(logits, labels)` is the mean cross-entropy of one microbatch. The loss
+handed to the schedule keeps that value (so `losses` holds per-microbatch means and the step loss is their
+mean) but back-propagates 1/n_microbatches (`_MeanOverMicrobatches`), and every MoE layer's
+`aux_loss_scale` is 1/n_microbatches: the gradient is the mean over microbatches of d(CE + balance
+losses), exactly as single-process gradient accumulation. The schedules are built with
+`scale_grads=False`, so nothing divides the gradients again after the step (with torch's default
+scale_grads=True a second step() before zero_grad would divide the first one's gradients twice).
+
+MoE routing statistics need nothing special: each microbatch runs each layer's forward once, so
+`tokens_per_expert` of a stage's MoE layers accumulates over all microbatches of the step (the trainer
+reads and resets them, per model part, as without pipelining). The balance losses travel through backward
+(AuxLossInjector), so stages exchange only the hidden states.
+
+Shapes are given to `PipelineStage` explicitly (static metadata: token ids [mb, T] int64 into stage 0,
+hidden states [mb, T, D] between stages, logits [mb, T, V] out of the last) because torch's dynamic
+inference runs an extra forward that would add to the MoE load counters. A forward hook on each part
+checks its output against that metadata (so a part called directly must get microbatches of that shape).
+
+Limits: multi-token prediction (num_nextn_predict_layers > 0) and tied embeddings are rejected under
+pp > 1 (the MTP head needs the input tokens and embedding on the last stage; a tied head would span ranks).
+Call these before `parallel.parallelize` (FSDP, EP) is applied to each model part; wrapping a part in
+place afterwards keeps the stage's reference valid.
+"""
+
+from __future__ import annotations
+
+import copy
+from functools import partial
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleDualPipeV,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+    ScheduleZBVZeroBubble,
+)
+
+from model.transformer import Transformer
+
+__all__ = ["SCHEDULES", "stage_ids", "split_layers", "build_stage_modules", "build_pipeline",
+           "pipeline_step", "canonical_schedule"]
+
+SCHEDULES = ("1F1B", "Interleaved1F1B", "ZBVZeroBubble", "DualPipeV")
+_CLASSES = {
+    "GPipe": ScheduleGPipe,
+    "1F1B": Schedule1F1B,
+    "Interleaved1F1B": ScheduleInterleaved1F1B,
+    "ZBVZeroBubble": ScheduleZBVZeroBubble,
+    "DualPipeV": ScheduleDualPipeV,
+}
+_SINGLE_STAGE = ("GPipe", "1F1B")
+_V_STYLE = ("ZBVZeroBubble", "DualPipeV")
+
+
+# --------------------------------------------------------------------------------------------- layout
+def canonical_schedule(schedule: str) -> str:
+    """The schedule's canonical name (matched case-insensitively), or ValueError listing the choices."""
+    names = {name.lower(): name for name in _CLASSES}
+    name = names.get(str(schedule).lower())
+    if name is None:
+        raise ValueError(f"unknown pipeline schedule {schedule!r}; choose one of {sorted(_CLASSES)}")
+    return name
+
+
+def _check_stages_per_rank(schedule: str, stages_per_rank: int) -> None:
+    if schedule in _SINGLE_STAGE and stages_per_rank != 1:
+        raise ValueError(f"pipeline schedule {schedule} runs 1 stage per rank, got stages_per_rank={stages_per_rank}")
+    if schedule == "Interleaved1F1B" and stages_per_rank < 2:
+        raise ValueError(f"pipeline schedule Interleaved1F1B needs stages_per_rank >= 2, got {stages_per_rank} "
+                         f"(use 1F1B for one stage per rank)")
+    if schedule in _V_STYLE and stages_per_rank != 2:
+        raise ValueError(f"pipeline schedule {schedule} places exactly 2 stages per rank (V shape), "
+                         f"got stages_per_rank={stages_per_rank}")
+
+
+def stage_ids(schedule: str, pp_rank: int, pp: int, stages_per_rank: int) -> list[int]:
+    """Global stage indices held by `pp_rank` (loop style r, r+pp, ...; V style r, 2pp-1-r)."""
+    schedule = canonical_schedule(schedule)
+    _check_stages_per_rank(schedule, stages_per_rank)
+    if pp < 1 or not 0 <= pp_rank < pp:
+        raise ValueError(f"pp_rank={pp_rank} must lie in [0, pp={pp})")
+    if schedule in _V_STYLE:
+        return [pp_rank, 2 * pp - 1 - pp_rank]
+    return [pp_rank + k * pp for k in range(stages_per_rank)]
+
+
+def split_layers(num_layers: int, n_stages: int) -> list[list[int]]:
+    """Contiguous global layer indices per stage; sizes differ by at most one.
+
+    Every stage gets floor(L/S) layers; the L mod S extra layers go first to the middle stages
+    (1, 2, ..., S-2), then to stage 0, and last to stage S-1: the end stages carry the embedding and the
+    output head (+ loss over the vocabulary), so they get the fewer layers (as DeepSeek does).
+    E.g. 27 layers over 4 stages -> 7, 7, 7, 6; 6 over 4 -> 1, 2, 2, 1.
+    """
+    if n_stages < 1:
+        raise ValueError(f"number of pipeline stages must be >= 1, got {n_stages}")
+    if num_layers < n_stages:
+        raise ValueError(f"num_hidden_layers={num_layers} cannot fill {n_stages} pipeline stages "
+                         f"(each stage needs at least one layer)")
+    base, extra = divmod(num_layers, n_stages)
+    priority = [*range(1, n_stages - 1), 0, n_stages - 1]  # only the first L mod S < S are used
+    sizes = [base] * n_stages
+    for stage in priority[:extra]:
+        sizes[stage] += 1
+    starts = [sum(sizes[:s]) for s in range(n_stages)]
+    return [list(range(start, start + size)) for start, size in zip(starts, sizes)]
+
+
+# --------------------------------------------------------------------------------------------- stage modules
+def _check_model(model: Transformer, n_stages: int) -> None:
+    cfg = model.cfg
+    if n_stages == 1:
+        return
+    if cfg.num_nextn_predict_layers > 0:
+        raise ValueError(f"multi-token prediction (model.num_nextn_predict_layers={cfg.num_nextn_predict_layers}) "
+                         f"is not supported with pipeline parallelism ({n_stages} stages); set it to 0 or pp=1")
+    if cfg.tie_word_embeddings:
+        raise ValueError("model.tie_word_embeddings=true is not supported with pipeline parallelism "
+                         "(the embedding and the output head live on different stages)")
+    missing = [i for i in range(cfg.num_hidden_layers) if str(i) not in model.layers]
+    if missing or model.embed_tokens is None or model.lm_head is None or model.norm is None:
+        raise ValueError("build_stage_modules needs the whole model (all layers, embedding, norm, head); "
+                         f"missing layers {missing}")
+
+
+def build_stage_modules(model: Transformer, stage: int, n_stages: int) -> Transformer:
+    """A copy of `model` that keeps only stage `stage`'s layers (+ embedding on stage 0, norm, head and MTP
+    on the last stage). Parts not kept are never copied (works on meta, CPU or GPU models); `model` itself
+    is left unchanged."""
+    if not 0 <= stage < n_stages:
+        raise ValueError(f"stage={stage} must lie in [0, n_stages={n_stages})")
+    _check_model(model, n_stages)
+    keep = {str(i) for i in split_layers(model.cfg.num_hidden_layers, n_stages)[stage]}
+    dropped: list[nn.Module | None] = [block for name, block in model.layers.items() if name not in keep]
+    if stage != 0:
+        dropped.append(model.embed_tokens)
+    if stage != n_stages - 1:
+        dropped += [model.norm, model.lm_head, model.mtp]
+    # deepcopy maps anything already in the memo to the memo's value: dropped modules become None uncopied
+    memo = {id(module): None for module in dropped if module is not None}
+    part = copy.deepcopy(model, memo)
+    for name in [name for name, block in part.layers.items() if block is None]:
+        del part.layers[name]
+    return part
+
+
+# --------------------------------------------------------------------------------------------- loss scale
+class _MeanOverMicrobatches(torch.autograd.Function):
+    """Identity on the loss value; backward passes `scale` (1/n_microbatches) times the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, loss: torch.Tensor, scale: float):
+        ctx.scale = scale
+        return loss.clone()  # not a view: zero-bubble schedules detach the loss in place
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+def _microbatch_loss(loss_fn: Callable, scale: float, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return _MeanOverMicrobatches.apply(loss_fn(output, target), scale)
+
+
+# --------------------------------------------------------------------------------------------- pipeline
+def _group_of(pp_mesh_or_group) -> dist.ProcessGroup | None:
+    """A 1-D DeviceMesh's process group, a ProcessGroup as is; None means the default (world) group."""
+    get_group = getattr(pp_mesh_or_group, "get_group", None)
+    return get_group() if get_group is not None else pp_mesh_or_group
+
+
+def _check_microbatches(schedule: str, n_microbatches: int, pp: int, n_stages: int) -> None:
+    if n_microbatches < 1:
+        raise ValueError(f"n_microbatches must be >= 1, got {n_microbatches}")
+    need = {"1F1B": n_stages, "DualPipeV": n_stages}.get(schedule, 1)  # torch's own limits, checked early
+    if n_microbatches < need:
+        raise ValueError(f"pipeline schedule {schedule} with {n_stages} stages on pp={pp} ranks needs "
+                         f"n_microbatches >= {need}, got {n_microbatches}")
+
+
+def _stage_io(part: Transformer, microbatch_size: int, seq_len: int, dtype: torch.dtype):
+    """Example (meta) input and output of a stage, for PipelineStage's static metadata."""
+    cfg = part.cfg
+    # requires_grad marks what carries a gradient back (torch derives the gradient metadata from it)
+    hidden = torch.empty(microbatch_size, seq_len, cfg.hidden_size, dtype=dtype, device="meta", requires_grad=True)
+    tokens = torch.empty(microbatch_size, seq_len, dtype=torch.long, device="meta")
+    logits = torch.empty(microbatch_size, seq_len, cfg.vocab_size, dtype=dtype, device="meta", requires_grad=True)
+    inputs = tokens if part.embed_tokens is not None else hidden
+    outputs = logits if part.lm_head is not None else hidden
+    return inputs, outputs
+
+
+def _check_output(expected: torch.Tensor, module: nn.Module, args, output: torch.Tensor) -> None:
+    """Forward hook: the stage's output must match its declared metadata (torch checks this only under
+    TORCH_DISTRIBUTED_DEBUG=DETAIL; a mismatch would otherwise corrupt the next stage's receive)."""
+    if output.shape != expected.shape or output.dtype != expected.dtype:
+        raise ValueError(f"pipeline stage output {tuple(output.shape)} {output.dtype} differs from the declared "
+                         f"{tuple(expected.shape)} {expected.dtype}: microbatch_size, seq_len and activation_dtype "
+                         f"given to build_pipeline must match the data and the compute dtype")
+
+
+def build_pipeline(model: Transformer, pp_mesh_or_group, schedule: str, n_microbatches: int,
+                   stages_per_rank: int, loss_fn: Callable, device, *, microbatch_size: int, seq_len: int,
+                   activation_dtype: torch.dtype | None = None):
+    """This rank's stage modules and the torch schedule that runs them -> (schedule, model_parts).
+
+    model: the whole model (same weights on every pp rank), before FSDP/EP; it is not modified.
+    pp_mesh_or_group: the 1-D "pp" DeviceMesh, a ProcessGroup, or None for the world group.
+    loss_fn(logits, labels): per-microbatch mean loss. microbatch_size, seq_len: the shape of one
+    microbatch of token ids (local batch = n_microbatches * microbatch_size). activation_dtype: dtype of
+    the hidden states and logits a stage emits (default: the model's parameter dtype; bf16 under an FSDP
+    param_dtype of bfloat16).
+    Run a step with `pipeline_step` (or schedule.step(tokens) on the first-stage rank, step(target=labels,
+    losses=list) on the last, step() elsewhere).
+    """
+    schedule = canonical_schedule(schedule)
+    group = _group_of(pp_mesh_or_group)
+    pp, pp_rank = dist.get_world_size(group), dist.get_rank(group)
+    n_stages = pp * stages_per_rank
+    ids = stage_ids(schedule, pp_rank, pp, stages_per_rank)
+    _check_microbatches(schedule, n_microbatches, pp, n_stages)
+    dtype = activation_dtype or next(model.parameters()).dtype
+    device = torch.device(device)
+    parts, stages = [], []
+    for stage_id in ids:
+        part = build_stage_modules(model, stage_id, n_stages)
+        part.set_aux_loss_scale(1.0 / n_microbatches)
+        inputs, outputs = _stage_io(part, microbatch_size, seq_len, dtype)
+        part.register_forward_hook(partial(_check_output, outputs))
+        stages.append(PipelineStage(part, stage_id, n_stages, device, input_args=inputs, output_args=outputs,
+                                    group=group))
+        parts.append(part)
+    loss = partial(_microbatch_loss, loss_fn, 1.0 / n_microbatches)
+    cls = _CLASSES[schedule]
+    runner = cls(stages[0] if schedule in _SINGLE_STAGE else stages, n_microbatches, loss_fn=loss,
+                 scale_grads=False)
+    return runner, parts
+
+
+def pipeline_step(schedule, model_parts: list[Transformer], tokens: torch.Tensor | None,
+                  labels: torch.Tensor | None) -> torch.Tensor | None:
+    """One forward+backward over all microbatches; passes tokens/labels only where this rank needs them.
+    Returns the step loss (mean over microbatches, detached) on the rank holding the last stage, else None."""
+    has_first = any(part.embed_tokens is not None for part in model_parts)
+    has_last = any(part.lm_head is not None for part in model_parts)
+    args = (tokens,) if has_first else ()
+    losses: list[torch.Tensor] = []
+    kwargs = {"target": labels, "losses": losses} if has_last else {}
+    schedule.step(*args, return_outputs=False, **kwargs)
+    return torch.stack([loss.detach() for loss in losses]).mean() if has_last else None

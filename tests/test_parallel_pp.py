@@ -1,0 +1,287 @@
+"""Pipeline parallelism (parallel/pipeline.py): the layout helpers, and every schedule against one process.
+
+One 2-process gloo job (this file run as a script, once per module) trains the `tiny` preset (4 layers:
+one dense, three MoE; balance losses on) for 3 AdamW steps under each schedule on a fixed batch. The tests
+compare its per-step losses, final parameters and per-step MoE loads (`tokens_per_expert`) with plain
+gradient accumulation over the same microbatches in this process.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import traceback
+from dataclasses import replace
+from datetime import timedelta
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.config import load_preset
+from model.transformer import Transformer
+from parallel.pipeline import (
+    SCHEDULES, _check_microbatches, _check_output, build_pipeline, build_stage_modules, pipeline_step, split_layers,
+    stage_ids,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+WORLD = 2
+B, T, STEPS, LR = 4, 32, 3, 1e-2
+# case: (schedule, stages_per_rank, n_microbatches)
+CASES = {
+    "1F1B": ("1F1B", 1, 4),
+    "GPipe": ("GPipe", 1, 2),
+    "Interleaved1F1B": ("Interleaved1F1B", 2, 4),
+    "ZBVZeroBubble": ("ZBVZeroBubble", 2, 4),
+    "ZBVZeroBubble-2mb": ("ZBVZeroBubble", 2, 2),  # fewer microbatches than stages
+    "DualPipeV": ("DualPipeV", 2, 4),
+}
+
+
+# --------------------------------------------------------------------------------------------- shared setup
+def tiny_model() -> Transformer:
+    model = Transformer(replace(load_preset("tiny"), num_hidden_layers=4))
+    model.init_weights(seed=0)
+    return model
+
+
+def fixed_batch(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    seq = torch.randint(0, vocab, (B, T + 1), generator=torch.Generator().manual_seed(1))
+    return seq[:, :-1], seq[:, 1:]
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of one microbatch."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+
+
+def adamw(params) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=LR, foreach=False)
+
+
+def take_loads(parts) -> dict[int, torch.Tensor]:
+    """Accumulated tokens_per_expert per MoE layer (by global index), then reset, as the trainer does."""
+    loads = {}
+    for part in parts:
+        for idx, moe in part.moe_layers().items():
+            loads[idx] = moe.tokens_per_expert.clone()
+            moe.reset_stats()
+    return loads
+
+
+def params_of(parts) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for part in parts for name, p in part.named_parameters()}
+
+
+def grads_of(parts) -> dict[str, torch.Tensor]:
+    """The last step's gradients (the optimizer leaves them in place)."""
+    return {name: p.grad.clone() for part in parts for name, p in part.named_parameters()}
+
+
+# --------------------------------------------------------------------------------------------- reference
+def reference_run(n_microbatches: int) -> dict:
+    """One process, the whole model, gradient accumulation: loss/n per microbatch, balance losses at 1/n."""
+    model = tiny_model()
+    tokens, labels = fixed_batch(model.cfg.vocab_size)
+    opt = adamw(model.parameters())
+    model.set_aux_loss_scale(1.0 / n_microbatches)
+    losses, loads = [], []
+    for _ in range(STEPS):
+        opt.zero_grad()
+        step_loss = 0.0
+        for x, y in zip(tokens.chunk(n_microbatches), labels.chunk(n_microbatches)):
+            loss = cross_entropy(model(x), y)
+            (loss / n_microbatches).backward()
+            step_loss += loss.item() / n_microbatches
+        opt.step()
+        losses.append(step_loss)
+        loads.append(take_loads([model]))
+    return {"losses": losses, "loads": loads, "params": params_of([model]), "grads": grads_of([model])}
+
+
+# --------------------------------------------------------------------------------------------- pp worker
+def run_case(schedule: str, stages_per_rank: int, n_microbatches: int) -> dict:
+    """This rank's side of one pipeline run: losses (last-stage rank only), loads, parameters of its parts."""
+    model = tiny_model()
+    tokens, labels = fixed_batch(model.cfg.vocab_size)
+    runner, parts = build_pipeline(model, None, schedule, n_microbatches, stages_per_rank, cross_entropy,
+                                   torch.device("cpu"), microbatch_size=B // n_microbatches, seq_len=T)
+    del model
+    opt = adamw([p for part in parts for p in part.parameters()])
+    losses, loads = [], []
+    for _ in range(STEPS):
+        opt.zero_grad()
+        loss = pipeline_step(runner, parts, tokens, labels)
+        opt.step()
+        losses.append(None if loss is None else loss.item())
+        loads.append(take_loads(parts))
+    return {"losses": losses, "loads": loads, "params": params_of(parts), "grads": grads_of(parts)}
+
+
+def worker_main(rank: int, store: str, out_dir: str) -> None:
+    """Run every case on a 2-rank gloo group; each case's result (or its traceback) goes to a file."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=30))
+    for name, case in CASES.items():
+        try:
+            result = run_case(*case)
+        except Exception:  # reported by that case's test; the other cases still run
+            result = {"error": traceback.format_exc()}
+        torch.save(result, Path(out_dir) / f"{name}.rank{rank}.pt")
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def pp_results(tmp_path_factory) -> dict[str, list[dict] | str]:
+    """Launch the 2-process job once: per case one result dict per rank, or the job's log if it has none."""
+    out = tmp_path_factory.mktemp("pp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, __file__, str(rank), str(out / "store"), str(out)], cwd=ROOT,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in range(WORLD)]
+    try:
+        log = "\n".join(proc.communicate(timeout=300)[0] for proc in procs)
+    except subprocess.TimeoutExpired:
+        for proc in procs:
+            proc.kill()
+        log = "pipeline worker job timed out (a schedule deadlocked?)"
+    files = {name: [out / f"{name}.rank{r}.pt" for r in range(WORLD)] for name in CASES}
+    return {name: [torch.load(f, weights_only=False) for f in paths] if all(f.exists() for f in paths)
+            else log[-6000:] for name, paths in files.items()}
+
+
+@pytest.fixture(scope="module")
+def references() -> dict[int, dict]:
+    return {n: reference_run(n) for n in sorted({case[2] for case in CASES.values()})}
+
+
+# --------------------------------------------------------------------------------------------- tests
+def _close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-6, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CASES))
+def test_schedule_matches_single_process(name, pp_results, references):
+    ranks = pp_results[name]
+    assert not isinstance(ranks, str), ranks  # no result: the job's log
+    errors = [r["error"] for r in ranks if "error" in r]
+    assert not errors, errors[0]
+    ref = references[CASES[name][2]]
+    # losses: exactly one rank holds the last stage
+    with_loss = [r["losses"] for r in ranks if r["losses"][0] is not None]
+    assert len(with_loss) == 1
+    _close(torch.tensor(with_loss[0], dtype=torch.float64), torch.tensor(ref["losses"], dtype=torch.float64), "losses")
+    # parameters and last gradients: the ranks' parts cover the model exactly once, with the model's names
+    names = [n for r in ranks for n in r["params"]]
+    assert sorted(names) == sorted(ref["params"])
+    for r in ranks:
+        for n, p in r["params"].items():
+            _close(p, ref["params"][n], n)
+            _close(r["grads"][n], ref["grads"][n], f"{n}.grad")
+    # MoE loads, per step and layer, accumulated over the microbatches
+    for step in range(STEPS):
+        loads = {i: v for r in ranks for i, v in r["loads"][step].items()}
+        assert sorted(loads) == sorted(ref["loads"][step]) == [1, 2, 3]
+        for i, v in loads.items():
+            assert torch.equal(v, ref["loads"][step][i]), (step, i, v, ref["loads"][step][i])
+            assert v.sum() == B * T * 2  # every token routed to num_experts_per_tok=2 experts
+
+
+def test_split_layers_known_cases():
+    assert split_layers(27, 4) == [list(range(0, 7)), list(range(7, 14)), list(range(14, 21)), list(range(21, 27))]
+    assert [len(s) for s in split_layers(6, 4)] == [1, 2, 2, 1]
+    assert [len(s) for s in split_layers(5, 4)] == [1, 2, 1, 1]
+    assert [len(s) for s in split_layers(3, 2)] == [2, 1]
+    assert [len(s) for s in split_layers(61, 8)] == [7, 8, 8, 8, 8, 8, 7, 7]
+    assert split_layers(4, 4) == [[0], [1], [2], [3]]
+    assert split_layers(5, 1) == [[0, 1, 2, 3, 4]]
+    for layers, stages in [(27, 4), (60, 16), (7, 3), (100, 7)]:
+        split = split_layers(layers, stages)
+        assert sum(split, []) == list(range(layers))
+        assert max(map(len, split)) - min(map(len, split)) <= 1
+    with pytest.raises(ValueError, match="num_hidden_layers=3 cannot fill 4 pipeline stages"):
+        split_layers(3, 4)
+    with pytest.raises(ValueError, match=">= 1"):
+        split_layers(3, 0)
+
+
+def test_stage_ids_known_cases_and_errors():
+    assert SCHEDULES == ("1F1B", "Interleaved1F1B", "ZBVZeroBubble", "DualPipeV")
+    assert [stage_ids("1F1B", r, 4, 1) for r in range(4)] == [[0], [1], [2], [3]]
+    assert stage_ids("GPipe", 1, 2, 1) == [1]
+    assert [stage_ids("Interleaved1F1B", r, 2, 3) for r in range(2)] == [[0, 2, 4], [1, 3, 5]]
+    assert [stage_ids("ZBVZeroBubble", r, 4, 2) for r in range(4)] == [[0, 7], [1, 6], [2, 5], [3, 4]]
+    assert stage_ids("dualpipev", 0, 2, 2) == [0, 3]  # names match case-insensitively
+    bad = [("1F1B", 0, 2, 2, "1 stage per rank"), ("GPipe", 0, 2, 2, "1 stage per rank"),
+           ("Interleaved1F1B", 0, 2, 1, ">= 2"), ("ZBVZeroBubble", 0, 2, 1, "exactly 2"),
+           ("DualPipeV", 0, 2, 3, "exactly 2"), ("1F1B", 2, 2, 1, r"pp_rank=2 must lie in \[0, pp=2\)"),
+           ("Looped", 0, 2, 1, "unknown pipeline schedule 'Looped'")]
+    for schedule, rank, pp, spr, msg in bad:
+        with pytest.raises(ValueError, match=msg):
+            stage_ids(schedule, rank, pp, spr)
+
+
+def test_microbatch_count_checks():
+    _check_microbatches("Interleaved1F1B", 1, 2, 4)  # torch's flexible interleaving allows fewer
+    _check_microbatches("ZBVZeroBubble", 2, 2, 4)
+    _check_microbatches("GPipe", 1, 4, 4)
+    with pytest.raises(ValueError, match="1F1B with 2 stages on pp=2 ranks needs n_microbatches >= 2, got 1"):
+        _check_microbatches("1F1B", 1, 2, 2)
+    with pytest.raises(ValueError, match="DualPipeV with 4 stages on pp=2 ranks needs n_microbatches >= 4, got 3"):
+        _check_microbatches("DualPipeV", 3, 2, 4)
+    with pytest.raises(ValueError, match="n_microbatches must be >= 1"):
+        _check_microbatches("GPipe", 0, 2, 2)
+
+
+def test_build_stage_modules_keeps_names_and_ends():
+    model = tiny_model()
+    full = dict(model.named_parameters())
+    parts = [build_stage_modules(model, s, 3) for s in range(3)]
+    assert [list(p.layers) for p in parts] == [["0"], ["1", "2"], ["3"]]
+    assert [p.embed_tokens is not None for p in parts] == [True, False, False]
+    assert [p.lm_head is not None and p.norm is not None for p in parts] == [False, False, True]
+    names = [n for p in parts for n, _ in p.named_parameters()]
+    assert sorted(names) == sorted(full)  # every parameter once, under the whole model's name
+    for p in parts:
+        for n, w in p.named_parameters():
+            assert torch.equal(w, full[n]) and w.data_ptr() != full[n].data_ptr()  # copied, not shared
+    assert list(model.layers) == ["0", "1", "2", "3"] and model.lm_head is not None  # source untouched
+    assert sorted(parts[1].moe_layers()) == [1, 2] and parts[0].moe_layers() == {}
+    h = torch.randn(2, 8, model.cfg.hidden_size)
+    assert parts[1](h).shape == h.shape  # a middle stage maps hidden states to hidden states
+
+
+def test_stage_output_guard():
+    """A stage whose output does not match the declared metadata fails loudly, not by a corrupt receive."""
+    part = build_stage_modules(tiny_model(), 0, 2)
+    declared = torch.empty(1, 8, part.cfg.hidden_size, device="meta")
+    part.register_forward_hook(partial(_check_output, declared))
+    part(torch.zeros(1, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"output \(2, 8, 64\) torch.float32 differs from the declared \(1, 8, 64\)"):
+        part(torch.zeros(2, 8, dtype=torch.long))
+
+
+def test_build_stage_modules_rejects_mtp_tied_and_bad_stage():
+    cfg = replace(load_preset("tiny"), num_hidden_layers=2, num_nextn_predict_layers=1)
+    with torch.device("meta"):
+        mtp, tied = Transformer(cfg), Transformer(replace(cfg, num_nextn_predict_layers=0, tie_word_embeddings=True))
+    with pytest.raises(ValueError, match="multi-token prediction .* not supported with pipeline"):
+        build_stage_modules(mtp, 0, 2)
+    assert build_stage_modules(mtp, 0, 1).mtp is not None  # one stage: the whole model, MTP included
+    with pytest.raises(ValueError, match="tie_word_embeddings"):
+        build_stage_modules(tied, 1, 2)
+    with pytest.raises(ValueError, match=r"stage=2 must lie in \[0, n_stages=2\)"):
+        build_stage_modules(tied, 2, 2)
+
+
+if __name__ == "__main__":  # the pipeline worker: rank, file-store path, output folder
+    worker_main(int(sys.argv[1]), sys.argv[2], sys.argv[3])
