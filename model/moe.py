@@ -291,6 +291,8 @@ class MoE(nn.Module):
 
     @torch.no_grad()
     def _record(self, routing: Routing, keep: torch.Tensor | None) -> None:
+        if torch._C._current_graph_task_id() != -1:  # a forward rerun inside backward (activation
+            return  # checkpointing): these tokens were counted when the forward first ran
         self.tokens_per_expert += torch.bincount(routing.indices.flatten(), minlength=self.cfg.n_routed_experts)
         total = routing.indices.numel()
         kept = total if keep is None else int(keep.sum())

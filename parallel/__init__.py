@@ -1,7 +1,8 @@
 """Everything applied to a model to run it at scale. `parallelize` is the one place that wraps the model.
 
 Order (on a model whose weights are initialised whole, or on meta): expert parallelism (shard the expert
-stacks over "ep", install the all-to-all hooks), global balance loads, then FSDP2 per block and the root:
+stacks over "ep", install the all-to-all hooks), tensor + sequence parallelism (parallel/tensor.py),
+global balance loads, then FSDP2 per block and the root:
 dense weights over dp_shard (HSDP with dp_replicate), expert weights over what dp_shard leaves after ep.
 Mixed precision: fp32 master weights, `param_dtype` compute, `reduce_dtype` gradient reductions.
 """
@@ -13,8 +14,10 @@ from torch import nn
 
 from .dims import LayoutError, ParallelDims
 from .expert import apply_ep, reduce_loads_over
+from .recompute import apply_activation_checkpointing, apply_compile
+from .tensor import apply_tp, tp_loss
 
-__all__ = ["LayoutError", "ParallelDims", "parallelize", "dp_mesh", "clip_grad_norm_"]
+__all__ = ["LayoutError", "ParallelDims", "parallelize", "dp_mesh", "clip_grad_norm_", "uses_fsdp", "tp_loss"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -33,23 +36,41 @@ def expert_dp_mesh(mesh):
     return mesh["efsdp"]
 
 
+def uses_fsdp(dims: ParallelDims, pp_schedule: str = "1F1B") -> bool:
+    """FSDP wraps the model whenever it is distributed (with dp == 1 it is only the mixed-precision policy),
+    except under the zero-bubble V schedules, whose split backward (input grads, then weight grads later)
+    FSDP2 does not follow in torch 2.13: measured wrong gradients; those run without FSDP (and dp == 1)."""
+    if dims.pp > 1 and pp_schedule.lower() in ("zbvzerobubble", "dualpipev"):
+        return False
+    return dims.world_size > 1
+
+
 def parallelize(model: nn.Module, mesh, dims: ParallelDims, param_dtype: str = "float32",
-                reduce_dtype: str = "float32", cpu_offload: bool = False) -> nn.Module:
-    """Apply the parallel layout to this process's model (part)."""
-    unsupported = {k: v for k, v in (("tp", dims.tp), ("pp", dims.pp)) if v > 1}
-    if unsupported:
-        raise LayoutError(f"parallel sizes {unsupported} are not implemented yet; this build supports data "
-                          f"(dp_shard, dp_replicate) and expert (ep) parallelism")
+                reduce_dtype: str = "float32", cpu_offload: bool = False, fsdp: bool = True,
+                activation_checkpoint: str = "none", compile: bool = False) -> nn.Module:
+    """Apply the parallel layout to this process's model (part); `fsdp`: see `uses_fsdp`;
+    activation_checkpoint and compile: see parallel/recompute.py."""
     if mesh is None:
+        _recompute_and_compile(model, activation_checkpoint, compile)
         return model
     if dims.ep > 1:
         apply_ep(model, mesh["ep"])
+    if dims.tp > 1:
+        apply_tp(model, mesh["tp"], sequence_parallel=True, loss_parallel=True)
+    _recompute_and_compile(model, activation_checkpoint, compile)  # after TP/EP, before FSDP
     if dims.dp > 1:
         reduce = reduce_loads_over(mesh["dp"].get_group())
         for moe in model.moe_layers().values():
             moe.reduce_counts = reduce
+    if fsdp:
         _fully_shard(model, mesh, dims, param_dtype, reduce_dtype, cpu_offload)
     return model
+
+
+def _recompute_and_compile(model: nn.Module, activation_checkpoint: str, compile: bool) -> None:
+    apply_activation_checkpointing(model, activation_checkpoint)
+    if compile:
+        apply_compile(model)
 
 
 def _fully_shard(model, mesh, dims, param_dtype, reduce_dtype, cpu_offload) -> None:
@@ -72,9 +93,10 @@ def _fully_shard(model, mesh, dims, param_dtype, reduce_dtype, cpu_offload) -> N
         register_fsdp_forward_method(model, "forward_with_mtp")  # the root's params are gathered for it too
 
 
-def clip_grad_norm_(parameters, max_norm: float) -> float:
+def clip_grad_norm_(parameters, max_norm: float, pp_group=None) -> float:
     """Global gradient-norm clipping for a mix of plain tensors and DTensors on different meshes
-    (dense weights on the dp mesh, experts on (efsdp, ep)): one norm per mesh/placement group, combined."""
+    (dense weights on the dp mesh, experts on (efsdp, ep)): one norm per mesh/placement group, combined,
+    then over the pipeline ranks (each holds different layers)."""
     groups: dict = {}
     for p in parameters:
         if p.grad is not None:
@@ -84,10 +106,17 @@ def clip_grad_norm_(parameters, max_norm: float) -> float:
     for group in groups.values():
         norm = torch.nn.utils.get_total_norm([p.grad for p in group], 2.0)
         norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-    if not norms:
-        return 0.0
-    total = torch.stack([n.float() for n in norms]).norm()
+    total = torch.stack([n.float() for n in norms]).norm() if norms else torch.zeros((), device=_device(groups))
+    if pp_group is not None:
+        import torch.distributed as dist
+        total = total.pow(2)
+        dist.all_reduce(total, group=pp_group)
+        total = total.sqrt()
     if max_norm != float("inf"):
         for group in groups.values():
             torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
     return float(total)
+
+
+def _device(groups: dict) -> torch.device | None:
+    return next((p.device for group in groups.values() for p in group), None)

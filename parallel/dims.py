@@ -58,6 +58,15 @@ class ParallelDims:
     def validate_model(self, cfg: ModelConfig) -> None:
         if cfg.num_attention_heads % self.tp:
             raise LayoutError(f"num_attention_heads={cfg.num_attention_heads} is not divisible by tp={self.tp}")
+        if self.tp > 1:
+            from .tensor import check_tp
+            try:
+                check_tp(cfg, self.tp)
+            except ValueError as e:
+                raise LayoutError(str(e)) from None
+        if self.tp > 1 and self.ep > 1:
+            raise LayoutError(f"tp={self.tp} with ep={self.ep} is not supported yet (each is tested alone and with "
+                              f"data/pipeline parallelism); use one of them")
         if self.ep > 1 and cfg.n_routed_experts % self.ep:
             raise LayoutError(f"n_routed_experts={cfg.n_routed_experts} is not divisible by ep={self.ep}")
         if self.ep > 1 and not cfg.n_routed_experts:

@@ -257,13 +257,23 @@ def build_pipeline(model: Transformer, pp_mesh_or_group, schedule: str, n_microb
 
 
 def pipeline_step(schedule, model_parts: list[Transformer], tokens: torch.Tensor | None,
-                  labels: torch.Tensor | None) -> torch.Tensor | None:
-    """One forward+backward over all microbatches; passes tokens/labels only where this rank needs them.
-    Returns the step loss (mean over microbatches, detached) on the rank holding the last stage, else None."""
+                  labels: torch.Tensor | None, backward: bool = True) -> torch.Tensor | None:
+    """One forward+backward over all microbatches (forward only with backward=False); passes tokens/labels
+    only where this rank needs them. Returns the step loss (mean over microbatches, detached) on the rank
+    holding the last stage, else None."""
     has_first = any(part.embed_tokens is not None for part in model_parts)
     has_last = any(part.lm_head is not None for part in model_parts)
     args = (tokens,) if has_first else ()
     losses: list[torch.Tensor] = []
     kwargs = {"target": labels, "losses": losses} if has_last else {}
-    schedule.step(*args, return_outputs=False, **kwargs)
+    if backward:
+        schedule.step(*args, return_outputs=False, **kwargs)
+    else:
+        schedule.eval(*args, return_outputs=False, **kwargs)
     return torch.stack([loss.detach() for loss in losses]).mean() if has_last else None
+
+
+def pipeline_eval(schedule, model_parts: list[Transformer], tokens: torch.Tensor | None,
+                  labels: torch.Tensor | None) -> torch.Tensor | None:
+    """`pipeline_step` without backward (validation)."""
+    return pipeline_step(schedule, model_parts, tokens, labels, backward=False)

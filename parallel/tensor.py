@@ -7,21 +7,25 @@ Activation layout. The residual stream between blocks is a DTensor: sharded on t
 sequence parallelism, replicated without. Keeping it a DTensor (not a local tensor) matters: the model reads
 the sequence length from `h.shape[1]` for RoPE, and a DTensor reports the global shape. Each block:
 
-  norm (sequence-parallel) -> all-gather -> MLA with heads sharded -> reduce-scatter (o_proj) -> residual
-  norm (sequence-parallel) -> all-gather -> MLP / MoE                  -> reduce-scatter          -> residual
+  norm (sequence-parallel) -> all-gather -> MLA, heads sharded      -> reduce-scatter (o_proj)    -> residual
+  norm (sequence-parallel) -> all-gather -> dense MLP, Megatron-style -> reduce-scatter (down_proj) -> residual
+                                          -> MoE: router + routed experts on all tokens, shared experts
+                                             tensor-parallel (all-reduce) -> keep this rank's tokens -> residual
 
 Gradients come out exact because every module that mixes ranks' contributions runs in DTensor land, where
 the backward of an all-gather is a reduce-scatter and partial gradients are summed before use. The few places
 that compute on local tensors (the routed experts, the router's outputs) compute the *same* full values on
 every tp rank, so their gradients are replicated, not partial (see `_moe_plan`).
 
-Not covered: `Transformer.decode` (generation) under TP; parameters that are already DTensors (routed experts
-sharded by expert parallelism) are left on their own mesh.
+Limits. Every tp rank runs the routed experts on all tokens of its data-parallel batch (TP does not split
+them; expert parallelism does): apply expert parallelism first (parameters that are already DTensors are
+left on their mesh), over ranks that do not include tp. Token dropping (capacity_factor) draws `torch.rand`,
+so the RNG must be seeded alike on the ranks of a tp group. `Transformer.decode` (generation) is not covered.
+On CPU, `apply_tp` registers DTensor sharding rules for the CPU flash-attention kernel (torch ships rules for
+the CUDA ones only).
 """
 
 from __future__ import annotations
-
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -258,7 +262,7 @@ def _root_plan(seq: Placement, loss_parallel_on: bool) -> list[tuple[str, Parall
                                                          use_local_output=False)))
     plan += [("norm", _norm_style(seq)),
              ("lm_head", GatheredInput()),
-             ("lm_head", ColwiseParallel( output_layouts=Shard(-1) if loss_parallel_on else Replicate(),
+             ("lm_head", ColwiseParallel(output_layouts=Shard(-1) if loss_parallel_on else Replicate(),
                                          use_local_output=not loss_parallel_on))]
     return plan
 
@@ -278,7 +282,8 @@ def check_tp(cfg: ModelConfig, tp: int) -> None:
         sizes["moe_intermediate_size * n_shared_experts"] = cfg.moe_intermediate_size * cfg.n_shared_experts
     bad = {k: v for k, v in sizes.items() if v % tp}
     if bad:
-        raise ValueError(f"tensor parallelism tp={tp} must divide " + ", ".join(f"model.{k}={v}" for k, v in bad.items()))
+        named = ", ".join(f"model.{k}={v}" for k, v in bad.items())
+        raise ValueError(f"tensor parallelism tp={tp} must divide {named}")
 
 
 def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = True, loss_parallel: bool = True) -> None:
@@ -296,18 +301,35 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = Tr
                          "row-wise and the output head column-wise as separate parameters)")
     _register_cpu_attention_sharding()
     seq = Shard(1) if sequence_parallel else Replicate()
-    _parallelize(model, tp_mesh, [(k, v) for k, v in _root_plan(seq, loss_parallel) if getattr(model, k, None) is not None])
+    present = [(k, v) for k, v in _root_plan(seq, loss_parallel) if getattr(model, k, None) is not None]
+    _parallelize(model, tp_mesh, present)  # a pipeline stage may lack the embedding or the head
     for block in model.layers.values():
         _parallelize(block, tp_mesh, _block_plan(block, seq))
     for module in model.mtp or []:
         _parallelize(module, tp_mesh, _mtp_plan(seq))
         _parallelize(module.block, tp_mesh, _block_plan(module.block, seq))
+    _stage_io(model, tp_mesh, seq)
     plain = [n for n, p in model.named_parameters() if not isinstance(p, DTensor)]
     if plain:
         raise ValueError(f"apply_tp left parameters without a tensor-parallel plan: {plain}")
     for param in model.parameters():
         if param.requires_grad and param.device_mesh == tp_mesh:
             param.register_post_accumulate_grad_hook(_grad_to_param_layout)
+
+
+def _stage_io(model: nn.Module, mesh: DeviceMesh, seq: Placement) -> None:
+    """Pipeline stages exchange plain local tensors: a stage without the embedding takes this rank's part of
+    the hidden states ([B, T/tp, D] with sequence parallelism, [B, T, D] without) and wraps it as a `seq`
+    DTensor (so RoPE sees the global length); a stage without the head returns its local part."""
+    if model.embed_tokens is None:
+        def wrap(mod, args):
+            x = args[0]
+            if isinstance(x, DTensor) or not x.is_floating_point():
+                return args
+            return (DTensor.from_local(x, mesh, [seq], run_check=False), *args[1:])
+        model.register_forward_pre_hook(wrap)
+    if model.lm_head is None:
+        model.register_forward_hook(lambda mod, args, out: out.to_local() if isinstance(out, DTensor) else out)
 
 
 def _grad_to_param_layout(param: DTensor) -> None:

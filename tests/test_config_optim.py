@@ -57,11 +57,12 @@ def test_layout_checked_against_model():
     assert ParallelDims.resolve(world_size=8, dp_replicate=2).dp_shard == 4
 
 
-def test_unbuilt_parallelism_is_refused_not_ignored():
-    from parallel import parallelize
-    dims = ParallelDims.resolve(world_size=2, tp=2)
-    with pytest.raises(LayoutError, match=r"parallel sizes \{'tp': 2\} are not implemented yet"):
-        parallelize(Transformer(load_preset("tiny")), None, dims)
+def test_device_limited_routing_needs_groups_aligned_with_ep_ranks():
+    import dataclasses
+    cfg = dataclasses.replace(load_preset("tiny"), n_routed_experts=12, n_group=4)
+    with pytest.raises(LayoutError, match="n_group=4 and ep=6: one must divide the other"):
+        ParallelDims.resolve(world_size=6, ep=6).validate_model(cfg)
+    ParallelDims.resolve(world_size=2, ep=2).validate_model(cfg)  # 2 groups per rank: fine
 
 
 def test_weight_decay_skips_norms_and_embedding():

@@ -182,10 +182,11 @@ def reference_windows(ds: TokenDataset, seed: int, count: int) -> torch.Tensor:
 
 
 def global_batches(loaders: list[TokenLoader], steps: int) -> list[torch.Tensor]:
-    """Each step's windows (inputs + last label) over all ranks, in rank and micro-batch order."""
+    """Each step's windows (inputs + last label) over all ranks, micro-step by micro-step, ranks within one."""
     out = []
     for _ in range(steps):
-        mbs = [mb for loader in loaders for mb in loader.next_batch()]
+        per_rank = [loader.next_batch() for loader in loaders]
+        mbs = [rank[j] for j in range(len(per_rank[0])) for rank in per_rank]
         out.append(torch.cat([torch.cat([x, y[:, -1:]], dim=1) for x, y in mbs]))
     return out
 

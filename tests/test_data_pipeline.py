@@ -115,8 +115,9 @@ def test_ranks_split_the_same_global_batch(dataset):
     steps = epoch_steps + 3  # crosses into the second epoch
     single = global_batches(TokenLoader(dataset, 9, 8, 2), steps)
     ranks = [global_batches(TokenLoader(dataset, 9, 8, 2, dp_rank=r, dp_world=2), steps) for r in range(2)]
-    for s in range(steps):
-        assert torch.equal(torch.cat([ranks[0][s], ranks[1][s]]), single[s])
+    for s in range(steps):  # micro-step j of the global batch = rank 0's micro-batch j, then rank 1's
+        interleaved = [mb for pair in zip(ranks[0][s].split(2), ranks[1][s].split(2)) for mb in pair]
+        assert torch.equal(torch.cat(interleaved), single[s])
     assert not torch.equal(single[0], single[epoch_steps])  # a new epoch is reshuffled
     x, y = TokenLoader(dataset, 9, 8, 2).next_batch()[0]
     assert torch.equal(x[:, 1:], y[:, :-1]) and x.shape == (2, 9)
@@ -131,7 +132,8 @@ def test_loader_resume_is_exact_across_layouts(dataset):
     assert all(torch.equal(a, b) for a, b in zip(global_batches(resumed, 6), straight[4:]))
     single = TokenLoader(dataset, 9, 8, 4)  # same position, now one rank with bigger micro-batches
     single.load_state_dict(first.state_dict())
-    assert torch.equal(global_batches(single, 1)[0][:4], straight[4])
+    # rank 0 of 2 (micro-batch 2) holds micro-steps' first halves: rows 0-1 and 4-5 of the one-rank batch
+    assert torch.equal(global_batches(single, 1)[0][[0, 1, 4, 5]], straight[4])
 
 
 def test_validation_batches_are_fixed(dataset):

@@ -27,12 +27,28 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 log = logging.getLogger(__name__)
 PREFIX = "step_"
 # a single-process run saves without a process group on purpose
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+
+# optimizer state keyed by parameter name (not by position), merged over the model parts a rank holds:
+# any layout (a different split into pipeline stages, data/expert sharding) reads the same keys back
+_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+_LOAD_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True, strict=False)
+
+
+def merged_state(parts, optimizers) -> dict[str, dict]:
+    """{"model": ..., "optim": ...} over every (model part, its optimizer) of this rank."""
+    state: dict[str, dict] = {"model": {}, "optim": {}}
+    for part, opt in zip(parts, optimizers):
+        model_sd, optim_sd = get_state_dict(part, opt, options=_OPTIONS)
+        state["model"].update(model_sd)
+        state["optim"].update(optim_sd)
+    return state
 
 
 def _rank() -> int:
@@ -89,7 +105,7 @@ class Checkpointer:
         self.last_step: int | None = None  # the step of the newest save (or load) of this run
 
     # ------------------------------------------------------------------------------------------ save
-    def save(self, step: int, model, optimizer, train_state: dict[str, Any]) -> None:
+    def save(self, step: int, parts, optimizers, train_state: dict[str, Any]) -> None:
         """Write checkpoint `step`; publish it now (sync) or once its background write finished (async)."""
         self.wait()
         self.last_step = step
@@ -101,8 +117,7 @@ class Checkpointer:
             (tmp / "train_state.json").write_text(json.dumps(train_state, indent=1, default=str))
         _barrier()
         torch.save(rng_state(), tmp / "rng" / f"rank_{_rank()}.pt")
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
+        state = merged_state(parts, optimizers)
         if self.async_save:
             self._pending = (dcp.async_save(state, checkpoint_id=str(tmp)), tmp, final)
         else:
@@ -131,11 +146,11 @@ class Checkpointer:
             shutil.rmtree(old, ignore_errors=True)
 
     # ------------------------------------------------------------------------------------------ load
-    def load_latest(self, model, optimizer) -> dict[str, Any] | None:
+    def load_latest(self, parts, optimizers) -> dict[str, Any] | None:
         """Load the newest checkpoint that loads on every rank; None when there is none at all."""
         candidates = published(self.root)
         for path in candidates:
-            state = self._try_load(path, model, optimizer)
+            state = self._try_load(path, parts, optimizers)
             if _all_ok(state is not None):
                 log.info("resumed from %s", path)
                 self.last_step = state["step"]
@@ -155,15 +170,16 @@ class Checkpointer:
                 continue
         return None
 
-    def _try_load(self, path: Path, model, optimizer) -> dict[str, Any] | None:
+    def _try_load(self, path: Path, parts, optimizers) -> dict[str, Any] | None:
         try:
             train_state = json.loads((path / "train_state.json").read_text())
             if not (path / ".metadata").is_file():
                 raise FileNotFoundError(path / ".metadata")
-            model_sd, optim_sd = get_state_dict(model, optimizer)
-            state = {"model": model_sd, "optim": optim_sd}
+            state = merged_state(parts, optimizers)
             dcp.load(state, checkpoint_id=str(path))
-            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+            for part, opt in zip(parts, optimizers):
+                set_state_dict(part, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                               options=_LOAD_OPTIONS)
             rng_file = path / "rng" / f"rank_{_rank()}.pt"
             if rng_file.is_file():
                 set_rng_state(torch.load(rng_file, weights_only=False))

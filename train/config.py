@@ -60,6 +60,8 @@ class ParallelConfig:
     pp_microbatches: int = 0  # 0: one per micro-batch of the step
     pp_stages_per_rank: int = 1
     cpu_offload: bool = False
+    activation_checkpoint: str = "none"  # none | full | selective (RMSNorms + MLA up-projections, as DeepSeek-V3)
+    compile: bool = False  # torch.compile each block
 
 
 @dataclass
@@ -181,6 +183,13 @@ def validate(cfg: RunConfig) -> None:
     for key in ("dp_replicate", "tp", "ep", "pp", "pp_stages_per_rank"):
         _require(getattr(p, key) >= 1, f"parallel.{key} must be >= 1, got {getattr(p, key)}")
     _require(p.dp_shard == -1 or p.dp_shard >= 1, f"parallel.dp_shard must be >= 1 or -1 (auto), got {p.dp_shard}")
+    _require(p.activation_checkpoint in ("none", "full", "selective"),
+             f"parallel.activation_checkpoint must be none, full or selective, got {p.activation_checkpoint!r}")
+    schedules = ("1F1B", "GPipe", "Interleaved1F1B", "ZBVZeroBubble", "DualPipeV")
+    _require(p.pp_schedule.lower() in [s.lower() for s in schedules],
+             f"parallel.pp_schedule must be one of {', '.join(schedules)}, got {p.pp_schedule!r}")
+    _require(p.pp_microbatches >= 0, f"parallel.pp_microbatches must be >= 0 (0: one per micro-batch), got "
+                                     f"{p.pp_microbatches}")
 
 
 def to_dict(cfg: RunConfig) -> dict:

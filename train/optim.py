@@ -49,3 +49,32 @@ def lr_factor(step: int, total: int, cfg: OptimConfig) -> float:
 
 def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, cfg))
+
+
+class PartOptimizers:
+    """One AdamW and one lr schedule per model part (a rank holds several parts under pipeline
+    parallelism: its stages), stepped together. One optimizer per part keeps every optimizer's state keyed
+    by its part's parameter names, which is what makes checkpoints layout-independent."""
+
+    def __init__(self, parts: list[nn.Module], cfg: OptimConfig, total_steps: int):
+        self.optimizers = [build_optimizer(part, cfg) for part in parts]
+        self.schedulers = [build_scheduler(opt, cfg, total_steps) for opt in self.optimizers]
+
+    def step(self) -> None:
+        for opt, sched in zip(self.optimizers, self.schedulers):
+            opt.step()
+            sched.step()
+
+    def zero_grad(self) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+
+    def last_lr(self) -> float:
+        return self.schedulers[0].get_last_lr()[0]
+
+    def scheduler_state(self) -> dict:
+        return self.schedulers[0].state_dict()  # the same schedule for every part
+
+    def load_scheduler_state(self, state: dict) -> None:
+        for sched in self.schedulers:
+            sched.load_state_dict(state)

@@ -24,14 +24,15 @@ import yaml
 
 from model import Transformer
 from model.analysis import param_counts, training_flops_per_token
-from parallel import ParallelDims, clip_grad_norm_, parallelize
+from parallel import LayoutError, ParallelDims, clip_grad_norm_, parallelize, tp_loss, uses_fsdp
+from parallel.pipeline import build_pipeline, pipeline_eval, pipeline_step
 
 from .checkpoint import Checkpointer
 from .config import ConfigError, RunConfig, to_dict
 from .data.builtin import builtin_dataset
 from .data.loader import TokenDataset, TokenLoader
 from .metrics import MetricsWriter, format_progress, max_vio
-from .optim import build_optimizer, build_scheduler
+from .optim import PartOptimizers
 
 log = logging.getLogger("train")
 META_INIT_PARAMS = 2e9  # above this, build on the meta device and initialise shards in place
@@ -97,6 +98,11 @@ def all_mean(x: torch.Tensor, world: int, group=None) -> torch.Tensor:
     return x
 
 
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy in fp32."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+
+
 # --------------------------------------------------------------------------------------------- the trainer
 class Trainer:
     def __init__(self, cfg: RunConfig):
@@ -111,6 +117,17 @@ class Trainer:
         self.dp_group = self.mesh["dp"].get_group() if self.mesh is not None else None
         self.dp_rank = self.mesh["dp"].get_local_rank() if self.mesh is not None else 0
         self.dp_world = self.dims.dp
+        self.pp_group = self.mesh["pp"].get_group() if self.mesh is not None and self.dims.pp > 1 else None
+        self.pipeline = None  # the pipeline schedule when pp > 1
+        self.fsdp = uses_fsdp(self.dims, cfg.parallel.pp_schedule)
+        self.loss_fn = tp_loss if self.dims.tp > 1 else lm_loss  # vocab-parallel logits under tp
+        if cfg.data.seq_len % self.dims.tp:
+            raise LayoutError(f"sequence parallelism splits data.seq_len={cfg.data.seq_len} over tp={self.dims.tp}: "
+                              f"it must divide")
+        if self.env.world > 1 and not self.fsdp and (self.dims.dp > 1 or cfg.precision.name != "fp32"):
+            raise LayoutError(f"pp_schedule={cfg.parallel.pp_schedule} runs without FSDP in this build, so it needs "
+                              f"dp=1 and precision fp32 (got dp={self.dims.dp}, precision {cfg.precision.name}); "
+                              f"use 1F1B or Interleaved1F1B")
         self.step = 0
         self._stop_signal: int | None = None
         self._kill_at = int(os.environ.get("DSV2_TEST_KILL_AT_STEP", "-1"))
@@ -122,9 +139,8 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         torch.manual_seed(cfg.train.seed)
-        self.model = self._build_model()
-        self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
+        self.parts = self._build_model()
+        self.optimizers = PartOptimizers(self.parts, cfg.optim, cfg.train.steps)
         self._build_data()
         self.checkpointer = Checkpointer(self.out / "checkpoints", cfg.checkpoint.keep, cfg.checkpoint.async_save)
         resumed = self._resume() if cfg.checkpoint.load else None
@@ -133,20 +149,46 @@ class Trainer:
         self.peak_flops = peak_tflops(cfg, self.env.device) * 1e12
         self._install_signal_handlers()
 
-    def _build_model(self) -> Transformer:
+    def _build_model(self) -> list[Transformer]:
+        """This rank's model parts: the whole model, or its pipeline stages; parallelised and initialised."""
         cfg, env = self.cfg, self.env
         big = param_counts(cfg.model).total > META_INIT_PARAMS
         with torch.device("meta" if big else "cpu"):
             model = Transformer(cfg.model)
-        if not big:  # identical weights whatever the layout: initialise whole, then shard
+        if not big:  # identical weights whatever the layout: initialise whole, then split and shard
             model.init_weights(seed=cfg.train.seed)
             model.to(env.device)
-        model = parallelize(model, self.mesh, self.dims, cfg.precision.param_dtype, cfg.precision.reduce_dtype,
-                            cfg.parallel.cpu_offload)
+        parts = [model]
+        if self.dims.pp > 1:
+            self.pipeline, parts = self._build_pipeline(model)
+        parts = [parallelize(part, self.mesh, self.dims, cfg.precision.param_dtype, cfg.precision.reduce_dtype,
+                             cfg.parallel.cpu_offload, self.fsdp, cfg.parallel.activation_checkpoint,
+                             cfg.parallel.compile) for part in parts]
         if big:
-            model.to_empty(device=env.device)
-            model.init_weights()
-        return model.train()
+            for part in parts:
+                part.to_empty(device=env.device)
+                part.init_weights()
+        return [part.train() for part in parts]
+
+    def _build_pipeline(self, model: Transformer):
+        cfg = self.cfg
+        local_batch = cfg.train.global_batch_size // self.dp_world
+        n_micro = cfg.parallel.pp_microbatches or local_batch // cfg.train.micro_batch_size
+        if local_batch % n_micro:
+            raise ConfigError(f"parallel.pp_microbatches={n_micro} must divide the per-rank batch "
+                              f"global_batch_size/dp = {cfg.train.global_batch_size}/{self.dp_world} = {local_batch}")
+        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.precision.param_dtype, torch.float32)
+        try:
+            return build_pipeline(model, self.mesh["pp"], cfg.parallel.pp_schedule, n_micro,
+                                  cfg.parallel.pp_stages_per_rank, self.loss_fn, self.env.device,
+                                  microbatch_size=local_batch // n_micro, seq_len=cfg.data.seq_len,
+                                  activation_dtype=dtype)
+        except ValueError as e:
+            raise ConfigError(f"pipeline: {e}") from None
+
+    def moe_layers(self) -> dict:
+        """This rank's MoE layers (over all its model parts) by global layer index."""
+        return {i: m for part in self.parts for i, m in part.moe_layers().items()}
 
     def _build_data(self) -> None:
         cfg = self.cfg
@@ -163,11 +205,11 @@ class Trainer:
 
     def _resume(self) -> int | None:
         self._check_same_model()  # before loading: a different model would otherwise look like corruption
-        state = self.checkpointer.load_latest(self.model, self.optimizer)
+        state = self.checkpointer.load_latest(self.parts, self.optimizers.optimizers)
         if state is None:
             return None
         self.step = state["step"]
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.optimizers.load_scheduler_state(state["scheduler"])
         self.loader.load_state_dict(state["loader"])
         log.info("resuming at step %d", self.step)
         return self.step
@@ -190,60 +232,99 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ the step
     def autocast(self):
-        if self.cfg.precision.name == "bf16" and self.env.world == 1:  # FSDP casts by its policy instead
+        if self.cfg.precision.name == "bf16" and not self.fsdp:  # FSDP casts by its policy instead
             return torch.autocast(self.env.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def loss(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        mcfg = self.cfg.model
+        mcfg, model = self.cfg.model, self.parts[0]
         with self.autocast():
             if mcfg.num_nextn_predict_layers == 0:
-                return F.cross_entropy(self.model(inputs).float().flatten(0, 1), labels.flatten())
-            logits, mtp = self.model.forward_with_mtp(inputs)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+                return self.loss_fn(model(inputs), labels)
+            logits, mtp = model.forward_with_mtp(inputs)
+        loss = self.loss_fn(logits, labels)
         for k, lg in enumerate(mtp, start=1):  # depth k predicts labels shifted by k more
-            loss = loss + mcfg.mtp_loss_weight / len(mtp) * F.cross_entropy(lg.float().flatten(0, 1),
-                                                                            labels[:, k:].flatten())
+            loss = loss + mcfg.mtp_loss_weight / len(mtp) * self.loss_fn(lg, labels[:, k:])
         return loss
 
     def train_step(self, micro_batches) -> dict:
+        total = self._pipeline_loss(micro_batches) if self.pipeline else self._accumulate(micro_batches)
+        moe = self._moe_step()
+        grad_norm = self._clip()
+        self.optimizers.step()
+        self.optimizers.zero_grad()
+        return {"loss": all_mean(total, self.dp_world, self.dp_group).item(), "grad_norm": grad_norm, **moe}
+
+    def _accumulate(self, micro_batches) -> torch.Tensor:
+        """Forward/backward of each micro-batch in turn (gradient accumulation); the mean loss."""
         n = len(micro_batches)
-        self.model.set_aux_loss_scale(1.0 / n)  # balance losses get the same 1/n as the LM loss
+        self.parts[0].set_aux_loss_scale(1.0 / n)  # balance losses get the same 1/n as the LM loss
         total = torch.zeros((), device=self.env.device)
         for inputs, labels in micro_batches:
             loss = self.loss(inputs.to(self.env.device), labels.to(self.env.device))
             (loss / n).backward()
             total += loss.detach() / n
-        moe = self._moe_step()
-        grad_norm = self._clip()
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": all_mean(total, self.dp_world, self.dp_group).item(), "grad_norm": grad_norm, **moe}
+        return total
+
+    def _pipeline_loss(self, micro_batches, train: bool = True) -> torch.Tensor:
+        """The step's whole local batch through the pipeline schedule; the mean loss on every pp rank."""
+        inputs = torch.cat([x for x, _ in micro_batches]).to(self.env.device)
+        labels = torch.cat([y for _, y in micro_batches]).to(self.env.device)
+        with self.autocast():
+            if train:
+                loss = pipeline_step(self.pipeline, self.parts, inputs, labels)
+            else:
+                loss = pipeline_eval(self.pipeline, self.parts, inputs, labels)
+        total = torch.zeros((), device=self.env.device) if loss is None else loss.float()
+        dist.all_reduce(total, group=self.pp_group)  # only the last stage's rank holds the loss
+        return total
 
     def _clip(self) -> float:
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        return clip_grad_norm_(self.model.parameters(), max_norm)
+        params = [p for part in self.parts for p in part.parameters()]
+        return clip_grad_norm_(params, max_norm, self.pp_group)
+
+    def _moe_ids(self) -> list[int]:
+        """Global indices of every MoE layer of the model (MTP depths follow the last layer)."""
+        mcfg = self.cfg.model
+        return [i for i in range(mcfg.num_hidden_layers + mcfg.num_nextn_predict_layers) if mcfg.is_moe_layer(i)]
+
+    def _gather_layers(self, rows: dict[int, torch.Tensor], width: int) -> torch.Tensor:
+        """(all MoE layers, width): this rank's rows in place, summed over pipeline ranks (each layer lives
+        on one stage)."""
+        ids = self._moe_ids()
+        full = torch.zeros(len(ids), width, device=self.env.device)
+        for i, row in rows.items():
+            full[ids.index(i)] = row.float()
+        if self.pp_group is not None:
+            dist.all_reduce(full, group=self.pp_group)
+        return full
 
     @torch.no_grad()
     def _moe_step(self) -> dict:
         """Global expert loads (summed over data-parallel ranks) -> bias update, balance metrics; reset."""
-        layers = self.model.moe_layers()
-        if not layers:
+        layers = self.moe_layers()
+        ids = self._moe_ids()
+        if not ids:
             return {}
-        counts = torch.stack([m.tokens_per_expert for m in layers.values()])  # (L, E)
-        dropped = torch.stack([m.dropped for m in layers.values()]).sum(0)
+        names = [n for n, a in (("expert", "aux_loss_alpha"), ("device", "device_aux_loss_alpha"),
+                                ("comm", "comm_aux_loss_alpha"), ("seq", "seq_aux_loss_alpha"))
+                 if getattr(self.cfg.model, a) > 0]
+        e = self.cfg.model.n_routed_experts
+        rows = {i: torch.cat([m.tokens_per_expert, m.dropped,
+                              torch.stack([m.aux_values.get(n, torch.zeros(())).float() for n in names])
+                              if names else torch.zeros(0)]) for i, m in layers.items()}
+        full = self._gather_layers(rows, e + 2 + len(names))
+        stats = full[:, : e + 2].contiguous()
         if self.dp_world > 1:  # every data-parallel rank routed different tokens
-            dist.all_reduce(counts, group=self.dp_group)
-            dist.all_reduce(dropped, group=self.dp_group)
-        aux: dict[str, float] = {}
-        for row, m in zip(counts, layers.values()):
-            m.update_expert_bias(row)
-            for name, value in m.aux_values.items():
-                aux[f"aux/{name}"] = aux.get(f"aux/{name}", 0.0) + float(value)
+            dist.all_reduce(stats, group=self.dp_group)
+        counts, dropped = stats[:, :e], stats[:, e:].sum(0)
+        for i, m in layers.items():
+            m.update_expert_bias(counts[ids.index(i)])
             m.reset_stats()
+        aux = {f"aux/{n}": float(full[:, e + 2 + k].sum()) for k, n in enumerate(names)}
         loads = counts / counts.sum(-1, keepdim=True).clamp_min(1)
-        self._last_loads = (loads.cpu(), list(layers))
+        self._last_loads = (loads.cpu(), ids)
         return {"max_vio": max_vio(loads), "dropped_fraction": float(dropped[0] / dropped[1].clamp_min(1)), **aux}
 
     # ------------------------------------------------------------------------------------------ the loop
@@ -288,22 +369,24 @@ class Trainer:
     def _save(self) -> None:
         if self.checkpointer.last_step == self.step:
             return
-        state = {"step": self.step, "scheduler": self.scheduler.state_dict(), "loader": self.loader.state_dict(),
-                 "config": to_dict(self.cfg)}
-        self.checkpointer.save(self.step, self.model, self.optimizer, state)
+        state = {"step": self.step, "scheduler": self.optimizers.scheduler_state(),
+                 "loader": self.loader.state_dict(), "config": to_dict(self.cfg)}
+        self.checkpointer.save(self.step, self.parts, self.optimizers.optimizers, state)
 
     def _log(self, result: dict, step_time: float, tokens_per_step: int, start: int, t0: float) -> None:
         tps = tokens_per_step / step_time
         mfu = self.flops_per_token * tps / (self.peak_flops * self.env.world)
-        record = {"step": self.step, "loss": result["loss"], "lr": self.scheduler.get_last_lr()[0],
+        record = {"step": self.step, "loss": result["loss"], "lr": self.optimizers.last_lr(),
                   "grad_norm": result["grad_norm"], "tokens_per_sec": tps, "mfu": mfu, "step_time": step_time,
                   "peak_mem_gb": peak_memory_gb(self.env.device)}
         record.update({k: v for k, v in result.items() if k not in record})
         self.metrics.log(self.step, record)
         if self.step % self.cfg.log.moe_every == 0 and hasattr(self, "_last_loads"):
             loads, ids = self._last_loads
-            biases = [m.gate.expert_bias for m in self.model.moe_layers().values()]
-            bias = torch.stack(biases).cpu() if self.cfg.model.aux_loss_free_bias else None
+            bias = None
+            if self.cfg.model.aux_loss_free_bias:
+                local = {i: m.gate.expert_bias for i, m in self.moe_layers().items()}
+                bias = self._gather_layers(local, self.cfg.model.n_routed_experts).cpu()
             self.metrics.log_moe(self.step, loads, ids, bias)
         if self.env.rank == 0:
             # scale this session's elapsed time as if it covered all `step` steps, so the ETA after a
@@ -313,12 +396,21 @@ class Trainer:
 
     @torch.no_grad()
     def _validate(self) -> None:
-        self.model.eval()
-        batches = self.val_loader.val_batches(self.cfg.data.val_batches, self.cfg.train.micro_batch_size)
-        losses = [self.loss(x.to(self.env.device), y.to(self.env.device)) for x, y in batches]
-        for m in self.model.moe_layers().values():
+        for part in self.parts:
+            part.eval()
+        # held-out batches of the training step's size, whatever the layout; each is the mean of its micro-batches
+        local = self.cfg.train.global_batch_size // self.dp_world
+        batches = self.val_loader.val_batches(self.cfg.data.val_batches, local)
+        if self.pipeline is not None:
+            losses = [self._pipeline_loss([b], train=False) for b in batches]
+        else:
+            mb = self.cfg.train.micro_batch_size
+            losses = [torch.stack([self.loss(x.to(self.env.device), y.to(self.env.device))
+                                   for x, y in zip(xs.split(mb), ys.split(mb))]).mean() for xs, ys in batches]
+        for m in self.moe_layers().values():
             m.reset_stats()  # validation routing is not training load
-        self.model.train()
+        for part in self.parts:
+            part.train()
         if not losses:
             return
         val = all_mean(torch.stack(losses).mean(), self.dp_world, self.dp_group).item()

@@ -3,9 +3,12 @@
 The stream is defined globally, independent of the parallel layout: every sample of `chunk_len` tokens
 gives `chunk_len // (seq_len + 1)` windows (kept in order); an epoch visits the samples in a permutation
 seeded by (seed, epoch); optimizer step s consumes global windows [s*G, (s+1)*G), continuing into the next
-epoch's permutation without a seam; data-parallel rank r takes the contiguous slice [r*G/W, (r+1)*G/W).
-So the concatenation over ranks of a step's batch is the same for any W, and the loader's state is one
-integer (steps consumed), valid under any layout.
+epoch's permutation without a seam. A step is a sequence of micro-steps of W*mb windows (W data-parallel
+ranks, mb per micro-batch); in micro-step j, rank r takes windows [j*W*mb + r*mb, j*W*mb + (r+1)*mb) of the
+step. So the concatenation over ranks of each micro-step is one contiguous chunk of the global batch: the
+same tokens a single process with micro-batch W*mb sees in its micro-step j (what makes loads summed over
+ranks, and so the balance losses, equal across layouts). The loader's state is one integer (steps
+consumed), valid under any layout.
 """
 
 from __future__ import annotations
@@ -159,10 +162,11 @@ class TokenLoader:
         """This rank's micro-batches (inputs [mb, T], labels [mb, T]) of the next optimizer step."""
         if len(self.ds) == 0:
             raise DataError(f"{self.ds.root}: split {self.ds.split!r} has no samples")
-        local = self.G // self.world
-        first = self.steps * self.G + self.rank * local
+        chunk = self.world * self.mb  # one micro-step over all ranks
+        base = self.steps * self.G + self.rank * self.mb
         self.steps += 1
-        return self._split(self._rows(first, local, shuffle=True), self.mb)
+        return self._split(torch.cat([self._rows(base + j * chunk, self.mb, shuffle=True)
+                                      for j in range(self.G // chunk)]), self.mb)
 
     def val_batches(self, n_batches: int, batch_size: int) -> Batch:
         """The same held-out batches on every call: windows in file order; global batch b (batch_size per rank)

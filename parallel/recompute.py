@@ -1,0 +1,63 @@
+"""Activation checkpointing and per-block torch.compile.
+
+Modes (`parallel.activation_checkpoint`):
+  none       keep every activation.
+  full       recompute each whole block (attention + MLP/MoE) in backward; only block inputs are kept.
+  selective  DeepSeek-V3's choice: recompute every RMSNorm and the MLA up-projections (q_b_proj /
+             q_proj, kv_b_proj) in backward, whose outputs are large (heads x head_dim per token) and
+             cheap to recompute; everything else is kept.
+
+The forwards are replaced on the module instances, not wrapped in new modules, so parameter names (and
+so checkpoints) are unchanged. Recomputation reruns a MoE layer's forward inside backward: the MoE skips
+its load statistics there (see `MoE._record`), and the expert all-to-alls run again, in the same order on
+every rank (the backward order).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+MODES = ("none", "full", "selective")
+
+
+def _recompute(module: nn.Module) -> None:
+    forward = module.forward
+
+    @functools.wraps(forward)
+    def recomputed(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    module.forward = recomputed
+
+
+def _selective_targets(block: nn.Module) -> list[nn.Module]:
+    from model.layers import RMSNorm
+
+    attn = block.self_attn
+    ups = [getattr(attn, name) for name in ("q_b_proj", "q_proj", "kv_b_proj") if hasattr(attn, name)]
+    return [m for m in block.modules() if isinstance(m, RMSNorm)] + ups
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
+    """In place, on every block of this model (part), MTP blocks included."""
+    if mode not in MODES:
+        raise ValueError(f"activation_checkpoint={mode!r}; expected one of {MODES}")
+    if mode == "none":
+        return
+    blocks = list(model.layers.values()) + [m.block for m in getattr(model, "mtp", None) or []]
+    for block in blocks:
+        for module in ([block] if mode == "full" else _selective_targets(block)):
+            _recompute(module)
+
+
+def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
+    """torch.compile each block (the routed-expert grouped GEMMs stay eager: see model.moe.grouped_mm)."""
+    blocks = list(model.layers.values()) + [m.block for m in getattr(model, "mtp", None) or []]
+    for block in blocks:
+        block.compile(backend=backend)

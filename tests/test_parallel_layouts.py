@@ -1,0 +1,97 @@
+"""Every parallel layout trains like one process: the real entry point under torchrun (gloo, 2-4 processes)
+against a single-process run on the same global batch, fp32, balance losses and the expert-bias update on.
+
+The balance losses use expert loads summed over the data-parallel ranks, so the single-process reference
+runs each micro-step of all data-parallel ranks as one micro-batch: micro_batch_size = dp * per-rank
+micro-batch. Compared: every step's loss (rtol 1e-5) and gradient norm (rtol 1e-4) and the parameters
+after the last step, read back from the final checkpoints (rtol 1e-4). AdamW runs with eps=1e-3: with the
+default 1e-8 its update g/(|g|+eps) is blind to a gradient's scale and turns last-bit differences of
+near-zero gradients (summed in another order) into whole-lr steps (measured: single elements off by 7e-5);
+with eps=1e-3 the update is proportional to the gradient, so a wrong gradient shows in the weights.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from test_train import base_args, dataset, metrics, train  # noqa: F401  (dataset is a fixture)
+
+STEPS = 3
+BALANCE = {"model.aux_loss_free_bias": "true", "model.seq_aux_loss_alpha": 0.001, "data.seq_len": 32,
+           "optim.eps": 1e-3, "optim.lr": 1e-2}
+
+
+def final_params(out: Path, tmp: Path) -> dict[str, torch.Tensor]:
+    """The model weights of a run's newest checkpoint, whole, whatever layout wrote them."""
+    ckpt = sorted((out / "checkpoints").glob("step_*"))[-1]
+    dest = tmp / f"{out.name}.pt"
+    dcp_to_torch_save(str(ckpt), str(dest))
+    return torch.load(dest, weights_only=False)["model"]
+
+
+def run(dataset, out: Path, nproc: int, steps: int = STEPS, **over):
+    train(base_args(dataset, out, steps, **{**BALANCE, **over}), nproc)
+
+
+def assert_same_run(ref: Path, got: Path, tmp: Path, steps=range(1, STEPS + 1)):
+    a, b = metrics(ref), metrics(got)
+    for s in steps:
+        assert b[s] == pytest.approx(a[s], rel=1e-5, abs=1e-6), f"loss at step {s}"
+    ga, gb = metrics(ref, "grad_norm"), metrics(got, "grad_norm")
+    for s in steps:
+        assert gb[s] == pytest.approx(ga[s], rel=1e-4), f"grad norm at step {s}"
+    assert metrics(got, "max_vio")[steps[-1]] == pytest.approx(metrics(ref, "max_vio")[steps[-1]], rel=1e-5)
+    pa, pb = final_params(ref, tmp), final_params(got, tmp)
+    assert pa.keys() == pb.keys()
+    moved = 0
+    for name in pa:
+        torch.testing.assert_close(pb[name], pa[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        moved += int(name.endswith("expert_bias") and bool(pa[name].abs().sum() > 0))
+    assert moved > 0, "the expert bias never moved: the test would not see a wrong bias update"
+
+
+LAYOUTS = {
+    # name: (processes, per-rank micro-batch, reference micro-batch, overrides)
+    "ep2": (2, 2, 4, {"parallel.ep": 2}),
+    "ep2_dp_replicate2": (4, 1, 4, {"parallel.ep": 2, "parallel.dp_replicate": 2}),
+    "pp2_1f1b": (2, 2, 2, {"parallel.pp": 2}),
+    "pp2_dualpipev": (2, 1, 1, {"parallel.pp": 2, "parallel.pp_schedule": "DualPipeV",
+                                "parallel.pp_stages_per_rank": 2}),
+    "pp2_interleaved": (2, 1, 1, {"parallel.pp": 2, "parallel.pp_schedule": "Interleaved1F1B",
+                                  "parallel.pp_stages_per_rank": 2}),
+    "ep2_pp2": (4, 1, 2, {"parallel.ep": 2, "parallel.pp": 2}),
+    "tp2": (2, 2, 2, {"parallel.tp": 2}),
+    "tp2_dp2": (4, 1, 2, {"parallel.tp": 2, "parallel.dp_shard": 2}),
+}
+
+
+@pytest.fixture(scope="module")
+def references(dataset, tmp_path_factory):
+    """Single-process runs, one per reference micro-batch size (shared by the layouts)."""
+    base = tmp_path_factory.mktemp("ref")
+    refs = {}
+    for mb in sorted({ref for _, _, ref, _ in LAYOUTS.values()}):
+        refs[mb] = base / f"mb{mb}"
+        run(dataset, refs[mb], 1, **{"train.micro_batch_size": mb})
+    return refs
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_equals_single_process(dataset, references, tmp_path, layout):
+    nproc, mb, ref_mb, over = LAYOUTS[layout]
+    out = tmp_path / layout
+    run(dataset, out, nproc, **{"train.micro_batch_size": mb, **over})
+    assert_same_run(references[ref_mb], out, tmp_path)
+
+
+def test_resume_under_a_different_layout(dataset, tmp_path):
+    """Save under pp=2 x ep=2, resume under dp=4 x ep=4: model, optimizer, expert bias and data position
+    resharded; the continued run equals a single-process run that resumes at the same step."""
+    ref, got = tmp_path / "ref", tmp_path / "got"
+    run(dataset, ref, 1, steps=2, **{"train.micro_batch_size": 2})
+    run(dataset, ref, 1, steps=4, **{"train.micro_batch_size": 4})
+    run(dataset, got, 4, steps=2, **{"train.micro_batch_size": 1, "parallel.pp": 2, "parallel.ep": 2})
+    run(dataset, got, 4, steps=4, **{"train.micro_batch_size": 1, "parallel.ep": 4})
+    assert_same_run(ref, got, tmp_path, steps=range(1, 5))
