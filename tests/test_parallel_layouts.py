@@ -55,13 +55,14 @@ def assert_same_run(ref: Path, got: Path, tmp: Path, steps=range(1, STEPS + 1)):
 LAYOUTS = {
     # name: (processes, per-rank micro-batch, reference micro-batch, overrides)
     "ep2": (2, 2, 4, {"parallel.ep": 2}),
-    "ep2_dp_replicate2": (4, 1, 4, {"parallel.ep": 2, "parallel.dp_replicate": 2}),
+    "ep2_dp_replicate2": (4, 1, 4, {"parallel.ep": 2, "parallel.dp_replicate": 2,
+                                    "parallel.activation_checkpoint": "selective"}),
     "pp2_1f1b": (2, 2, 2, {"parallel.pp": 2}),
     "pp2_dualpipev": (2, 1, 1, {"parallel.pp": 2, "parallel.pp_schedule": "DualPipeV",
                                 "parallel.pp_stages_per_rank": 2}),
     "pp2_interleaved": (2, 1, 1, {"parallel.pp": 2, "parallel.pp_schedule": "Interleaved1F1B",
                                   "parallel.pp_stages_per_rank": 2}),
-    "ep2_pp2": (4, 1, 2, {"parallel.ep": 2, "parallel.pp": 2}),
+    "ep2_pp2": (4, 1, 2, {"parallel.ep": 2, "parallel.pp": 2, "parallel.activation_checkpoint": "full"}),
     "tp2": (2, 2, 2, {"parallel.tp": 2}),
     "tp2_dp2": (4, 1, 2, {"parallel.tp": 2, "parallel.dp_shard": 2}),
 }
