@@ -64,9 +64,7 @@ class ParallelDims:
                 check_tp(cfg, self.tp)
             except ValueError as e:
                 raise LayoutError(str(e)) from None
-        if self.tp > 1 and self.ep > 1:
-            raise LayoutError(f"tp={self.tp} with ep={self.ep} is not supported yet (each is tested alone and with "
-                              f"data/pipeline parallelism); use one of them")
+
         if self.ep > 1 and cfg.n_routed_experts % self.ep:
             raise LayoutError(f"n_routed_experts={cfg.n_routed_experts} is not divisible by ep={self.ep}")
         if self.ep > 1 and not cfg.n_routed_experts:

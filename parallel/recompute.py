@@ -50,14 +50,17 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
         raise ValueError(f"activation_checkpoint={mode!r}; expected one of {MODES}")
     if mode == "none":
         return
-    blocks = list(model.layers.values()) + [m.block for m in getattr(model, "mtp", None) or []]
-    for block in blocks:
+    for block in _blocks(model):
         for module in ([block] if mode == "full" else _selective_targets(block)):
             _recompute(module)
 
 
 def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
     """torch.compile each block (the routed-expert grouped GEMMs stay eager: see model.moe.grouped_mm)."""
-    blocks = list(model.layers.values()) + [m.block for m in getattr(model, "mtp", None) or []]
-    for block in blocks:
+    for block in _blocks(model):
         block.compile(backend=backend)
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    """The decoder blocks of a model (part), those of its MTP depths included."""
+    return list(model.layers.values()) + [m.block for m in getattr(model, "mtp", None) or []]

@@ -65,6 +65,7 @@ LAYOUTS = {
     "ep2_pp2": (4, 1, 2, {"parallel.ep": 2, "parallel.pp": 2, "parallel.activation_checkpoint": "full"}),
     "tp2": (2, 2, 2, {"parallel.tp": 2}),
     "tp2_dp2": (4, 1, 2, {"parallel.tp": 2, "parallel.dp_shard": 2}),
+    "tp2_ep2": (4, 1, 2, {"parallel.tp": 2, "parallel.ep": 2}),
 }
 
 
