@@ -17,7 +17,7 @@ from .expert import apply_ep, reduce_loads_over
 from .recompute import apply_activation_checkpointing, apply_compile
 from .tensor import apply_tp, tp_loss
 
-__all__ = ["LayoutError", "ParallelDims", "parallelize", "dp_mesh", "clip_grad_norm_", "uses_fsdp", "tp_loss"]
+__all__ = ["LayoutError", "ParallelDims", "parallelize", "dp_mesh", "clip_grad_norm_", "tp_loss"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -36,20 +36,12 @@ def expert_dp_mesh(mesh):
     return mesh["efsdp"]
 
 
-def uses_fsdp(dims: ParallelDims, pp_schedule: str = "1F1B") -> bool:
-    """FSDP wraps the model whenever it is distributed (with dp == 1 it is only the mixed-precision policy),
-    except under the zero-bubble V schedules, whose split backward (input grads, then weight grads later)
-    FSDP2 does not follow in torch 2.13: measured wrong gradients; those run without FSDP (and dp == 1)."""
-    if dims.pp > 1 and pp_schedule.lower() in ("zbvzerobubble", "dualpipev"):
-        return False
-    return dims.world_size > 1
-
-
 def parallelize(model: nn.Module, mesh, dims: ParallelDims, param_dtype: str = "float32",
-                reduce_dtype: str = "float32", cpu_offload: bool = False, fsdp: bool = True,
+                reduce_dtype: str = "float32", cpu_offload: bool = False,
                 activation_checkpoint: str = "none", compile: bool = False) -> nn.Module:
-    """Apply the parallel layout to this process's model (part); `fsdp`: see `uses_fsdp`;
-    activation_checkpoint and compile: see parallel/recompute.py."""
+    """Apply the parallel layout to this process's model (part); activation_checkpoint and compile: see
+    parallel/recompute.py. FSDP wraps every distributed model, also with dp == 1 (then it is only the
+    mixed-precision policy)."""
     if mesh is None:
         _recompute_and_compile(model, activation_checkpoint, compile)
         return model
@@ -62,8 +54,7 @@ def parallelize(model: nn.Module, mesh, dims: ParallelDims, param_dtype: str = "
         reduce = reduce_loads_over(mesh["dp"].get_group())
         for moe in model.moe_layers().values():
             moe.reduce_counts = reduce
-    if fsdp:
-        _fully_shard(model, mesh, dims, param_dtype, reduce_dtype, cpu_offload)
+    _fully_shard(model, mesh, dims, param_dtype, reduce_dtype, cpu_offload)
     return model
 
 
@@ -79,6 +70,11 @@ def _fully_shard(model, mesh, dims, param_dtype, reduce_dtype, cpu_offload) -> N
     kwargs = {"mp_policy": MixedPrecisionPolicy(param_dtype=_DTYPES[param_dtype], reduce_dtype=_DTYPES[reduce_dtype])}
     if cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
+    # Under pipeline parallelism, modules stay gathered from their first forward to the end of the step (as
+    # in torchtitan): one all-gather per step instead of one per microbatch, and the zero-bubble schedules
+    # (ZBV, DualPipeV) need it: their weight-gradient pass runs after FSDP's backward hooks, against the
+    # parameters registered then (measured: with resharding, their gradients were wrong).
+    kwargs["reshard_after_forward"] = dims.pp == 1
     if dims.ep > 1:
         for moe in model.moe_layers().values():
             experts = fully_shard(moe.experts, mesh=expert_dp_mesh(mesh), **kwargs)
@@ -88,6 +84,7 @@ def _fully_shard(model, mesh, dims, param_dtype, reduce_dtype, cpu_offload) -> N
         fully_shard(block, mesh=dp_mesh(mesh), **kwargs)
     for module in model.mtp or []:
         fully_shard(module, mesh=dp_mesh(mesh), **kwargs)
+    kwargs.pop("reshard_after_forward")  # the root keeps FSDP's root default
     fully_shard(model, mesh=dp_mesh(mesh), **kwargs)
     if hasattr(model, "forward_with_mtp"):
         register_fsdp_forward_method(model, "forward_with_mtp")  # the root's params are gathered for it too

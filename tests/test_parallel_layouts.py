@@ -60,6 +60,8 @@ LAYOUTS = {
     "pp2_1f1b": (2, 2, 2, {"parallel.pp": 2}),
     "pp2_dualpipev": (2, 1, 1, {"parallel.pp": 2, "parallel.pp_schedule": "DualPipeV",
                                 "parallel.pp_stages_per_rank": 2}),
+    "pp2_zbv_dp2": (4, 1, 2, {"parallel.pp": 2, "parallel.pp_schedule": "ZBVZeroBubble",
+                              "parallel.pp_stages_per_rank": 2, "parallel.dp_shard": 2}),
     "pp2_interleaved": (2, 1, 1, {"parallel.pp": 2, "parallel.pp_schedule": "Interleaved1F1B",
                                   "parallel.pp_stages_per_rank": 2}),
     "ep2_pp2": (4, 1, 2, {"parallel.ep": 2, "parallel.pp": 2, "parallel.activation_checkpoint": "full"}),

@@ -24,7 +24,7 @@ import yaml
 
 from model import Transformer
 from model.analysis import param_counts, training_flops_per_token
-from parallel import LayoutError, ParallelDims, clip_grad_norm_, parallelize, tp_loss, uses_fsdp
+from parallel import LayoutError, ParallelDims, clip_grad_norm_, parallelize, tp_loss
 from parallel.pipeline import build_pipeline, pipeline_eval, pipeline_step
 
 from .checkpoint import Checkpointer
@@ -119,15 +119,10 @@ class Trainer:
         self.dp_world = self.dims.dp
         self.pp_group = self.mesh["pp"].get_group() if self.mesh is not None and self.dims.pp > 1 else None
         self.pipeline = None  # the pipeline schedule when pp > 1
-        self.fsdp = uses_fsdp(self.dims, cfg.parallel.pp_schedule)
         self.loss_fn = tp_loss if self.dims.tp > 1 else lm_loss  # vocab-parallel logits under tp
         if cfg.data.seq_len % self.dims.tp:
             raise LayoutError(f"sequence parallelism splits data.seq_len={cfg.data.seq_len} over tp={self.dims.tp}: "
                               f"it must divide")
-        if self.env.world > 1 and not self.fsdp and (self.dims.dp > 1 or cfg.precision.name != "fp32"):
-            raise LayoutError(f"pp_schedule={cfg.parallel.pp_schedule} runs without FSDP in this build, so it needs "
-                              f"dp=1 and precision fp32 (got dp={self.dims.dp}, precision {cfg.precision.name}); "
-                              f"use 1F1B or Interleaved1F1B")
         self.step = 0
         self._stop_signal: int | None = None
         self._kill_at = int(os.environ.get("DSV2_TEST_KILL_AT_STEP", "-1"))
@@ -162,7 +157,7 @@ class Trainer:
         if self.dims.pp > 1:
             self.pipeline, parts = self._build_pipeline(model)
         parts = [parallelize(part, self.mesh, self.dims, cfg.precision.param_dtype, cfg.precision.reduce_dtype,
-                             cfg.parallel.cpu_offload, self.fsdp, cfg.parallel.activation_checkpoint,
+                             cfg.parallel.cpu_offload, cfg.parallel.activation_checkpoint,
                              cfg.parallel.compile) for part in parts]
         if big:
             for part in parts:
@@ -232,7 +227,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ the step
     def autocast(self):
-        if self.cfg.precision.name == "bf16" and not self.fsdp:  # FSDP casts by its policy instead
+        if self.cfg.precision.name == "bf16" and self.mesh is None:  # FSDP casts by its policy instead
             return torch.autocast(self.env.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
