@@ -4,7 +4,9 @@ Shape legend: B batch, T tokens, D hidden, V vocab.
 
 `layers` is a ModuleDict keyed by the global layer index so pipeline stages can drop the layers they do
 not own (and drop `embed_tokens`, `norm`, `lm_head`, `mtp` by setting them to None) while parameter
-names stay stable for checkpoints. Build on the meta device for big presets, then `to_empty` and
+names stay stable for checkpoints. Integer inputs are token ids (embedded), float inputs hidden states, so
+a last stage may keep a copy of the embedding for MTP. `output_hidden` makes `forward` stop before the
+head (a last pipeline stage with MTP computes the heads in its loss, see `heads_from_labels`). Build on the meta device for big presets, then `to_empty` and
 `init_weights()`.
 """
 
@@ -69,6 +71,7 @@ class Transformer(nn.Module):
         n = cfg.num_hidden_layers
         self.mtp = nn.ModuleList([MTPModule(cfg, n + k) for k in range(cfg.num_nextn_predict_layers)]) \
             if cfg.num_nextn_predict_layers > 0 else None
+        self.output_hidden = False
         if self.embed_tokens.weight.device.type != "meta":
             self.init_weights()
 
@@ -98,8 +101,9 @@ class Transformer(nn.Module):
         return rope_cos_sin(self.cfg, torch.arange(start, start + length, device=device))
 
     def hidden_states(self, tokens_or_h: torch.Tensor) -> torch.Tensor:
-        """Embedding (if this stage has it) and this stage's blocks: [B, T] ids or [B, T, D] -> [B, T, D]."""
-        h = self.embed_tokens(tokens_or_h) if self.embed_tokens is not None else tokens_or_h
+        """Embedding (of integer ids) and this stage's blocks: [B, T] ids or [B, T, D] -> [B, T, D]."""
+        ids = not torch.is_floating_point(tokens_or_h)
+        h = self.embed_tokens(tokens_or_h) if ids else tokens_or_h
         cos, sin = self._rope(0, h.shape[1], h.device)
         for block in self.layers.values():
             h = block(h, cos, sin)
@@ -108,19 +112,28 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, V] (pipeline stages: hidden states in/out where parts are absent)."""
         h = self.hidden_states(tokens)
-        if self.norm is None:
+        if self.norm is None or self.output_hidden:
             return h
         return self.lm_head(self.norm(h))
 
     def forward_with_mtp(self, tokens: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Main logits [B, T, V] and, per MTP depth k=1..D, logits [B, T-k, V] whose position i predicts
         token i+k+1 (i.e. labels[:, k:] with labels = tokens shifted by one)."""
-        h = self.hidden_states(tokens)
+        return self._heads(self.hidden_states(tokens), self.embed_tokens(tokens))
+
+    def heads_from_labels(self, h: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """`forward_with_mtp`'s outputs from the last layer's hidden states h [B, T, D] and the labels
+        (the input tokens shifted by one): what a last pipeline stage, which never sees the input, can do.
+        MTP depth k reads the embeddings of input positions >= k, i.e. of labels[:, :-1] shifted right."""
+        emb = self.embed_tokens(labels[:, :-1])
+        return self._heads(h, torch.cat([torch.zeros_like(emb[:, :1]), emb], dim=1))
+
+    def _heads(self, h: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Main logits and MTP logits from hidden states h and the input-token embeddings emb."""
         logits = self.lm_head(self.norm(h))
-        emb = self.embed_tokens(tokens)
         mtp_logits = []
         for k, module in enumerate(self.mtp or [], start=1):
-            t = tokens.shape[1] - k  # depth k sees positions whose token i+k exists
+            t = emb.shape[1] - k  # depth k sees positions whose token i+k exists
             cos, sin = self._rope(0, t, h.device)
             h = module(h[:, :t], emb[:, k:], cos, sin)
             mtp_logits.append(self.lm_head(module.norm(h)))

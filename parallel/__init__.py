@@ -86,17 +86,21 @@ def _fully_shard(model, mesh, dims, param_dtype, reduce_dtype, cpu_offload) -> N
         fully_shard(module, mesh=dp_mesh(mesh), **kwargs)
     kwargs.pop("reshard_after_forward")  # the root keeps FSDP's root default
     fully_shard(model, mesh=dp_mesh(mesh), **kwargs)
-    if hasattr(model, "forward_with_mtp"):
-        register_fsdp_forward_method(model, "forward_with_mtp")  # the root's params are gathered for it too
+    for method in ("forward_with_mtp", "heads_from_labels"):  # the root's params are gathered for these too
+        if hasattr(model, method):
+            register_fsdp_forward_method(model, method)
 
 
-def clip_grad_norm_(parameters, max_norm: float, pp_group=None) -> float:
+def clip_grad_norm_(parameters, max_norm: float, pp_group=None, duplicates=()) -> float:
     """Global gradient-norm clipping for a mix of plain tensors and DTensors on different meshes
     (dense weights on the dp mesh, experts on (efsdp, ep)): one norm per mesh/placement group, combined,
-    then over the pipeline ranks (each holds different layers)."""
+    then over the pipeline ranks (each holds different layers). `duplicates` (a tied copy of a parameter held
+    elsewhere too) are clipped but not counted in the norm."""
+    parameters = list(parameters)
+    skip = {id(p) for p in duplicates}
     groups: dict = {}
     for p in parameters:
-        if p.grad is not None:
+        if p.grad is not None and id(p) not in skip:
             key = (getattr(p.grad, "device_mesh", None), tuple(getattr(p.grad, "placements", ())))
             groups.setdefault(key, []).append(p)
     norms = []
@@ -112,6 +116,9 @@ def clip_grad_norm_(parameters, max_norm: float, pp_group=None) -> float:
     if max_norm != float("inf"):
         for group in groups.values():
             torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+        copies = [p for p in parameters if id(p) in skip and p.grad is not None]
+        if copies:
+            torch.nn.utils.clip_grads_with_norm_(copies, max_norm, total)
     return float(total)
 
 

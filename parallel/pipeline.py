@@ -30,8 +30,10 @@ hidden states [mb, T, D] between stages, logits [mb, T, V] out of the last) beca
 inference runs an extra forward that would add to the MoE load counters. A forward hook on each part
 checks its output against that metadata (so a part called directly must get microbatches of that shape).
 
-Limits: multi-token prediction (num_nextn_predict_layers > 0) and tied embeddings are rejected under
-pp > 1 (the MTP head needs the input tokens and embedding on the last stage; a tied head would span ranks).
+Multi-token prediction: the last stage holds the MTP modules and a copy of the embedding (tied to stage 0's:
+the trainer adds the two gradients, see `tied_embedding_copy`); it emits hidden states and its loss runs
+the heads (`Transformer.heads_from_labels`: the labels are the inputs shifted by one, so the last stage
+can embed the tokens MTP needs). Tied input/output embeddings are rejected under pp > 1.
 Call these before `parallel.parallelize` (FSDP, EP) is applied to each model part; wrapping a part in
 place afterwards keeps the stage's reference valid.
 """
@@ -57,7 +59,7 @@ from torch.distributed.pipelining import (
 from model.transformer import Transformer
 
 __all__ = ["SCHEDULES", "stage_ids", "split_layers", "build_stage_modules", "build_pipeline",
-           "pipeline_step", "canonical_schedule"]
+           "pipeline_step", "canonical_schedule", "tied_embedding_copy"]
 
 SCHEDULES = ("1F1B", "Interleaved1F1B", "ZBVZeroBubble", "DualPipeV")
 _CLASSES = {
@@ -130,9 +132,6 @@ def _check_model(model: Transformer, n_stages: int) -> None:
     cfg = model.cfg
     if n_stages == 1:
         return
-    if cfg.num_nextn_predict_layers > 0:
-        raise ValueError(f"multi-token prediction (model.num_nextn_predict_layers={cfg.num_nextn_predict_layers}) "
-                         f"is not supported with pipeline parallelism ({n_stages} stages); set it to 0 or pp=1")
     if cfg.tie_word_embeddings:
         raise ValueError("model.tie_word_embeddings=true is not supported with pipeline parallelism "
                          "(the embedding and the output head live on different stages)")
@@ -151,16 +150,24 @@ def build_stage_modules(model: Transformer, stage: int, n_stages: int) -> Transf
     _check_model(model, n_stages)
     keep = {str(i) for i in split_layers(model.cfg.num_hidden_layers, n_stages)[stage]}
     dropped: list[nn.Module | None] = [block for name, block in model.layers.items() if name not in keep]
-    if stage != 0:
+    last = stage == n_stages - 1
+    if stage != 0 and not (last and model.mtp):  # MTP on the last stage embeds too: a tied copy
         dropped.append(model.embed_tokens)
-    if stage != n_stages - 1:
+    if not last:
         dropped += [model.norm, model.lm_head, model.mtp]
     # deepcopy maps anything already in the memo to the memo's value: dropped modules become None uncopied
     memo = {id(module): None for module in dropped if module is not None}
     part = copy.deepcopy(model, memo)
     for name in [name for name, block in part.layers.items() if block is None]:
         del part.layers[name]
+    part.stage_index, part.n_stages = stage, n_stages
+    part.output_hidden = bool(last and model.mtp)  # heads run in the loss (`heads_from_labels`)
     return part
+
+
+def tied_embedding_copy(part: Transformer) -> bool:
+    """True for the last stage's copy of the embedding (MTP), whose gradient the trainer adds to stage 0's."""
+    return part.embed_tokens is not None and getattr(part, "stage_index", 0) != 0
 
 
 # --------------------------------------------------------------------------------------------- loss scale
@@ -179,6 +186,20 @@ class _MeanOverMicrobatches(torch.autograd.Function):
 
 def _microbatch_loss(loss_fn: Callable, scale: float, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return _MeanOverMicrobatches.apply(loss_fn(output, target), scale)
+
+
+def _with_mtp(loss_fn: Callable, part: Transformer) -> Callable:
+    """The last stage's loss when it emits hidden states: main head + MTP heads, as the trainer's single-stage
+    loss (depth k predicts labels[:, k:], weighted mtp_loss_weight / depth)."""
+    weight = part.cfg.mtp_loss_weight
+
+    def loss(h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits, mtp = part.heads_from_labels(h, labels)
+        total = loss_fn(logits, labels)
+        for k, lg in enumerate(mtp, start=1):
+            total = total + weight / len(mtp) * loss_fn(lg, labels[:, k:])
+        return total
+    return loss
 
 
 # --------------------------------------------------------------------------------------------- pipeline
@@ -204,8 +225,8 @@ def _stage_io(part: Transformer, microbatch_size: int, seq_len: int, dtype: torc
     hidden = torch.empty(microbatch_size, seq_len, cfg.hidden_size, dtype=dtype, device="meta", requires_grad=True)
     tokens = torch.empty(microbatch_size, seq_len, dtype=torch.long, device="meta")
     logits = torch.empty(microbatch_size, seq_len, cfg.vocab_size, dtype=dtype, device="meta", requires_grad=True)
-    inputs = tokens if part.embed_tokens is not None else hidden
-    outputs = logits if part.lm_head is not None else hidden
+    inputs = tokens if part.stage_index == 0 else hidden
+    outputs = logits if part.lm_head is not None and not part.output_hidden else hidden
     return inputs, outputs
 
 
@@ -249,6 +270,13 @@ def build_pipeline(model: Transformer, pp_mesh_or_group, schedule: str, n_microb
         stages.append(PipelineStage(part, stage_id, n_stages, device, input_args=inputs, output_args=outputs,
                                     group=group))
         parts.append(part)
+    for part in parts:  # what `pipeline_eval` needs
+        part.pp_group, part.microbatch_size, part.activation_dtype = group, microbatch_size, dtype
+        part.stage_owners = [stage_ids(schedule, r, pp, stages_per_rank) for r in range(pp)]
+    last = [part for part in parts if part.lm_head is not None]
+    if last:
+        last[0].stage_loss = _with_mtp(loss_fn, last[0]) if last[0].output_hidden else loss_fn
+        loss_fn = last[0].stage_loss
     loss = partial(_microbatch_loss, loss_fn, 1.0 / n_microbatches)
     cls = _CLASSES[schedule]
     runner = cls(stages[0] if schedule in _SINGLE_STAGE else stages, n_microbatches, loss_fn=loss,
@@ -261,8 +289,8 @@ def pipeline_step(schedule, model_parts: list[Transformer], tokens: torch.Tensor
     """One forward+backward over all microbatches (forward only with backward=False); passes tokens/labels
     only where this rank needs them. Returns the step loss (mean over microbatches, detached) on the rank
     holding the last stage, else None."""
-    has_first = any(part.embed_tokens is not None for part in model_parts)
-    has_last = any(part.lm_head is not None for part in model_parts)
+    has_first = any(part.stage_index == 0 for part in model_parts)
+    has_last = any(part.stage_index == part.n_stages - 1 for part in model_parts)
     args = (tokens,) if has_first else ()
     losses: list[torch.Tensor] = []
     kwargs = {"target": labels, "losses": losses} if has_last else {}
@@ -275,5 +303,63 @@ def pipeline_step(schedule, model_parts: list[Transformer], tokens: torch.Tensor
 
 def pipeline_eval(schedule, model_parts: list[Transformer], tokens: torch.Tensor | None,
                   labels: torch.Tensor | None) -> torch.Tensor | None:
-    """`pipeline_step` without backward (validation)."""
-    return pipeline_step(schedule, model_parts, tokens, labels, backward=False)
+    """Forward only (validation), microbatch after microbatch and stage after stage, with point-to-point
+    sends between the ranks of consecutive stages. Not the schedule's own `eval`: torch 2.13's fails for
+    the V schedules (ZBV, DualPipeV). Returns the mean loss on the rank holding the last stage, else None."""
+    part0 = model_parts[0]
+    batch = tokens if tokens is not None else labels  # None on ranks with neither end stage
+    n = _broadcast_count(part0, 0 if batch is None else batch.shape[0] // part0.microbatch_size)
+    losses = []
+    for i in range(n):
+        rows = slice(i * part0.microbatch_size, (i + 1) * part0.microbatch_size)
+        loss = _eval_microbatch(model_parts, None if tokens is None else tokens[rows],
+                                None if labels is None else labels[rows])
+        if loss is not None:
+            losses.append(loss)
+    return torch.stack(losses).mean() if losses else None
+
+
+def _device(part: Transformer) -> torch.device:
+    return next(part.parameters()).device
+
+
+def _broadcast_count(part: Transformer, n: int) -> int:
+    """Microbatches in this evaluation batch, known on the first/last stage's ranks, sent to all."""
+    t = torch.tensor([n], dtype=torch.int64, device=_device(part))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=part.pp_group)
+    return int(t.item())
+
+
+def _eval_microbatch(model_parts: list[Transformer], tokens, labels) -> torch.Tensor | None:
+    part0 = model_parts[0]
+    group, owners = part0.pp_group, part0.stage_owners
+    owner = {stage: rank for rank, stages in enumerate(owners) for stage in stages}
+    mine = {part.stage_index: part for part in model_parts}
+    me = dist.get_rank(group)
+    x, loss = tokens, None
+    for stage in range(part0.n_stages):
+        if owner[stage] != me:
+            continue
+        if stage > 0 and owner[stage - 1] != me:
+            x = _recv(group, owner[stage - 1], part0.activation_dtype, _device(part0))
+        x = mine[stage](x)
+        if stage == part0.n_stages - 1:
+            loss = mine[stage].stage_loss(x, labels).detach()
+        elif owner[stage + 1] != me:
+            _send(group, owner[stage + 1], x)
+    return loss
+
+
+def _send(group, dst: int, x: torch.Tensor) -> None:
+    x = x.to_local() if hasattr(x, "to_local") else x
+    dist.send(torch.tensor(x.shape, dtype=torch.int64, device=x.device), group=group, group_dst=dst)
+    dist.send(x.contiguous(), group=group, group_dst=dst)
+
+
+def _recv(group, src: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Hidden states from the previous stage's rank (shape sent first: it differs under tensor parallelism)."""
+    shape = torch.empty(3, dtype=torch.int64, device=device)
+    dist.recv(shape, group=group, group_src=src)
+    out = torch.empty(*shape.tolist(), dtype=dtype, device=device)
+    dist.recv(out, group=group, group_src=src)
+    return out

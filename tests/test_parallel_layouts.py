@@ -99,3 +99,17 @@ def test_resume_under_a_different_layout(dataset, tmp_path):
     run(dataset, got, 4, steps=2, **{"train.micro_batch_size": 1, "parallel.pp": 2, "parallel.ep": 2})
     run(dataset, got, 4, steps=4, **{"train.micro_batch_size": 1, "parallel.ep": 4})
     assert_same_run(ref, got, tmp_path, steps=range(1, 5))
+
+
+@pytest.mark.parametrize("schedule", ["1F1B", "DualPipeV"])
+def test_multi_token_prediction_under_pipeline(dataset, tmp_path, schedule):
+    """MTP on the last stage with a tied copy of the embedding (gradients summed across ranks for 1F1B,
+    on one rank for the V schedule); validation through the stages too."""
+    mtp = {"model.num_nextn_predict_layers": 1, "train.micro_batch_size": 1, "train.val_every": STEPS,
+           "data.val_batches": 1}
+    stages = {"parallel.pp_stages_per_rank": 2} if schedule == "DualPipeV" else {}
+    ref, got = tmp_path / "ref", tmp_path / "got"
+    run(dataset, ref, 1, **mtp)
+    run(dataset, got, 2, **mtp, **stages, **{"parallel.pp": 2, "parallel.pp_schedule": schedule})
+    assert_same_run(ref, got, tmp_path)
+    assert metrics(got, "val_loss")[STEPS] == pytest.approx(metrics(ref, "val_loss")[STEPS], rel=1e-5)

@@ -273,12 +273,14 @@ def test_stage_output_guard():
         part(torch.zeros(2, 8, dtype=torch.long))
 
 
-def test_build_stage_modules_rejects_mtp_tied_and_bad_stage():
+def test_build_stage_modules_mtp_tied_and_bad_stage():
     cfg = replace(load_preset("tiny"), num_hidden_layers=2, num_nextn_predict_layers=1)
     with torch.device("meta"):
         mtp, tied = Transformer(cfg), Transformer(replace(cfg, num_nextn_predict_layers=0, tie_word_embeddings=True))
-    with pytest.raises(ValueError, match="multi-token prediction .* not supported with pipeline"):
-        build_stage_modules(mtp, 0, 2)
+    first, last = build_stage_modules(mtp, 0, 2), build_stage_modules(mtp, 1, 2)
+    assert first.mtp is None and not first.output_hidden
+    # the last stage keeps MTP and a (tied) copy of the embedding, and leaves the heads to its loss
+    assert last.mtp is not None and last.embed_tokens is not None and last.output_hidden
     assert build_stage_modules(mtp, 0, 1).mtp is not None  # one stage: the whole model, MTP included
     with pytest.raises(ValueError, match="tie_word_embeddings"):
         build_stage_modules(tied, 1, 2)

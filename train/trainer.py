@@ -25,7 +25,7 @@ import yaml
 from model import Transformer
 from model.analysis import param_counts, training_flops_per_token
 from parallel import LayoutError, ParallelDims, clip_grad_norm_, parallelize, tp_loss
-from parallel.pipeline import build_pipeline, pipeline_eval, pipeline_step
+from parallel.pipeline import build_pipeline, pipeline_eval, pipeline_step, tied_embedding_copy
 
 from .checkpoint import Checkpointer
 from .config import ConfigError, RunConfig, to_dict
@@ -119,6 +119,7 @@ class Trainer:
         self.dp_world = self.dims.dp
         self.pp_group = self.mesh["pp"].get_group() if self.mesh is not None and self.dims.pp > 1 else None
         self.pipeline = None  # the pipeline schedule when pp > 1
+        self.embed_group = self._embedding_group()
         self.loss_fn = tp_loss if self.dims.tp > 1 else lm_loss  # vocab-parallel logits under tp
         if cfg.data.seq_len % self.dims.tp:
             raise LayoutError(f"sequence parallelism splits data.seq_len={cfg.data.seq_len} over tp={self.dims.tp}: "
@@ -180,6 +181,35 @@ class Trainer:
                                   activation_dtype=dtype)
         except ValueError as e:
             raise ConfigError(f"pipeline: {e}") from None
+
+    def _embedding_group(self):
+        """Under pp with MTP, the embedding lives on the first and (a copy) on the last stage: the process
+        group of each (first-stage rank, last-stage rank) pair that sums their gradients. None when both
+        stages share a rank (V schedules) or there is nothing to tie."""
+        cfg = self.cfg
+        v_style = cfg.parallel.pp_schedule.lower() in ("zbvzerobubble", "dualpipev")
+        if self.dims.pp == 1 or not cfg.model.num_nextn_predict_layers or v_style:
+            return None
+        ranks = self.mesh.mesh.reshape(self.dims.pp, -1)
+        mine = None
+        for column in range(ranks.shape[1]):  # every rank creates every group, in the same order
+            pair = [int(ranks[0, column]), int(ranks[-1, column])]
+            group = dist.new_group(pair)
+            if self.env.rank in pair:
+                mine = group
+        return mine
+
+    def _sync_tied_embedding(self) -> None:
+        """Sum the gradients of stage 0's embedding and the last stage's MTP copy, so both stay equal."""
+        if self.pipeline is None or not self.cfg.model.num_nextn_predict_layers:
+            return
+        grads = [part.embed_tokens.weight.grad for part in self.parts if part.embed_tokens is not None]
+        local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+        total = torch.stack(local).sum(0) if len(local) > 1 else local[0].clone() if local else None
+        if self.embed_group is not None and total is not None:
+            dist.all_reduce(total, group=self.embed_group)
+        for g in local:
+            g.copy_(total)
 
     def moe_layers(self) -> dict:
         """This rank's MoE layers (over all its model parts) by global layer index."""
@@ -268,6 +298,7 @@ class Trainer:
         with self.autocast():
             if train:
                 loss = pipeline_step(self.pipeline, self.parts, inputs, labels)
+                self._sync_tied_embedding()
             else:
                 loss = pipeline_eval(self.pipeline, self.parts, inputs, labels)
         total = torch.zeros((), device=self.env.device) if loss is None else loss.float()
@@ -277,7 +308,8 @@ class Trainer:
     def _clip(self) -> float:
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         params = [p for part in self.parts for p in part.parameters()]
-        return clip_grad_norm_(params, max_norm, self.pp_group)
+        copies = [part.embed_tokens.weight for part in self.parts if tied_embedding_copy(part)]  # count once
+        return clip_grad_norm_(params, max_norm, self.pp_group, copies)
 
     def _moe_ids(self) -> list[int]:
         """Global indices of every MoE layer of the model (MTP depths follow the last layer)."""
