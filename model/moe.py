@@ -154,6 +154,16 @@ class LoadCounts:
         return LoadCounts(packed[:e], packed[e:e + d], packed[e + d])
 
 
+# balance loss name -> its coefficient in ModelConfig
+BALANCE_TERMS = {"expert": "aux_loss_alpha", "device": "device_aux_loss_alpha", "comm": "comm_aux_loss_alpha",
+                 "seq": "seq_aux_loss_alpha"}
+
+
+def active_balance_terms(cfg: ModelConfig) -> list[str]:
+    """The balance losses this config switches on (coefficient > 0), in BALANCE_TERMS order."""
+    return [name for name, alpha in BALANCE_TERMS.items() if getattr(cfg, alpha) > 0]
+
+
 def _counts(counts: LoadCounts | None, indices: torch.Tensor, n_experts: int, n_devices: int) -> LoadCounts:
     return LoadCounts.of(indices, n_experts, n_devices) if counts is None else counts
 
@@ -302,23 +312,23 @@ class MoE(nn.Module):
         cfg, s, idx = self.cfg, routing.scores, routing.indices
         d = cfg.balance_groups
         max_devices = cfg.topk_group if (cfg.topk_method != "greedy" and cfg.n_group == d) else min(cfg.num_experts_per_tok, d)
+        active = active_balance_terms(cfg)
         counts = None
-        if cfg.aux_loss_alpha > 0 or cfg.device_aux_loss_alpha > 0 or cfg.comm_aux_loss_alpha > 0:
+        if set(active) - {"seq"}:  # the load-based losses: f from (optionally all-reduced) counts
             counts = LoadCounts.of(idx.detach(), cfg.n_routed_experts, d)
             if self.reduce_counts is not None:
                 counts = counts.reduced(self.reduce_counts)
         terms = {
-            "expert": (cfg.aux_loss_alpha, lambda: expert_balance_loss(s, idx, counts)),
-            "device": (cfg.device_aux_loss_alpha, lambda: device_balance_loss(s, idx, d, counts)),
-            "comm": (cfg.comm_aux_loss_alpha, lambda: comm_balance_loss(s, idx, d, max_devices, counts)),
-            "seq": (cfg.seq_aux_loss_alpha, lambda: sequence_balance_loss(s, idx, batch)),
+            "expert": lambda: expert_balance_loss(s, idx, counts),
+            "device": lambda: device_balance_loss(s, idx, d, counts),
+            "comm": lambda: comm_balance_loss(s, idx, d, max_devices, counts),
+            "seq": lambda: sequence_balance_loss(s, idx, batch),
         }
         total = None
-        for name, (alpha, fn) in terms.items():
-            if alpha > 0:
-                value = alpha * fn()
-                self.aux_values[name] = value.detach()
-                total = value if total is None else total + value
+        for name in active:
+            value = getattr(cfg, BALANCE_TERMS[name]) * terms[name]()
+            self.aux_values[name] = value.detach()
+            total = value if total is None else total + value
         return total
 
     # ---------------------------------------------------------------- trainer-facing, outside forward

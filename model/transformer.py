@@ -6,8 +6,8 @@ Shape legend: B batch, T tokens, D hidden, V vocab.
 not own (and drop `embed_tokens`, `norm`, `lm_head`, `mtp` by setting them to None) while parameter
 names stay stable for checkpoints. Integer inputs are token ids (embedded), float inputs hidden states, so
 a last stage may keep a copy of the embedding for MTP. `output_hidden` makes `forward` stop before the
-head (a last pipeline stage with MTP computes the heads in its loss, see `heads_from_labels`). Build on the meta device for big presets, then `to_empty` and
-`init_weights()`.
+head (a last pipeline stage with MTP computes the heads in its loss, see `heads_from_labels`). Build on
+the meta device for big presets, then `to_empty` and `init_weights()`.
 """
 
 from __future__ import annotations
@@ -163,6 +163,16 @@ class Transformer(nn.Module):
     def set_aux_loss_scale(self, scale: float) -> None:
         for moe in self.moe_layers().values():
             moe.aux_loss_scale = scale
+
+
+def lm_and_mtp_loss(loss_fn, logits: torch.Tensor, mtp_logits: list[torch.Tensor], labels: torch.Tensor,
+                    mtp_weight: float) -> torch.Tensor:
+    """loss_fn(logits, labels) plus, per MTP depth k of D, mtp_weight / D * loss_fn(depth k's logits,
+    labels[:, k:]) (DeepSeek-V3 eq. 25: the MTP losses averaged over depths and weighted by lambda)."""
+    loss = loss_fn(logits, labels)
+    for k, lg in enumerate(mtp_logits, start=1):
+        loss = loss + mtp_weight / len(mtp_logits) * loss_fn(lg, labels[:, k:])
+    return loss
 
 
 def _normal_(t: torch.Tensor, std: float, gen: torch.Generator | None) -> None:

@@ -10,6 +10,7 @@ Mixed precision: fp32 master weights, `param_dtype` compute, `reduce_dtype` grad
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .dims import LayoutError, ParallelDims
@@ -42,26 +43,21 @@ def parallelize(model: nn.Module, mesh, dims: ParallelDims, param_dtype: str = "
     """Apply the parallel layout to this process's model (part); activation_checkpoint and compile: see
     parallel/recompute.py. FSDP wraps every distributed model, also with dp == 1 (then it is only the
     mixed-precision policy)."""
-    if mesh is None:
-        _recompute_and_compile(model, activation_checkpoint, compile)
-        return model
-    if dims.ep > 1:
+    if mesh is not None and dims.ep > 1:
         apply_ep(model, mesh["ep"])
-    if dims.tp > 1:
+    if mesh is not None and dims.tp > 1:
         apply_tp(model, mesh["tp"], sequence_parallel=True, loss_parallel=True)
-    _recompute_and_compile(model, activation_checkpoint, compile)  # after TP/EP, before FSDP
+    apply_activation_checkpointing(model, activation_checkpoint)  # after TP/EP, before FSDP
+    if compile:
+        apply_compile(model)
+    if mesh is None:
+        return model
     if dims.dp > 1:
         reduce = reduce_loads_over(mesh["dp"].get_group())
         for moe in model.moe_layers().values():
             moe.reduce_counts = reduce
     _fully_shard(model, mesh, dims, param_dtype, reduce_dtype, cpu_offload)
     return model
-
-
-def _recompute_and_compile(model: nn.Module, activation_checkpoint: str, compile: bool) -> None:
-    apply_activation_checkpointing(model, activation_checkpoint)
-    if compile:
-        apply_compile(model)
 
 
 def _fully_shard(model, mesh, dims, param_dtype, reduce_dtype, cpu_offload) -> None:
@@ -109,7 +105,6 @@ def clip_grad_norm_(parameters, max_norm: float, pp_group=None, duplicates=()) -
         norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
     total = torch.stack([n.float() for n in norms]).norm() if norms else torch.zeros((), device=_device(groups))
     if pp_group is not None:
-        import torch.distributed as dist
         total = total.pow(2)
         dist.all_reduce(total, group=pp_group)
         total = total.sqrt()

@@ -59,7 +59,7 @@ class ExpertDispatch:
         self.ep = dist.get_world_size(group)
         self.n_local = n_experts // self.ep
         self._pending: tuple[list[int], list[int], torch.Tensor] | None = None
-        self.sent_rows = 0  # rows this rank sent to other ranks' experts in the last step (for the bench)
+        self.sent_rows = 0  # rows this rank has sent to other ranks' experts so far (for the bench)
 
     def pre(self, module: nn.Module, args: tuple) -> tuple:
         x, counts = args

@@ -56,10 +56,11 @@ from torch.distributed.pipelining import (
     ScheduleZBVZeroBubble,
 )
 
-from model.transformer import Transformer
+from model.transformer import Transformer, lm_and_mtp_loss
 
 __all__ = ["SCHEDULES", "stage_ids", "split_layers", "build_stage_modules", "build_pipeline",
-           "pipeline_step", "canonical_schedule", "tied_embedding_copy"]
+           "pipeline_step", "canonical_schedule", "tied_embedding_copy",
+           "ends_share_rank"]
 
 SCHEDULES = ("1F1B", "Interleaved1F1B", "ZBVZeroBubble", "DualPipeV")
 _CLASSES = {
@@ -69,6 +70,7 @@ _CLASSES = {
     "ZBVZeroBubble": ScheduleZBVZeroBubble,
     "DualPipeV": ScheduleDualPipeV,
 }
+SCHEDULE_NAMES = tuple(_CLASSES)  # every name `canonical_schedule` accepts (case-insensitive)
 _SINGLE_STAGE = ("GPipe", "1F1B")
 _V_STYLE = ("ZBVZeroBubble", "DualPipeV")
 
@@ -165,6 +167,11 @@ def build_stage_modules(model: Transformer, stage: int, n_stages: int) -> Transf
     return part
 
 
+def ends_share_rank(schedule: str) -> bool:
+    """Whether one rank holds both the first and the last stage (V placement)."""
+    return canonical_schedule(schedule) in _V_STYLE
+
+
 def tied_embedding_copy(part: Transformer) -> bool:
     """True for the last stage's copy of the embedding (MTP), whose gradient the trainer adds to stage 0's."""
     return part.embed_tokens is not None and getattr(part, "stage_index", 0) != 0
@@ -191,14 +198,9 @@ def _microbatch_loss(loss_fn: Callable, scale: float, output: torch.Tensor, targ
 def _with_mtp(loss_fn: Callable, part: Transformer) -> Callable:
     """The last stage's loss when it emits hidden states: main head + MTP heads, as the trainer's single-stage
     loss (depth k predicts labels[:, k:], weighted mtp_loss_weight / depth)."""
-    weight = part.cfg.mtp_loss_weight
-
     def loss(h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits, mtp = part.heads_from_labels(h, labels)
-        total = loss_fn(logits, labels)
-        for k, lg in enumerate(mtp, start=1):
-            total = total + weight / len(mtp) * loss_fn(lg, labels[:, k:])
-        return total
+        return lm_and_mtp_loss(loss_fn, logits, mtp, labels, part.cfg.mtp_loss_weight)
     return loss
 
 

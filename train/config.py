@@ -185,9 +185,12 @@ def validate(cfg: RunConfig) -> None:
     _require(p.dp_shard == -1 or p.dp_shard >= 1, f"parallel.dp_shard must be >= 1 or -1 (auto), got {p.dp_shard}")
     _require(p.activation_checkpoint in ("none", "full", "selective"),
              f"parallel.activation_checkpoint must be none, full or selective, got {p.activation_checkpoint!r}")
-    schedules = ("1F1B", "GPipe", "Interleaved1F1B", "ZBVZeroBubble", "DualPipeV")
-    _require(p.pp_schedule.lower() in [s.lower() for s in schedules],
-             f"parallel.pp_schedule must be one of {', '.join(schedules)}, got {p.pp_schedule!r}")
+    from parallel.pipeline import SCHEDULE_NAMES, canonical_schedule
+    try:
+        canonical_schedule(p.pp_schedule)
+    except ValueError:
+        raise ConfigError(f"parallel.pp_schedule must be one of {', '.join(SCHEDULE_NAMES)}, got "
+                          f"{p.pp_schedule!r}") from None
     _require(p.pp_microbatches >= 0, f"parallel.pp_microbatches must be >= 0 (0: one per micro-batch), got "
                                      f"{p.pp_microbatches}")
 

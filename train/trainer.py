@@ -23,9 +23,11 @@ import torch.nn.functional as F
 import yaml
 
 from model import Transformer
+from model.moe import active_balance_terms
+from model.transformer import lm_and_mtp_loss
 from model.analysis import param_counts, training_flops_per_token
 from parallel import LayoutError, ParallelDims, clip_grad_norm_, parallelize, tp_loss
-from parallel.pipeline import build_pipeline, pipeline_eval, pipeline_step, tied_embedding_copy
+from parallel.pipeline import build_pipeline, ends_share_rank, pipeline_eval, pipeline_step, tied_embedding_copy
 
 from .checkpoint import Checkpointer
 from .config import ConfigError, RunConfig, to_dict
@@ -187,8 +189,7 @@ class Trainer:
         group of each (first-stage rank, last-stage rank) pair that sums their gradients. None when both
         stages share a rank (V schedules) or there is nothing to tie."""
         cfg = self.cfg
-        v_style = cfg.parallel.pp_schedule.lower() in ("zbvzerobubble", "dualpipev")
-        if self.dims.pp == 1 or not cfg.model.num_nextn_predict_layers or v_style:
+        if self.dims.pp == 1 or not cfg.model.num_nextn_predict_layers or ends_share_rank(cfg.parallel.pp_schedule):
             return None
         ranks = self.mesh.mesh.reshape(self.dims.pp, -1)
         mine = None
@@ -205,8 +206,10 @@ class Trainer:
             return
         grads = [part.embed_tokens.weight.grad for part in self.parts if part.embed_tokens is not None]
         local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
-        total = torch.stack(local).sum(0) if len(local) > 1 else local[0].clone() if local else None
-        if self.embed_group is not None and total is not None:
+        if not local:  # a middle stage
+            return
+        total = torch.stack(local).sum(0)
+        if self.embed_group is not None:
             dist.all_reduce(total, group=self.embed_group)
         for g in local:
             g.copy_(total)
@@ -267,10 +270,7 @@ class Trainer:
             if mcfg.num_nextn_predict_layers == 0:
                 return self.loss_fn(model(inputs), labels)
             logits, mtp = model.forward_with_mtp(inputs)
-        loss = self.loss_fn(logits, labels)
-        for k, lg in enumerate(mtp, start=1):  # depth k predicts labels shifted by k more
-            loss = loss + mcfg.mtp_loss_weight / len(mtp) * self.loss_fn(lg, labels[:, k:])
-        return loss
+        return lm_and_mtp_loss(self.loss_fn, logits, mtp, labels, mcfg.mtp_loss_weight)
 
     def train_step(self, micro_batches) -> dict:
         total = self._pipeline_loss(micro_batches) if self.pipeline else self._accumulate(micro_batches)
@@ -334,13 +334,11 @@ class Trainer:
         ids = self._moe_ids()
         if not ids:
             return {}
-        names = [n for n, a in (("expert", "aux_loss_alpha"), ("device", "device_aux_loss_alpha"),
-                                ("comm", "comm_aux_loss_alpha"), ("seq", "seq_aux_loss_alpha"))
-                 if getattr(self.cfg.model, a) > 0]
+        names = active_balance_terms(self.cfg.model)
         e = self.cfg.model.n_routed_experts
         rows = {i: torch.cat([m.tokens_per_expert, m.dropped,
-                              torch.stack([m.aux_values.get(n, torch.zeros(())).float() for n in names])
-                              if names else torch.zeros(0)]) for i, m in layers.items()}
+                              *[m.aux_values.get(n, m.dropped.new_zeros(())).float().view(1) for n in names]])
+                for i, m in layers.items()}
         full = self._gather_layers(rows, e + 2 + len(names))
         stats = full[:, : e + 2].contiguous()
         if self.dp_world > 1:  # every data-parallel rank routed different tokens
