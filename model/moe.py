@@ -91,7 +91,10 @@ class _GroupedMM(torch.autograd.Function):
 
 
 @torch.compiler.disable  # data-dependent group sizes; its fake-tensor rule also rejects fp32 on CPU
-def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, op: Callable | None = None) -> torch.Tensor:
+    """Per-group x_g @ w_g; `op(x, w, offs)` is the differentiable GEMM (default `_GroupedMM`; parallel/fp8.py
+    supplies an FP8 one)."""
+    op = op or _GroupedMM.apply
     if x.shape[0] == 0:  # nothing routed here (possible under expert parallelism): keep x and w in the graph,
         # so backward still visits every node before this one (all-to-alls must run on every rank)
         return x @ w[0].to(x.dtype) + 0 * w.sum()
@@ -99,9 +102,9 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Te
     d_in, d_out = w.shape[-2], w.shape[-1]
     pad_in, pad_out = -d_in % 8, -d_out % 8  # the kernel needs 16-byte-aligned rows
     if pad_in or pad_out:  # odd widths (never in real configs): zero-pad, differentiably
-        out = _GroupedMM.apply(F.pad(x, (0, pad_in)), F.pad(w, (0, pad_out, 0, pad_in)), offs)
+        out = op(F.pad(x, (0, pad_in)), F.pad(w, (0, pad_out, 0, pad_in)), offs)
         return out[:, :d_out]
-    return _GroupedMM.apply(x, w, offs)
+    return op(x, w, offs)
 
 
 class GroupedExperts(nn.Module):
@@ -113,14 +116,15 @@ class GroupedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(n_experts, hidden, dim))
         nn.init.normal_(self.gate_up_proj, 0.0, std)  # a no-op on the meta device
         nn.init.normal_(self.down_proj, 0.0, std)
+        self.gemm: Callable | None = None  # the grouped GEMM op; None: high precision (see `grouped_mm`)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [M, D] sorted by expert, counts [E] rows per expert -> [M, D]."""
         if torch.is_autocast_enabled(x.device.type):  # grouped GEMMs are not autocast ops: cast by hand
             x = x.to(torch.get_autocast_dtype(x.device.type))
         offs = counts.cumsum(0).to(torch.int32)
-        gate, up = grouped_mm(x, _local(self.gate_up_proj), offs).chunk(2, dim=-1)
-        return grouped_mm(F.silu(gate) * up, _local(self.down_proj), offs)
+        gate, up = grouped_mm(x, _local(self.gate_up_proj), offs, self.gemm).chunk(2, dim=-1)
+        return grouped_mm(F.silu(gate) * up, _local(self.down_proj), offs, self.gemm)
 
 
 def _local(w: torch.Tensor) -> torch.Tensor:

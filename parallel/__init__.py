@@ -1,6 +1,7 @@
 """Everything applied to a model to run it at scale. `parallelize` is the one place that wraps the model.
 
-Order (on a model whose weights are initialised whole, or on meta): expert parallelism (shard the expert
+Order (on a model whose weights are initialised whole, or on meta): FP8 GEMMs (parallel/fp8.py), expert
+parallelism (shard the expert
 stacks over "ep", install the all-to-all hooks), tensor + sequence parallelism (parallel/tensor.py),
 global balance loads, then FSDP2 per block and the root:
 dense weights over dp_shard (HSDP with dp_replicate), expert weights over what dp_shard leaves after ep.
@@ -15,10 +16,11 @@ from torch import nn
 
 from .dims import LayoutError, ParallelDims
 from .expert import apply_ep, reduce_loads_over
+from .fp8 import Fp8Recipe, convert_to_fp8
 from .recompute import apply_activation_checkpointing, apply_compile
 from .tensor import apply_tp, tp_loss
 
-__all__ = ["LayoutError", "ParallelDims", "parallelize", "dp_mesh", "clip_grad_norm_", "tp_loss"]
+__all__ = ["LayoutError", "ParallelDims", "Fp8Recipe", "parallelize", "dp_mesh", "clip_grad_norm_", "tp_loss"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -39,10 +41,12 @@ def expert_dp_mesh(mesh):
 
 def parallelize(model: nn.Module, mesh, dims: ParallelDims, param_dtype: str = "float32",
                 reduce_dtype: str = "float32", cpu_offload: bool = False,
-                activation_checkpoint: str = "none", compile: bool = False) -> nn.Module:
+                activation_checkpoint: str = "none", compile: bool = False, fp8: Fp8Recipe | None = None) -> nn.Module:
     """Apply the parallel layout to this process's model (part); activation_checkpoint and compile: see
-    parallel/recompute.py. FSDP wraps every distributed model, also with dp == 1 (then it is only the
-    mixed-precision policy)."""
+    parallel/recompute.py; fp8: parallel/fp8.py. FSDP wraps every distributed model, also with dp == 1
+    (then it is only the mixed-precision policy)."""
+    if fp8 is not None:
+        convert_to_fp8(model, fp8)
     if mesh is not None and dims.ep > 1:
         apply_ep(model, mesh["ep"])
     if mesh is not None and dims.tp > 1:

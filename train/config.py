@@ -42,11 +42,23 @@ class OptimConfig:
     step_decay_factor: float = 0.316
 
 
+PRECISIONS = ("fp32", "bf16", "fp8_tensorwise", "fp8_rowwise", "fp8_blockwise")
+
+
 @dataclass
 class PrecisionConfig:
-    name: str = "fp32"  # fp32 | bf16
-    param_dtype: str = "float32"  # dtype of computation under FSDP mixed precision
+    name: str = "fp32"  # fp32 | bf16 | fp8_tensorwise | fp8_rowwise | fp8_blockwise
+    param_dtype: str = "float32"  # dtype of computation (autocast on one process, FSDP's policy when sharded)
     reduce_dtype: str = "float32"  # gradient reduction dtype
+    fp8_emulate: bool = False  # FP8 recipes: quantize -> dequantize around high-precision GEMMs (CPU, tests)
+    fp8_block: int = 128  # fp8_blockwise: tile length of activations/gradients and weight block side
+    fp8_fsdp_all_gather: bool = False  # fp8_tensorwise: FSDP2 all-gathers the dense weights in FP8 (torchao)
+    moment_dtype: str = "float32"  # AdamW moments; bfloat16 as DeepSeek-V3 (master weights stay fp32)
+
+    @property
+    def fp8_recipe(self) -> str | None:
+        """tensorwise | rowwise | blockwise for an FP8 recipe, else None."""
+        return self.name[4:] if self.name.startswith("fp8_") else None
 
 
 @dataclass
@@ -172,7 +184,12 @@ def validate(cfg: RunConfig) -> None:
     _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas must be two numbers in [0, 1), got {o.betas}")
     _require(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
     _require(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must lie in [0, 1], got {o.min_lr_ratio}")
-    _require(cfg.precision.name in ("fp32", "bf16"), f"precision must be fp32 or bf16, got {cfg.precision.name!r}")
+    _require(cfg.precision.name in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision.name!r}")
+    _require(not cfg.precision.fp8_fsdp_all_gather or cfg.precision.name == "fp8_tensorwise",
+             f"precision.fp8_fsdp_all_gather needs precision=fp8_tensorwise (one scale per weight), got {cfg.precision.name}")
+    _require(cfg.precision.fp8_block >= 1, f"precision.fp8_block must be >= 1, got {cfg.precision.fp8_block}")
+    _require(cfg.precision.moment_dtype in ("float32", "bfloat16"),
+             f"precision.moment_dtype must be float32 or bfloat16, got {cfg.precision.moment_dtype!r}")
     for key in ("param_dtype", "reduce_dtype"):
         val = getattr(cfg.precision, key)
         _require(val in ("float32", "bfloat16", "float16"), f"precision.{key} must be float32, bfloat16 or float16, got {val!r}")

@@ -27,6 +27,7 @@ from model.moe import active_balance_terms
 from model.transformer import lm_and_mtp_loss
 from model.analysis import param_counts, training_flops_per_token
 from parallel import LayoutError, ParallelDims, clip_grad_norm_, parallelize, tp_loss
+from parallel.fp8 import Fp8Recipe, after_optimizer_step, check_fp8
 from parallel.pipeline import build_pipeline, ends_share_rank, pipeline_eval, pipeline_step, tied_embedding_copy
 
 from .checkpoint import Checkpointer
@@ -138,7 +139,7 @@ class Trainer:
             (self.out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         torch.manual_seed(cfg.train.seed)
         self.parts = self._build_model()
-        self.optimizers = PartOptimizers(self.parts, cfg.optim, cfg.train.steps)
+        self.optimizers = PartOptimizers(self.parts, cfg.optim, cfg.train.steps, cfg.precision.moment_dtype)
         self._build_data()
         self.checkpointer = Checkpointer(self.out / "checkpoints", cfg.checkpoint.keep, cfg.checkpoint.async_save)
         resumed = self._resume() if cfg.checkpoint.load else None
@@ -159,14 +160,27 @@ class Trainer:
         parts = [model]
         if self.dims.pp > 1:
             self.pipeline, parts = self._build_pipeline(model)
+        fp8 = self.fp8 = self._fp8_recipe()
         parts = [parallelize(part, self.mesh, self.dims, cfg.precision.param_dtype, cfg.precision.reduce_dtype,
                              cfg.parallel.cpu_offload, cfg.parallel.activation_checkpoint,
-                             cfg.parallel.compile) for part in parts]
+                             cfg.parallel.compile, fp8) for part in parts]
         if big:
             for part in parts:
                 part.to_empty(device=env.device)
                 part.init_weights()
         return [part.train() for part in parts]
+
+    def _fp8_recipe(self) -> Fp8Recipe | None:
+        precision = self.cfg.precision
+        if precision.fp8_recipe is None:
+            return None
+        recipe = Fp8Recipe(precision.fp8_recipe, emulate=precision.fp8_emulate, block=precision.fp8_block,
+                           fsdp_all_gather=precision.fp8_fsdp_all_gather)
+        try:
+            check_fp8(recipe, self.env.device)
+        except ValueError as e:
+            raise ConfigError(f"precision={precision.name}: {e}") from None
+        return recipe
 
     def _build_pipeline(self, model: Transformer):
         cfg = self.cfg
@@ -260,8 +274,9 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ the step
     def autocast(self):
-        if self.cfg.precision.name == "bf16" and self.mesh is None:  # FSDP casts by its policy instead
-            return torch.autocast(self.env.device.type, dtype=torch.bfloat16)
+        dtype = self.cfg.precision.param_dtype
+        if dtype != "float32" and self.mesh is None:  # FSDP casts by its policy instead
+            return torch.autocast(self.env.device.type, dtype=getattr(torch, dtype))
         return contextlib.nullcontext()
 
     def loss(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -277,6 +292,7 @@ class Trainer:
         moe = self._moe_step()
         grad_norm = self._clip()
         self.optimizers.step()
+        after_optimizer_step(self.parts, self.fp8)
         self.optimizers.zero_grad()
         return {"loss": all_mean(total, self.dp_world, self.dp_group).item(), "grad_norm": grad_norm, **moe}
 

@@ -1,0 +1,309 @@
+"""FP8 training: which GEMMs run in FP8, how their operands are scaled, and the conversion of a model.
+
+Recipes (`precision=fp8_<recipe>`), each for all three GEMMs of a layer (fprop y = x W, dgrad dx = dy W^T,
+wgrad dW = x^T dy), every operand scaled along that GEMM's reduction dimension:
+
+  tensorwise  one scale per tensor (per expert for the stacked expert weights); gradients in E5M2
+  rowwise     one scale per row of the reduction dimension (per token, per output channel, ...)
+  blockwise   DeepSeek-V3: activations and gradients in 1x128 tiles, weights in 128x128 blocks, E4M3
+
+Dense linears with tensorwise/rowwise scaling are torchao's `Float8Linear` (`emulate=True` on CPU). The
+rest (every recipe's grouped expert GEMMs, blockwise dense linears) is this file's `Fp8Mm`: on CPU it
+quantizes -> dequantizes each operand exactly as the FP8 kernel would see it and runs the same matmul in
+the operands' precision (FP8 products are exact in fp32; accumulation is fp32, as DeepSeek's promoted
+partial sums). Scales are powers of two (the UE8M0 format of DeepSeek's later kernels), so a last-bit
+change in an amax never rescales a whole tile. On a GPU (`emulate=false`) the grouped and blockwise GEMMs
+are torchao's prototype FP8 kernels: blockwise grouped and dense for fp8_blockwise, rowwise grouped for
+fp8_rowwise and also for fp8_tensorwise's experts (torchao has no tensorwise grouped GEMM; logged at start).
+These GPU paths have not been run yet (no GPU in the sessions that built them); the emulated ones are tested.
+
+Kept in high precision, as in DeepSeek-V3: embedding, output head, router, norms, attention core.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+log = logging.getLogger(__name__)
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+FP8_MAX = {E4M3: torch.finfo(E4M3).max, E5M2: torch.finfo(E5M2).max}  # 448, 57344
+RECIPES = ("tensorwise", "rowwise", "blockwise")
+HIGH_PRECISION = ("embed_tokens", "lm_head")  # modules FP8 never touches (the router is not an nn.Linear)
+TENSOR, ROW = 0, None  # tile sizes of `quantize_along`: whole tensor, whole row
+
+
+@dataclass(frozen=True)
+class Fp8Recipe:
+    granularity: str  # tensorwise | rowwise | blockwise
+    emulate: bool  # quantize -> dequantize around high-precision matmuls (any device) instead of FP8 kernels
+    block: int = 128
+    fsdp_all_gather: bool = False  # FSDP2 all-gathers dense weights already cast to FP8 (torchao; tensorwise)
+
+    def __post_init__(self):
+        if self.granularity not in RECIPES:
+            raise ValueError(f"FP8 recipe must be one of {RECIPES}, got {self.granularity!r}")
+        if self.fsdp_all_gather and self.granularity != "tensorwise":
+            raise ValueError(f"FP8 all-gather needs one scale per weight tensor (fp8_tensorwise), not {self.granularity}")
+
+    @property
+    def grad_dtype(self) -> torch.dtype:
+        return E5M2 if self.granularity == "tensorwise" else E4M3  # torchao's tensorwise; DeepSeek: E4M3
+
+    @property
+    def act_tile(self):
+        """Tile of activations/gradients along a reduction dimension."""
+        return {"tensorwise": TENSOR, "rowwise": ROW, "blockwise": self.block}[self.granularity]
+
+
+def fp8_supported(device: torch.device) -> bool:
+    """Real FP8 GEMMs need an NVIDIA GPU of compute capability >= 8.9 (Ada, Hopper, Blackwell)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def check_fp8(recipe: Fp8Recipe, device: torch.device) -> None:
+    if not recipe.emulate and not fp8_supported(device):
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+        raise ValueError(f"FP8 kernels need an NVIDIA GPU with compute capability >= 8.9, this process runs on "
+                         f"{name}; set precision.fp8_emulate=true to emulate FP8 (slow, for tests)")
+
+
+# ------------------------------------------------------------------------------------------ quantization
+def pow2_scale(amax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The largest power of two s with amax * s <= the format's max (fp32; huge for all-zero tiles)."""
+    return torch.exp2(torch.floor(torch.log2(FP8_MAX[dtype] / amax.float().clamp_min(1e-30))).clamp(max=126))
+
+
+def _cast(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    m = FP8_MAX[dtype]
+    return (x.float() * scale).clamp(-m, m).to(dtype)
+
+
+def quantize_along(x: torch.Tensor, dtype: torch.dtype, tile) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 data and fp32 scales of x, scaled along its last dimension: `TENSOR` one scale for all of x,
+    `ROW` one per row, an int t one per 1 x t tile (a last partial tile gets its own scale).
+    Returns (q with x's shape, scale broadcastable to x after `expand_tiles`)."""
+    if tile is TENSOR:
+        scale = pow2_scale(x.abs().amax(), dtype)
+        return _cast(x, scale, dtype), scale
+    k = x.shape[-1]
+    t = k if tile is ROW else tile
+    tiles = F.pad(x, (0, -k % t)).unflatten(-1, (-1, t))  # [..., n_tiles, t]
+    scale = pow2_scale(tiles.abs().amax(-1, keepdim=True), dtype)
+    q = _cast(tiles, scale, dtype).flatten(-2)[..., :k]
+    return q, scale
+
+
+def dequantize_along(q: torch.Tensor, scale: torch.Tensor, tile, dtype: torch.dtype) -> torch.Tensor:
+    if tile is TENSOR:
+        return (q.float() / scale).to(dtype)
+    k = q.shape[-1]
+    t = k if tile is ROW else tile
+    tiles = F.pad(q.float(), (0, -k % t)).unflatten(-1, (-1, t))
+    return (tiles / scale).flatten(-2)[..., :k].to(dtype)
+
+
+def fake_quantize(x: torch.Tensor, dtype: torch.dtype, tile) -> torch.Tensor:
+    """x as an FP8 GEMM sees it: quantized along its last dimension, then dequantized (x's dtype)."""
+    q, scale = quantize_along(x, dtype, tile)
+    return dequantize_along(q, scale, tile, x.dtype)
+
+
+def fake_quantize_blocks(w: torch.Tensor, dtype: torch.dtype, block: int) -> torch.Tensor:
+    """w [..., R, C] with one scale per block x block square (partial edge blocks scaled on their own)."""
+    r, c = w.shape[-2:]
+    padded = F.pad(w, (0, -c % block, 0, -r % block))
+    blocks = padded.unflatten(-1, (-1, block)).unflatten(-3, (-1, block))  # [..., R/b, b, C/b, b]
+    scale = pow2_scale(blocks.abs().amax(dim=(-3, -1), keepdim=True), dtype)
+    deq = _cast(blocks, scale, dtype).float() / scale
+    return deq.flatten(-2).flatten(-3, -2)[..., :r, :c].to(w.dtype)
+
+
+def fake_quantize_segments(x: torch.Tensor, dtype: torch.dtype, offs: torch.Tensor, tile) -> torch.Tensor:
+    """x [M, C] scaled along M (its rows: tokens), separately within each row segment offs (group ends):
+    per segment and column (`ROW`), or per column in tiles of `tile` rows restarting at every segment
+    (blockwise wgrad operands); `TENSOR`: one scale for the whole tensor."""
+    if tile is TENSOR:
+        return fake_quantize(x, dtype, TENSOR)
+    m = x.shape[0]
+    rows = torch.arange(m, device=x.device)
+    seg = torch.searchsorted(offs.to(torch.int64), rows, right=True)  # segment of each row
+    if tile is ROW:
+        tile_of_row, n_tiles = seg, offs.numel() + 1
+    else:
+        starts = torch.cat([offs.new_zeros(1), offs[:-1]]).to(torch.int64)
+        sizes = offs.to(torch.int64) - starts
+        first_tile = torch.cumsum(torch.cat([sizes.new_zeros(1), (sizes + tile - 1) // tile]), 0)
+        seg = seg.clamp(max=offs.numel() - 1)  # rows past the last offset (none in practice) join the last
+        tile_of_row = first_tile[seg] + (rows - starts[seg]) // tile
+        n_tiles = int(first_tile[-1]) + 1
+    index = tile_of_row.unsqueeze(1).expand_as(x)
+    amax = x.new_zeros(n_tiles, x.shape[1], dtype=torch.float32).scatter_reduce(
+        0, index, x.abs().float(), "amax", include_self=True)
+    scale = pow2_scale(amax, dtype).gather(0, index)
+    return (_cast(x, scale, dtype).float() / scale).to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------- the GEMMs
+def _weight_fq(b: torch.Tensor, recipe: Fp8Recipe, along: str) -> torch.Tensor:
+    """Stacked weights b [E, K, N] fake-quantized for reduction over K (`along="K"`, fprop) or N (dgrad)."""
+    if recipe.granularity == "blockwise":
+        return fake_quantize_blocks(b, E4M3, recipe.block)  # the same squares serve both GEMMs
+    if recipe.granularity == "tensorwise":  # one scale per expert matrix
+        scale = pow2_scale(b.abs().amax(dim=(-2, -1), keepdim=True), E4M3)
+        return (_cast(b, scale, E4M3).float() / scale).to(b.dtype)
+    if along == "K":
+        return fake_quantize(b.transpose(-2, -1), E4M3, ROW).transpose(-2, -1)
+    return fake_quantize(b, E4M3, ROW)
+
+
+def _mm(x: torch.Tensor, b: torch.Tensor, offs: torch.Tensor | None) -> torch.Tensor:
+    return x @ b[0] if offs is None else torch._grouped_mm(x, b, offs=offs)
+
+
+class Fp8Mm(torch.autograd.Function):
+    """Emulated FP8 y = x @ b (offs None: dense, b [1, K, N]) or grouped y_g = x_g @ b_g (b [E, K, N], rows of
+    x sorted by group, offs = int32 group ends). Each GEMM's operands are fake-quantized along its
+    reduction dimension: fprop over K, dgrad over N, wgrad over the rows of each group."""
+
+    @staticmethod
+    def forward(ctx, x, b, offs, recipe: Fp8Recipe):
+        bq = _weight_fq(b, recipe, along="K")
+        xq = fake_quantize(x, E4M3, recipe.act_tile)
+        ctx.save_for_backward(x, b, offs, bq if recipe.granularity == "blockwise" else None)
+        ctx.recipe = recipe
+        return _mm(xq, bq, offs)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, b, offs, bq = ctx.saved_tensors
+        recipe, gd = ctx.recipe, ctx.recipe.grad_dtype
+        dy = dy.contiguous()
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            bq_n = bq if bq is not None else _weight_fq(b, recipe, along="N")
+            dx = _mm(fake_quantize(dy, gd, recipe.act_tile), bq_n.transpose(-2, -1), offs)
+        if ctx.needs_input_grad[1]:
+            seg = offs if offs is not None else torch.tensor([x.shape[0]], dtype=torch.int32, device=x.device)
+            xq = fake_quantize_segments(x, E4M3, seg, recipe.act_tile)
+            dyq = fake_quantize_segments(dy, gd, seg, recipe.act_tile)
+            dw = (xq.t() @ dyq).unsqueeze(0) if offs is None else torch._grouped_mm(xq.t(), dyq, offs=offs)
+        return dx, dw, None, None
+
+
+def fp8_grouped_gemm(recipe: Fp8Recipe) -> Callable:
+    """The `op(x, w, offs)` for `model.moe.grouped_mm` that runs the expert GEMMs in FP8."""
+    if recipe.emulate:
+        return lambda x, w, offs: Fp8Mm.apply(x, w, offs, recipe)
+    if recipe.granularity == "blockwise":
+        from torchao.prototype.moe_training.blockwise_fp8.grouped_mm import _to_fp8_blockwise_then_scaled_grouped_mm
+        return lambda x, w, offs: _to_fp8_blockwise_then_scaled_grouped_mm(
+            x, _col_major(w), offs, out_dtype=x.dtype, block_size=recipe.block)
+    from torchao.prototype.moe_training.fp8_grouped_mm import _to_fp8_rowwise_then_scaled_grouped_mm
+    return lambda x, w, offs: _to_fp8_rowwise_then_scaled_grouped_mm(
+        x, _col_major(w), offs, out_dtype=x.dtype, pad_token_groups_for_grouped_mm=False)
+
+
+def _col_major(w: torch.Tensor) -> torch.Tensor:
+    return w.transpose(-2, -1).contiguous().transpose(-2, -1)
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, recipe: Fp8Recipe) -> torch.Tensor:
+    """y = x @ weight^T (weight [N, K]) in FP8 by `recipe`: our emulation, or torchao's blockwise kernel.
+    Tensor-parallel weights (DTensors) run on the local shards; tiles never straddle shards, so the result
+    equals one process whenever the local reduction width is a multiple of the block."""
+    if isinstance(weight, DTensor):
+        return _sharded_linear(x, weight, recipe)
+    if not recipe.emulate:
+        from torchao.prototype.blockwise_fp8_training.linear import fp8_blockwise_mm
+        return fp8_blockwise_mm.apply(x.flatten(0, -2), weight, recipe.block, x.dtype).unflatten(0, x.shape[:-1])
+    y = Fp8Mm.apply(x.flatten(0, -2), weight.t().unsqueeze(0), None, recipe)
+    return y.unflatten(0, x.shape[:-1])
+
+
+def _sharded_linear(x, weight: DTensor, recipe: Fp8Recipe) -> DTensor:
+    """Column-parallel (weight Shard(0), x replicated), row-parallel (Shard(1), x sharded on its last dim:
+    partial sums) or replicated (x's layout kept) linear on local shards. Local gradients that are partial
+    sums are declared so: x's under column parallelism, the weight's when x is split over tokens."""
+    (wp,) = weight.placements
+    x_placements = x.placements if isinstance(x, DTensor) else (Replicate(),)
+    x_sharded = not all(p.is_replicate() for p in x_placements)
+    w_local = weight.to_local(grad_placements=[Partial()] if wp.is_replicate() and x_sharded else None)
+    if isinstance(x, DTensor):
+        x = x.to_local(grad_placements=[Partial()] if wp.is_shard(0) else None)
+    y = fp8_linear(x, w_local, recipe)
+    if wp.is_replicate():
+        placements = x_placements
+    elif wp.is_shard(0):
+        placements = (Shard(y.ndim - 1),)
+    else:
+        placements = (Partial(),)
+    return DTensor.from_local(y, weight.device_mesh, placements, run_check=False)
+
+
+# ------------------------------------------------------------------------------------------ conversion
+def _fp8_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    return [(name, mod) for name, mod in model.named_modules()
+            if type(mod) is nn.Linear and name.rsplit(".", 1)[-1] not in HIGH_PRECISION]
+
+
+def convert_to_fp8(model: nn.Module, recipe: Fp8Recipe) -> dict[str, int]:
+    """Run the model's dense linears (all but embedding and head) and its expert GEMMs in FP8. Parameter
+    names and shapes are unchanged, so checkpoints move freely between precisions. Returns the counts of
+    converted linears and expert stacks."""
+    linears = _fp8_linears(model)
+    if recipe.granularity == "blockwise":
+        for _, mod in linears:
+            _blockwise_forward(mod, recipe)
+    else:
+        _torchao_linears(model, recipe, {name for name, _ in linears})
+    experts = [m for m in model.modules() if type(m).__name__ == "GroupedExperts"]
+    for mod in experts:
+        mod.gemm = fp8_grouped_gemm(recipe)
+    experts_scaling = "rowwise" if recipe.granularity == "tensorwise" and not recipe.emulate else recipe.granularity
+    log.info("FP8 %s%s: %d linears, %d expert stacks (%s)", recipe.granularity, " (emulated)" * recipe.emulate,
+             len(linears), len(experts), experts_scaling)
+    return {"linears": len(linears), "expert_stacks": len(experts)}
+
+
+def _blockwise_forward(mod: nn.Linear, recipe: Fp8Recipe) -> None:
+    if mod.bias is not None:
+        raise ValueError("FP8 blockwise linears have no bias (DeepSeek's linears have none)")
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            with torch.autocast(x.device.type, enabled=False):
+                return fp8_linear(x.to(dtype), mod.weight.to(dtype), recipe)
+        return fp8_linear(x, mod.weight, recipe)
+    mod.forward = forward
+
+
+def _torchao_linears(model: nn.Module, recipe: Fp8Recipe, names: set[str]) -> None:
+    torchao_log = logging.getLogger("torchao")
+    level = torchao_log.level
+    torchao_log.setLevel(logging.ERROR)  # its CUDA extension libraries fail to load on a CPU-only torch: noise
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    finally:
+        torchao_log.setLevel(level)
+
+    config = dataclasses.replace(Float8LinearConfig.from_recipe_name(recipe.granularity), emulate=recipe.emulate,
+                                 enable_fsdp_float8_all_gather=recipe.fsdp_all_gather)
+    convert_to_float8_training(model, config=config, module_filter_fn=lambda _mod, fqn: fqn in names)
+
+
+def after_optimizer_step(parts: list[nn.Module], recipe: Fp8Recipe | None) -> None:
+    """With FP8 all-gather: every weight's FP8 scale for the next step's all-gather, one all-reduce for all
+    (torchao), instead of one per weight inside the all-gather."""
+    if recipe is not None and recipe.fsdp_all_gather:
+        from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
+        for part in parts:
+            precompute_float8_dynamic_scale_for_fsdp(part)

@@ -1,0 +1,248 @@
+"""FP8 recipes (parallel/fp8.py): quantization error bounds on known tensors, GEMMs and their gradients
+against fp32, the conversion of a model, BF16 optimizer moments, and training against bf16."""
+
+import pytest
+import torch
+from torch import nn
+
+from model import Transformer, load_preset
+from parallel.fp8 import (E4M3, E5M2, RECIPES, ROW, TENSOR, Fp8Mm, Fp8Recipe, check_fp8, convert_to_fp8,
+                          fake_quantize, fake_quantize_blocks, fake_quantize_segments, fp8_linear, pow2_scale,
+                          quantize_along)
+from test_train import base_args, dataset, metrics, train  # noqa: F401  (dataset is a fixture)
+from train.optim import AdamWLowPrecisionMoments
+
+HALF_ULP = {E4M3: 2.0 ** -4, E5M2: 2.0 ** -3}  # relative rounding bound of normal numbers (3 / 2 mantissa bits)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).detach().norm() / b.detach().norm())
+
+
+# ------------------------------------------------------------------------------------------ quantization
+MANTISSA = {E4M3: 3, E5M2: 2}
+
+
+def _per_element(scale: torch.Tensor, tile, shape) -> torch.Tensor:
+    if tile is TENSOR:
+        return scale.expand(shape)
+    k = shape[-1]
+    return scale.expand(*scale.shape[:-1], k if tile is ROW else tile).flatten(-2)[..., :k]
+
+
+@pytest.mark.parametrize("dtype", [E4M3, E5M2])
+@pytest.mark.parametrize("tile", [TENSOR, ROW, 128])
+def test_round_trip_within_half_ulp(dtype, tile):
+    """Every element within half an ulp of the format at its scale: relative 2^-4 (E4M3) / 2^-3 (E5M2) for
+    normal numbers, half the subnormal spacing below; each tile's amax uses the top binade of the format."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 384) * torch.logspace(-2, 2, 8).unsqueeze(1)  # rows over four decades
+    q, scale = quantize_along(x, dtype, tile)
+    assert q.dtype == dtype
+    assert torch.equal(torch.log2(scale).round(), torch.log2(scale)), "scales are powers of two"
+    sc = _per_element(scale, tile, x.shape)
+    top = (x.abs() * sc).amax() if tile is TENSOR else (x.abs() * sc).unflatten(-1, (-1, 384 if tile is ROW else 128)).amax(-1)
+    fmax = torch.finfo(dtype).max
+    assert bool((top <= fmax).all()) and bool((top > fmax / 2).all())
+    spacing = torch.finfo(dtype).smallest_normal * 2.0 ** -MANTISSA[dtype]  # subnormal step
+    bound = torch.maximum(HALF_ULP[dtype] * x.abs(), spacing / 2 / sc)
+    err = (fake_quantize(x, dtype, tile) - x).abs()
+    assert bool((err <= bound * (1 + 1e-6)).all())
+    assert float((err / x.abs()).max()) > HALF_ULP[dtype] / 4, "the bound is not vacuous: FP8 really rounds"
+
+
+def test_representable_values_round_trip_exactly():
+    x = torch.tensor([[1.0, 1.125, -1.875, 0.5, 448.0 / 64, -3.0, 0.0, 2.0 ** -5]])
+    for tile in (TENSOR, ROW, 128):
+        assert torch.equal(fake_quantize(x, E4M3, tile), x)
+
+
+def test_outlier_costs_only_its_own_tile():
+    """One outlier of 1e4 among values of 1e-2: tensorwise flushes the whole tensor's small values, rowwise its
+    row, blockwise only its 1x128 tile; 128x128 weight blocks keep the other blocks exact to half an ulp."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 256) * 1e-2
+    x[0, 5] = 1e4
+    errs = {}
+    for name, tile in (("tensorwise", TENSOR), ("rowwise", ROW), ("blockwise", 128)):
+        y = fake_quantize(x, E4M3, tile)
+        errs[name] = (rel(y[1:], x[1:]), rel(y[0, 128:], x[0, 128:]), rel(y[0, 6:128], x[0, 6:128]))
+    assert errs["tensorwise"][0] > 0.5 and errs["tensorwise"][1] > 0.5  # 1e-2 * 448/1e4 < E4M3's smallest value
+    assert errs["rowwise"][0] < 0.04 and errs["rowwise"][1] > 0.5
+    assert errs["blockwise"][0] < 0.04 and errs["blockwise"][1] < 0.04 and errs["blockwise"][2] > 0.5
+    w = torch.randn(256, 256) * 1e-2
+    w[3, 7] = 1e4
+    wq = fake_quantize_blocks(w, E4M3, 128)
+    assert rel(wq[128:, 128:], w[128:, 128:]) < 0.04 and rel(wq[128:, :128], w[128:, :128]) < 0.04
+    assert rel(wq[:128, 8:128], w[:128, 8:128]) > 0.5
+
+
+def test_segment_tiles_restart_at_every_group():
+    """Weight-gradient operands are scaled along tokens in tiles of 128 rows counted from each expert's first
+    row: equal to quantizing every group's rows on their own."""
+    torch.manual_seed(0)
+    sizes = [130, 0, 5, 300]
+    x = torch.randn(sum(sizes), 16) * torch.rand(sum(sizes), 1) * 10
+    offs = torch.tensor(sizes).cumsum(0).to(torch.int32)
+    got = fake_quantize_segments(x, E4M3, offs, 128)
+    start = 0
+    for n in sizes:
+        part = x[start:start + n]
+        for t in range(0, n, 128):  # tile of up to 128 rows, each column its own scale
+            end = min(t + 128, n)
+            ref = fake_quantize(part[t:end].t().contiguous(), E4M3, ROW).t()
+            assert torch.equal(got[start + t:start + end], ref)
+        start += n
+    per_group = fake_quantize_segments(x, E4M3, offs, ROW)
+    assert torch.equal(per_group[:130], fake_quantize(x[:130].t().contiguous(), E4M3, ROW).t())
+
+
+def test_pow2_scale_of_zero_tile_is_finite():
+    s = pow2_scale(torch.zeros(3), E4M3)
+    assert bool(torch.isfinite(s).all()) and torch.equal(fake_quantize(torch.zeros(2, 8), E4M3, ROW), torch.zeros(2, 8))
+
+
+# ------------------------------------------------------------------------------------------------ GEMMs
+def _grouped_problem():
+    torch.manual_seed(1)
+    x = torch.randn(300, 256, requires_grad=True)
+    w = (torch.randn(3, 256, 192) * 0.05).requires_grad_()
+    offs = torch.tensor([100, 100, 300], dtype=torch.int32)  # the middle expert gets no tokens
+    return x, w, offs
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_grouped_gemm_and_gradients_match_fp32(recipe):
+    """Each GEMM quantizes both operands: the relative error of y, dx and dW lies between one rounding of one
+    operand and two (E4M3 ~2.7% rms per operand; tensorwise gradients in E5M2, ~5.4%)."""
+    x, w, offs = _grouped_problem()
+    ref = torch._grouped_mm(x, w, offs=offs)
+    g = torch.randn_like(ref)
+    dx, dw = torch.autograd.grad(ref, (x, w), g)
+    y = Fp8Mm.apply(x, w, offs, Fp8Recipe(recipe, emulate=True))
+    dxq, dwq = torch.autograd.grad(y, (x, w), g)
+    grad_hi = 0.08 if recipe == "tensorwise" else 0.05
+    assert 0.02 < rel(y, ref) < 0.05
+    assert 0.02 < rel(dxq, dx) < grad_hi and 0.02 < rel(dwq, dw) < grad_hi
+    assert torch.equal(dwq[1], torch.zeros_like(dwq[1])), "an expert without tokens gets a zero gradient"
+
+
+@pytest.mark.parametrize("recipe", ["rowwise", "blockwise"])
+def test_grouped_gemm_equals_one_dense_gemm_per_expert(recipe):
+    """The grouped FP8 GEMM is the dense FP8 GEMM of each expert on its own tokens (not so for tensorwise,
+    whose activation scale spans all experts' tokens; it is checked against fp32 above)."""
+    x, w, offs = _grouped_problem()
+    r = Fp8Recipe(recipe, emulate=True)
+    y = Fp8Mm.apply(x, w, offs, r)
+    g = torch.randn_like(y)
+    dx, dw = torch.autograd.grad(y, (x, w), g)
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        xe = x[start:end].detach().requires_grad_()
+        we = w[e].detach().t().contiguous().requires_grad_()  # nn.Linear layout [N, K]
+        ye = fp8_linear(xe, we, r)
+        torch.testing.assert_close(y[start:end], ye, rtol=1e-5, atol=1e-6)
+        if end > start:
+            dxe, dwe = torch.autograd.grad(ye, (xe, we), g[start:end])
+            torch.testing.assert_close(dx[start:end], dxe, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(dw[e], dwe.t(), rtol=1e-5, atol=1e-6)
+        start = end
+
+
+def test_fp8_all_gather_wraps_dense_weights_for_fsdp():
+    model = _tiny()
+    convert_to_fp8(model, Fp8Recipe("tensorwise", emulate=True, fsdp_all_gather=True))
+    from torchao.float8.fsdp_utils import WeightWithDynamicFloat8CastTensor
+    assert isinstance(model.layers["1"].mlp.shared_experts.up_proj.weight, WeightWithDynamicFloat8CastTensor)
+    assert not isinstance(model.lm_head.weight, WeightWithDynamicFloat8CastTensor)
+    with pytest.raises(ValueError, match="fp8_tensorwise"):
+        Fp8Recipe("rowwise", emulate=True, fsdp_all_gather=True)
+
+
+def test_check_fp8_refuses_cpu_without_emulation():
+    with pytest.raises(ValueError, match="compute capability >= 8.9.*fp8_emulate=true"):
+        check_fp8(Fp8Recipe("rowwise", emulate=False), torch.device("cpu"))
+    check_fp8(Fp8Recipe("rowwise", emulate=True), torch.device("cpu"))
+
+
+# ------------------------------------------------------------------------------------------------ model
+def _tiny():
+    torch.manual_seed(0)
+    model = Transformer(load_preset("tiny"))
+    model.init_weights(seed=0)
+    return model
+
+
+def _loss_and_grads(model, tokens):
+    loss = nn.functional.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+    loss.backward()
+    return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_converted_model_keeps_names_and_high_precision_parts(recipe):
+    ref, model = _tiny(), _tiny()
+    counts = convert_to_fp8(model, Fp8Recipe(recipe, emulate=True))
+    # tiny: 4 layers x 5 MLA projections, 3 dense-MLP linears, 3 MoE layers x 3 shared-expert linears
+    assert counts == {"linears": 4 * 5 + 3 + 3 * 3, "expert_stacks": 3}
+    assert model.state_dict().keys() == ref.state_dict().keys()
+    assert type(model.lm_head) is nn.Linear and type(model.embed_tokens) is nn.Embedding
+    if recipe != "blockwise":
+        from torchao.float8.float8_linear import Float8Linear
+        assert type(model.layers["0"].self_attn.o_proj) is Float8Linear
+    tokens = torch.randint(0, 512, (2, 65), generator=torch.Generator().manual_seed(0))
+    (l_ref, g_ref), (l_fp8, g_fp8) = _loss_and_grads(ref, tokens), _loss_and_grads(model, tokens)
+    assert l_fp8 != l_ref and abs(l_fp8 / l_ref - 1) < 1e-3
+    cos = float(torch.nn.functional.cosine_similarity(g_fp8, g_ref, dim=0))
+    assert 0.99 < cos < 1.0
+
+
+# ------------------------------------------------------------------------------------------------ optim
+def test_bf16_moments_adamw():
+    """fp32 moments: exactly torch's AdamW; bf16 moments: state in bf16 (half the bytes), weights within bf16
+    rounding of AdamW's after 5 steps."""
+    torch.manual_seed(0)
+    w0 = torch.randn(64, 32)
+    grads = [torch.randn(64, 32) for _ in range(5)]
+    results = {}
+    for name, make in {"torch": lambda p: torch.optim.AdamW([p], lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1),
+                       "fp32": lambda p: AdamWLowPrecisionMoments([p], 1e-2, (0.9, 0.95), 1e-8, 0.1, torch.float32),
+                       "bf16": lambda p: AdamWLowPrecisionMoments([p], 1e-2, (0.9, 0.95), 1e-8, 0.1, torch.bfloat16)}.items():
+        p = nn.Parameter(w0.clone())
+        opt = make(p)
+        for g in grads:
+            p.grad = g.clone()
+            opt.step()
+        results[name] = (p.detach(), opt.state[p])
+    torch.testing.assert_close(results["fp32"][0], results["torch"][0], rtol=1e-6, atol=1e-7)
+    assert results["bf16"][1]["exp_avg"].dtype == torch.bfloat16 and results["bf16"][1]["exp_avg_sq"].dtype == torch.bfloat16
+    step_size = (results["torch"][0] - w0).abs().mean()
+    diff = (results["bf16"][0] - results["torch"][0]).abs().max()
+    assert 0 < diff < 0.02 * step_size * 5
+
+
+# ------------------------------------------------------------------------------------------------ train
+def test_fp8_on_cpu_without_emulation_is_a_config_error(dataset, tmp_path):
+    proc = train(base_args(dataset, tmp_path / "x", 1) + ["precision=fp8_blockwise"], check=False)
+    assert proc.returncode == 2
+    assert "compute capability >= 8.9" in proc.stderr and "fp8_emulate=true" in proc.stderr
+
+
+def test_fp8_recipes_train_like_bf16(dataset, tmp_path):
+    """The tiny model, 40 steps: each FP8 recipe's validation loss within 1% of bf16's (and each differs,
+    so FP8 really ran); bf16 AdamW moments as well."""
+    steps = 40
+    common = {"train.val_every": steps, "data.val_batches": 2, "optim.lr": 3e-3}
+    val = {}
+    for precision in ("bf16", "fp8_tensorwise", "fp8_rowwise", "fp8_blockwise"):
+        out = tmp_path / precision
+        extra = {"precision.fp8_emulate": "true"} if precision.startswith("fp8") else {}
+        if precision == "fp8_blockwise":
+            extra["precision.moment_dtype"] = "bfloat16"
+        train(base_args(dataset, out, steps, precision=precision, **common, **extra))
+        val[precision] = metrics(out, "val_loss")[steps]
+    first = metrics(tmp_path / "bf16")[1]
+    assert val["bf16"] < first - 0.5, "the runs must learn for the comparison to mean anything"
+    for precision in ("fp8_tensorwise", "fp8_rowwise", "fp8_blockwise"):
+        assert val[precision] != val["bf16"]
+        assert abs(val[precision] / val["bf16"] - 1) < 0.01, (precision, val)
