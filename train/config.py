@@ -101,6 +101,25 @@ class LogConfig:
 
 
 @dataclass
+class LaunchConfig:
+    """How `python -m launch` starts the run (conf/launch/); the trainer itself ignores it."""
+    mode: str = "local"  # local | torchrun | slurm
+    nodes: int = 1
+    procs_per_node: int = 1  # processes (GPUs) per node
+    master_addr: str = "localhost"  # torchrun mode: rendezvous host (any node of the job)
+    master_port: int = 29500
+    job_name: str = "dsv2"
+    partition: Optional[str] = None  # slurm
+    account: Optional[str] = None  # slurm
+    time: str = "24:00:00"  # slurm time limit
+    signal_before_end_s: int = 300  # slurm: SIGUSR1 this long before the time limit -> checkpoint, requeue
+    shutdown_timeout_s: int = 900  # how long torchrun lets workers checkpoint after a forwarded signal
+    sbatch_extra: tuple = ()  # more "#SBATCH" options, e.g. ["--exclusive", "--qos=high"]
+    env: dict = field(default_factory=dict)  # exported before launching (NCCL / network knobs)
+    dry_run: bool = False  # print the command (and the sbatch script) without launching
+
+
+@dataclass
 class RunConfig:
     output_dir: str = "runs/default"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -111,6 +130,7 @@ class RunConfig:
     train: LoopConfig = field(default_factory=LoopConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
 
 
 # --------------------------------------------------------------------------------------------- building
@@ -193,6 +213,13 @@ def validate(cfg: RunConfig) -> None:
     for key in ("param_dtype", "reduce_dtype"):
         val = getattr(cfg.precision, key)
         _require(val in ("float32", "bfloat16", "float16"), f"precision.{key} must be float32, bfloat16 or float16, got {val!r}")
+    la = cfg.launch
+    _require(la.mode in ("local", "torchrun", "slurm"), f"launch.mode must be local, torchrun or slurm, got {la.mode!r}")
+    _require(la.nodes >= 1 and la.procs_per_node >= 1,
+             f"launch.nodes={la.nodes} and launch.procs_per_node={la.procs_per_node} must be >= 1")
+    _require(la.mode != "local" or la.nodes == 1, f"launch=local runs one node, got launch.nodes={la.nodes}; "
+             f"use launch=torchrun (on every node) or launch=slurm")
+    _require(la.signal_before_end_s > 0, f"launch.signal_before_end_s must be > 0, got {la.signal_before_end_s}")
     _require(cfg.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}")
     _require(cfg.checkpoint.every >= 0, f"checkpoint.every must be >= 0, got {cfg.checkpoint.every}")
     _require(cfg.log.every >= 1, f"log.every must be >= 1, got {cfg.log.every}")

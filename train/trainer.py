@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
+from launch.slurm import torch_env_from_slurm
 from model import Transformer
 from model.moe import active_balance_terms
 from model.transformer import lm_and_mtp_loss
@@ -52,6 +53,10 @@ class Env:
 
 
 def init_distributed() -> Env:
+    try:  # started by `srun` directly, one task per GPU: the ranks come from SLURM's variables
+        os.environ.update(torch_env_from_slurm(dict(os.environ)))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()

@@ -1,0 +1,91 @@
+"""SLURM: the torch.distributed environment of a task started by `srun` (without torchrun), and the sbatch
+script of a run (rendered from the `launch` config group)."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+# torchrun forwards these to its workers; SIGUSR1 is SLURM's "time limit near" warning (see the sbatch script)
+FORWARDED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: "gpu[003-005,9],cpu1" -> "gpu003"; "a,b" -> "a"."""
+    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not m:
+        raise ValueError(f"cannot read a host from SLURM node list {nodelist!r}")
+    prefix, ranges = m.groups()
+    return prefix + (ranges.split(",")[0].split("-")[0] if ranges else "")
+
+
+def torch_env_from_slurm(env: dict[str, str]) -> dict[str, str]:
+    """RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT for a task that `srun` started directly
+    (one task per GPU), from SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID and the job's first node. Empty when
+    torchrun already set them or this is not a multi-task SLURM step. MASTER_PORT defaults to 29500 + the job
+    id modulo 1000, so two jobs sharing a node do not collide."""
+    if "RANK" in env or int(env.get("SLURM_NTASKS", "1")) <= 1 or "SLURM_PROCID" not in env:
+        return {}
+    missing = [k for k in ("SLURM_LOCALID", "SLURM_JOB_NODELIST") if k not in env]
+    if missing and "MASTER_ADDR" not in env:
+        raise ValueError(f"SLURM_NTASKS={env['SLURM_NTASKS']} but {missing} unset: not a SLURM job step?")
+    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"], "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+            "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(env["SLURM_JOB_NODELIST"]),
+            "MASTER_PORT": env.get("MASTER_PORT") or str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 1000)}
+
+
+def torchrun_args(launch, endpoint: str, run_id: str) -> list[str]:
+    """torchrun's arguments for `launch.nodes` nodes rendezvousing at `endpoint` (c10d)."""
+    args = ["-m", "torch.distributed.run", f"--nproc-per-node={launch.procs_per_node}"]
+    if launch.nodes == 1 and launch.mode == "local":
+        return [*args, "--standalone", f"--signals-to-handle={FORWARDED_SIGNALS}",
+                f"--shutdown-timeout={launch.shutdown_timeout_s}"]
+    return [*args, f"--nnodes={launch.nodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
+            f"--rdzv-id={run_id}", f"--signals-to-handle={FORWARDED_SIGNALS}",
+            f"--shutdown-timeout={launch.shutdown_timeout_s}"]
+
+
+def render_sbatch(launch, train_overrides: list[str], output_dir: str, python: str = sys.executable) -> str:
+    """The batch script: one `srun` task per node running torchrun, rendezvous on the job's first node.
+    `--signal=B:USR1@s` warns the batch shell s seconds before the time limit; it passes SIGUSR1 to srun,
+    srun to torchrun, torchrun to every worker; the workers agree on a step, checkpoint and exit 0, and the
+    script requeues the job, which resumes from that checkpoint with the same command."""
+    head = ["#!/bin/bash", f"#SBATCH --job-name={launch.job_name}", f"#SBATCH --nodes={launch.nodes}",
+            "#SBATCH --ntasks-per-node=1", f"#SBATCH --gpus-per-node={launch.procs_per_node}",
+            f"#SBATCH --time={launch.time}", f"#SBATCH --output={output_dir}/slurm/%x-%j.out", "#SBATCH --requeue",
+            f"#SBATCH --signal=B:USR1@{launch.signal_before_end_s}"]
+    head += [f"#SBATCH --{k}={v}" for k, v in (("partition", launch.partition), ("account", launch.account)) if v]
+    head += [f"#SBATCH {extra}" for extra in launch.sbatch_extra]
+    exports = [f"export {k}={shlex.quote(str(v))}" for k, v in sorted(launch.env.items())]
+    port = launch.master_port
+    cmd = shlex.join([python, *torchrun_args(launch, "__HEAD__", "__JOB__"), "-m", "train", *train_overrides])
+    cmd = cmd.replace("__HEAD__", f'"$HEAD":{port}').replace("__JOB__", '"$SLURM_JOB_ID"')
+    body = f"""
+cd {shlex.quote(str(REPO))}
+{chr(10).join(exports)}
+HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+PREEMPTED=0
+warn() {{
+    echo "time limit near: SIGUSR1 to the training processes (checkpoint, then requeue)"
+    PREEMPTED=1
+    kill -USR1 "$SRUN_PID" 2>/dev/null
+}}
+trap warn USR1
+echo "rendezvous on $HEAD:{port}, {launch.nodes} node(s) x {launch.procs_per_node} process(es)"
+srun --kill-on-bad-exit=1 {cmd} &
+SRUN_PID=$!
+STATUS=0
+while kill -0 "$SRUN_PID" 2>/dev/null; do  # a trapped signal interrupts wait: wait again
+    wait "$SRUN_PID"; STATUS=$?
+done
+if [ "$PREEMPTED" = 1 ]; then
+    echo "checkpoint written; requeueing job $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0  # torchrun reports the forwarded signal as a failure; the checkpoint is what counts
+fi
+exit $STATUS
+"""
+    return "\n".join(head) + "\n" + body

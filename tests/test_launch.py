@@ -1,0 +1,156 @@
+"""Launching (launch/): SLURM variables -> ranks, the rendered sbatch script, multi-node torchrun, and
+preemption: SIGUSR1 -> one coordinated checkpoint -> requeue -> the resumed run equals an uninterrupted one."""
+
+import os
+import signal
+import socket
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from launch.slurm import first_host, torch_env_from_slurm
+from test_train import PY, ROOT, base_args, dataset, metrics, train  # noqa: F401  (dataset is a fixture)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(*args: str, env_extra=None, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.run([PY, "-m", "launch", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600, **kw)
+
+
+# ------------------------------------------------------------------------------------------ SLURM variables
+def test_first_host_of_a_nodelist():
+    assert first_host("gpu[003-005,9],cpu1") == "gpu003"
+    assert first_host("node7,node8") == "node7"
+    assert first_host("h100-a-12") == "h100-a-12"
+
+
+def test_ranks_from_slurm_variables():
+    env = {"SLURM_PROCID": "13", "SLURM_NTASKS": "16", "SLURM_LOCALID": "5", "SLURM_JOB_NODELIST": "gpu[07-08]",
+           "SLURM_JOB_ID": "4242"}
+    assert torch_env_from_slurm(env) == {"RANK": "13", "WORLD_SIZE": "16", "LOCAL_RANK": "5",
+                                         "MASTER_ADDR": "gpu07", "MASTER_PORT": str(29500 + 242)}
+    assert torch_env_from_slurm({**env, "RANK": "0"}) == {}  # torchrun already set it
+    assert torch_env_from_slurm({**env, "SLURM_NTASKS": "1"}) == {}  # one task: nothing to set up
+    with pytest.raises(ValueError, match="SLURM_JOB_NODELIST"):
+        torch_env_from_slurm({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0"})
+
+
+def test_srun_tasks_train_like_torchrun(dataset, tmp_path):
+    """Two tasks started as `srun python -m train` would start them (only SLURM_* set): the same run as
+    torchrun with two processes."""
+    ref, got = tmp_path / "torchrun", tmp_path / "srun"
+    train(base_args(dataset, ref, 3), 2)
+    port = str(free_port())
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    procs = [subprocess.Popen([PY, "-m", "train", *base_args(dataset, got, 3)], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env={**env, "OMP_NUM_THREADS": "1", "SLURM_PROCID": str(r), "SLURM_NTASKS": "2",
+                                   "SLURM_LOCALID": str(r), "SLURM_JOB_NODELIST": "localhost", "MASTER_PORT": port})
+             for r in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-2000:]
+    assert metrics(got) == metrics(ref)
+    assert metrics(got, "grad_norm") == metrics(ref, "grad_norm")
+
+
+# ------------------------------------------------------------------------------------------ commands
+def test_dry_run_prints_a_valid_sbatch_script(tmp_path):
+    out = tmp_path / "run"
+    proc = launch("launch=slurm", "launch.dry_run=true", "launch.nodes=4", "launch.partition=h800",
+                  "launch.account=proj", "launch.time=12:00:00", "model=small", f"output_dir={out}")
+    assert proc.returncode == 0, proc.stderr
+    script, _, cmd = proc.stdout.rstrip().rpartition("\n")
+    assert cmd == f"sbatch {out}/slurm/dsv2.sbatch"
+    assert not out.exists(), "a dry run writes nothing"
+    path = tmp_path / "job.sbatch"
+    path.write_text(script)
+    assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
+    for line in ("#SBATCH --nodes=4", "#SBATCH --gpus-per-node=8", "#SBATCH --partition=h800",
+                 "#SBATCH --account=proj", "#SBATCH --time=12:00:00", "#SBATCH --requeue",
+                 "#SBATCH --signal=B:USR1@300", "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1"):
+        assert line in script.splitlines(), line
+    srun = next(line for line in script.splitlines() if line.startswith("srun "))
+    assert ("-m torch.distributed.run --nproc-per-node=8 --nnodes=4 --rdzv-backend=c10d "
+            '--rdzv-endpoint="$HEAD":29500 --rdzv-id="$SLURM_JOB_ID" '
+            "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1") in srun
+    assert srun.endswith(f"-m train model=small output_dir={out} &")
+
+
+def test_launch_config_errors_exit_2():
+    proc = launch("launch=local", "launch.nodes=2", "launch.dry_run=true")
+    assert proc.returncode == 2 and "launch.nodes=2" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_two_nodes_on_one_machine_equal_one_node(dataset, tmp_path):
+    """Two `launch=torchrun` launches (nnodes 2, c10d rendezvous on localhost), one process each: the same
+    losses as one node with two processes."""
+    ref, got = tmp_path / "one_node", tmp_path / "two_nodes"
+    train(base_args(dataset, ref, 3), 2)
+    port = str(free_port())
+    args = [*base_args(dataset, got, 3), "launch=torchrun", "launch.nodes=2", "launch.procs_per_node=1",
+            f"launch.master_port={port}", "launch.job_name=two_nodes"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen([PY, "-m", "launch", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for node in nodes:
+        out, err = node.communicate(timeout=600)
+        assert node.returncode == 0, err[-2000:]
+        assert "--nnodes=2 --rdzv-backend=c10d" in out.splitlines()[0]  # the exact command, printed first
+    assert metrics(got) == metrics(ref)
+
+
+# ------------------------------------------------------------------------------------------ preemption
+def _shims(bin_dir: Path, requeued: Path) -> None:
+    """Stand-ins for srun (runs the command in place, so signals reach torchrun) and scontrol."""
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+    (bin_dir / "scontrol").write_text(
+        f'#!/bin/bash\nif [ "$1" = show ]; then echo localhost; else echo "$@" >> {requeued}; fi\n')
+    for f in bin_dir.iterdir():
+        f.chmod(f.stat().st_mode | stat.S_IEXEC)
+
+
+def test_time_limit_signal_checkpoints_requeues_and_resumes(dataset, tmp_path):
+    """The rendered batch script, 2 processes: SIGUSR1 to the batch shell (SLURM's --signal=B:USR1) ->
+    every rank checkpoints at one step and exits 0 -> the script requeues the job -> running the same script
+    again resumes, and the losses equal an uninterrupted run."""
+    steps = 30
+    out, straight = tmp_path / "run", tmp_path / "straight"
+    requeued, bin_dir = tmp_path / "requeued", tmp_path / "bin"
+    _shims(bin_dir, requeued)
+    args = [*base_args(dataset, out, steps), "launch=slurm", "launch.nodes=1", "launch.procs_per_node=2",
+            f"launch.master_port={free_port()}", "launch.env={OMP_NUM_THREADS: 1}"]
+    submit = launch(*args)  # no SLURM here: the script is written, sbatch is missing, we run it by hand
+    assert submit.returncode == 2 and "sbatch not found on PATH" in submit.stderr
+    script = out / "slurm" / "dsv2.sbatch"
+    assert script.exists()
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "77",
+           "SLURM_JOB_NODELIST": "localhost"}
+    job = subprocess.Popen(["bash", str(script)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (
+            (out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    job.send_signal(signal.SIGUSR1)
+    stdout, stderr = job.communicate(timeout=600)
+    assert job.returncode == 0, stderr[-3000:]
+    assert requeued.read_text().split() == ["requeue", "77"]
+    saved = [int(p.name.split("_")[1]) for p in (out / "checkpoints").iterdir()]
+    assert len(saved) == 1 and 3 <= saved[0] < steps and max(metrics(out)) == saved[0]
+    again = subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert requeued.read_text().split() == ["requeue", "77"], "a run that finishes is not requeued"
+    train(base_args(dataset, straight, steps), 2)
+    assert metrics(out) == metrics(straight)
