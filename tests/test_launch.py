@@ -110,6 +110,30 @@ def test_two_nodes_on_one_machine_equal_one_node(dataset, tmp_path):
     assert metrics(got) == metrics(ref)
 
 
+def test_submitit_sweep_runs_each_job_like_a_direct_run(dataset, tmp_path):
+    """`python -m train -m hydra/launcher=submitit_local ...`: a two-point lr sweep through submitit (the local
+    twin of submitit_slurm); each job equals the same run started directly."""
+    sweep = tmp_path / "sweep"
+    args = [a for a in base_args(dataset, tmp_path, 2) if not a.startswith("output_dir=")]
+    proc = subprocess.run([PY, "-m", "train", "-m", "hydra/launcher=submitit_local", *args,
+                           f"output_dir={sweep}/lr${{optim.lr}}", "optim.lr=0.001,0.004", f"hydra.sweep.dir={sweep}/hydra"],
+                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    direct = tmp_path / "direct"
+    train(base_args(dataset, direct, 2, **{"optim.lr": 0.004}))
+    assert metrics(sweep / "lr0.004") == metrics(direct)
+    assert metrics(sweep / "lr0.001")[2] != metrics(direct)[2]
+
+
+def test_submitit_slurm_launcher_composes():
+    proc = subprocess.run([PY, "-m", "train", "hydra/launcher=submitit_slurm", "hydra.launcher.partition=h800",
+                           "hydra.launcher.nodes=2", "hydra.launcher.tasks_per_node=8", "--cfg", "hydra"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "_target_: hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher" in proc.stdout
+    assert "partition: h800" in proc.stdout and "tasks_per_node: 8" in proc.stdout
+
+
 # ------------------------------------------------------------------------------------------ preemption
 def _shims(bin_dir: Path, requeued: Path) -> None:
     """Stand-ins for srun (runs the command in place, so signals reach torchrun) and scontrol."""
