@@ -1,7 +1,9 @@
 """Launching (launch/): SLURM variables -> ranks, the rendered sbatch script, multi-node torchrun, and
 preemption: SIGUSR1 -> one coordinated checkpoint -> requeue -> the resumed run equals an uninterrupted one."""
 
+import json
 import os
+import re
 import signal
 import socket
 import stat
@@ -132,6 +134,37 @@ def test_submitit_slurm_launcher_composes():
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "_target_: hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher" in proc.stdout
     assert "partition: h800" in proc.stdout and "tasks_per_node: 8" in proc.stdout
+
+
+# ------------------------------------------------------------------------------------------ dry run
+HOLDS = re.compile(r"rank (\d+) holds parameters (\{.*?\})")
+
+
+def dry_run(*args: str) -> dict[int, dict]:
+    proc = subprocess.run([PY, "-m", "launch.dryrun", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return {int(r): json.loads(c) for r, c in HOLDS.findall(proc.stdout)}
+
+
+def test_dry_run_builds_what_real_ranks_hold(dataset, tmp_path):
+    """Fake process group + meta device on one process: per-rank parameters by mesh axis equal what each of
+    four real gloo ranks (pp=2 x ep=2) holds."""
+    layout = ["parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1"]
+    proc = train(base_args(dataset, tmp_path / "real", 1) + layout, 4)
+    real = {int(r): json.loads(c) for r, c in HOLDS.findall(proc.stderr)}
+    assert sorted(real) == [0, 1, 2, 3]
+    assert dry_run("--ranks=0,1,2,3", "model=tiny", *layout, "launch=slurm", "launch.nodes=1",
+                   "launch.procs_per_node=4") == real
+    assert set(real[0]) == {"dense:dp_shard", "experts:efsdp+ep"}
+
+
+def test_dry_run_of_deepseek_v2_on_2048_ranks():
+    """DeepSeek-V2 (60 layers, 160 experts of 5120 x 1536) with pp=16, ep=8 on 2,048 ranks: a stage-1 rank
+    holds 4 MoE layers; per layer its ep rank owns 20 experts, split over 16 efsdp ranks in chunks of 2
+    (torch.chunk), so it holds 4 x 2 experts x 3 x 5120 x 1536 parameters."""
+    held = dry_run("--ranks=128", "model=deepseek_v2", "parallel.pp=16", "parallel.ep=8", "launch=slurm",
+                   "launch.nodes=256", "launch.procs_per_node=8")[128]
+    assert held["experts:efsdp+ep"] == 4 * 2 * 3 * 5120 * 1536
 
 
 # ------------------------------------------------------------------------------------------ preemption

@@ -8,6 +8,7 @@ the newest complete checkpoint, so a killed-and-resumed run continues the uninte
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -28,6 +29,7 @@ from model.moe import active_balance_terms
 from model.transformer import lm_and_mtp_loss
 from model.analysis import param_counts, training_flops_per_token
 from parallel import LayoutError, ParallelDims, clip_grad_norm_, parallelize, tp_loss
+from parallel.inventory import rank_parameters
 from parallel.fp8 import Fp8Recipe, after_optimizer_step, check_fp8
 from parallel.pipeline import build_pipeline, ends_share_rank, pipeline_eval, pipeline_step, tied_embedding_copy
 
@@ -169,6 +171,7 @@ class Trainer:
         parts = [parallelize(part, self.mesh, self.dims, cfg.precision.param_dtype, cfg.precision.reduce_dtype,
                              cfg.parallel.cpu_offload, cfg.parallel.activation_checkpoint,
                              cfg.parallel.compile, fp8) for part in parts]
+        log.info("rank %d holds parameters %s", env.rank, json.dumps(rank_parameters(parts)))
         if big:
             for part in parts:
                 part.to_empty(device=env.device)

@@ -1,0 +1,92 @@
+"""Dry run of a full-size layout on this one CPU: the real mesh and the real sharded model of chosen ranks,
+built with torch's fake process-group backend (collectives are no-ops) on the meta device (no memory).
+
+    python -m launch.dryrun model=deepseek_v2 parallel.pp=16 parallel.ep=8 launch=slurm launch.nodes=256 launch.procs_per_node=8
+
+World size = launch.nodes x launch.procs_per_node. For the first rank of every pipeline stage (or the ranks
+given by `--ranks 0,5,...` before the overrides) it prints the parameters this rank holds, split by the mesh
+axes they are sharded over, and the bytes of fp32 master weights, fp32 gradients and AdamW moments
+(precision.moment_dtype). The trainer logs the same accounting for every real rank at start-up. Counts are
+of the elements a rank owns; FSDP pads uneven shards to the largest one, which these counts leave out.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from model import Transformer
+from parallel import ParallelDims, parallelize
+from parallel.inventory import rank_parameters
+from parallel.pipeline import build_stage_modules, stage_ids
+from train.__main__ import compose_config
+from train.config import ConfigError
+
+
+def memory_bytes(counts: dict[str, int], moment_bytes: int) -> dict[str, int]:
+    n = sum(counts.values())
+    return {"params_fp32": 4 * n, "grads_fp32": 4 * n, "adam_moments": 2 * moment_bytes * n,
+            "total": (8 + 2 * moment_bytes) * n}
+
+
+def build_rank(cfg, world: int, rank: int) -> list[nn.Module]:
+    """This rank's sharded model parts, on meta, under a fake process group of `world` ranks."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    p = cfg.parallel
+    dims = ParallelDims.resolve(world, p.dp_replicate, p.dp_shard, p.tp, p.ep, p.pp, p.pp_stages_per_rank)
+    dims.validate_model(cfg.model)
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
+    try:
+        mesh = dims.build_mesh("cpu")
+        with torch.device("meta"):
+            model = Transformer(cfg.model)
+        parts = [model]
+        if dims.pp > 1:
+            pp_rank = mesh["pp"].get_local_rank()
+            n_stages = dims.pp * p.pp_stages_per_rank
+            parts = [build_stage_modules(model, s, n_stages)
+                     for s in stage_ids(p.pp_schedule, pp_rank, dims.pp, p.pp_stages_per_rank)]
+        return [parallelize(part, mesh, dims, cfg.precision.param_dtype, cfg.precision.reduce_dtype,
+                            activation_checkpoint=p.activation_checkpoint) for part in parts]
+    finally:
+        dist.destroy_process_group()
+
+
+def main(argv: list[str]) -> int:
+    ranks = None
+    if argv and argv[0].startswith("--ranks"):
+        ranks = [int(r) for r in (argv[0].split("=", 1)[1] if "=" in argv[0] else argv.pop(1)).split(",")]
+        argv = argv[1:]
+    try:
+        cfg = compose_config(argv)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    world = cfg.launch.nodes * cfg.launch.procs_per_node
+    if ranks is None:
+        ranks = [s * world // cfg.parallel.pp for s in range(cfg.parallel.pp)]
+    moment = 2 if cfg.precision.moment_dtype == "bfloat16" else 4
+    print(f"dry run: world={world} "
+          f"parallel=(pp={cfg.parallel.pp}, dp_replicate={cfg.parallel.dp_replicate}, dp_shard={cfg.parallel.dp_shard}, "
+          f"tp={cfg.parallel.tp}, ep={cfg.parallel.ep})")
+    for rank in ranks:
+        t = time.perf_counter()
+        try:
+            counts = rank_parameters(build_rank(cfg, world, rank))
+        except ValueError as e:  # LayoutError and friends: one line
+            print(f"config error: {e}", file=sys.stderr)
+            return 2
+        mem = memory_bytes(counts, moment)
+        print(f"rank {rank} holds parameters {json.dumps(counts)} | GiB: " +
+              ", ".join(f"{k} {v / 2**30:.2f}" for k, v in mem.items()) +
+              f" | built in {time.perf_counter() - t:.1f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
