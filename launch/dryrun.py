@@ -15,16 +15,18 @@ from __future__ import annotations
 import json
 import sys
 import time
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from model import Transformer
-from parallel import ParallelDims, parallelize
+from parallel import parallelize
 from parallel.inventory import rank_parameters
-from parallel.pipeline import build_stage_modules, stage_ids
+from parallel.pipeline import rank_stage_modules
 from train.__main__ import compose_config
 from train.config import ConfigError
+from train.trainer import parallel_dims
 
 
 def memory_bytes(counts: dict[str, int], moment_bytes: int) -> dict[str, int]:
@@ -38,8 +40,7 @@ def build_rank(cfg, world: int, rank: int) -> list[nn.Module]:
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     p = cfg.parallel
-    dims = ParallelDims.resolve(world, p.dp_replicate, p.dp_shard, p.tp, p.ep, p.pp, p.pp_stages_per_rank)
-    dims.validate_model(cfg.model)
+    dims = parallel_dims(cfg, world)
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
     try:
         mesh = dims.build_mesh("cpu")
@@ -47,10 +48,8 @@ def build_rank(cfg, world: int, rank: int) -> list[nn.Module]:
             model = Transformer(cfg.model)
         parts = [model]
         if dims.pp > 1:
-            pp_rank = mesh["pp"].get_local_rank()
-            n_stages = dims.pp * p.pp_stages_per_rank
-            parts = [build_stage_modules(model, s, n_stages)
-                     for s in stage_ids(p.pp_schedule, pp_rank, dims.pp, p.pp_stages_per_rank)]
+            parts = rank_stage_modules(model, p.pp_schedule, mesh["pp"].get_local_rank(), dims.pp,
+                                       p.pp_stages_per_rank)
         return [parallelize(part, mesh, dims, cfg.precision.param_dtype, cfg.precision.reduce_dtype,
                             activation_checkpoint=p.activation_checkpoint) for part in parts]
     finally:

@@ -39,13 +39,12 @@ def torch_env_from_slurm(env: dict[str, str]) -> dict[str, str]:
 
 def torchrun_args(launch, endpoint: str, run_id: str) -> list[str]:
     """torchrun's arguments for `launch.nodes` nodes rendezvousing at `endpoint` (c10d)."""
-    args = ["-m", "torch.distributed.run", f"--nproc-per-node={launch.procs_per_node}"]
-    if launch.nodes == 1 and launch.mode == "local":
-        return [*args, "--standalone", f"--signals-to-handle={FORWARDED_SIGNALS}",
-                f"--shutdown-timeout={launch.shutdown_timeout_s}"]
-    return [*args, f"--nnodes={launch.nodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
-            f"--rdzv-id={run_id}", f"--signals-to-handle={FORWARDED_SIGNALS}",
-            f"--shutdown-timeout={launch.shutdown_timeout_s}"]
+    if launch.mode == "local":  # one node (the config checks it)
+        where = ["--standalone"]
+    else:
+        where = [f"--nnodes={launch.nodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", f"--rdzv-id={run_id}"]
+    return ["-m", "torch.distributed.run", f"--nproc-per-node={launch.procs_per_node}", *where,
+            f"--signals-to-handle={FORWARDED_SIGNALS}", f"--shutdown-timeout={launch.shutdown_timeout_s}"]
 
 
 def render_sbatch(launch, train_overrides: list[str], output_dir: str, python: str = sys.executable) -> str:

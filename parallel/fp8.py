@@ -86,34 +86,37 @@ def _cast(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Ten
     return (x.float() * scale).clamp(-m, m).to(dtype)
 
 
+def _round_trip(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x cast to FP8 with `scale` (broadcast) and back, in x's dtype."""
+    return (_cast(x, scale, dtype).float() / scale).to(x.dtype)
+
+
+def _tiles(x: torch.Tensor, tile) -> torch.Tensor:
+    """x's last dimension cut into tiles of `tile` (`ROW`: one tile) -> [..., n_tiles, t], zero-padded."""
+    k = x.shape[-1]
+    t = k if tile is ROW else tile
+    return F.pad(x, (0, -k % t)).unflatten(-1, (-1, t))
+
+
 def quantize_along(x: torch.Tensor, dtype: torch.dtype, tile) -> tuple[torch.Tensor, torch.Tensor]:
     """FP8 data and fp32 scales of x, scaled along its last dimension: `TENSOR` one scale for all of x,
     `ROW` one per row, an int t one per 1 x t tile (a last partial tile gets its own scale).
-    Returns (q with x's shape, scale broadcastable to x after `expand_tiles`)."""
+    Returns (q with x's shape, scale: a scalar, or [..., n_tiles, 1] per tile)."""
     if tile is TENSOR:
         scale = pow2_scale(x.abs().amax(), dtype)
         return _cast(x, scale, dtype), scale
-    k = x.shape[-1]
-    t = k if tile is ROW else tile
-    tiles = F.pad(x, (0, -k % t)).unflatten(-1, (-1, t))  # [..., n_tiles, t]
+    tiles = _tiles(x, tile)
     scale = pow2_scale(tiles.abs().amax(-1, keepdim=True), dtype)
-    q = _cast(tiles, scale, dtype).flatten(-2)[..., :k]
-    return q, scale
-
-
-def dequantize_along(q: torch.Tensor, scale: torch.Tensor, tile, dtype: torch.dtype) -> torch.Tensor:
-    if tile is TENSOR:
-        return (q.float() / scale).to(dtype)
-    k = q.shape[-1]
-    t = k if tile is ROW else tile
-    tiles = F.pad(q.float(), (0, -k % t)).unflatten(-1, (-1, t))
-    return (tiles / scale).flatten(-2)[..., :k].to(dtype)
+    return _cast(tiles, scale, dtype).flatten(-2)[..., :x.shape[-1]], scale
 
 
 def fake_quantize(x: torch.Tensor, dtype: torch.dtype, tile) -> torch.Tensor:
     """x as an FP8 GEMM sees it: quantized along its last dimension, then dequantized (x's dtype)."""
-    q, scale = quantize_along(x, dtype, tile)
-    return dequantize_along(q, scale, tile, x.dtype)
+    if tile is TENSOR:
+        return _round_trip(x, pow2_scale(x.abs().amax(), dtype), dtype)
+    tiles = _tiles(x, tile)
+    scale = pow2_scale(tiles.abs().amax(-1, keepdim=True), dtype)
+    return _round_trip(tiles, scale, dtype).flatten(-2)[..., :x.shape[-1]]
 
 
 def fake_quantize_blocks(w: torch.Tensor, dtype: torch.dtype, block: int) -> torch.Tensor:
@@ -122,8 +125,7 @@ def fake_quantize_blocks(w: torch.Tensor, dtype: torch.dtype, block: int) -> tor
     padded = F.pad(w, (0, -c % block, 0, -r % block))
     blocks = padded.unflatten(-1, (-1, block)).unflatten(-3, (-1, block))  # [..., R/b, b, C/b, b]
     scale = pow2_scale(blocks.abs().amax(dim=(-3, -1), keepdim=True), dtype)
-    deq = _cast(blocks, scale, dtype).float() / scale
-    return deq.flatten(-2).flatten(-3, -2)[..., :r, :c].to(w.dtype)
+    return _round_trip(blocks, scale, dtype).flatten(-2).flatten(-3, -2)[..., :r, :c]
 
 
 def fake_quantize_segments(x: torch.Tensor, dtype: torch.dtype, offs: torch.Tensor, tile) -> torch.Tensor:
@@ -147,8 +149,7 @@ def fake_quantize_segments(x: torch.Tensor, dtype: torch.dtype, offs: torch.Tens
     index = tile_of_row.unsqueeze(1).expand_as(x)
     amax = x.new_zeros(n_tiles, x.shape[1], dtype=torch.float32).scatter_reduce(
         0, index, x.abs().float(), "amax", include_self=True)
-    scale = pow2_scale(amax, dtype).gather(0, index)
-    return (_cast(x, scale, dtype).float() / scale).to(x.dtype)
+    return _round_trip(x, pow2_scale(amax, dtype).gather(0, index), dtype)
 
 
 # ------------------------------------------------------------------------------------------- the GEMMs
@@ -157,8 +158,7 @@ def _weight_fq(b: torch.Tensor, recipe: Fp8Recipe, along: str) -> torch.Tensor:
     if recipe.granularity == "blockwise":
         return fake_quantize_blocks(b, E4M3, recipe.block)  # the same squares serve both GEMMs
     if recipe.granularity == "tensorwise":  # one scale per expert matrix
-        scale = pow2_scale(b.abs().amax(dim=(-2, -1), keepdim=True), E4M3)
-        return (_cast(b, scale, E4M3).float() / scale).to(b.dtype)
+        return _round_trip(b, pow2_scale(b.abs().amax(dim=(-2, -1), keepdim=True), E4M3), E4M3)
     if along == "K":
         return fake_quantize(b.transpose(-2, -1), E4M3, ROW).transpose(-2, -1)
     return fake_quantize(b, E4M3, ROW)

@@ -10,7 +10,7 @@ from torch import nn
 
 
 def shard_axes(param: torch.Tensor) -> str:
-    """The mesh axes a parameter is split over ("ep+efsdp", "dp_shard", "dp_shard+tp", ...; "none")."""
+    """The mesh axes a parameter is split over ("efsdp+ep", "dp_shard", "dp_shard+tp", ...; "none")."""
     mesh = getattr(param, "device_mesh", None)
     if mesh is None:
         return "none"

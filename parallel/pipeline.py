@@ -167,6 +167,13 @@ def build_stage_modules(model: Transformer, stage: int, n_stages: int) -> Transf
     return part
 
 
+def rank_stage_modules(model: Transformer, schedule: str, pp_rank: int, pp: int,
+                       stages_per_rank: int) -> list[Transformer]:
+    """The stage modules pipeline rank `pp_rank` holds under `schedule` (`build_stage_modules` of each)."""
+    ids = stage_ids(canonical_schedule(schedule), pp_rank, pp, stages_per_rank)
+    return [build_stage_modules(model, stage_id, pp * stages_per_rank) for stage_id in ids]
+
+
 def ends_share_rank(schedule: str) -> bool:
     """Whether one rank holds both the first and the last stage (V placement)."""
     return canonical_schedule(schedule) in _V_STYLE
@@ -259,19 +266,16 @@ def build_pipeline(model: Transformer, pp_mesh_or_group, schedule: str, n_microb
     group = _group_of(pp_mesh_or_group)
     pp, pp_rank = dist.get_world_size(group), dist.get_rank(group)
     n_stages = pp * stages_per_rank
-    ids = stage_ids(schedule, pp_rank, pp, stages_per_rank)
     _check_microbatches(schedule, n_microbatches, pp, n_stages)
     dtype = activation_dtype or next(model.parameters()).dtype
     device = torch.device(device)
-    parts, stages = [], []
-    for stage_id in ids:
-        part = build_stage_modules(model, stage_id, n_stages)
+    parts, stages = rank_stage_modules(model, schedule, pp_rank, pp, stages_per_rank), []
+    for part in parts:
         part.set_aux_loss_scale(1.0 / n_microbatches)
         inputs, outputs = _stage_io(part, microbatch_size, seq_len, dtype)
         part.register_forward_hook(partial(_check_output, outputs))
-        stages.append(PipelineStage(part, stage_id, n_stages, device, input_args=inputs, output_args=outputs,
+        stages.append(PipelineStage(part, part.stage_index, n_stages, device, input_args=inputs, output_args=outputs,
                                     group=group))
-        parts.append(part)
     for part in parts:  # what `pipeline_eval` needs
         part.pp_group, part.microbatch_size, part.activation_dtype = group, microbatch_size, dtype
         part.stage_owners = [stage_ids(schedule, r, pp, stages_per_rank) for r in range(pp)]

@@ -226,6 +226,7 @@ def test_fp8_on_cpu_without_emulation_is_a_config_error(dataset, tmp_path):
     proc = train(base_args(dataset, tmp_path / "x", 1) + ["precision=fp8_blockwise"], check=False)
     assert proc.returncode == 2
     assert "compute capability >= 8.9" in proc.stderr and "fp8_emulate=true" in proc.stderr
+    assert not (tmp_path / "x").exists(), "a config error writes nothing to output_dir"
 
 
 def test_fp8_recipes_train_like_bf16(dataset, tmp_path):

@@ -113,16 +113,21 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
 
 
+def parallel_dims(cfg: RunConfig, world: int) -> ParallelDims:
+    """The validated parallel layout of `cfg` on `world` ranks (the trainer's, and the dry run's)."""
+    p = cfg.parallel
+    dims = ParallelDims.resolve(world, p.dp_replicate, p.dp_shard, p.tp, p.ep, p.pp, p.pp_stages_per_rank)
+    dims.validate_model(cfg.model)
+    return dims
+
+
 # --------------------------------------------------------------------------------------------- the trainer
 class Trainer:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         self.env = init_distributed()
-        self.dims = ParallelDims.resolve(self.env.world, cfg.parallel.dp_replicate, cfg.parallel.dp_shard,
-                                         cfg.parallel.tp, cfg.parallel.ep, cfg.parallel.pp,
-                                         cfg.parallel.pp_stages_per_rank)
-        self.dims.validate_model(cfg.model)
+        self.dims = parallel_dims(cfg, self.env.world)
         self.mesh = self.dims.build_mesh(self.env.device.type) if self.env.world > 1 else None
         self.dp_group = self.mesh["dp"].get_group() if self.mesh is not None else None
         self.dp_rank = self.mesh["dp"].get_local_rank() if self.mesh is not None else 0
@@ -134,6 +139,7 @@ class Trainer:
         if cfg.data.seq_len % self.dims.tp:
             raise LayoutError(f"sequence parallelism splits data.seq_len={cfg.data.seq_len} over tp={self.dims.tp}: "
                               f"it must divide")
+        self.fp8 = self._fp8_recipe()  # checked before set-up writes anything to output_dir
         self.step = 0
         self._stop_signal: int | None = None
         self._kill_at = int(os.environ.get("DSV2_TEST_KILL_AT_STEP", "-1"))
@@ -167,10 +173,9 @@ class Trainer:
         parts = [model]
         if self.dims.pp > 1:
             self.pipeline, parts = self._build_pipeline(model)
-        fp8 = self.fp8 = self._fp8_recipe()
         parts = [parallelize(part, self.mesh, self.dims, cfg.precision.param_dtype, cfg.precision.reduce_dtype,
                              cfg.parallel.cpu_offload, cfg.parallel.activation_checkpoint,
-                             cfg.parallel.compile, fp8) for part in parts]
+                             cfg.parallel.compile, self.fp8) for part in parts]
         log.info("rank %d holds parameters %s", env.rank, json.dumps(rank_parameters(parts)))
         if big:
             for part in parts:
