@@ -8,6 +8,8 @@ given by `--ranks 0,5,...` before the overrides) it prints the parameters this r
 axes they are sharded over, and the bytes of fp32 master weights, fp32 gradients and AdamW moments
 (precision.moment_dtype). The trainer logs the same accounting for every real rank at start-up. Counts are
 of the elements a rank owns; FSDP pads uneven shards to the largest one, which these counts leave out.
+Each line ends with the capacity planner's count for the rank (launch/plan/memory.py, arithmetic on the
+config, no process group) and whether the two agree.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch import nn
 
 from model import Transformer
 from parallel import parallelize
+from launch.plan.memory import StageShapes, layout_of, meta_model, rank_parameter_elements
 from parallel.inventory import rank_parameters
 from parallel.pipeline import rank_stage_modules
 from train.__main__ import compose_config
@@ -70,6 +73,7 @@ def main(argv: list[str]) -> int:
     if ranks is None:
         ranks = [s * world // cfg.parallel.pp for s in range(cfg.parallel.pp)]
     moment = 2 if cfg.precision.moment_dtype == "bfloat16" else 4
+    shapes = StageShapes(meta_model(cfg.model))
     print(f"dry run: world={world} "
           f"parallel=(pp={cfg.parallel.pp}, dp_replicate={cfg.parallel.dp_replicate}, dp_shard={cfg.parallel.dp_shard}, "
           f"tp={cfg.parallel.tp}, ep={cfg.parallel.ep})")
@@ -81,9 +85,12 @@ def main(argv: list[str]) -> int:
             print(f"config error: {e}", file=sys.stderr)
             return 2
         mem = memory_bytes(counts, moment)
+        planned = rank_parameter_elements(shapes, layout_of(cfg, world, check_batch=False), rank)
+        built = {kind: sum(v for k, v in counts.items() if k.startswith(kind + ":")) for kind in planned}
         print(f"rank {rank} holds parameters {json.dumps(counts)} | GiB: " +
               ", ".join(f"{k} {v / 2**30:.2f}" for k, v in mem.items()) +
-              f" | built in {time.perf_counter() - t:.1f} s", flush=True)
+              f" | built in {time.perf_counter() - t:.1f} s | planner {json.dumps(planned)} " +
+              ("agrees" if planned == built else "DIFFERS"), flush=True)
     return 0
 
 

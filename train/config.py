@@ -120,6 +120,17 @@ class LaunchConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """The machines `python -m launch.plan` sizes a layout for (conf/cluster/); the trainer ignores it."""
+    gpu: str = "h800"  # h800 | h100 | h200: the constants in launch/hardware.py
+    gpus: int = 0  # GPUs of the job; 0: launch.nodes x launch.procs_per_node
+    gpus_per_node: int = 8  # GPUs that share NVLink; traffic between nodes goes over InfiniBand
+    gemm_efficiency: float = 0.6  # achieved fraction of the GPU's peak FLOPS in the model's GEMMs and attention
+    link_efficiency: float = 0.7  # achieved fraction of NVLink / InfiniBand bandwidth in collectives
+    memory_reserve_gib: float = 4.0  # per GPU: CUDA context, NCCL buffers, allocator fragmentation
+
+
+@dataclass
 class RunConfig:
     output_dir: str = "runs/default"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -131,6 +142,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 # --------------------------------------------------------------------------------------------- building
@@ -220,6 +232,12 @@ def validate(cfg: RunConfig) -> None:
     _require(la.mode != "local" or la.nodes == 1, f"launch=local runs one node, got launch.nodes={la.nodes}; "
              f"use launch=torchrun (on every node) or launch=slurm")
     _require(la.signal_before_end_s > 0, f"launch.signal_before_end_s must be > 0, got {la.signal_before_end_s}")
+    c = cfg.cluster
+    _require(c.gpus >= 0 and c.gpus_per_node >= 1, f"cluster.gpus={c.gpus} must be >= 0 (0: launch.nodes x "
+             f"launch.procs_per_node) and cluster.gpus_per_node={c.gpus_per_node} >= 1")
+    _require(0 < c.gemm_efficiency <= 1 and 0 < c.link_efficiency <= 1,
+             f"cluster.gemm_efficiency={c.gemm_efficiency} and cluster.link_efficiency={c.link_efficiency} "
+             f"must lie in (0, 1]")
     _require(cfg.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}")
     _require(cfg.checkpoint.every >= 0, f"checkpoint.every must be >= 0, got {cfg.checkpoint.every}")
     _require(cfg.log.every >= 1, f"log.every must be >= 1, got {cfg.log.every}")

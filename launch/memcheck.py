@@ -1,0 +1,92 @@
+"""Measure a configuration's peak tensor memory on CPU and set it beside the planner's estimate.
+
+    python -m launch.memcheck model=small train.micro_batch_size=4            # one process
+    torchrun --standalone --nproc-per-node 4 -m launch.memcheck parallel.ep=2 # a layout, every rank
+
+Builds the trainer as `python -m train` would (in a temporary output_dir unless one is given; no checkpoint,
+no validation), runs `--steps` (default 3) optimizer steps under torch's profiler memory accounting,
+and prints one line per rank: the peak of live tensor bytes allocated through torch's CPU allocator since
+the process began building the model (weights, gradients, optimizer states, activations, communication
+buffers), the planner's estimate for that rank, and their ratio. This is how the planner is checked against
+reality (tests/test_plan.py); on GPUs, `memory/peak_gb` in the run's metrics is the measured number.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from train.__main__ import compose_config
+from train.config import ConfigError
+
+
+def peak_allocated(prof) -> int:
+    """Peak of the bytes of live CPU allocations the profiler saw (by address, in time order).
+
+    The allocator's own 'Total Allocated' counter is not used: frees that happen on a thread the profiler does
+    not follow (gloo's workers dropping the last reference to a collective's tensor) never reach it, so it
+    drifts upwards in distributed runs. An address that is handed out again was freed, whoever freed it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    memory = sorted((e["ts"], e["args"]["Addr"], e["args"]["Bytes"]) for e in events
+                    if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0)
+    live: dict[int, int] = {}
+    now = peak = 0
+    for _, addr, nbytes in memory:
+        now -= live.pop(addr, 0)
+        if nbytes > 0:
+            live[addr] = nbytes
+            now += nbytes
+        peak = max(peak, now)
+    return peak
+
+
+def measure(cfg, steps: int) -> tuple[int, int]:
+    """(rank, peak bytes) of `steps` training steps of `cfg` on this process."""
+    from train.trainer import Trainer
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        trainer = Trainer(cfg)
+        try:
+            trainer.setup()
+            for _ in range(steps):
+                trainer.train_step(trainer.loader.next_batch())
+            rank = trainer.env.rank
+        finally:
+            trainer.close()
+    return rank, peak_allocated(prof)
+
+
+def main(argv: list[str]) -> int:
+    steps = 3
+    if argv and argv[0].startswith("--steps="):
+        steps, argv = int(argv[0].split("=", 1)[1]), argv[1:]
+    from launch.plan.memory import rank_memory
+
+    with tempfile.TemporaryDirectory() as tmp:
+        given = any(a.startswith("output_dir=") for a in argv)
+        try:
+            # a stated peak skips the trainer's CPU GEMM benchmark (an MFU denominator, not training memory)
+            cfg = compose_config(["train.peak_tflops=1.0", *argv, "checkpoint.load=false"]
+                                 + ([] if given else [f"output_dir={tmp}"]))
+        except ConfigError as e:
+            print(f"config error: {e}", file=sys.stderr)
+            return 2
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank, peak = measure(cfg, steps)
+    planned = rank_memory(cfg, world, rank)
+    print(json.dumps({"rank": rank, "measured_bytes": peak, "planned_bytes": planned.total,
+                      "ratio": planned.total / peak if peak else None, "planned": planned.as_dict()}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,182 @@
+"""Time of a training step on a cluster: compute, communication per collective, pipeline bubble.
+
+Compute: the model's training FLOPs (model/analysis.py; 6 x activated parameters + attention) per GPU,
+plus what this implementation adds: recomputation (full: one more forward; selective: the MLA
+up-projections), and the routed experts that every tensor-parallel rank runs on all its tokens. FP8 recipes
+run the linears they convert at the FP8 peak. Everything at `cluster.gemm_efficiency` of the peak.
+
+Communication, bytes each GPU sends per step, at `cluster.link_efficiency` of NVLink (one way) when the
+group lies inside a node, else of the GPU's InfiniBand NIC (the mesh is laid out pp, dp_replicate, efsdp,
+ep, tp from slowest to fastest, so a group's ranks are `stride` apart):
+  ep   all-to-all dispatch + combine per MoE layer and micro-batch, forward and backward (and once more in a
+       full recomputation): tokens x top-k rows of D, the (ep-1)/ep that leave the GPU. In the critical path.
+  tp   sequence-parallel all-gather / reduce-scatter around attention and the MLP, an all-reduce for the
+       shared experts (MoE layers), each (tp-1)/tp of the micro-batch's activations. In the critical path.
+  pp   one activation forward and one gradient back per micro-batch and stage boundary. In the critical path.
+  fsdp all-gather of weights (per micro-batch forward and backward, or once per step under pipelining) and
+       reduce-scatter of gradients, (n-1)/n of the unsharded bytes; HSDP adds an all-reduce of the shards over
+       dp_replicate. Prefetched: only what exceeds the compute time shows.
+Bubble: per micro-batch a rank's work is F (forward), B (input gradients), W (weight gradients), split by
+FLOPs (W = the GEMMs' weight gradients; B = the other GEMM half plus twice the attention core); bubbles as
+DeepSeek-V3's table 2: 1F1B (pp-1)(F+B+W), interleaved /v, ZB-V (pp-1)(F+B-2W), DualPipeV
+(pp-1)(F+2B-3W) per chunk, never below zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from math import prod
+
+from model.analysis import forward_flops_per_token, training_flops_per_token
+from model.config import ModelConfig
+
+from ..hardware import GPU
+from .memory import Layout, StageShapes, _split_shape, rank_layers
+
+
+@dataclass
+class Collective:
+    name: str
+    bytes_per_step: float  # sent by one GPU
+    link: str  # nvlink | ib
+    seconds: float
+    exposed: float  # seconds on the critical path
+
+
+@dataclass
+class StepCost:
+    compute_s: float
+    bubble_fraction: float  # idle share of a pipeline rank's step
+    comms: list[Collective] = field(default_factory=list)
+    step_s: float = 0.0
+    tokens_per_s_per_gpu: float = 0.0
+    mfu: float = 0.0  # model FLOPs (no recomputation) / BF16 peak
+
+
+def _group_link(stride: int, size: int, gpus_per_node: int) -> str:
+    """NVLink when a group of `size` ranks `stride` apart fits inside one node, else InfiniBand."""
+    return "nvlink" if size == 1 or stride * size <= gpus_per_node else "ib"
+
+
+def _attention_core_flops(m: ModelConfig, seq_len: int) -> float:
+    """Forward FLOPs per token of QK^T and PV over all layers (causal: (T+1)/2 keys on average)."""
+    return 2 * m.num_attention_heads * (m.qk_head_dim + m.v_head_dim) * (seq_len + 1) / 2 * m.num_hidden_layers
+
+
+def bubble_fraction(layout: Layout, m: ModelConfig, seq_len: int) -> float:
+    """Idle share of a pipeline rank's step under `layout.schedule` (0 without pipelining)."""
+    d, n = layout.dims, layout.n_micro
+    if d.pp == 1:
+        return 0.0
+    attn = _attention_core_flops(m, seq_len)
+    gemm = forward_flops_per_token(m, seq_len) - attn
+    f, b, w = gemm + attn, gemm + 2 * attn, gemm
+    v = d.pp_stages_per_rank
+    per_micro = f + b + w  # a rank's work per micro-batch (all its chunks)
+    bubble = {"GPipe": (d.pp - 1) * per_micro, "1F1B": (d.pp - 1) * per_micro,
+              "Interleaved1F1B": (d.pp - 1) * per_micro / v,
+              "ZBVZeroBubble": (d.pp - 1) * (f + b - 2 * w) / v,
+              "DualPipeV": (d.pp - 1) * (f + 2 * b - 3 * w) / v}[layout.schedule]
+    bubble = max(bubble, 0.0)
+    return bubble / (n * per_micro + bubble)
+
+
+def _routed_flops_per_token(m: ModelConfig) -> float:
+    """Training FLOPs per token of the routed experts (all MoE layers)."""
+    n_moe = sum(m.is_moe_layer(i) for i in range(m.num_hidden_layers))
+    return 3 * 2 * m.num_experts_per_tok * 3 * m.hidden_size * m.moe_intermediate_size * n_moe
+
+
+def _fp8_flops_per_token(m: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token of the GEMMs an FP8 recipe converts: every linear but the head and router."""
+    attn = _attention_core_flops(m, seq_len)
+    head = 2 * m.hidden_size * m.vocab_size
+    router = 2 * m.hidden_size * m.n_routed_experts * sum(m.is_moe_layer(i) for i in range(m.num_hidden_layers))
+    return 3 * (forward_flops_per_token(m, seq_len) - attn - head - router)
+
+
+def compute_seconds(m: ModelConfig, layout: Layout, seq_len: int, tokens_per_gpu: float, gpu: GPU,
+                    efficiency: float) -> float:
+    """Seconds of arithmetic per step on one GPU (recomputation and tp-redundant experts included)."""
+    total = training_flops_per_token(m, seq_len) * tokens_per_gpu
+    total += _routed_flops_per_token(m) * tokens_per_gpu * (layout.dims.tp - 1)  # every tp rank runs them all
+    if layout.activation_checkpoint == "full":
+        total += forward_flops_per_token(m, seq_len) * tokens_per_gpu
+    elif layout.activation_checkpoint == "selective":
+        ups = m.kv_lora_rank * m.num_attention_heads * (m.qk_nope_head_dim + m.v_head_dim)
+        ups += (m.q_lora_rank or 0) * m.num_attention_heads * m.qk_head_dim
+        total += 2 * ups * m.num_hidden_layers * tokens_per_gpu
+    fp8 = _fp8_flops_per_token(m, seq_len) * tokens_per_gpu if layout.fp8 else 0.0
+    return ((total - fp8) / gpu.bf16_tflops + fp8 / gpu.fp8_tflops) / (1e12 * efficiency)
+
+
+def _unsharded_elements(shapes: StageShapes, layout: Layout, pp_rank: int) -> tuple[int, int]:
+    """(dense, expert) parameter elements of a pipeline rank after FSDP's all-gather (tp / ep split only)."""
+    dense = experts = 0
+    for name, shape, count in shapes(layout, pp_rank):
+        n = count * prod(_split_shape(name, shape, layout))
+        if ".experts." in name:
+            experts += n
+        else:
+            dense += n
+    return dense, experts
+
+
+def collectives(shapes: StageShapes, layout: Layout, seq_len: int, gpu: GPU, cluster) -> list[Collective]:
+    """Bytes per step each GPU of pipeline rank 0 sends, per kind of collective, and their time."""
+    m, d = shapes.cfg, layout.dims
+    a, per_node = layout.param_bytes, cluster.gpus_per_node
+    efsdp = d.dp_shard // d.ep
+    tokens, n = layout.micro_tokens, layout.n_micro
+    layers, _ = rank_layers(m, layout, 0)
+    n_moe = sum(m.is_moe_layer(i) for i in layers)
+    out: list[tuple[str, float, str, bool]] = []  # name, bytes, link, overlapped with compute
+    if d.ep > 1:
+        passes = 6 if layout.activation_checkpoint == "full" else 4
+        rows = passes * n * n_moe * tokens * m.num_experts_per_tok * m.hidden_size * a
+        out.append(("ep all-to-all", rows * (d.ep - 1) / d.ep, _group_link(d.tp, d.ep, per_node), False))
+    if d.tp > 1:
+        units = sum(5 if m.is_moe_layer(i) else 4 for i in layers) * 2  # forward + backward
+        out.append(("tp all-gather/reduce-scatter", units * n * tokens * m.hidden_size * a * (d.tp - 1) / d.tp,
+                    _group_link(1, d.tp, per_node), False))
+    if d.pp > 1:
+        p2p = 2 * n * d.pp_stages_per_rank * tokens * m.hidden_size / d.tp * a
+        out.append(("pp send/recv", p2p, _group_link(d.world_size // d.pp, d.pp, per_node), False))
+    dense, experts = _unsharded_elements(shapes, layout, 0)
+    gathers = 1 if d.pp > 1 else 2 * n  # all-gathers per step (kept gathered under pipelining)
+    scatters = 1 if d.pp > 1 else n
+    per_elem = gathers * a + scatters * layout.reduce_bytes
+    if d.dp_shard > 1:
+        out.append(("fsdp all-gather/reduce-scatter (dense)", per_elem * dense * (d.dp_shard - 1) / d.dp_shard,
+                    _group_link(d.tp, d.dp_shard, per_node), True))
+    expert_shards = efsdp if d.ep > 1 else d.dp_shard
+    if expert_shards > 1:
+        out.append(("fsdp all-gather/reduce-scatter (experts)", per_elem * experts * (expert_shards - 1) / expert_shards,
+                    _group_link(d.ep * d.tp, expert_shards, per_node), True))
+    if d.dp_replicate > 1:
+        shard = (dense / d.dp_shard + experts / expert_shards) * layout.reduce_bytes
+        out.append(("hsdp all-reduce", scatters * 2 * shard * (d.dp_replicate - 1) / d.dp_replicate,
+                    _group_link(d.dp_shard * d.tp, d.dp_replicate, per_node), True))
+    result = []
+    for name, nbytes, link, overlapped in out:
+        bw = (gpu.nvlink_one_way_gbps if link == "nvlink" else gpu.ib_gbps) * 1e9 * cluster.link_efficiency
+        result.append(Collective(name, nbytes, link, nbytes / bw, 0.0 if overlapped else nbytes / bw))
+    return result
+
+
+def step_cost(shapes: StageShapes, layout: Layout, seq_len: int, global_batch: int, gpu: GPU, cluster) -> StepCost:
+    """Estimated time of one optimizer step, tokens/s/GPU and MFU."""
+    m, d = shapes.cfg, layout.dims
+    tokens_per_gpu = global_batch * seq_len / d.world_size
+    compute = compute_seconds(m, layout, seq_len, tokens_per_gpu * d.tp, gpu, cluster.gemm_efficiency) / d.tp
+    comms = collectives(shapes, layout, seq_len, gpu, cluster)
+    bubble = bubble_fraction(layout, m, seq_len)
+    busy = compute + sum(c.exposed for c in comms)
+    hidden = sum(c.seconds for c in comms if c.exposed == 0.0)
+    for c in comms:  # overlapped traffic shows where it outlasts the compute it hides behind
+        if c.exposed == 0.0:
+            c.exposed = max(0.0, hidden - compute) * c.seconds / hidden if hidden else 0.0
+    step = busy / (1 - bubble) + max(0.0, hidden - compute)
+    tps = global_batch * seq_len / step / d.world_size
+    mfu = training_flops_per_token(m, seq_len) * tps / (gpu.bf16_tflops * 1e12)
+    return StepCost(compute, bubble, comms, step, tps, mfu)

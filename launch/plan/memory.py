@@ -1,0 +1,334 @@
+"""Per-GPU memory of a training layout, from the model config and the layout alone (no process group).
+
+Parameters: which tensors a rank holds (the pipeline stages of `parallel/pipeline.py`, shapes from the model
+built on the meta device) and how much of each, by the rules `parallelize` applies: tensor parallelism splits
+the column-/row-parallel weights of `parallel/tensor.py`, expert parallelism splits the expert stacks by
+expert, and FSDP2 splits dim 0 of what is left like `torch.chunk` (uneven: the last ranks get less, or
+nothing). That count is exact; `python -m launch.dryrun` builds the real sharded model to confirm it.
+
+Activations: the bytes autograd keeps per token for the backward pass, term by term from the code of
+model/ (named in `layer_activation_bytes`), with sequence parallelism dividing the sequence-sharded terms
+and the head-sharded ones by tp, times the micro-batches a pipeline schedule keeps in flight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from math import prod
+
+import torch
+
+from model import Transformer
+from model.config import ModelConfig
+from parallel.dims import LayoutError, ParallelDims
+from parallel.pipeline import canonical_schedule, rank_stage_modules, split_layers, stage_ids
+
+FP32 = 4
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# weights the tensor-parallel plan splits, by the last two components of their name: dim 0 (column-wise,
+# and the vocab-parallel embedding) or dim 1 (row-wise); everything else is replicated over tp
+_TP_DIM = {"q_proj.weight": 0, "q_b_proj.weight": 0, "kv_b_proj.weight": 0, "gate_proj.weight": 0,
+           "up_proj.weight": 0, "lm_head.weight": 0, "embed_tokens.weight": 0, "o_proj.weight": 1,
+           "down_proj.weight": 1}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A parallel layout on `world` ranks with the step's micro-batching."""
+    dims: ParallelDims
+    schedule: str
+    n_micro: int  # micro-batches per optimizer step on one data-parallel rank (accumulation or pipeline)
+    micro_tokens: int  # tokens of one micro-batch
+    activation_checkpoint: str
+    param_bytes: int  # compute dtype of weights and activations
+    reduce_bytes: int
+    moment_bytes: int
+    fp8: str | None  # FP8 recipe name or None
+    fp8_all_gather: bool
+
+    @property
+    def distributed(self) -> bool:
+        return self.dims.world_size > 1
+
+    def coords(self, rank: int) -> dict[str, int]:
+        """This rank's coordinate on each mesh axis (mesh order pp, dp_replicate, efsdp, ep, tp)."""
+        d = self.dims
+        sizes = {"pp": d.pp, "dp_replicate": d.dp_replicate, "efsdp": d.dp_shard // d.ep, "ep": d.ep, "tp": d.tp}
+        out, rest = {}, rank
+        for name in reversed(sizes):
+            out[name] = rest % sizes[name]
+            rest //= sizes[name]
+        return {name: out[name] for name in sizes}
+
+
+def layout_of(cfg, world: int, check_batch: bool = True) -> Layout:
+    """The layout `cfg` (a RunConfig) describes on `world` ranks; LayoutError for an impossible one.
+    `check_batch=False`: for parameter counts only (the batch need not split over this many ranks)."""
+    from train.trainer import parallel_dims
+
+    p, t, pr = cfg.parallel, cfg.train, cfg.precision
+    dims = parallel_dims(cfg, world)
+    local = max(1, t.global_batch_size // dims.dp)
+    n_micro = (p.pp_microbatches or local // t.micro_batch_size) if dims.pp > 1 else local // t.micro_batch_size
+    if check_batch and t.global_batch_size % dims.dp:
+        raise LayoutError(f"train.global_batch_size={t.global_batch_size} is not divisible by the data-parallel "
+                          f"degree dp_replicate*dp_shard={dims.dp}")
+    if check_batch and (n_micro < 1 or local % n_micro):
+        raise LayoutError(f"{n_micro} micro-batches do not divide the per-rank batch global_batch_size/dp = {local} "
+                          f"(train.micro_batch_size={t.micro_batch_size}, parallel.pp_microbatches={p.pp_microbatches})")
+    n_micro = max(1, n_micro)
+    return Layout(dims, canonical_schedule(p.pp_schedule), n_micro, local // n_micro * cfg.data.seq_len,
+                  p.activation_checkpoint, DTYPE_BYTES[pr.param_dtype], DTYPE_BYTES[pr.reduce_dtype],
+                  DTYPE_BYTES[pr.moment_dtype], pr.fp8_recipe, pr.fp8_fsdp_all_gather)
+
+
+# --------------------------------------------------------------------------------------------- parameters
+def _chunk(n: int, parts: int, index: int) -> int:
+    """Rows of an n-row tensor that `torch.chunk(parts)` gives to chunk `index` (FSDP2's dim-0 sharding)."""
+    size = -(-n // parts)
+    return max(0, min(size, n - index * size))
+
+
+def meta_model(mcfg: ModelConfig) -> Transformer:
+    """The whole model on the meta device (shapes only; 0.2 s for DeepSeek-V2)."""
+    with torch.device("meta"):
+        return Transformer(mcfg)
+
+
+def stage_parameters(model: Transformer, layout: Layout, pp_rank: int) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, global shape) of every parameter the ranks of pipeline rank `pp_rank` hold; `model` on meta."""
+    d = layout.dims
+    parts = [model] if d.pp == 1 else rank_stage_modules(model, layout.schedule, pp_rank, d.pp, d.pp_stages_per_rank)
+    return [(name, tuple(p.shape)) for part in parts for name, p in part.named_parameters()]
+
+
+class StageShapes:
+    """The parameters of each pipeline rank, from the model on meta, computed once per (schedule, pp, stages
+    per rank, pipeline rank) and grouped: (a name, shape, how many) per block and kind of sharding, so a
+    layout search does arithmetic on a few dozen groups instead of every tensor."""
+
+    def __init__(self, model: Transformer):
+        self.model, self.cfg = model, model.cfg
+        self._groups: dict[tuple, list[tuple[str, tuple[int, ...], int]]] = {}
+
+    def __call__(self, layout: Layout, pp_rank: int) -> list[tuple[str, tuple[int, ...], int]]:
+        d = layout.dims
+        key = (layout.schedule, d.pp, d.pp_stages_per_rank, pp_rank)
+        if key not in self._groups:
+            groups: dict[tuple, list] = {}
+            for name, shape in stage_parameters(self.model, layout, pp_rank):
+                parts = name.split(".")
+                block = ".".join(parts[:2]) if parts[0] in ("layers", "mtp") else "root"
+                kind = ("experts" if ".experts." in name else "dense", _TP_DIM.get(".".join(parts[-2:])))
+                entry = groups.setdefault((block, kind, shape), [name, shape, 0])
+                entry[2] += 1
+            self._groups[key] = [tuple(g) for g in groups.values()]
+        return self._groups[key]
+
+
+def _split_shape(name: str, shape: tuple[int, ...], layout: Layout) -> list[int]:
+    """A parameter's shape after tensor / expert parallelism (before FSDP)."""
+    d, shape = layout.dims, list(shape)
+    if ".experts." in name:  # stacked [E, ...]: split by expert over ep
+        shape[0] //= d.ep
+    else:
+        dim = _TP_DIM.get(".".join(name.split(".")[-2:]))
+        if d.tp > 1 and dim is not None:
+            shape[dim] //= d.tp
+    return shape
+
+
+def local_elements(name: str, shape: tuple[int, ...], layout: Layout, c: dict[str, int]) -> int:
+    """Elements of parameter `name` (global `shape`) that the rank at mesh coordinates `c` holds."""
+    d = layout.dims
+    shape = _split_shape(name, shape, layout)
+    if not layout.distributed:
+        return prod(shape)
+    # FSDP wraps every distributed model (also over one rank): experts over what ep leaves of dp_shard
+    if ".experts." in name and d.ep > 1:
+        fsdp, coord = d.dp_shard // d.ep, c["efsdp"]
+    else:
+        fsdp, coord = d.dp_shard, c["efsdp"] * d.ep + c["ep"]
+    shape[0] = _chunk(shape[0], fsdp, coord)
+    return prod(shape)
+
+
+def rank_parameter_elements(shapes: StageShapes, layout: Layout, rank: int) -> dict[str, int]:
+    """{"dense": n, "experts": n}: parameter elements rank `rank` holds (its shards, owned elements)."""
+    c = layout.coords(rank)
+    out = {"dense": 0, "experts": 0}
+    for name, shape, count in shapes(layout, c["pp"]):
+        out["experts" if ".experts." in name else "dense"] += count * local_elements(name, shape, layout, c)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- activations
+def _norm(width: int, a: int, shard: int, selective: bool, stored: int | None = None) -> float:
+    """Bytes per token an RMSNorm keeps (model/layers.py): `F.rms_norm` saves its fp32 input (the tensor
+    itself in fp32, else an fp32 copy) and the inverse rms, the weight product saves the normalised values.
+    Recomputed (selective): only the input, kept by the checkpoint. `stored`: the width of the storage the
+    input is a view of (c_KV is a view of the joint KV down-projection). Its output is counted by its user."""
+    stored = stored or width
+    own = a * stored if selective else (FP32 * (stored if a == FP32 else width) + FP32 + a * width)
+    return own / shard
+
+
+def _router_bytes(m: ModelConfig, a: int) -> float:
+    """Router (fp32): the input cast, the scores, and the group-limited selection's maxima/indices/mask."""
+    out = (FP32 * m.hidden_size if a != FP32 else 0) + FP32 * m.n_routed_experts + 8 * m.num_experts_per_tok
+    if m.topk_method != "greedy" and m.n_group > 1:
+        group = 16 * m.n_group if m.topk_method == "noaux_tc" else FP32 * m.n_group
+        out += group + 8 * m.topk_group + m.n_group
+    return out
+
+
+def _routed_bytes(m: ModelConfig, a: int, ep: int) -> float:
+    """Routed experts per token (K assignments): row index, gathered rows, gate_up output, SiLU output, their
+    product, expert output, the scattered [N*K, D] outputs and the gate weights; under expert parallelism
+    also the reordered output and its permutation."""
+    k, d, i = m.num_experts_per_tok, m.hidden_size, m.moe_intermediate_size
+    out = 8 * k + a * k * (3 * d + 4 * i) + a * k
+    if ep > 1:
+        out += a * k * d + 8 * k
+    return out
+
+
+def layer_activation_bytes(m: ModelConfig, layer: int, a: int, tp: int = 1, ep: int = 1, mode: str = "none") -> float:
+    """Bytes autograd keeps per token of a micro-batch for decoder layer `layer` (activation dtype `a` bytes).
+
+    With tensor parallelism, residual-stream norms run on 1/tp of the tokens (sequence parallel), heads and
+    MLP columns are split by tp; the gathered inputs of the projections, the MLA down-projection path, the
+    router and the routed experts are whole on every tp rank. `mode`: parallel.activation_checkpoint."""
+    if mode == "full":
+        return a * m.hidden_size / tp  # the block's input; the rest is recomputed
+    sel = mode == "selective"
+    d, h = m.hidden_size, m.num_attention_heads // tp
+    out = _norm(d, a, tp, sel) + a * d  # input norm + its gathered output (the down-projections' input)
+    if m.q_lora_rank is not None:
+        out += _norm(m.q_lora_rank, a, 1, sel) + a * m.q_lora_rank
+    out += _norm(m.kv_lora_rank, a, 1, sel, m.kv_lora_rank + m.qk_rope_head_dim) + a * m.kv_lora_rank
+    # SDPA keeps q, k, v (v zero-padded to the q/k width), its output and the log-sum-exp; o_proj its input
+    out += a * 4 * h * m.qk_head_dim + FP32 * h + a * h * m.v_head_dim
+    out += _norm(d, a, tp, sel) + a * d  # post-attention norm + the feed-forward's gathered input
+    if not m.is_moe_layer(layer):
+        return out + 4 * a * m.intermediate_size / tp  # SwiGLU: gate, SiLU, up, product
+    out += _router_bytes(m, a) + _routed_bytes(m, a, ep)
+    return out + 4 * a * m.n_shared_experts * m.moe_intermediate_size / tp
+
+
+def head_activation_bytes(m: ModelConfig, a: int, tp: int = 1, mode: str = "none", pipelined: bool = False) -> float:
+    """Final norm, the output head's gathered input, and what the fp32 cross-entropy keeps: the log-softmax
+    (one process per vocabulary), or the shifted logits and their exponentials (vocabulary-parallel under
+    tp). A pipeline stage also keeps its output, the logits, until the micro-batch's backward."""
+    loss = FP32 * m.vocab_size / tp * (2 if tp > 1 else 1)
+    out = _norm(m.hidden_size, a, tp, mode == "selective") + a * m.hidden_size + loss
+    return out + (a * m.vocab_size / tp if pipelined else 0)
+
+
+def in_flight(layout: Layout, pp_rank: int = 0) -> float:
+    """Micro-batches whose activations (of all this rank's layers) are alive at once on pipeline rank
+    `pp_rank`: 1 without pipelining; 1F1B keeps pp - rank; interleaved 1F1B warms up (v-1)*pp + 2*(pp-1-rank)
+    chunk forwards (torch's schedule), each 1/v of the rank's layers; the V schedules (ZBV, DualPipeV) keep
+    about pp + 1 on every rank (DeepSeek-V3's figure for DualPipe; a rougher estimate, see bench/RESULTS.md)."""
+    d, n = layout.dims, layout.n_micro
+    if d.pp == 1:
+        return 1
+    if layout.schedule == "GPipe":
+        return n
+    if layout.schedule == "Interleaved1F1B":
+        v = d.pp_stages_per_rank
+        return min(n * v, (v - 1) * d.pp + 2 * (d.pp - 1 - pp_rank) + 1) / v
+    if layout.schedule in ("ZBVZeroBubble", "DualPipeV"):  # V placement: about pp + 1 on every rank
+        return min(n, d.pp + 1)
+    return min(n, d.pp - pp_rank)
+
+
+def rank_layers(m: ModelConfig, layout: Layout, pp_rank: int) -> tuple[list[int], bool]:
+    """(global decoder-layer indices, whether the output head + loss is here) for pipeline rank `pp_rank`."""
+    d = layout.dims
+    if d.pp == 1:
+        return list(range(m.num_hidden_layers)), True
+    n_stages = d.pp * d.pp_stages_per_rank
+    split = split_layers(m.num_hidden_layers, n_stages)
+    ids = stage_ids(layout.schedule, pp_rank, d.pp, d.pp_stages_per_rank)
+    return [i for s in ids for i in split[s]], n_stages - 1 in ids
+
+
+# --------------------------------------------------------------------------------------------- the total
+@dataclass
+class RankMemory:
+    """Bytes on one rank at its peak (the start of the backward pass of its last in-flight micro-batch, or
+    the optimizer step, whichever is higher)."""
+    rank: int
+    params: int  # fp32 master weights (this rank's shards)
+    grads: int  # fp32 sharded gradients
+    optimizer: int  # AdamW moments
+    gathered: int  # FSDP's all-gathered compute copies (and unsharded gradients before reduce-scatter)
+    activations: int  # kept for backward by every in-flight micro-batch
+    backward_workspace: int  # the larger of: the cross-entropy's gradients over the vocabulary (last stage),
+    # one layer recomputed whole (full recomputation)
+    optimizer_workspace: int  # foreach AdamW temporaries (GPU)
+    grads_at_peak: bool  # gradients already exist while activations are alive (accumulation, pipelining)
+
+    @property
+    def total(self) -> int:
+        fwd_bwd = (self.grads if self.grads_at_peak else 0) + self.gathered + self.activations + self.backward_workspace
+        return self.params + self.optimizer + max(fwd_bwd, self.grads + self.optimizer_workspace)
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "total": self.total}
+
+
+def _gathered_bytes(params, layout: Layout) -> int:
+    """FSDP2 compute copies: under pipelining every module of the stage stays gathered from its first forward
+    to the end of the step (parallel/__init__.py); otherwise the root (embedding, head) plus two blocks at a
+    time (the running one and the prefetched one), and one block's unsharded gradients."""
+    if not layout.distributed:
+        return 0
+    w = layout.param_bytes
+    blocks: dict[str, int] = {}
+    root = 0
+    for name, shape, count in params:
+        n = count * prod(_split_shape(name, shape, layout))
+        wb = 1 if (layout.fp8_all_gather and ".experts." not in name and name.endswith("proj.weight")) else w
+        parts = name.split(".")
+        if parts[0] in ("layers", "mtp"):
+            blocks[parts[1]] = blocks.get(parts[1], 0) + n * wb
+        else:
+            root += n * w
+    if layout.dims.pp > 1:
+        return root + sum(blocks.values()) + max(blocks.values(), default=0) // w * layout.reduce_bytes
+    biggest = max(blocks.values(), default=0)
+    return root + 2 * biggest + biggest // w * (w + layout.reduce_bytes)
+
+
+def rank_memory(cfg, world: int, rank: int, device: str = "cpu") -> RankMemory:
+    """The planner's memory estimate for rank `rank` of `cfg` (a RunConfig) on `world` ranks. `device`:
+    "cuda" adds the foreach AdamW temporaries torch uses on GPUs."""
+    return memory_of(StageShapes(meta_model(cfg.model)), layout_of(cfg, world), rank, device)
+
+
+def memory_of(shapes: StageShapes, layout: Layout, rank: int, device: str = "cuda") -> RankMemory:
+    """Peak memory of rank `rank` (`shapes`: one StageShapes per model, shared by many layouts)."""
+    m = shapes.cfg
+    c = layout.coords(rank)
+    params = shapes(layout, c["pp"])
+    n = sum(count * local_elements(name, shape, layout, c) for name, shape, count in params)
+    d, a = layout.dims, layout.param_bytes
+    layers, has_head = rank_layers(m, layout, c["pp"])
+    mode = layout.activation_checkpoint
+    per_token = sum(layer_activation_bytes(m, i, a, d.tp, d.ep, mode) for i in layers)
+    if has_head:
+        per_token += head_activation_bytes(m, a, d.tp, mode, pipelined=d.pp > 1)
+    elif layers:  # a pipeline stage keeps its output hidden states until the micro-batch's backward
+        per_token += a * m.hidden_size / d.tp
+    workspace = 2 * FP32 * m.vocab_size / d.tp if has_head else 0  # the loss's gradients over the vocabulary
+    if mode == "full" and layers:  # after the loss: the last layer recomputed whole, the head's tensors freed
+        recomputed = max(layer_activation_bytes(m, i, a, d.tp, d.ep) for i in layers)
+        workspace = max(workspace, recomputed - (head_activation_bytes(m, a, d.tp, mode) if has_head else 0))
+    tokens = layout.micro_tokens
+    acts = int(per_token * in_flight(layout, c["pp"]) * tokens)
+    largest = max((local_elements(nm, s, layout, c) for nm, s, _ in params), default=0)
+    opt_ws = FP32 * n if device != "cpu" else FP32 * largest
+    return RankMemory(rank, FP32 * n, FP32 * n, 2 * layout.moment_bytes * n, _gathered_bytes(params, layout),
+                      acts, int(workspace * tokens), opt_ws, layout.n_micro > 1)

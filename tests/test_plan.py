@@ -1,0 +1,154 @@
+"""The capacity planner (launch/plan/): parameter counts against the dry run's real sharded model, memory
+against measured peaks of CPU runs, DeepSeek-V2's published figures, and hand computations of the bubble
+and communication formulas."""
+
+import json
+import os
+import re
+import subprocess
+
+import pytest
+
+from launch.hardware import GPUS
+from launch.plan import StageShapes, layout_of, meta_model, rank_parameter_elements
+from launch.plan.__main__ import estimate, fits, search
+from launch.plan.cost import bubble_fraction, collectives
+from model.analysis import param_counts
+from test_launch import dry_run
+from test_train import PY, ROOT, dataset  # noqa: F401  (dataset is a fixture)
+from train.__main__ import compose_config
+
+
+def planned_elements(overrides: list[str], world: int, ranks: list[int]) -> dict[int, dict]:
+    cfg = compose_config(overrides)
+    shapes, layout = StageShapes(meta_model(cfg.model)), layout_of(cfg, world, check_batch=False)
+    return {r: rank_parameter_elements(shapes, layout, r) for r in ranks}
+
+
+def by_kind(held: dict) -> dict:
+    return {kind: sum(v for k, v in held.items() if k.startswith(kind + ":")) for kind in ("dense", "experts")}
+
+
+# ------------------------------------------------------------------------------------------ parameters
+@pytest.mark.parametrize("overrides,world,ranks", [
+    # the paper's layout: FSDP leaves efsdp coordinates >= 10 without experts (20 per ep rank in chunks of 2)
+    (["model=deepseek_v2", "parallel.pp=16", "parallel.ep=8"], 2048, [0, 128, 1151, 2047]),
+    (["model=tiny", "parallel.pp=2", "parallel.tp=2", "parallel.ep=2"], 8, [0, 1, 5, 7]),
+    (["model=deepseek_v2_lite", "parallel.pp=4", "parallel.pp_schedule=Interleaved1F1B",
+      "parallel.pp_stages_per_rank=2", "parallel.ep=8", "parallel.tp=2"], 64, [0, 9, 63]),
+])
+def test_planner_parameters_equal_the_dry_run(overrides, world, ranks):
+    """Arithmetic on the config (no process group) == the real sharded model built under the fake backend."""
+    held = dry_run(f"--ranks={','.join(map(str, ranks))}", *overrides, "launch=slurm", "launch.nodes=1",
+                   f"launch.procs_per_node={world}")
+    assert {r: by_kind(h) for r, h in held.items()} == planned_elements(overrides, world, ranks)
+
+
+# ------------------------------------------------------------------------------------------ memory
+def memcheck(nproc: int, overrides: list[str]) -> list[dict]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [PY, "-m", "launch.memcheck", *overrides] if nproc == 1 else \
+        [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "launch.memcheck",
+         *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert sorted(r["rank"] for r in rows) == list(range(nproc))
+    return rows
+
+
+LAYOUTS = {
+    "tiny, one process, selective recomputation": (1, ["parallel.activation_checkpoint=selective"]),
+    "small, one process": (1, ["model=small", "train.micro_batch_size=4", "train.global_batch_size=8"]),
+    "tiny, FSDP over 2, bf16": (2, ["precision=bf16"]),
+    "tiny, ep=2 (capacity factor 1)": (2, ["parallel.ep=2", "model.capacity_factor=1.0", "model.no_drop_fraction=0"]),
+    "tiny, tp=2, full recomputation": (2, ["parallel.tp=2", "parallel.activation_checkpoint=full"]),
+    "tiny, pp=2 (1F1B) x FSDP 2": (4, ["parallel.pp=2", "train.micro_batch_size=2"]),
+}
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_planner_memory_within_15_percent_of_measured_peak(dataset, name):
+    """Peak of live tensor bytes over 3 training steps on CPU (torch's profiler, every rank) vs the plan."""
+    nproc, overrides = LAYOUTS[name]
+    rows = memcheck(nproc, [f"data.path={dataset}", "data.seq_len=128", "train.val_every=0", *overrides])
+    for r in rows:
+        assert 0.85 <= r["planned_bytes"] / r["measured_bytes"] <= 1.15, (name, r)
+
+
+# ------------------------------------------------------------------------------------------ DeepSeek-V2
+V2_PAPER_LAYOUT = ["model=deepseek_v2", "parallel.pp=16", "parallel.ep=8", "parallel.pp_schedule=ZBVZeroBubble",
+                   "parallel.pp_stages_per_rank=2", "parallel.activation_checkpoint=full", "cluster.gpus=2048",
+                   "cluster.gpu=h800", "data.seq_len=4096", "train.global_batch_size=9216",
+                   "train.micro_batch_size=1", "precision=bf16"]
+
+
+def test_plan_reproduces_deepseek_v2_figures():
+    """KV cache (V2 table 1: (d_c + d_h^R) x l = 4.5 d_h per layer), 236B / 21B parameters, and the 2,048 x
+    H800 layout of the paper (16-way zero-bubble PP, 8-way EP, sharded DP) next to its 172.8K GPU-hours per
+    trillion tokens, whose ratio is printed (and must stay within 2x: the estimate is a model, not a guess)."""
+    proc = subprocess.run([PY, "-m", "launch.plan", "--top", "0", *V2_PAPER_LAYOUT], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert "KV cache per token: MLA 576 elements/layer (34560 in all, 67.5 KiB in BF16) vs MHA 32768" in out
+    total, active = map(float, re.search(r"model: ([\d.]+)B parameters, ([\d.]+)B activated", out).groups())
+    assert abs(total - 236) / 236 < 0.002 and abs(active - 21) / 21 < 0.025
+    tps, hours = re.search(r"([\d,]+) tokens/s/GPU, MFU [\d.]+%, ([\d.]+)K GPU-hours per trillion", out).groups()
+    tps, hours = float(tps.replace(",", "")), float(hours)
+    assert abs(1e12 / tps / 3600 / 1e3 - hours) < 0.1
+    ratio = float(re.search(r"172.8K GPU-hours per trillion tokens on H800; estimate / paper = ([\d.]+)", out).group(1))
+    assert abs(ratio - hours / 172.8) < 0.01 and 0.5 < ratio < 2
+    assert "fits (" in out
+
+
+def test_search_ranks_fitting_layouts_fastest_first():
+    cfg = compose_config(V2_PAPER_LAYOUT)
+    shapes, gpu = StageShapes(meta_model(cfg.model)), GPUS["h800"]
+    ranked = search(cfg, 2048, gpu, shapes)
+    assert len(ranked) > 10 and all(fits(e, cfg, gpu) for e in ranked)
+    speeds = [e.cost.tokens_per_s_per_gpu for e in ranked]
+    assert speeds == sorted(speeds, reverse=True)
+    no_recompute = layout_of(compose_config(V2_PAPER_LAYOUT + ["parallel.activation_checkpoint=none"]), 2048)
+    assert not fits(estimate(shapes, no_recompute, cfg, gpu), cfg, gpu)  # 17 micro-batches of 4 layers in flight
+
+
+# ------------------------------------------------------------------------------------------ hand computations
+def test_bubble_fractions():
+    cfg = compose_config(["model=tiny", "parallel.pp=4", "train.global_batch_size=8", "train.micro_batch_size=1"])
+    layout = layout_of(cfg, 4)
+    assert layout.n_micro == 8
+    assert bubble_fraction(layout, cfg.model, cfg.data.seq_len) == pytest.approx(3 / 11)  # (p-1)/(n+p-1)
+    inter = layout_of(compose_config(["model=tiny", "parallel.pp=2", "parallel.pp_schedule=Interleaved1F1B",
+                                      "parallel.pp_stages_per_rank=2", "train.global_batch_size=8",
+                                      "train.micro_batch_size=1"]), 2)
+    assert bubble_fraction(inter, cfg.model, cfg.data.seq_len) == pytest.approx(0.5 / 8.5)  # (p-1)/v / (n + ...)
+
+
+def test_communication_volumes():
+    """FSDP over 4 (fp32): per micro-batch 2 all-gathers + 1 reduce-scatter, 3/4 of the unsharded bytes;
+    expert parallelism over 2: 4 all-to-alls per MoE layer and micro-batch, half the rows leave the GPU."""
+    cfg = compose_config(["model=tiny", "train.global_batch_size=16", "train.micro_batch_size=2"])
+    m = cfg.model
+    layout = layout_of(cfg, 4)
+    shapes, gpu = StageShapes(meta_model(m)), GPUS["h800"]
+    comms = {c.name: c for c in collectives(shapes, layout, cfg.data.seq_len, gpu, cfg.cluster)}
+    pc = param_counts(m)
+    dense = pc.total - pc.routed_experts
+    assert comms["fsdp all-gather/reduce-scatter (dense)"].bytes_per_step == pytest.approx(2 * (2 * 4 + 4) * dense * 3 / 4)
+    assert comms["fsdp all-gather/reduce-scatter (dense)"].link == "nvlink"
+    ep = layout_of(compose_config(["model=tiny", "parallel.ep=2", "train.global_batch_size=16",
+                                   "train.micro_batch_size=2"]), 4)
+    a2a = {c.name: c for c in collectives(shapes, ep, cfg.data.seq_len, gpu, cfg.cluster)}["ep all-to-all"]
+    tokens, n_moe = 2 * cfg.data.seq_len, m.num_hidden_layers - m.first_k_dense_replace
+    assert a2a.bytes_per_step == pytest.approx(4 * 2 * n_moe * tokens * m.num_experts_per_tok * m.hidden_size * 4 / 2)
+    big = layout_of(compose_config(["model=tiny", "train.global_batch_size=32", "train.micro_batch_size=1"]), 32)
+    assert {c.name: c.link for c in collectives(shapes, big, 256, gpu, cfg.cluster)}[
+        "fsdp all-gather/reduce-scatter (dense)"] == "ib"  # 32 ranks span 4 nodes of 8
+
+
+def test_plan_rejects_an_unknown_gpu():
+    proc = subprocess.run([PY, "-m", "launch.plan", "cluster.gpu=a100", "cluster.gpus=8"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "config error: cluster.gpu='a100' is unknown; known: h800, h100, h200"
