@@ -83,8 +83,9 @@ def main(argv: list[str]) -> int:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank, peak = measure(cfg, steps)
     planned = rank_memory(cfg, world, rank)
-    print(json.dumps({"rank": rank, "measured_bytes": peak, "planned_bytes": planned.total,
-                      "ratio": planned.total / peak if peak else None, "planned": planned.as_dict()}), flush=True)
+    row = json.dumps({"rank": rank, "measured_bytes": peak, "planned_bytes": planned.total,
+                      "ratio": planned.total / peak if peak else None, "planned": planned.as_dict()})
+    os.write(sys.stdout.fileno(), (row + "\n").encode())  # one write: ranks sharing a pipe never interleave
     return 0
 
 

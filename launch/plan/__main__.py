@@ -163,6 +163,10 @@ def main(argv: list[str]) -> int:
     print_memory(model, cfg, layout, gpu)
     e = estimate(model, layout, cfg, gpu)
     print_cost(e, gpu, cfg)
+    other = dataclasses.replace(layout, fp8=None if layout.fp8 else "blockwise", fp8_all_gather=False)
+    oc = step_cost(model, other, cfg.data.seq_len, cfg.train.global_batch_size, gpu, cfg.cluster)
+    print(f"the same layout {'in BF16' if layout.fp8 else 'with FP8 GEMMs'}: {oc.tokens_per_s_per_gpu:,.0f} "
+          f"tokens/s/GPU, MFU {oc.mfu:.1%} (of the BF16 peak)")
     print("fits" if fits(e, cfg, gpu) else "DOES NOT FIT", f"({e.memory.total / GIB:.1f} GiB + reserve on "
           f"{gpu.memory_gib} GiB)")
     if cfg.model.n_routed_experts == 160 and cfg.model.hidden_size == 5120:

@@ -225,6 +225,15 @@ def head_activation_bytes(m: ModelConfig, a: int, tp: int = 1, mode: str = "none
     return out + (a * m.vocab_size / tp if pipelined else 0)
 
 
+def mtp_activation_bytes(m: ModelConfig, a: int, tp: int = 1, ep: int = 1, mode: str = "none") -> float:
+    """The multi-token-prediction depths (DeepSeek-V3), on the stage with the head: per depth the two input
+    norms, the projection's concatenated input, one decoder layer, and the depth's own norm, head and loss."""
+    d = m.hidden_size
+    per_depth = 2 * _norm(d, a, tp, mode == "selective") + 2 * a * d
+    per_depth += layer_activation_bytes(m, m.num_hidden_layers, a, tp, ep, mode) + head_activation_bytes(m, a, tp, mode)
+    return m.num_nextn_predict_layers * per_depth
+
+
 def in_flight(layout: Layout, pp_rank: int = 0) -> float:
     """Micro-batches whose activations (of all this rank's layers) are alive at once on pipeline rank
     `pp_rank`: 1 without pipelining; 1F1B keeps pp - rank; interleaved 1F1B warms up (v-1)*pp + 2*(pp-1-rank)
@@ -319,10 +328,11 @@ def memory_of(shapes: StageShapes, layout: Layout, rank: int, device: str = "cud
     mode = layout.activation_checkpoint
     per_token = sum(layer_activation_bytes(m, i, a, d.tp, d.ep, mode) for i in layers)
     if has_head:
-        per_token += head_activation_bytes(m, a, d.tp, mode, pipelined=d.pp > 1)
+        per_token += head_activation_bytes(m, a, d.tp, mode, pipelined=d.pp > 1) + mtp_activation_bytes(m, a, d.tp, d.ep, mode)
     elif layers:  # a pipeline stage keeps its output hidden states until the micro-batch's backward
         per_token += a * m.hidden_size / d.tp
-    workspace = 2 * FP32 * m.vocab_size / d.tp if has_head else 0  # the loss's gradients over the vocabulary
+    # the loss's gradients over the vocabulary (and, vocabulary-parallel, their accumulation buffer)
+    workspace = (3 if d.tp > 1 else 2) * FP32 * m.vocab_size / d.tp if has_head else 0
     if mode == "full" and layers:  # after the loss: the last layer recomputed whole, the head's tensors freed
         recomputed = max(layer_activation_bytes(m, i, a, d.tp, d.ep) for i in layers)
         workspace = max(workspace, recomputed - (head_activation_bytes(m, a, d.tp, mode) if has_head else 0))
