@@ -225,6 +225,23 @@ def head_activation_bytes(m: ModelConfig, a: int, tp: int = 1, mode: str = "none
     return out + (a * m.vocab_size / tp if pipelined else 0)
 
 
+def weight_grad_bytes(m: ModelConfig, layer: int | None, a: int, tp: int = 1) -> float:
+    """Per token: the gradients of every weight-using op's output (each linear, norm scale, grouped GEMM) of
+    decoder layer `layer` (None: the final norm and head), which a split backward keeps from its
+    input-gradient pass to its weight-gradient pass (zero-bubble schedules)."""
+    d = m.hidden_size
+    if layer is None:
+        return a * (d / tp + m.vocab_size / tp)
+    h = m.num_attention_heads // tp
+    out = 2 * d / tp + m.kv_lora_rank + m.kv_lora_rank + m.qk_rope_head_dim + h * (m.qk_nope_head_dim + m.v_head_dim)
+    out += h * m.qk_head_dim + (2 * m.q_lora_rank if m.q_lora_rank is not None else 0) + d  # queries, o_proj
+    if not m.is_moe_layer(layer):
+        return a * (out + 2 * m.intermediate_size / tp + d)
+    k, i = m.num_experts_per_tok, m.moe_intermediate_size
+    out += k * (2 * i + d) + 2 * m.n_shared_experts * i / tp + d
+    return a * out + FP32 * m.n_routed_experts
+
+
 def mtp_activation_bytes(m: ModelConfig, a: int, tp: int = 1, ep: int = 1, mode: str = "none") -> float:
     """The multi-token-prediction depths (DeepSeek-V3), on the stage with the head: per depth the two input
     norms, the projection's concatenated input, one decoder layer, and the depth's own norm, head and loss."""
@@ -234,33 +251,65 @@ def mtp_activation_bytes(m: ModelConfig, a: int, tp: int = 1, ep: int = 1, mode:
     return m.num_nextn_predict_layers * per_depth
 
 
-def in_flight(layout: Layout, pp_rank: int = 0) -> float:
-    """Micro-batches whose activations (of all this rank's layers) are alive at once on pipeline rank
-    `pp_rank`: 1 without pipelining; 1F1B keeps pp - rank; interleaved 1F1B warms up (v-1)*pp + 2*(pp-1-rank)
-    chunk forwards (torch's schedule), each 1/v of the rank's layers; the V schedules (ZBV, DualPipeV) keep
-    about pp + 1 on every rank (DeepSeek-V3's figure for DualPipe; a rougher estimate, see bench/RESULTS.md)."""
+def _rank_actions(layout: Layout, pp_rank: int) -> list:
+    """The (stage, F | B | I | W, micro-batch) actions pipeline rank `pp_rank` runs, in order, as torch's own
+    multi-stage schedule class computes them (its per-rank planner, run without stages or process groups)."""
+    from torch.distributed.pipelining import schedules
+
+    from parallel.pipeline import _CLASSES
+
     d, n = layout.dims, layout.n_micro
+    shell = _CLASSES[layout.schedule].__new__(_CLASSES[layout.schedule])
+    shell.pp_group_size, shell._n_microbatches, shell.n_local_stages = d.pp, n, d.pp_stages_per_rank
+    shell.num_stages, shell._stages, shell.rank = d.pp * d.pp_stages_per_rank, [None] * d.pp_stages_per_rank, pp_rank
+    shell.number_of_rounds = max(1, n // d.pp)
+    shell.microbatches_per_round = n // shell.number_of_rounds
+    out = []
+    for action in shell._calculate_single_rank_operations(pp_rank):
+        if action is None:
+            continue
+        if action.computation_type == schedules._ComputationType.OVERLAP_F_B:
+            out.extend(action.sub_actions)
+        else:
+            out.append(action)
+    return out
+
+
+def in_flight_bytes(layout: Layout, pp_rank: int, stage_bytes: dict[int, float]) -> float:
+    """Peak over the step of the activation bytes (per token of a micro-batch) alive on pipeline rank `pp_rank`,
+    `stage_bytes`: per stage this rank holds, (activations one micro-batch keeps, the output gradients a split
+    backward keeps for its weight pass). Without pipelining one micro-batch; GPipe all; 1F1B pp - rank; the
+    multi-stage schedules (interleaved, ZBV, DualPipeV) by replaying torch's order of actions: a forward adds
+    the stage's activations, a full backward frees them; a split backward's input pass adds the output
+    gradients and keeps the graph, its weight pass frees both."""
+    d, n = layout.dims, layout.n_micro
+    total = sum(kept for kept, _ in stage_bytes.values())
     if d.pp == 1:
-        return 1
-    if layout.schedule == "GPipe":
-        return n
-    if layout.schedule == "Interleaved1F1B":
-        v = d.pp_stages_per_rank
-        return min(n * v, (v - 1) * d.pp + 2 * (d.pp - 1 - pp_rank) + 1) / v
-    if layout.schedule in ("ZBVZeroBubble", "DualPipeV"):  # V placement: about pp + 1 on every rank
-        return min(n, d.pp + 1)
-    return min(n, d.pp - pp_rank)
+        return total
+    if layout.schedule in ("GPipe", "1F1B"):
+        return total * (n if layout.schedule == "GPipe" else min(n, d.pp - pp_rank))
+    now = peak = 0.0
+    for action in _rank_actions(layout, pp_rank):
+        kept, grads = stage_bytes[action.stage_index]
+        now += {"F": kept, "B": -kept, "I": grads, "W": -kept - grads}.get(action.computation_type.value, 0.0)
+        peak = max(peak, now)
+    return peak
+
+
+def rank_stages(m: ModelConfig, layout: Layout, pp_rank: int) -> dict[int, list[int]]:
+    """{global stage index: its decoder-layer indices} for pipeline rank `pp_rank` (stage 0: everything)."""
+    d = layout.dims
+    if d.pp == 1:
+        return {0: list(range(m.num_hidden_layers))}
+    split = split_layers(m.num_hidden_layers, d.pp * d.pp_stages_per_rank)
+    return {s: split[s] for s in stage_ids(layout.schedule, pp_rank, d.pp, d.pp_stages_per_rank)}
 
 
 def rank_layers(m: ModelConfig, layout: Layout, pp_rank: int) -> tuple[list[int], bool]:
     """(global decoder-layer indices, whether the output head + loss is here) for pipeline rank `pp_rank`."""
-    d = layout.dims
-    if d.pp == 1:
-        return list(range(m.num_hidden_layers)), True
-    n_stages = d.pp * d.pp_stages_per_rank
-    split = split_layers(m.num_hidden_layers, n_stages)
-    ids = stage_ids(layout.schedule, pp_rank, d.pp, d.pp_stages_per_rank)
-    return [i for s in ids for i in split[s]], n_stages - 1 in ids
+    stages = rank_stages(m, layout, pp_rank)
+    last = layout.dims.pp * layout.dims.pp_stages_per_rank - 1
+    return [i for s in sorted(stages) for i in stages[s]], last in stages or layout.dims.pp == 1
 
 
 # --------------------------------------------------------------------------------------------- the total
@@ -326,18 +375,24 @@ def memory_of(shapes: StageShapes, layout: Layout, rank: int, device: str = "cud
     d, a = layout.dims, layout.param_bytes
     layers, has_head = rank_layers(m, layout, c["pp"])
     mode = layout.activation_checkpoint
-    per_token = sum(layer_activation_bytes(m, i, a, d.tp, d.ep, mode) for i in layers)
-    if has_head:
-        per_token += head_activation_bytes(m, a, d.tp, mode, pipelined=d.pp > 1) + mtp_activation_bytes(m, a, d.tp, d.ep, mode)
-    elif layers:  # a pipeline stage keeps its output hidden states until the micro-batch's backward
-        per_token += a * m.hidden_size / d.tp
+    last = d.pp * d.pp_stages_per_rank - 1
+    stage_bytes = {}
+    for stage, ids in rank_stages(m, layout, c["pp"]).items():
+        kept = sum(layer_activation_bytes(m, i, a, d.tp, d.ep, mode) for i in ids)
+        grads = sum(weight_grad_bytes(m, i, a, d.tp) for i in ids)
+        if stage == last or d.pp == 1:
+            kept += head_activation_bytes(m, a, d.tp, mode, pipelined=d.pp > 1) + mtp_activation_bytes(m, a, d.tp, d.ep, mode)
+            grads += weight_grad_bytes(m, None, a, d.tp)
+        else:  # a pipeline stage keeps its output hidden states until the micro-batch's backward
+            kept += a * m.hidden_size / d.tp
+        stage_bytes[stage] = (kept, grads)
     # the loss's gradients over the vocabulary (and, vocabulary-parallel, their accumulation buffer)
     workspace = (3 if d.tp > 1 else 2) * FP32 * m.vocab_size / d.tp if has_head else 0
     if mode == "full" and layers:  # after the loss: the last layer recomputed whole, the head's tensors freed
         recomputed = max(layer_activation_bytes(m, i, a, d.tp, d.ep) for i in layers)
         workspace = max(workspace, recomputed - (head_activation_bytes(m, a, d.tp, mode) if has_head else 0))
     tokens = layout.micro_tokens
-    acts = int(per_token * in_flight(layout, c["pp"]) * tokens)
+    acts = int(in_flight_bytes(layout, c["pp"], stage_bytes) * tokens)
     largest = max((local_elements(nm, s, layout, c) for nm, s, _ in params), default=0)
     opt_ws = FP32 * n if device != "cpu" else FP32 * largest
     return RankMemory(rank, FP32 * n, FP32 * n, 2 * layout.moment_bytes * n, _gathered_bytes(params, layout),
