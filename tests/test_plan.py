@@ -102,7 +102,6 @@ def test_plan_reproduces_deepseek_v2_figures():
     assert abs(1e12 / tps / 3600 / 1e3 - hours) < 0.1
     ratio = float(re.search(r"172.8K GPU-hours per trillion tokens on H800; estimate / paper = ([\d.]+)", out).group(1))
     assert abs(ratio - hours / 172.8) < 0.01 and 0.5 < ratio < 2
-    assert "fits (" in out
 
 
 def test_search_ranks_fitting_layouts_fastest_first():
