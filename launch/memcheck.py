@@ -18,7 +18,6 @@ import os
 import sys
 import tempfile
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 from train.__main__ import compose_config

@@ -6,9 +6,8 @@ the column-/row-parallel weights of `parallel/tensor.py`, expert parallelism spl
 expert, and FSDP2 splits dim 0 of what is left like `torch.chunk` (uneven: the last ranks get less, or
 nothing). That count is exact; `python -m launch.dryrun` builds the real sharded model to confirm it.
 
-Activations: the bytes autograd keeps per token for the backward pass, term by term from the code of
-model/ (named in `layer_activation_bytes`), with sequence parallelism dividing the sequence-sharded terms
-and the head-sharded ones by tp, times the micro-batches a pipeline schedule keeps in flight.
+Activations: the bytes autograd keeps per token (launch/plan/activations.py), times what the pipeline
+schedule keeps in flight (replayed from torch's own order of actions for the multi-stage schedules).
 """
 
 from __future__ import annotations
@@ -23,7 +22,8 @@ from model.config import ModelConfig
 from parallel.dims import LayoutError, ParallelDims
 from parallel.pipeline import canonical_schedule, rank_stage_modules, split_layers, stage_ids
 
-FP32 = 4
+from .activations import FP32, head_activation_bytes, layer_activation_bytes, mtp_activation_bytes, weight_grad_bytes
+
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # weights the tensor-parallel plan splits, by the last two components of their name: dim 0 (column-wise,
 # and the vocab-parallel embedding) or dim 1 (row-wise); everything else is replicated over tp
@@ -162,95 +162,7 @@ def rank_parameter_elements(shapes: StageShapes, layout: Layout, rank: int) -> d
     return out
 
 
-# --------------------------------------------------------------------------------------------- activations
-def _norm(width: int, a: int, shard: int, selective: bool, stored: int | None = None) -> float:
-    """Bytes per token an RMSNorm keeps (model/layers.py): `F.rms_norm` saves its fp32 input (the tensor
-    itself in fp32, else an fp32 copy) and the inverse rms, the weight product saves the normalised values.
-    Recomputed (selective): only the input, kept by the checkpoint. `stored`: the width of the storage the
-    input is a view of (c_KV is a view of the joint KV down-projection). Its output is counted by its user."""
-    stored = stored or width
-    own = a * stored if selective else (FP32 * (stored if a == FP32 else width) + FP32 + a * width)
-    return own / shard
-
-
-def _router_bytes(m: ModelConfig, a: int) -> float:
-    """Router (fp32): the input cast, the scores, and the group-limited selection's maxima/indices/mask."""
-    out = (FP32 * m.hidden_size if a != FP32 else 0) + FP32 * m.n_routed_experts + 8 * m.num_experts_per_tok
-    if m.topk_method != "greedy" and m.n_group > 1:
-        group = 16 * m.n_group if m.topk_method == "noaux_tc" else FP32 * m.n_group
-        out += group + 8 * m.topk_group + m.n_group
-    return out
-
-
-def _routed_bytes(m: ModelConfig, a: int, ep: int) -> float:
-    """Routed experts per token (K assignments): row index, gathered rows, gate_up output, SiLU output, their
-    product, expert output, the scattered [N*K, D] outputs and the gate weights; under expert parallelism
-    also the reordered output and its permutation."""
-    k, d, i = m.num_experts_per_tok, m.hidden_size, m.moe_intermediate_size
-    out = 8 * k + a * k * (3 * d + 4 * i) + a * k
-    if ep > 1:
-        out += a * k * d + 8 * k
-    return out
-
-
-def layer_activation_bytes(m: ModelConfig, layer: int, a: int, tp: int = 1, ep: int = 1, mode: str = "none") -> float:
-    """Bytes autograd keeps per token of a micro-batch for decoder layer `layer` (activation dtype `a` bytes).
-
-    With tensor parallelism, residual-stream norms run on 1/tp of the tokens (sequence parallel), heads and
-    MLP columns are split by tp; the gathered inputs of the projections, the MLA down-projection path, the
-    router and the routed experts are whole on every tp rank. `mode`: parallel.activation_checkpoint."""
-    if mode == "full":
-        return a * m.hidden_size / tp  # the block's input; the rest is recomputed
-    sel = mode == "selective"
-    d, h = m.hidden_size, m.num_attention_heads // tp
-    out = _norm(d, a, tp, sel) + a * d  # input norm + its gathered output (the down-projections' input)
-    if m.q_lora_rank is not None:
-        out += _norm(m.q_lora_rank, a, 1, sel) + a * m.q_lora_rank
-    out += _norm(m.kv_lora_rank, a, 1, sel, m.kv_lora_rank + m.qk_rope_head_dim) + a * m.kv_lora_rank
-    # SDPA keeps q, k, v (v zero-padded to the q/k width), its output and the log-sum-exp; o_proj its input
-    out += a * 4 * h * m.qk_head_dim + FP32 * h + a * h * m.v_head_dim
-    out += _norm(d, a, tp, sel) + a * d  # post-attention norm + the feed-forward's gathered input
-    if not m.is_moe_layer(layer):
-        return out + 4 * a * m.intermediate_size / tp  # SwiGLU: gate, SiLU, up, product
-    out += _router_bytes(m, a) + _routed_bytes(m, a, ep)
-    return out + 4 * a * m.n_shared_experts * m.moe_intermediate_size / tp
-
-
-def head_activation_bytes(m: ModelConfig, a: int, tp: int = 1, mode: str = "none", pipelined: bool = False) -> float:
-    """Final norm, the output head's gathered input, and what the fp32 cross-entropy keeps: the log-softmax
-    (one process per vocabulary), or the shifted logits and their exponentials (vocabulary-parallel under
-    tp). A pipeline stage also keeps its output, the logits, until the micro-batch's backward."""
-    loss = FP32 * m.vocab_size / tp * (2 if tp > 1 else 1)
-    out = _norm(m.hidden_size, a, tp, mode == "selective") + a * m.hidden_size + loss
-    return out + (a * m.vocab_size / tp if pipelined else 0)
-
-
-def weight_grad_bytes(m: ModelConfig, layer: int | None, a: int, tp: int = 1) -> float:
-    """Per token: the gradients of every weight-using op's output (each linear, norm scale, grouped GEMM) of
-    decoder layer `layer` (None: the final norm and head), which a split backward keeps from its
-    input-gradient pass to its weight-gradient pass (zero-bubble schedules)."""
-    d = m.hidden_size
-    if layer is None:
-        return a * (d / tp + m.vocab_size / tp)
-    h = m.num_attention_heads // tp
-    out = 2 * d / tp + m.kv_lora_rank + m.kv_lora_rank + m.qk_rope_head_dim + h * (m.qk_nope_head_dim + m.v_head_dim)
-    out += h * m.qk_head_dim + (2 * m.q_lora_rank if m.q_lora_rank is not None else 0) + d  # queries, o_proj
-    if not m.is_moe_layer(layer):
-        return a * (out + 2 * m.intermediate_size / tp + d)
-    k, i = m.num_experts_per_tok, m.moe_intermediate_size
-    out += k * (2 * i + d) + 2 * m.n_shared_experts * i / tp + d
-    return a * out + FP32 * m.n_routed_experts
-
-
-def mtp_activation_bytes(m: ModelConfig, a: int, tp: int = 1, ep: int = 1, mode: str = "none") -> float:
-    """The multi-token-prediction depths (DeepSeek-V3), on the stage with the head: per depth the two input
-    norms, the projection's concatenated input, one decoder layer, and the depth's own norm, head and loss."""
-    d = m.hidden_size
-    per_depth = 2 * _norm(d, a, tp, mode == "selective") + 2 * a * d
-    per_depth += layer_activation_bytes(m, m.num_hidden_layers, a, tp, ep, mode) + head_activation_bytes(m, a, tp, mode)
-    return m.num_nextn_predict_layers * per_depth
-
-
+# --------------------------------------------------------------------------------------------- in flight
 def _rank_actions(layout: Layout, pp_rank: int) -> list:
     """The (stage, F | B | I | W, micro-batch) actions pipeline rank `pp_rank` runs, in order, as torch's own
     multi-stage schedule class computes them (its per-rank planner, run without stages or process groups)."""
