@@ -301,8 +301,10 @@ def memory_of(shapes: StageShapes, layout: Layout, rank: int, device: str = "cud
     # the loss's gradients over the vocabulary (and, vocabulary-parallel, their accumulation buffer)
     workspace = (3 if d.tp > 1 else 2) * FP32 * m.vocab_size / d.tp if has_head else 0
     if mode == "full" and layers:  # after the loss: the last layer recomputed whole, the head's tensors freed
+        # (but not the vocabulary-parallel loss's: its autograd function keeps them until the step's graph dies)
         recomputed = max(layer_activation_bytes(m, i, a, d.tp, d.ep) for i in layers)
-        workspace = max(workspace, recomputed - (head_activation_bytes(m, a, d.tp, mode) if has_head else 0))
+        freed = head_activation_bytes(m, a, d.tp, mode) - (2 * FP32 * m.vocab_size / d.tp if d.tp > 1 else 0)
+        workspace = max(workspace, recomputed - (freed if has_head else 0))
     tokens = layout.micro_tokens
     acts = int(in_flight_bytes(layout, c["pp"], stage_bytes) * tokens)
     largest = max((local_elements(nm, s, layout, c) for nm, s, _ in params), default=0)
