@@ -121,6 +121,12 @@ def parallel_dims(cfg: RunConfig, world: int) -> ParallelDims:
     return dims
 
 
+def pipeline_microbatches(cfg: RunConfig, local_batch: int) -> int:
+    """Micro-batches a pipeline step splits a rank's `local_batch` sequences into: parallel.pp_microbatches,
+    or 0 there: one per train.micro_batch_size (the trainer's, and the planner's)."""
+    return cfg.parallel.pp_microbatches or local_batch // cfg.train.micro_batch_size
+
+
 # --------------------------------------------------------------------------------------------- the trainer
 class Trainer:
     def __init__(self, cfg: RunConfig):
@@ -198,7 +204,7 @@ class Trainer:
     def _build_pipeline(self, model: Transformer):
         cfg = self.cfg
         local_batch = cfg.train.global_batch_size // self.dp_world
-        n_micro = cfg.parallel.pp_microbatches or local_batch // cfg.train.micro_batch_size
+        n_micro = pipeline_microbatches(cfg, local_batch)
         if local_batch % n_micro:
             raise ConfigError(f"parallel.pp_microbatches={n_micro} must divide the per-rank batch "
                               f"global_batch_size/dp = {cfg.train.global_batch_size}/{self.dp_world} = {local_batch}")

@@ -25,13 +25,12 @@ DeepSeek-V3's table 2: 1F1B (pp-1)(F+B+W), interleaved /v, ZB-V (pp-1)(F+B-2W), 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from math import prod
 
 from model.analysis import forward_flops_per_token, training_flops_per_token
 from model.config import ModelConfig
 
 from ..hardware import GPU
-from .memory import Layout, StageShapes, _split_shape, rank_layers
+from .memory import Layout, StageShapes, rank_layers, unsharded_elements
 
 
 @dataclass
@@ -110,18 +109,6 @@ def compute_seconds(m: ModelConfig, layout: Layout, seq_len: int, tokens_per_gpu
     return ((total - fp8) / gpu.bf16_tflops + fp8 / gpu.fp8_tflops) / (1e12 * efficiency)
 
 
-def _unsharded_elements(shapes: StageShapes, layout: Layout, pp_rank: int) -> tuple[int, int]:
-    """(dense, expert) parameter elements of a pipeline rank after FSDP's all-gather (tp / ep split only)."""
-    dense = experts = 0
-    for name, shape, count in shapes(layout, pp_rank):
-        n = count * prod(_split_shape(name, shape, layout))
-        if ".experts." in name:
-            experts += n
-        else:
-            dense += n
-    return dense, experts
-
-
 def collectives(shapes: StageShapes, layout: Layout, seq_len: int, gpu: GPU, cluster) -> list[Collective]:
     """Bytes per step each GPU of pipeline rank 0 sends, per kind of collective, and their time."""
     m, d = shapes.cfg, layout.dims
@@ -142,7 +129,9 @@ def collectives(shapes: StageShapes, layout: Layout, seq_len: int, gpu: GPU, clu
     if d.pp > 1:
         p2p = 2 * n * d.pp_stages_per_rank * tokens * m.hidden_size / d.tp * a
         out.append(("pp send/recv", p2p, _group_link(d.world_size // d.pp, d.pp, per_node), False))
-    dense, experts = _unsharded_elements(shapes, layout, 0)
+    groups = unsharded_elements(shapes(layout, 0), layout).values()
+    dense = sum(g["linear"] + g["other"] for g in groups)
+    experts = sum(g["experts"] for g in groups)
     gathers = 1 if d.pp > 1 else 2 * n  # all-gathers per step (kept gathered under pipelining)
     scatters = 1 if d.pp > 1 else n
     per_elem = gathers * a + scatters * layout.reduce_bytes

@@ -64,12 +64,12 @@ class Layout:
 def layout_of(cfg, world: int, check_batch: bool = True) -> Layout:
     """The layout `cfg` (a RunConfig) describes on `world` ranks; LayoutError for an impossible one.
     `check_batch=False`: for parameter counts only (the batch need not split over this many ranks)."""
-    from train.trainer import parallel_dims
+    from train.trainer import parallel_dims, pipeline_microbatches
 
     p, t, pr = cfg.parallel, cfg.train, cfg.precision
     dims = parallel_dims(cfg, world)
     local = max(1, t.global_batch_size // dims.dp)
-    n_micro = (p.pp_microbatches or local // t.micro_batch_size) if dims.pp > 1 else local // t.micro_batch_size
+    n_micro = pipeline_microbatches(cfg, local) if dims.pp > 1 else local // t.micro_batch_size
     if check_batch and t.global_batch_size % dims.dp:
         raise LayoutError(f"train.global_batch_size={t.global_batch_size} is not divisible by the data-parallel "
                           f"degree dp_replicate*dp_shard={dims.dp}")
@@ -219,7 +219,10 @@ def rank_stages(m: ModelConfig, layout: Layout, pp_rank: int) -> dict[int, list[
 
 def rank_layers(m: ModelConfig, layout: Layout, pp_rank: int) -> tuple[list[int], bool]:
     """(global decoder-layer indices, whether the output head + loss is here) for pipeline rank `pp_rank`."""
-    stages = rank_stages(m, layout, pp_rank)
+    return _layers_and_head(rank_stages(m, layout, pp_rank), layout)
+
+
+def _layers_and_head(stages: dict[int, list[int]], layout: Layout) -> tuple[list[int], bool]:
     last = layout.dims.pp * layout.dims.pp_stages_per_rank - 1
     return [i for s in sorted(stages) for i in stages[s]], last in stages or layout.dims.pp == 1
 
@@ -249,6 +252,20 @@ class RankMemory:
         return {**asdict(self), "total": self.total}
 
 
+def unsharded_elements(params, layout: Layout) -> dict[str, dict[str, int]]:
+    """Per block ("layers.<i>", "mtp.<k>", "root" for embedding / norm / head): parameter elements after
+    FSDP's all-gather (split only by tp / ep), as "linear" (dense projections, which FP8 all-gathers),
+    "other" (norms, router, embedding, head) and "experts"."""
+    out: dict[str, dict[str, int]] = {}
+    for name, shape, count in params:
+        parts = name.split(".")
+        block = ".".join(parts[:2]) if parts[0] in ("layers", "mtp") else "root"
+        kind = "experts" if ".experts." in name else "linear" if name.endswith("proj.weight") else "other"
+        entry = out.setdefault(block, {"linear": 0, "other": 0, "experts": 0})
+        entry[kind] += count * prod(_split_shape(name, shape, layout))
+    return out
+
+
 def _gathered_bytes(params, layout: Layout) -> int:
     """FSDP2 compute copies: under pipelining every module of the stage stays gathered from its first forward
     to the end of the step (parallel/__init__.py); otherwise the root (embedding, head) plus two blocks at a
@@ -256,20 +273,14 @@ def _gathered_bytes(params, layout: Layout) -> int:
     if not layout.distributed:
         return 0
     w = layout.param_bytes
-    blocks: dict[str, int] = {}
-    root = 0
-    for name, shape, count in params:
-        n = count * prod(_split_shape(name, shape, layout))
-        wb = 1 if (layout.fp8_all_gather and ".experts." not in name and name.endswith("proj.weight")) else w
-        parts = name.split(".")
-        if parts[0] in ("layers", "mtp"):
-            blocks[parts[1]] = blocks.get(parts[1], 0) + n * wb
-        else:
-            root += n * w
+    linear = 1 if layout.fp8_all_gather else w  # dense projections all-gathered in FP8
+    groups = unsharded_elements(params, layout)
+    root = sum(groups.pop("root", {}).values()) * w
+    blocks = [(g["linear"] * linear + (g["other"] + g["experts"]) * w, sum(g.values())) for g in groups.values()]
+    biggest_bytes, biggest_elems = max(blocks, default=(0, 0))
     if layout.dims.pp > 1:
-        return root + sum(blocks.values()) + max(blocks.values(), default=0) // w * layout.reduce_bytes
-    biggest = max(blocks.values(), default=0)
-    return root + 2 * biggest + biggest // w * (w + layout.reduce_bytes)
+        return root + sum(b for b, _ in blocks) + biggest_elems * layout.reduce_bytes
+    return root + 2 * biggest_bytes + biggest_elems * (w + layout.reduce_bytes)
 
 
 def rank_memory(cfg, world: int, rank: int, device: str = "cpu") -> RankMemory:
@@ -285,11 +296,12 @@ def memory_of(shapes: StageShapes, layout: Layout, rank: int, device: str = "cud
     params = shapes(layout, c["pp"])
     n = sum(count * local_elements(name, shape, layout, c) for name, shape, count in params)
     d, a = layout.dims, layout.param_bytes
-    layers, has_head = rank_layers(m, layout, c["pp"])
+    stages = rank_stages(m, layout, c["pp"])
+    layers, has_head = _layers_and_head(stages, layout)
     mode = layout.activation_checkpoint
     last = d.pp * d.pp_stages_per_rank - 1
     stage_bytes = {}
-    for stage, ids in rank_stages(m, layout, c["pp"]).items():
+    for stage, ids in stages.items():
         kept = sum(layer_activation_bytes(m, i, a, d.tp, d.ep, mode) for i in ids)
         grads = sum(weight_grad_bytes(m, i, a, d.tp) for i in ids)
         if stage == last or d.pp == 1:
