@@ -236,12 +236,12 @@ class RankMemory:
     params: int  # fp32 master weights (this rank's shards)
     grads: int  # fp32 sharded gradients
     optimizer: int  # AdamW moments
-    gathered: int  # FSDP's all-gathered compute copies (and unsharded gradients before reduce-scatter)
+    gathered: int  # FSDP's all-gathered compute copies and unsharded gradients (before reduce-scatter)
     activations: int  # kept for backward by every in-flight micro-batch
     backward_workspace: int  # the larger of: the cross-entropy's gradients over the vocabulary (last stage),
     # one layer recomputed whole (full recomputation)
     optimizer_workspace: int  # foreach AdamW temporaries (GPU)
-    grads_at_peak: bool  # gradients already exist while activations are alive (accumulation, pipelining)
+    grads_at_peak: bool  # sharded gradients already exist while activations are alive (accumulation)
 
     @property
     def total(self) -> int:
@@ -267,20 +267,24 @@ def unsharded_elements(params, layout: Layout) -> dict[str, dict[str, int]]:
 
 
 def _gathered_bytes(params, layout: Layout) -> int:
-    """FSDP2 compute copies: under pipelining every module of the stage stays gathered from its first forward
-    to the end of the step (parallel/__init__.py); otherwise the root (embedding, head) plus two blocks at a
-    time (the running one and the prefetched one), and one block's unsharded gradients."""
+    """FSDP2 compute copies and unsharded gradients. Under pipelining every module of the stage stays
+    gathered from its first forward to the end of the step (parallel/__init__.py), and torch's schedule
+    turns gradient sync off until the last backward, so FSDP accumulates every parameter's unsharded gradient
+    in the reduce dtype (`unsharded_accumulated_grad`) and reduce-scatters them all once, at the end.
+    Otherwise: the root (embedding, head) plus two blocks at a time (the running one and the prefetched one),
+    and one block's unsharded gradients on their way to the reduce-scatter."""
     if not layout.distributed:
         return 0
     w = layout.param_bytes
     linear = 1 if layout.fp8_all_gather else w  # dense projections all-gathered in FP8
     groups = unsharded_elements(params, layout)
-    root = sum(groups.pop("root", {}).values()) * w
+    root_elems = sum(groups.pop("root", {}).values())
     blocks = [(g["linear"] * linear + (g["other"] + g["experts"]) * w, sum(g.values())) for g in groups.values()]
     biggest_bytes, biggest_elems = max(blocks, default=(0, 0))
     if layout.dims.pp > 1:
-        return root + sum(b for b, _ in blocks) + biggest_elems * layout.reduce_bytes
-    return root + 2 * biggest_bytes + biggest_elems * (w + layout.reduce_bytes)
+        all_elems = root_elems + sum(e for _, e in blocks)
+        return root_elems * w + sum(b for b, _ in blocks) + all_elems * layout.reduce_bytes
+    return root_elems * w + 2 * biggest_bytes + biggest_elems * (w + layout.reduce_bytes)
 
 
 def rank_memory(cfg, world: int, rank: int, device: str = "cpu") -> RankMemory:
@@ -321,5 +325,8 @@ def memory_of(shapes: StageShapes, layout: Layout, rank: int, device: str = "cud
     acts = int(in_flight_bytes(layout, c["pp"], stage_bytes) * tokens)
     largest = max((local_elements(nm, s, layout, c) for nm, s, _ in params), default=0)
     opt_ws = FP32 * n if device != "cpu" else FP32 * largest
+    # sharded gradients exist during forward/backward once a micro-batch was reduce-scattered: with plain
+    # accumulation; not under pipelining, where they appear only at the final reduce-scatter
+    sharded_grads_live = layout.n_micro > 1 and d.pp == 1
     return RankMemory(rank, FP32 * n, FP32 * n, 2 * layout.moment_bytes * n, _gathered_bytes(params, layout),
-                      acts, int(workspace * tokens), opt_ws, layout.n_micro > 1)
+                      acts, int(workspace * tokens), opt_ws, sharded_grads_live)
