@@ -14,8 +14,10 @@ the operands' precision (FP8 products are exact in fp32; accumulation is fp32, a
 partial sums). Scales are powers of two (the UE8M0 format of DeepSeek's later kernels), so a last-bit
 change in an amax never rescales a whole tile. On a GPU (`emulate=false`) the grouped and blockwise GEMMs
 are torchao's prototype FP8 kernels: blockwise grouped and dense for fp8_blockwise, rowwise grouped for
-fp8_rowwise and also for fp8_tensorwise's experts (torchao has no tensorwise grouped GEMM; logged at start).
-These GPU paths have not been run yet (no GPU in the sessions that built them); the emulated ones are tested.
+fp8_rowwise and also for fp8_tensorwise's experts (torchao has no tensorwise grouped GEMM; logged at start);
+the rowwise one gets token groups padded to 16 rows (`aligned_token_groups`). These GPU kernels have not been
+run yet (no GPU in the sessions that built them): the emulated paths are tested, and so is this file's glue
+around torchao's rowwise grouped GEMM (signature, layouts, padding), with the kernel replaced by the emulation.
 
 Kept in high precision, as in DeepSeek-V3: embedding, output head, router, norms, attention core.
 """
@@ -207,12 +209,36 @@ def fp8_grouped_gemm(recipe: Fp8Recipe) -> Callable:
         return lambda x, w, offs: _to_fp8_blockwise_then_scaled_grouped_mm(
             x, _col_major(w), offs, out_dtype=x.dtype, block_size=recipe.block)
     from torchao.prototype.moe_training.fp8_grouped_mm import _to_fp8_rowwise_then_scaled_grouped_mm
-    return lambda x, w, offs: _to_fp8_rowwise_then_scaled_grouped_mm(
-        x, _col_major(w), offs, out_dtype=x.dtype, pad_token_groups_for_grouped_mm=False)
+    # torchao's rowwise grouped GEMM does not pad token groups itself (its flag for it must be False)
+    return aligned_token_groups(lambda x, w, offs: _to_fp8_rowwise_then_scaled_grouped_mm(
+        x, _col_major(w), offs, out_dtype=x.dtype, pad_token_groups_for_grouped_mm=False))
 
 
 def _col_major(w: torch.Tensor) -> torch.Tensor:
     return w.transpose(-2, -1).contiguous().transpose(-2, -1)
+
+
+GROUP_ALIGN = 16  # rows; FP8 grouped GEMMs need every token group to start 16-byte aligned (below)
+
+
+def aligned_token_groups(op: Callable, align: int = GROUP_ALIGN) -> Callable:
+    """`op(x, w, offs)` run with every token group padded by zero rows to a multiple of `align` rows, and the
+    result gathered back to x's rows. In the weight-gradient GEMM dW_g = dY_g^T X_g the token dimension is the
+    contiguous one of the FP8 operands, so each group must start on a 16-byte (16 FP8 elements) boundary:
+    unaligned groups make the CUDA kernel fail (a device-side assert). No host sync: the padded buffer has
+    room for the worst case. Zero rows add nothing to any product and are never a tile's amax."""
+    def run(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        ends = offs.to(torch.int64)
+        sizes = torch.diff(ends, prepend=ends.new_zeros(1))
+        padded_sizes = (sizes + align - 1) // align * align
+        padded_ends = torch.cumsum(padded_sizes, 0)
+        rows = torch.arange(x.shape[0], device=x.device)
+        group = torch.searchsorted(ends, rows, right=True).clamp(max=ends.numel() - 1)
+        dest = rows + ((padded_ends - padded_sizes) - (ends - sizes))[group]
+        bound = -(-(x.shape[0] + ends.numel() * (align - 1)) // align) * align  # a row stride of 16 bytes too
+        padded = x.new_zeros(bound, x.shape[1]).index_copy(0, dest, x)
+        return op(padded, w, padded_ends.to(torch.int32)).index_select(0, dest)
+    return run
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, recipe: Fp8Recipe) -> torch.Tensor:

@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from model import Transformer, load_preset
-from parallel.fp8 import (E4M3, E5M2, RECIPES, ROW, TENSOR, Fp8Mm, Fp8Recipe, check_fp8, convert_to_fp8,
-                          fake_quantize, fake_quantize_blocks, fake_quantize_segments, fp8_linear, pow2_scale,
-                          quantize_along)
+from parallel.fp8 import (E4M3, E5M2, GROUP_ALIGN, RECIPES, ROW, TENSOR, Fp8Mm, Fp8Recipe, aligned_token_groups,
+                          check_fp8, convert_to_fp8, fake_quantize, fake_quantize_blocks, fake_quantize_segments,
+                          fp8_grouped_gemm, fp8_linear, pow2_scale, quantize_along)
 from test_train import base_args, dataset, metrics, train  # noqa: F401  (dataset is a fixture)
 from train.optim import AdamWLowPrecisionMoments
 
@@ -147,6 +147,74 @@ def test_grouped_gemm_equals_one_dense_gemm_per_expert(recipe):
             torch.testing.assert_close(dx[start:end], dxe, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(dw[e], dwe.t(), rtol=1e-5, atol=1e-6)
         start = end
+
+
+def _aligned_call_checks(x, w, offs):
+    """What an FP8 grouped GEMM kernel requires of its operands: groups of whole 16-row tiles, row-major x
+    with a row count that is a multiple of 16 too."""
+    assert offs.dtype == torch.int32 and bool((offs % GROUP_ALIGN == 0).all()), offs
+    assert x.shape[0] % GROUP_ALIGN == 0 and x.is_contiguous()
+
+
+def test_aligned_token_groups_pad_every_group_and_change_nothing():
+    """Groups of 0, 7, 16 and 27 rows reach the op as 0, 16, 16 and 32 rows; output and both gradients equal
+    the unpadded rowwise FP8 GEMM (zero rows add nothing and never set a scale)."""
+    torch.manual_seed(2)
+    x = torch.randn(50, 32, requires_grad=True)
+    w = (torch.randn(4, 32, 48) * 0.1).requires_grad_()
+    offs = torch.tensor([0, 7, 23, 50], dtype=torch.int32)
+    recipe = Fp8Recipe("rowwise", emulate=True)
+    seen = []
+
+    def op(xp, wp, op_offs):
+        _aligned_call_checks(xp, wp, op_offs)
+        seen.append(op_offs.tolist())
+        return Fp8Mm.apply(xp, wp, op_offs, recipe)
+
+    y = aligned_token_groups(op)(x, w, offs)
+    ref = Fp8Mm.apply(x, w, offs, recipe)
+    assert seen == [[0, 16, 32, 64]]
+    g = torch.randn_like(ref)
+    for got, want in zip(torch.autograd.grad(y, (x, w), g), torch.autograd.grad(ref, (x, w), g)):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_gpu_rowwise_expert_path_calls_torchao_correctly(monkeypatch):
+    """The GPU path of fp8_rowwise experts, with torchao's kernel (CUDA only) replaced by a stand-in that
+    checks the call against the real function's signature and the kernel's layout rules, then computes the
+    emulated rowwise GEMM: the experts' output and gradients equal the emulated recipe's."""
+    import inspect
+
+    import torchao.prototype.moe_training.fp8_grouped_mm as ao
+
+    real = inspect.signature(ao._to_fp8_rowwise_then_scaled_grouped_mm)
+    emulated = Fp8Recipe("rowwise", emulate=True)
+
+    def stand_in(*args, **kwargs):
+        bound = real.bind(*args, **kwargs)
+        bound.apply_defaults()
+        a, b_t, offs = bound.arguments["A"], bound.arguments["B_t"], bound.arguments["offs"]
+        assert bound.arguments["pad_token_groups_for_grouped_mm"] is False
+        assert bound.arguments["out_dtype"] == a.dtype
+        assert b_t.stride(-2) == 1, "B_t must be column-major per expert"
+        _aligned_call_checks(a, b_t, offs)
+        return Fp8Mm.apply(a, b_t, offs, emulated)
+
+    monkeypatch.setattr(ao, "_to_fp8_rowwise_then_scaled_grouped_mm", stand_in)
+    model = _tiny()
+    experts = model.layers["1"].mlp.experts
+    torch.manual_seed(3)
+    x = torch.randn(45, model.cfg.hidden_size, requires_grad=True)
+    counts = torch.tensor([5, 0, 17, 3, 5, 5, 9, 1])  # rows per expert (tiny has 8), none a multiple of 16
+    assert experts.down_proj.shape[0] == counts.numel() and int(counts.sum()) == x.shape[0]
+    grads = []
+    for gemm in (fp8_grouped_gemm(Fp8Recipe("rowwise", emulate=False)), fp8_grouped_gemm(emulated)):
+        experts.gemm = gemm
+        y = experts(x, counts)
+        grads.append((y, *torch.autograd.grad(y.square().sum(), (x, experts.gate_up_proj, experts.down_proj))))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
 def test_fp8_all_gather_wraps_dense_weights_for_fsdp():
