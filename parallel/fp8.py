@@ -25,6 +25,7 @@ Kept in high precision, as in DeepSeek-V3: embedding, output head, router, norms
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 from dataclasses import dataclass
 from typing import Callable
@@ -71,10 +72,35 @@ def fp8_supported(device: torch.device) -> bool:
 
 
 def check_fp8(recipe: Fp8Recipe, device: torch.device) -> None:
-    if not recipe.emulate and not fp8_supported(device):
+    """ValueError where `recipe` asks for FP8 kernels this device (or this install) does not have."""
+    if recipe.emulate:
+        return
+    if not fp8_supported(device):
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
         raise ValueError(f"FP8 kernels need an NVIDIA GPU with compute capability >= 8.9, this process runs on "
                          f"{name}; set precision.fp8_emulate=true to emulate FP8 (slow, for tests)")
+    if recipe.granularity == "blockwise":
+        problem = blockwise_grouped_kernels_missing(torch.cuda.get_device_capability(device))
+        if problem:
+            raise ValueError(f"fp8_blockwise runs the expert GEMMs through torchao, which uses DeepGEMM's grouped "
+                             f"FP8 kernels and otherwise falls back to emulation without a word: {problem}. Install "
+                             f"DeepGEMM, or use fp8_rowwise, or set precision.fp8_emulate=true")
+
+
+def blockwise_grouped_kernels_missing(capability: tuple[int, int], import_module=importlib.import_module) -> str | None:
+    """Why torchao's blockwise grouped GEMM would run emulated on a GPU of this compute capability (its
+    KernelPreference.AUTO needs DeepGEMM's M- and K-grouped FP8 GEMMs and Hopper or newer), or None."""
+    if capability < (9, 0):
+        return f"DeepGEMM needs compute capability >= 9.0, this GPU has {capability[0]}.{capability[1]}"
+    try:
+        deep_gemm = import_module("deep_gemm")
+    except (ImportError, OSError) as e:
+        return f"the deep_gemm package does not import ({e})"
+    wanted = {"m_grouped_fp8_gemm_nt_contiguous or m_grouped_fp8_fp4_gemm_nt_contiguous":
+              ("m_grouped_fp8_gemm_nt_contiguous", "m_grouped_fp8_fp4_gemm_nt_contiguous"),
+              "k_grouped_fp8_gemm_nt_contiguous": ("k_grouped_fp8_gemm_nt_contiguous",)}
+    lacking = [name for name, symbols in wanted.items() if not any(hasattr(deep_gemm, s) for s in symbols)]
+    return f"this deep_gemm has no {' and no '.join(lacking)}" if lacking else None
 
 
 # ------------------------------------------------------------------------------------------ quantization

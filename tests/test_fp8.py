@@ -7,8 +7,9 @@ from torch import nn
 
 from model import Transformer, load_preset
 from parallel.fp8 import (E4M3, E5M2, GROUP_ALIGN, RECIPES, ROW, TENSOR, Fp8Mm, Fp8Recipe, aligned_token_groups,
-                          check_fp8, convert_to_fp8, fake_quantize, fake_quantize_blocks, fake_quantize_segments,
-                          fp8_grouped_gemm, fp8_linear, pow2_scale, quantize_along)
+                          blockwise_grouped_kernels_missing, check_fp8, convert_to_fp8, fake_quantize,
+                          fake_quantize_blocks, fake_quantize_segments, fp8_grouped_gemm, fp8_linear, pow2_scale,
+                          quantize_along)
 from test_train import base_args, dataset, metrics, train  # noqa: F401  (dataset is a fixture)
 from train.optim import AdamWLowPrecisionMoments
 
@@ -231,6 +232,24 @@ def test_check_fp8_refuses_cpu_without_emulation():
     with pytest.raises(ValueError, match="compute capability >= 8.9.*fp8_emulate=true"):
         check_fp8(Fp8Recipe("rowwise", emulate=False), torch.device("cpu"))
     check_fp8(Fp8Recipe("rowwise", emulate=True), torch.device("cpu"))
+
+
+def test_blockwise_refuses_a_gpu_where_torchao_would_emulate_the_expert_gemms():
+    """torchao's blockwise grouped GEMM silently emulates without DeepGEMM or below Hopper: say why instead."""
+    import types
+
+    full = types.SimpleNamespace(m_grouped_fp8_gemm_nt_contiguous=1, k_grouped_fp8_gemm_nt_contiguous=1)
+    no_k = types.SimpleNamespace(m_grouped_fp8_fp4_gemm_nt_contiguous=1)
+
+    def missing(name):
+        raise ImportError(f"No module named {name!r}")
+
+    assert "needs compute capability >= 9.0, this GPU has 8.9" in blockwise_grouped_kernels_missing((8, 9), lambda _: full)
+    assert "does not import (No module named 'deep_gemm')" in blockwise_grouped_kernels_missing((9, 0), missing)
+    assert blockwise_grouped_kernels_missing((9, 0), lambda _: no_k) == \
+        "this deep_gemm has no k_grouped_fp8_gemm_nt_contiguous"
+    assert blockwise_grouped_kernels_missing((9, 0), lambda _: full) is None
+    assert blockwise_grouped_kernels_missing((10, 0), lambda _: full) is None
 
 
 # ------------------------------------------------------------------------------------------------ model
