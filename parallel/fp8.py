@@ -15,9 +15,11 @@ partial sums). Scales are powers of two (the UE8M0 format of DeepSeek's later ke
 change in an amax never rescales a whole tile. On a GPU (`emulate=false`) the grouped and blockwise GEMMs
 are torchao's prototype FP8 kernels: blockwise grouped and dense for fp8_blockwise, rowwise grouped for
 fp8_rowwise and also for fp8_tensorwise's experts (torchao has no tensorwise grouped GEMM; logged at start);
-the rowwise one gets token groups padded to 16 rows (`aligned_token_groups`). These GPU kernels have not been
-run yet (no GPU in the sessions that built them): the emulated paths are tested, and so is this file's glue
-around torchao's rowwise grouped GEMM (signature, layouts, padding), with the kernel replaced by the emulation.
+the rowwise one gets token groups padded to 16 rows (`aligned_token_groups`), the blockwise dense linear gets
+M, K and N padded to the block. Blockwise needs DeepGEMM on Hopper or newer (`check_fp8`). These GPU kernels
+have not been run yet (no GPU in the sessions that built them): the emulated paths are tested, and so is this
+file's glue around torchao's rowwise grouped GEMM and blockwise linear (signatures, layouts, padding), with
+the kernels replaced by the emulation.
 
 Kept in high precision, as in DeepSeek-V3: embedding, output head, router, norms, attention core.
 """
@@ -274,10 +276,26 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, recipe: Fp8Recipe) -> torc
     if isinstance(weight, DTensor):
         return _sharded_linear(x, weight, recipe)
     if not recipe.emulate:
-        from torchao.prototype.blockwise_fp8_training.linear import fp8_blockwise_mm
-        return fp8_blockwise_mm.apply(x.flatten(0, -2), weight, recipe.block, x.dtype).unflatten(0, x.shape[:-1])
+        return _blockwise_kernel_linear(x.flatten(0, -2), weight, recipe.block).unflatten(0, x.shape[:-1])
     y = Fp8Mm.apply(x.flatten(0, -2), weight.t().unsqueeze(0), None, recipe)
     return y.unflatten(0, x.shape[:-1])
+
+
+def _blockwise_kernel_linear(x: torch.Tensor, weight: torch.Tensor, block: int) -> torch.Tensor:
+    """torchao's blockwise FP8 linear on x [M, K], weight [N, K], with M, K and N zero-padded to multiples of the
+    block: its kernels assert them (DeepSeek-V2's kv_a_proj_with_mqa has N = 576, V2-Lite's dense MLP
+    N = 10944, an MTP depth sees B x (T - k) tokens). Zero padding is exact: a partial tile is scaled by its
+    own amax, as in the emulation, and padded rows and columns add nothing."""
+    from torchao.prototype.blockwise_fp8_training.linear import fp8_blockwise_mm
+
+    (m, k), n = x.shape, weight.shape[0]
+    pad_m, pad_k, pad_n = -m % block, -k % block, -n % block
+    if pad_m or pad_k:
+        x = F.pad(x, (0, pad_k, 0, pad_m))
+    if pad_k or pad_n:
+        weight = F.pad(weight, (0, pad_k, 0, pad_n))
+    y = fp8_blockwise_mm.apply(x.contiguous(), weight.contiguous(), block, x.dtype)
+    return y[:m, :n] if pad_m or pad_n else y
 
 
 def _sharded_linear(x, weight: DTensor, recipe: Fp8Recipe) -> DTensor:

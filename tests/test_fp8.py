@@ -218,6 +218,41 @@ def test_gpu_rowwise_expert_path_calls_torchao_correctly(monkeypatch):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
+def test_gpu_blockwise_linear_pads_every_dimension_to_the_block(monkeypatch):
+    """The GPU path of fp8_blockwise dense linears, with torchao's `fp8_blockwise_mm` (Triton and CUDA only: its
+    module does not import here) replaced by a stand-in with its 0.18 signature that asserts what its kernels
+    assert (M, K and N multiples of 128, contiguous operands) and computes the emulated recipe. M = 70, K = 200,
+    N = 150 reach it padded to 128 / 256 / 256, and output and gradients equal the emulated recipe's."""
+    import sys
+    import types
+
+    emulated = Fp8Recipe("blockwise", emulate=True)
+    calls = []
+
+    class StandIn:
+        @staticmethod
+        def apply(x, weight, block_size, out_dtype=torch.bfloat16, use_triton=False):
+            assert block_size == 128 and out_dtype == x.dtype and not use_triton
+            assert x.is_contiguous() and weight.is_contiguous()
+            assert x.shape[0] % 128 == 0 and x.shape[1] % 128 == 0 and weight.shape[0] % 128 == 0, (x.shape, weight.shape)
+            calls.append((tuple(x.shape), tuple(weight.shape)))
+            return Fp8Mm.apply(x, weight.t().unsqueeze(0), None, emulated)
+
+    monkeypatch.setitem(sys.modules, "torchao.prototype.blockwise_fp8_training.linear",
+                        types.SimpleNamespace(fp8_blockwise_mm=StandIn))
+    torch.manual_seed(4)
+    x = torch.randn(2, 35, 200, requires_grad=True)
+    w = (torch.randn(150, 200) * 0.1).requires_grad_()
+    results = []
+    for recipe in (Fp8Recipe("blockwise", emulate=False), emulated):
+        y = fp8_linear(x, w, recipe)
+        results.append((y, *torch.autograd.grad(y.square().sum(), (x, w))))
+    assert calls == [((128, 256), (256, 256))]
+    assert results[0][0].shape == (2, 35, 150)
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
 def test_fp8_all_gather_wraps_dense_weights_for_fsdp():
     model = _tiny()
     convert_to_fp8(model, Fp8Recipe("tensorwise", emulate=True, fsdp_all_gather=True))
