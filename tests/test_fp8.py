@@ -218,6 +218,40 @@ def test_gpu_rowwise_expert_path_calls_torchao_correctly(monkeypatch):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
+def test_gpu_blockwise_expert_path_calls_torchao_correctly(monkeypatch):
+    """The GPU path of fp8_blockwise experts, with torchao's blockwise grouped GEMM (its module needs Triton)
+    replaced by a stand-in with its 0.18 signature that asserts its preconditions (row-major A, per-expert
+    column-major B_t, K and N multiples of 128, int32 offsets; it pads token groups itself) and computes the
+    emulated recipe: the experts' output and gradients equal the emulated recipe's."""
+    import sys
+    import types
+
+    from model.moe import GroupedExperts
+
+    emulated = Fp8Recipe("blockwise", emulate=True)
+
+    def stand_in(A, B_t, offs=None, out_dtype=torch.bfloat16, float8_dtype=E4M3, block_size=128,
+                 pad_token_groups_for_grouped_mm=True, kernel_preference=None):
+        assert block_size == 128 and out_dtype == A.dtype and pad_token_groups_for_grouped_mm
+        assert A.is_contiguous() and B_t.stride(-2) == 1 and offs.dtype == torch.int32
+        assert A.shape[-1] % 128 == 0 and B_t.shape[-1] % 128 == 0 and A.shape[-1] == B_t.shape[-2]
+        return Fp8Mm.apply(A, B_t, offs, emulated)
+
+    monkeypatch.setitem(sys.modules, "torchao.prototype.moe_training.blockwise_fp8.grouped_mm",
+                        types.SimpleNamespace(_to_fp8_blockwise_then_scaled_grouped_mm=stand_in))
+    torch.manual_seed(5)
+    experts = GroupedExperts(4, 128, 128, std=0.05)
+    x = torch.randn(60, 128, requires_grad=True)
+    counts = torch.tensor([13, 0, 40, 7])
+    results = []
+    for recipe in (Fp8Recipe("blockwise", emulate=False), emulated):
+        experts.gemm = fp8_grouped_gemm(recipe)
+        y = experts(x, counts)
+        results.append((y, *torch.autograd.grad(y.square().sum(), (x, experts.gate_up_proj, experts.down_proj))))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
 def test_gpu_blockwise_linear_pads_every_dimension_to_the_block(monkeypatch):
     """The GPU path of fp8_blockwise dense linears, with torchao's `fp8_blockwise_mm` (Triton and CUDA only: its
     module does not import here) replaced by a stand-in with its 0.18 signature that asserts what its kernels
