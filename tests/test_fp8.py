@@ -181,6 +181,33 @@ def test_aligned_token_groups_pad_every_group_and_change_nothing():
     torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_real_fp8_dense_kernel_equals_the_emulation(recipe):
+    """torch._scaled_mm has a CPU kernel, so torchao's real (not emulated) FP8 path for dense linears runs here:
+    a dense block (MLA and MLP linears, bf16 autocast) computes the same output and gradients with it as with
+    the emulation, and really calls the FP8 kernel."""
+    import copy
+
+    from torch.profiler import profile
+
+    model = _tiny()
+    x = torch.randn(2, 32, model.cfg.hidden_size)
+    cos, sin = model._rope(0, 32, x.device)
+    results, kernels = [], []
+    for emulate in (False, True):
+        block = copy.deepcopy(model.layers["0"])
+        convert_to_fp8(block, Fp8Recipe(recipe, emulate=emulate))
+        xi = x.clone().requires_grad_()
+        with profile() as prof, torch.autocast("cpu", dtype=torch.bfloat16):
+            y = block(xi, cos, sin)
+            grads = torch.autograd.grad(y.float().square().sum(), [xi, *block.parameters()])
+        kernels.append(sum(e.count for e in prof.key_averages() if e.key == "aten::_scaled_mm"))
+        results.append([y.float(), *(g.float() for g in grads)])
+    assert kernels == [3 * 8, 0]  # fprop, dgrad and wgrad of the 5 MLA and 3 MLP linears; none emulated
+    for got, want in zip(*results):
+        assert rel(got, want) < 1e-4
+
+
 def test_gpu_rowwise_expert_path_calls_torchao_correctly(monkeypatch):
     """The GPU path of fp8_rowwise experts, with torchao's kernel (CUDA only) replaced by a stand-in that
     checks the call against the real function's signature and the kernel's layout rules, then computes the
