@@ -20,7 +20,8 @@ from .fp8 import Fp8Recipe, convert_to_fp8
 from .recompute import apply_activation_checkpointing, apply_compile
 from .tensor import apply_tp, tp_loss
 
-__all__ = ["LayoutError", "ParallelDims", "Fp8Recipe", "parallelize", "dp_mesh", "clip_grad_norm_", "tp_loss"]
+__all__ = ["LayoutError", "ParallelDims", "Fp8Recipe", "parallelize", "dp_mesh", "clip_grad_norm_", "tp_loss",
+           "replica_all_reduce"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -89,6 +90,18 @@ def _fully_shard(model, mesh, dims, param_dtype, reduce_dtype, cpu_offload) -> N
     for method in ("forward_with_mtp", "heads_from_labels"):  # the root's params are gathered for these too
         if hasattr(model, method):
             register_fsdp_forward_method(model, method)
+
+
+def replica_all_reduce(parts: list[nn.Module], dims: ParallelDims, enabled: bool) -> None:
+    """Turn HSDP's all-reduce of gradients across replicas on or off for the next backward (gradient
+    accumulation without pipelining: the trainer turns it on only for a step's last micro-batch). Every
+    micro-batch still reduce-scatters into the gradient shards, so memory stays sharded; FSDP2 adds the
+    micro-batches' reduce-scattered gradients up and all-reduces the sum once: one all-reduce per step
+    instead of one per micro-batch, the same sum. Under pipelining torch's schedule defers all gradient
+    sync by itself."""
+    if dims.dp_replicate > 1:
+        for part in parts:
+            part.set_requires_all_reduce(enabled)
 
 
 def clip_grad_norm_(parameters, max_norm: float, pp_group=None, duplicates=()) -> float:

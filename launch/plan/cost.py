@@ -144,7 +144,8 @@ def collectives(shapes: StageShapes, layout: Layout, seq_len: int, gpu: GPU, clu
                     _group_link(d.ep * d.tp, expert_shards, per_node), True))
     if d.dp_replicate > 1:
         shard = (dense / d.dp_shard + experts / expert_shards) * layout.reduce_bytes
-        out.append(("hsdp all-reduce", scatters * 2 * shard * (d.dp_replicate - 1) / d.dp_replicate,
+        # once per step: the trainer (and, under pipelining, torch's schedule) defers it to the last micro-batch
+        out.append(("hsdp all-reduce", 2 * shard * (d.dp_replicate - 1) / d.dp_replicate,
                     _group_link(d.dp_shard * d.tp, d.dp_replicate, per_node), True))
     result = []
     for name, nbytes, link, overlapped in out:
