@@ -1,6 +1,6 @@
-"""Gradient accumulation under HSDP (2 gloo processes, dp_replicate=2): the all-reduce across replicas runs
-once per optimizer step, after the last micro-batch, and the gradients equal those of all-reducing after every
-micro-batch (and so one process's)."""
+"""Gradient accumulation under HSDP (4 gloo processes: dp_replicate=2 x dp_shard=2, experts split ep=2): the
+all-reduce across replicas runs once per optimizer step, after the last micro-batch, and the gradients equal
+those of all-reducing after every micro-batch (which tests/test_parallel_layouts.py ties to one process)."""
 
 import os
 import socket
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from model import Transformer, load_preset
 from parallel import ParallelDims, parallelize, replica_all_reduce
 
-WORLD, MICRO = 2, 3
+WORLD, MICRO = 4, 3
 
 
 def free_port() -> int:
@@ -32,7 +32,7 @@ def grads_after_accumulation(deferred: bool, rank: int) -> tuple[dict[str, torch
     cfg = load_preset("tiny").replace(aux_loss_alpha=0.0, device_aux_loss_alpha=0.0, comm_aux_loss_alpha=0.0)
     torch.manual_seed(0)
     model = Transformer(cfg)
-    dims = ParallelDims.resolve(WORLD, dp_replicate=WORLD, dp_shard=1)
+    dims = ParallelDims.resolve(WORLD, dp_replicate=2, dp_shard=2, ep=2)
     model = parallelize(model, dims.build_mesh("cpu"), dims)
     calls = [0]
     real = dist.all_reduce
@@ -67,12 +67,14 @@ def test_hsdp_all_reduces_once_per_step_with_the_same_gradients(tmp_path):
     mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     cfg = load_preset("tiny")
-    n_groups = cfg.num_hidden_layers + 1  # FSDP units: every block and the root; one all-reduce each per sync
+    # FSDP units: every block, every MoE layer's experts and the root; one all-reduce each per sync
+    n_groups = cfg.num_hidden_layers + sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers)) + 1
     for r in results:
         n_deferred, n_every = r["calls"]
         assert n_every == MICRO * n_groups and n_deferred == n_groups, r["calls"]
         for name, g in r["every"].items():
             torch.testing.assert_close(r["deferred"][name], g, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
-    # replicas end with identical gradients, the sum over both ranks' micro-batches
-    for name, g in results[0]["deferred"].items():
-        torch.testing.assert_close(results[1]["deferred"][name], g, rtol=0, atol=0)
+    # replicas (ranks 0 and 2, 1 and 3) end with identical gradients
+    for a, b in ((0, 2), (1, 3)):
+        for name, g in results[a]["deferred"].items():
+            torch.testing.assert_close(results[b]["deferred"][name], g, rtol=0, atol=0)
