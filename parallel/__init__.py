@@ -21,7 +21,7 @@ from .recompute import apply_activation_checkpointing, apply_compile
 from .tensor import apply_tp, tp_loss
 
 __all__ = ["LayoutError", "ParallelDims", "Fp8Recipe", "parallelize", "dp_mesh", "clip_grad_norm_", "tp_loss",
-           "replica_all_reduce"]
+           "micro_batch_sync", "end_of_step"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -92,16 +92,39 @@ def _fully_shard(model, mesh, dims, param_dtype, reduce_dtype, cpu_offload) -> N
             register_fsdp_forward_method(model, method)
 
 
-def replica_all_reduce(parts: list[nn.Module], dims: ParallelDims, enabled: bool) -> None:
-    """Turn HSDP's all-reduce of gradients across replicas on or off for the next backward (gradient
-    accumulation without pipelining: the trainer turns it on only for a step's last micro-batch). Every
-    micro-batch still reduce-scatters into the gradient shards, so memory stays sharded; FSDP2 adds the
-    micro-batches' reduce-scattered gradients up and all-reduces the sum once: one all-reduce per step
-    instead of one per micro-batch, the same sum. Under pipelining torch's schedule defers all gradient
-    sync by itself."""
-    if dims.dp_replicate > 1:
+def micro_batch_sync(parts: list[nn.Module], dims: ParallelDims, last: bool, keep_unsharded: bool) -> None:
+    """FSDP2's gradient sync for the next micro-batch of a step (gradient accumulation without pipelining;
+    under pipelining torch's schedule defers all of it to the end of the step by itself).
+
+    By default every micro-batch reduce-scatters into the gradient shards, so memory stays sharded, and HSDP's
+    all-reduce across replicas waits for the last micro-batch: FSDP2 adds the micro-batches' shards up and
+    all-reduces the sum once (the same sum; one all-reduce per step instead of one per micro-batch).
+    keep_unsharded (`parallel.accumulate_unsharded`): the blocks stay gathered from the step's first forward
+    and the gradients accumulate unsharded (in the reduce dtype) until the last micro-batch: one all-gather
+    and one reduce-scatter per step instead of per micro-batch, for the memory of the part's unsharded
+    weights and gradients. `end_of_step` restores resharding after forward."""
+    for part in parts:
+        if keep_unsharded:
+            part.set_requires_gradient_sync(last)
+            part.set_reshard_after_backward(last)
+            for block in _fsdp_blocks(part):
+                block.set_reshard_after_forward(False, recurse=False)
+        if dims.dp_replicate > 1:
+            part.set_requires_all_reduce(last)
+
+
+def end_of_step(parts: list[nn.Module], keep_unsharded: bool) -> None:
+    """Back to resharding every block after its forward (evaluation, the next step), after `micro_batch_sync`."""
+    if keep_unsharded:
         for part in parts:
-            part.set_requires_all_reduce(enabled)
+            for block in _fsdp_blocks(part):
+                block.set_reshard_after_forward(True, recurse=False)
+
+
+def _fsdp_blocks(part: nn.Module) -> list[nn.Module]:
+    """The FSDP units under a model part's root (the root keeps FSDP's own default)."""
+    from torch.distributed.fsdp import FSDPModule
+    return [m for m in part.modules() if isinstance(m, FSDPModule) and m is not part]
 
 
 def clip_grad_norm_(parameters, max_norm: float, pp_group=None, duplicates=()) -> float:

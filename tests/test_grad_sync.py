@@ -1,6 +1,9 @@
-"""Gradient accumulation under HSDP (4 gloo processes: dp_replicate=2 x dp_shard=2, experts split ep=2): the
-all-reduce across replicas runs once per optimizer step, after the last micro-batch, and the gradients equal
-those of all-reducing after every micro-batch (which tests/test_parallel_layouts.py ties to one process)."""
+"""Gradient accumulation under HSDP (4 gloo processes: dp_replicate=2 x dp_shard=2, experts split ep=2), three
+ways, with the same gradients (the first is what tests/test_parallel_layouts.py ties to one process):
+  every      reduce-scatter and all-reduce after every micro-batch
+  default    reduce-scatter after every micro-batch, all-reduce across replicas once, after the last
+  unsharded  parallel.accumulate_unsharded: blocks stay gathered, gradients unsharded; one all-gather,
+             one reduce-scatter and one all-reduce per FSDP unit and step."""
 
 import os
 import socket
@@ -11,9 +14,12 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from model import Transformer, load_preset
-from parallel import ParallelDims, parallelize, replica_all_reduce
+from parallel import ParallelDims, end_of_step, micro_batch_sync, parallelize
 
 WORLD, MICRO = 4, 3
+COLLECTIVES = ("all_reduce", "all_gather_single", "reduce_scatter_single")
+MODES = {"every": dict(defer=False, keep_unsharded=False), "default": dict(defer=True, keep_unsharded=False),
+         "unsharded": dict(defer=True, keep_unsharded=True)}
 
 
 def free_port() -> int:
@@ -27,54 +33,64 @@ def batches(rank: int, vocab: int) -> list[torch.Tensor]:
     return [torch.randint(0, vocab, (2, 17), generator=gen) for _ in range(MICRO)]
 
 
-def grads_after_accumulation(deferred: bool, rank: int) -> tuple[dict[str, torch.Tensor], int]:
-    """Full gradients after MICRO micro-batches, and the number of all-reduces FSDP issued."""
+def accumulate(mode: str, rank: int) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """Full gradients after MICRO micro-batches, and how often FSDP called each collective."""
     cfg = load_preset("tiny").replace(aux_loss_alpha=0.0, device_aux_loss_alpha=0.0, comm_aux_loss_alpha=0.0)
     torch.manual_seed(0)
-    model = Transformer(cfg)
     dims = ParallelDims.resolve(WORLD, dp_replicate=2, dp_shard=2, ep=2)
-    model = parallelize(model, dims.build_mesh("cpu"), dims)
-    calls = [0]
-    real = dist.all_reduce
+    model = parallelize(Transformer(cfg), dims.build_mesh("cpu"), dims)
+    calls = dict.fromkeys(COLLECTIVES, 0)
+    real = {name: getattr(dist, name) for name in COLLECTIVES}
 
-    def counting(*args, **kwargs):
-        calls[0] += 1
-        return real(*args, **kwargs)
+    def counting(name):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return real[name](*args, **kwargs)
+        return call
 
-    dist.all_reduce = counting
+    for name in COLLECTIVES:
+        setattr(dist, name, counting(name))
     try:
+        defer, keep = MODES[mode]["defer"], MODES[mode]["keep_unsharded"]
         for i, tokens in enumerate(batches(rank, cfg.vocab_size)):
-            replica_all_reduce([model], dims, enabled=not deferred or i == MICRO - 1)
+            micro_batch_sync([model], dims, last=not defer or i == MICRO - 1, keep_unsharded=keep)
             logits = model(tokens[:, :-1])
             (F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()) / MICRO).backward()
+        end_of_step([model], keep)
     finally:
-        dist.all_reduce = real
-    return {n: p.grad.full_tensor() for n, p in model.named_parameters()}, calls[0]
+        for name in COLLECTIVES:
+            setattr(dist, name, real[name])
+    return {n: p.grad.full_tensor() for n, p in model.named_parameters()}, calls
 
 
 def worker(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        deferred, n_deferred = grads_after_accumulation(True, rank)
-        every, n_every = grads_after_accumulation(False, rank)
-        torch.save({"deferred": deferred, "every": every, "calls": (n_deferred, n_every)}, f"{out}/rank{rank}.pt")
+        torch.save({mode: accumulate(mode, rank) for mode in MODES}, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def test_hsdp_all_reduces_once_per_step_with_the_same_gradients(tmp_path):
+def test_gradient_sync_per_step_not_per_micro_batch(tmp_path):
     mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     cfg = load_preset("tiny")
-    # FSDP units: every block, every MoE layer's experts and the root; one all-reduce each per sync
-    n_groups = cfg.num_hidden_layers + sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers)) + 1
+    # FSDP units: every block and the root shard dense weights over dp_shard=2; every MoE layer's experts over
+    # efsdp = dp_shard / ep = 1 (nothing to gather or scatter); all of them all-reduce over dp_replicate=2
+    dense = cfg.num_hidden_layers + 1
+    units = dense + sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
     for r in results:
-        n_deferred, n_every = r["calls"]
-        assert n_every == MICRO * n_groups and n_deferred == n_groups, r["calls"]
-        for name, g in r["every"].items():
-            torch.testing.assert_close(r["deferred"][name], g, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+        every, default, unsharded = (r[mode][1] for mode in MODES)
+        assert every["all_reduce"] == MICRO * units and every["reduce_scatter_single"] == MICRO * dense, every
+        assert default["all_reduce"] == units and default["reduce_scatter_single"] == MICRO * dense, default
+        assert unsharded == {"all_reduce": units, "all_gather_single": dense, "reduce_scatter_single": dense}
+        assert every["all_gather_single"] > MICRO * dense  # gathered again for every forward and backward
+        for mode in ("default", "unsharded"):
+            for name, g in r["every"][0].items():
+                torch.testing.assert_close(r[mode][0][name], g, rtol=1e-5, atol=1e-7, msg=lambda m: f"{mode} {name}: {m}")
     # replicas (ranks 0 and 2, 1 and 3) end with identical gradients
     for a, b in ((0, 2), (1, 3)):
-        for name, g in results[a]["deferred"].items():
-            torch.testing.assert_close(results[b]["deferred"][name], g, rtol=0, atol=0)
+        for mode in MODES:
+            for name, g in results[a][mode][0].items():
+                torch.testing.assert_close(results[b][mode][0][name], g, rtol=0, atol=0)

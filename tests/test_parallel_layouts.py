@@ -68,6 +68,8 @@ LAYOUTS = {
     "tp2": (2, 2, 2, {"parallel.tp": 2}),
     "tp2_dp2": (4, 1, 2, {"parallel.tp": 2, "parallel.dp_shard": 2}),
     "tp2_ep2": (4, 1, 2, {"parallel.tp": 2, "parallel.ep": 2}),
+    # 2 micro-batches per step, weights kept gathered and gradients unsharded between them
+    "dp2_accumulate_unsharded": (2, 1, 2, {"parallel.accumulate_unsharded": "true"}),
 }
 
 

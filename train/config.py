@@ -74,6 +74,10 @@ class ParallelConfig:
     cpu_offload: bool = False
     activation_checkpoint: str = "none"  # none | full | selective (RMSNorms + MLA up-projections, as DeepSeek-V3)
     compile: bool = False  # torch.compile each block
+    # gradient accumulation without pipelining: keep weights gathered and gradients unsharded over a step's
+    # micro-batches (one all-gather and one reduce-scatter per step, for the unsharded weights' and gradients'
+    # memory); pipelining always does this
+    accumulate_unsharded: bool = False
 
 
 @dataclass

@@ -28,7 +28,7 @@ from model import Transformer
 from model.moe import active_balance_terms
 from model.transformer import lm_and_mtp_loss
 from model.analysis import param_counts, training_flops_per_token
-from parallel import LayoutError, ParallelDims, clip_grad_norm_, parallelize, replica_all_reduce, tp_loss
+from parallel import LayoutError, ParallelDims, clip_grad_norm_, end_of_step, micro_batch_sync, parallelize, tp_loss
 from parallel.inventory import rank_parameters
 from parallel.fp8 import Fp8Recipe, after_optimizer_step, check_fp8
 from parallel.pipeline import build_pipeline, ends_share_rank, pipeline_eval, pipeline_step, tied_embedding_copy
@@ -320,12 +320,15 @@ class Trainer:
         n = len(micro_batches)
         self.parts[0].set_aux_loss_scale(1.0 / n)  # balance losses get the same 1/n as the LM loss
         total = torch.zeros((), device=self.env.device)
+        unsharded = self.cfg.parallel.accumulate_unsharded
         for i, (inputs, labels) in enumerate(micro_batches):
-            if self.mesh is not None:  # HSDP: all-reduce across replicas after the last micro-batch only
-                replica_all_reduce(self.parts, self.dims, enabled=i == n - 1)
+            if self.mesh is not None:  # when FSDP reduces (parallel.micro_batch_sync)
+                micro_batch_sync(self.parts, self.dims, last=i == n - 1, keep_unsharded=unsharded)
             loss = self.loss(inputs.to(self.env.device), labels.to(self.env.device))
             (loss / n).backward()
             total += loss.detach() / n
+        if self.mesh is not None:
+            end_of_step(self.parts, unsharded)
         return total
 
     def _pipeline_loss(self, micro_batches, train: bool = True) -> torch.Tensor:

@@ -71,9 +71,11 @@ def candidates(cfg, world: int):
     for pp, tp, ep, mode in itertools.product(twos, twos[:4], [1] + twos[1:], ("none", "selective", "full")):
         if world % (pp * tp) or tp > cfg.cluster.gpus_per_node or (ep > 1 and m.n_routed_experts % ep):
             continue
-        for schedule, v in (schedules if pp > 1 else [("1F1B", 1)]):
+        for (schedule, v), unsharded in itertools.product(schedules if pp > 1 else [("1F1B", 1)],
+                                                          (False,) if pp > 1 else (False, True)):
             par = dataclasses.replace(p, pp=pp, tp=tp, ep=ep, dp_replicate=1, dp_shard=-1, pp_schedule=schedule,
-                                      pp_stages_per_rank=v, activation_checkpoint=mode, pp_microbatches=0)
+                                      pp_stages_per_rank=v, activation_checkpoint=mode, pp_microbatches=0,
+                                      accumulate_unsharded=unsharded)
             try:
                 yield layout_of(dataclasses.replace(cfg, parallel=par), world)
             except (LayoutError, ValueError):
@@ -99,8 +101,9 @@ def _gib(x: float) -> str:
 def describe(layout: Layout) -> str:
     d = layout.dims
     sched = f" {layout.schedule}" + (f"x{d.pp_stages_per_rank}" if d.pp_stages_per_rank > 1 else "") if d.pp > 1 else ""
+    unsharded = " accumulate_unsharded" if layout.accumulate_unsharded and d.pp == 1 else ""
     return (f"pp={d.pp} dp={d.dp_replicate}x{d.dp_shard} tp={d.tp} ep={d.ep}{sched} "
-            f"ac={layout.activation_checkpoint} micro={layout.n_micro}")
+            f"ac={layout.activation_checkpoint} micro={layout.n_micro}{unsharded}")
 
 
 def print_model(cfg) -> None:

@@ -132,8 +132,8 @@ def collectives(shapes: StageShapes, layout: Layout, seq_len: int, gpu: GPU, clu
     groups = unsharded_elements(shapes(layout, 0), layout).values()
     dense = sum(g["linear"] + g["other"] for g in groups)
     experts = sum(g["experts"] for g in groups)
-    gathers = 1 if d.pp > 1 else 2 * n  # all-gathers per step (kept gathered under pipelining)
-    scatters = 1 if d.pp > 1 else n
+    gathers = 1 if layout.gathered_through_step else 2 * n  # all-gathers per step
+    scatters = 1 if layout.gathered_through_step else n
     per_elem = gathers * a + scatters * layout.reduce_bytes
     if d.dp_shard > 1:
         out.append(("fsdp all-gather/reduce-scatter (dense)", per_elem * dense * (d.dp_shard - 1) / d.dp_shard,

@@ -45,6 +45,13 @@ class Layout:
     moment_bytes: int
     fp8: str | None  # FP8 recipe name or None
     fp8_all_gather: bool
+    accumulate_unsharded: bool = False  # parallel.accumulate_unsharded (no pp)
+
+    @property
+    def gathered_through_step(self) -> bool:
+        """FSDP keeps weights gathered and gradients unsharded from the step's first forward to its one
+        reduce-scatter: always under pipelining, by choice without."""
+        return self.dims.pp > 1 or self.accumulate_unsharded
 
     @property
     def distributed(self) -> bool:
@@ -79,7 +86,7 @@ def layout_of(cfg, world: int, check_batch: bool = True) -> Layout:
     n_micro = max(1, n_micro)
     return Layout(dims, canonical_schedule(p.pp_schedule), n_micro, local // n_micro * cfg.data.seq_len,
                   p.activation_checkpoint, DTYPE_BYTES[pr.param_dtype], DTYPE_BYTES[pr.reduce_dtype],
-                  DTYPE_BYTES[pr.moment_dtype], pr.fp8_recipe, pr.fp8_fsdp_all_gather)
+                  DTYPE_BYTES[pr.moment_dtype], pr.fp8_recipe, pr.fp8_fsdp_all_gather, p.accumulate_unsharded)
 
 
 # --------------------------------------------------------------------------------------------- parameters
@@ -270,9 +277,10 @@ def _gathered_bytes(params, layout: Layout) -> int:
     """FSDP2 compute copies and unsharded gradients. Under pipelining every module of the stage stays
     gathered from its first forward to the end of the step (parallel/__init__.py), and torch's schedule
     turns gradient sync off until the last backward, so FSDP accumulates every parameter's unsharded gradient
-    in the reduce dtype (`unsharded_accumulated_grad`) and reduce-scatters them all once, at the end.
-    Otherwise: the root (embedding, head) plus two blocks at a time (the running one and the prefetched one),
-    and one block's unsharded gradients on their way to the reduce-scatter."""
+    in the reduce dtype (`unsharded_accumulated_grad`) and reduce-scatters them all once, at the end; so does
+    `parallel.accumulate_unsharded` without pipelining. Otherwise: the root (embedding, head) plus two blocks
+    at a time (the running one and the prefetched one), and one block's unsharded gradients on their way to
+    the reduce-scatter."""
     if not layout.distributed:
         return 0
     w = layout.param_bytes
@@ -281,7 +289,7 @@ def _gathered_bytes(params, layout: Layout) -> int:
     root_elems = sum(groups.pop("root", {}).values())
     blocks = [(g["linear"] * linear + (g["other"] + g["experts"]) * w, sum(g.values())) for g in groups.values()]
     biggest_bytes, biggest_elems = max(blocks, default=(0, 0))
-    if layout.dims.pp > 1:
+    if layout.gathered_through_step:
         all_elems = root_elems + sum(e for _, e in blocks)
         return root_elems * w + sum(b for b, _ in blocks) + all_elems * layout.reduce_bytes
     return root_elems * w + 2 * biggest_bytes + biggest_elems * (w + layout.reduce_bytes)
@@ -326,7 +334,7 @@ def memory_of(shapes: StageShapes, layout: Layout, rank: int, device: str = "cud
     largest = max((local_elements(nm, s, layout, c) for nm, s, _ in params), default=0)
     opt_ws = FP32 * n if device != "cpu" else FP32 * largest
     # sharded gradients exist during forward/backward once a micro-batch was reduce-scattered: with plain
-    # accumulation; not under pipelining, where they appear only at the final reduce-scatter
-    sharded_grads_live = layout.n_micro > 1 and d.pp == 1
+    # accumulation; not when gradients stay unsharded until the step's one reduce-scatter
+    sharded_grads_live = layout.n_micro > 1 and not layout.gathered_through_step
     return RankMemory(rank, FP32 * n, FP32 * n, 2 * layout.moment_bytes * n, _gathered_bytes(params, layout),
                       acts, int(workspace * tokens), opt_ws, sharded_grads_live)
