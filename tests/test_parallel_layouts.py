@@ -66,10 +66,11 @@ LAYOUTS = {
                                   "parallel.pp_stages_per_rank": 2}),
     "ep2_pp2": (4, 1, 2, {"parallel.ep": 2, "parallel.pp": 2, "parallel.activation_checkpoint": "full"}),
     "tp2": (2, 2, 2, {"parallel.tp": 2}),
-    "tp2_dp2": (4, 1, 2, {"parallel.tp": 2, "parallel.dp_shard": 2}),
+    # 2 micro-batches per step: tp2_dp2 keeps weights gathered and gradients unsharded between them
+    # (parallel.accumulate_unsharded), tp2_ep2 reduce-scatters after each
+    "tp2_dp2_accumulate_unsharded": (4, 1, 2, {"parallel.tp": 2, "parallel.dp_shard": 2,
+                                               "parallel.accumulate_unsharded": "true"}),
     "tp2_ep2": (4, 1, 2, {"parallel.tp": 2, "parallel.ep": 2}),
-    # 2 micro-batches per step, weights kept gathered and gradients unsharded between them
-    "dp2_accumulate_unsharded": (2, 1, 2, {"parallel.accumulate_unsharded": "true"}),
 }
 
 
