@@ -234,12 +234,18 @@ def fp8_grouped_gemm(recipe: Fp8Recipe) -> Callable:
         return lambda x, w, offs: Fp8Mm.apply(x, w, offs, recipe)
     if recipe.granularity == "blockwise":
         from torchao.prototype.moe_training.blockwise_fp8.grouped_mm import _to_fp8_blockwise_then_scaled_grouped_mm
-        return lambda x, w, offs: _to_fp8_blockwise_then_scaled_grouped_mm(
-            x, _col_major(w), offs, out_dtype=x.dtype, block_size=recipe.block)
+
+        def blockwise(x, w, offs):  # torchao pads the token groups to the block itself
+            return _to_fp8_blockwise_then_scaled_grouped_mm(x, _col_major(w), offs, out_dtype=x.dtype,
+                                                            block_size=recipe.block)
+        blockwise.width_align = recipe.block  # its kernels need K and N in whole blocks (model.moe.grouped_mm pads)
+        return blockwise
     from torchao.prototype.moe_training.fp8_grouped_mm import _to_fp8_rowwise_then_scaled_grouped_mm
     # torchao's rowwise grouped GEMM does not pad token groups itself (its flag for it must be False)
-    return aligned_token_groups(lambda x, w, offs: _to_fp8_rowwise_then_scaled_grouped_mm(
+    rowwise = aligned_token_groups(lambda x, w, offs: _to_fp8_rowwise_then_scaled_grouped_mm(
         x, _col_major(w), offs, out_dtype=x.dtype, pad_token_groups_for_grouped_mm=False))
+    rowwise.width_align = 16  # K and N multiples of 16
+    return rowwise
 
 
 def _col_major(w: torch.Tensor) -> torch.Tensor:

@@ -226,16 +226,17 @@ def test_gpu_rowwise_expert_path_calls_torchao_correctly(monkeypatch):
         assert bound.arguments["pad_token_groups_for_grouped_mm"] is False
         assert bound.arguments["out_dtype"] == a.dtype
         assert b_t.stride(-2) == 1, "B_t must be column-major per expert"
+        assert a.shape[-1] % 16 == 0 and b_t.shape[-2] % 16 == 0 and b_t.shape[-1] % 16 == 0, (a.shape, b_t.shape)
         _aligned_call_checks(a, b_t, offs)
         return Fp8Mm.apply(a, b_t, offs, emulated)
 
     monkeypatch.setattr(ao, "_to_fp8_rowwise_then_scaled_grouped_mm", stand_in)
-    model = _tiny()
-    experts = model.layers["1"].mlp.experts
+    from model.moe import GroupedExperts
+
     torch.manual_seed(3)
-    x = torch.randn(45, model.cfg.hidden_size, requires_grad=True)
-    counts = torch.tensor([5, 0, 17, 3, 5, 5, 9, 1])  # rows per expert (tiny has 8), none a multiple of 16
-    assert experts.down_proj.shape[0] == counts.numel() and int(counts.sum()) == x.shape[0]
+    experts = GroupedExperts(8, 40, 24, std=0.05)  # widths 40 and 24 (48 for gate_up): not multiples of 16
+    x = torch.randn(45, 40, requires_grad=True)
+    counts = torch.tensor([5, 0, 17, 3, 5, 5, 9, 1])  # rows per expert, none a multiple of 16
     grads = []
     for gemm in (fp8_grouped_gemm(Fp8Recipe("rowwise", emulate=False)), fp8_grouped_gemm(emulated)):
         experts.gemm = gemm
@@ -249,7 +250,7 @@ def test_gpu_blockwise_expert_path_calls_torchao_correctly(monkeypatch):
     """The GPU path of fp8_blockwise experts, with torchao's blockwise grouped GEMM (its module needs Triton)
     replaced by a stand-in with its 0.18 signature that asserts its preconditions (row-major A, per-expert
     column-major B_t, K and N multiples of 128, int32 offsets; it pads token groups itself) and computes the
-    emulated recipe: the experts' output and gradients equal the emulated recipe's."""
+    emulated recipe: experts of widths 200 and 72 give the emulated recipe's output and gradients."""
     import sys
     import types
 
@@ -267,8 +268,8 @@ def test_gpu_blockwise_expert_path_calls_torchao_correctly(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchao.prototype.moe_training.blockwise_fp8.grouped_mm",
                         types.SimpleNamespace(_to_fp8_blockwise_then_scaled_grouped_mm=stand_in))
     torch.manual_seed(5)
-    experts = GroupedExperts(4, 128, 128, std=0.05)
-    x = torch.randn(60, 128, requires_grad=True)
+    experts = GroupedExperts(4, 200, 72, std=0.05)  # K and N reach the kernel padded to whole 128 blocks
+    x = torch.randn(60, 200, requires_grad=True)
     counts = torch.tensor([13, 0, 40, 7])
     results = []
     for recipe in (Fp8Recipe("blockwise", emulate=False), emulated):
