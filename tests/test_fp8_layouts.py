@@ -7,13 +7,24 @@ divide every local width and every rank's tokens per micro-step, so no tile stra
 Tensorwise and rowwise scales span a rank's whole batch (activations; weight gradients over tokens): under
 data or expert parallelism they see other tokens than one process does, so they are compared under
 pipeline parallelism, where each microbatch is the reference's micro-batch.
+
+Tolerances. FP8 rounding is discontinuous: a one-ulp difference in summation order can move an element to the
+next FP8 value, and this test's aggressive optimizer (lr 1e-2, eps 1e-3) amplifies that into the weights. So
+the parallelism tests' rtol 1e-5 holds or fails here by luck of the data. Measured (blockwise and rowwise under
+ep=2, 3 steps): such flips move the loss by up to 1.9e-5, the grad norm by 1e-4 and the weights by 2.9e-4
+(relative L2). Quantization tiles that really differ from one process (tensorwise under ep=2, whose scales
+span other tokens) move the loss by 9.6e-4 at step 2, the grad norm by 5.5e-2 and the weights by 6.1e-3. The
+bounds below sit between the two.
 """
+
+from pathlib import Path
 
 import pytest
 
-from test_parallel_layouts import assert_same_run, run
+from test_parallel_layouts import final_params, run
 from test_train import dataset, metrics  # noqa: F401  (dataset is a fixture)
 
+LOSS_RTOL, GRAD_NORM_RTOL, WEIGHTS_REL_L2 = 2e-4, 2e-3, 2e-3
 FP8 = {"precision.param_dtype": "float32", "precision.fp8_emulate": "true", "precision.fp8_block": 16}
 
 LAYOUTS = {
@@ -33,7 +44,21 @@ def test_fp8_layout_equals_single_process(dataset, tmp_path, layout):
     ref, got = tmp_path / "ref", tmp_path / layout
     run(dataset, ref, 1, **fp8, **{"train.micro_batch_size": ref_mb})
     run(dataset, got, nproc, **fp8, **{"train.micro_batch_size": mb, **over})
-    assert_same_run(ref, got, tmp_path)
+    assert_fp8_run_close(ref, got, tmp_path)
+
+
+def assert_fp8_run_close(ref: Path, got: Path, tmp: Path) -> None:
+    for key, rtol in (("loss", LOSS_RTOL), ("grad_norm", GRAD_NORM_RTOL)):
+        a, b = metrics(ref, key), metrics(got, key)
+        assert a.keys() == b.keys()
+        for s in a:
+            assert b[s] == pytest.approx(a[s], rel=rtol), f"{key} at step {s}"
+    pa, pb = final_params(ref, tmp), final_params(got, tmp)
+    assert pa.keys() == pb.keys()
+    names = [n for n in pa if not n.endswith("expert_bias")]  # moved by sign(load error): +-gamma jumps
+    diff = sum(float((pb[n] - pa[n]).double().pow(2).sum()) for n in names) ** 0.5
+    norm = sum(float(pa[n].double().pow(2).sum()) for n in names) ** 0.5
+    assert diff / norm < WEIGHTS_REL_L2, f"final weights differ by {diff / norm:.2e} (relative L2)"
 
 
 def test_fp8_all_gather_equals_gathering_then_casting(dataset, tmp_path):
