@@ -13,8 +13,11 @@ updates: that checks gradients and optimizer too).
 
 Peak memory is measured in a separate pass (see `peak_step_memory_mib`).
 
-    python bench/model_step.py [--preset small] [--batch 4] [--seq-len 256] [--steps 6] [--warmup 2]
-Last line: speedup_vs_hf=<ours tokens/s / fastest transformers tokens/s>.
+With --compile, a second variant of ours runs each block under torch.compile, as `parallel.compile=true`
+does in the trainer (the routed-expert grouped GEMMs stay eager); it is timed in the same rotation.
+
+    python bench/model_step.py [--preset small] [--batch 4] [--seq-len 256] [--steps 6] [--warmup 2] [--compile]
+Last line: speedup_vs_hf=<our fastest variant's tokens/s / fastest transformers variant's tokens/s>.
 
 Timings need an otherwise idle machine: with default (all-core) threading, every parallel region waits for
 the slowest thread, so under competing load an op costs about one scheduler time slice whatever its size and
@@ -43,12 +46,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model import Transformer, load_preset  # noqa: E402
 from model.hf import to_hf  # noqa: E402
+from parallel.recompute import apply_compile  # noqa: E402
 
 # `batched_mm` is not timed by default: it gathers the weights of every (token, expert) pair and keeps them for
 # backward, [4096, 512, 512] + [4096, 512, 256] fp32 = 6 GiB per MoE layer, 42 GiB for the `small` preset at
 # batch 4 x 256; it targets small decode batches. Add it with --variants grouped_mm eager batched_mm.
 DEFAULT_VARIANTS = ("grouped_mm", "eager")
 LOSS_RTOL = 1e-3
+OURS = ("ours", "ours_compiled")
 
 Step = Callable[[], float]
 
@@ -63,8 +68,10 @@ def build_ours(preset: str) -> Transformer:
 
 def build(name: str, preset: str, weights_dir: str) -> tuple[torch.nn.Module, Callable]:
     """(model, tokens -> logits) for 'ours' or a transformers experts implementation, from the same weights."""
-    if name == "ours":
+    if name in OURS:
         model = build_ours(preset)
+        if name == "ours_compiled":
+            apply_compile(model)
         return model, model
     import transformers
     from transformers import DeepseekV2ForCausalLM
@@ -192,6 +199,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per variant (the first is the loss check)")
     ap.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS),
                     help="transformers experts_implementation values to time")
+    ap.add_argument("--compile", action="store_true", help="also time ours with each block torch.compiled")
     args = ap.parse_args()
     if args.steps < 1 or args.warmup < 1:
         raise ValueError(f"--steps and --warmup must be >= 1, got steps={args.steps} warmup={args.warmup}")
@@ -203,20 +211,20 @@ def measure(args: argparse.Namespace) -> dict:
         to_hf(build_ours(args.preset), weights_dir)
         default = hf_default_experts(weights_dir)
         variants = list(dict.fromkeys(args.variants + [default]))  # the default is always timed
-        names = ["ours"] + variants
+        names = ["ours"] + (["ours_compiled"] if args.compile else []) + variants
         tokens = make_tokens(load_preset(args.preset).vocab_size, args.batch, args.seq_len)
         steps = {n: make_step(*build(n, args.preset, weights_dir), tokens) for n in names}
         timed, contention = others_cpu_share(lambda: time_alternating(steps, args.warmup, args.steps))
         times, first, last = timed
         del steps  # free the timed models before the memory pass
         memory = peak_step_memory_mib(names, args.preset, weights_dir, args.batch, args.seq_len)
-    return dict(default=default, variants=variants, times=times, first=first, last=last, contention=contention,
+    return dict(default=default, ours=names[:len(names) - len(variants)], variants=variants, times=times, first=first, last=last, contention=contention,
                 memory=memory)
 
 
 def report(args: argparse.Namespace, r: dict) -> int:
-    names = ["ours"] + r["variants"]
-    label = {n: "ours" if n == "ours" else f"hf[{n}]" for n in names}
+    names = r["ours"] + r["variants"]
+    label = {n: n if n in OURS else f"hf[{n}]" for n in names}
     median = {n: statistics.median(r["times"][n]) for n in names}
     tps = {n: args.batch * args.seq_len / median[n] for n in names}
     print(f"preset={args.preset} batch={args.batch} seq_len={args.seq_len} steps={args.steps} warmup={args.warmup} "
@@ -235,13 +243,18 @@ def report(args: argparse.Namespace, r: dict) -> int:
             print(f"{what} disagrees with ours by more than {LOSS_RTOL:g} relative: {', '.join(label[n] for n in bad)}")
             return 1
     fastest = max(r["variants"], key=lambda n: tps[n])
-    print(f"fastest transformers variant: {fastest}")
-    print(f"speedup_vs_hf={tps['ours'] / tps[fastest]:.2f}")
+    best = max(r["ours"], key=lambda n: tps[n])
+    print(f"fastest transformers variant: {fastest}; our fastest: {best}")
+    for n in r["ours"]:
+        print(f"{n}_vs_hf={tps[n] / tps[fastest]:.2f}")
+    print(f"speedup_vs_hf={tps[best] / tps[fastest]:.2f}")
     return 0
 
 
 def main() -> int:
     args = parse_args()
+    if args.compile:  # compile in this process: worker processes would count as other load in the timing
+        os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     return report(args, measure(args))
 
 

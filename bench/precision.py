@@ -23,7 +23,7 @@ their loss is the real recipe's, their speed is not (quantize -> dequantize arou
 CPUs without bf16 matrix units run bf16 GEMMs very slowly (measured: the `small` preset 22 s per step in bf16
 against 1 s in fp32 on a 2-core CPU), so CPU convergence runs compute the non-FP8 parts in fp32:
     python bench/precision.py --steps 200 --seq-len 128 --recipes fp32 fp8_tensorwise fp8_rowwise fp8_blockwise \
-        --set precision.param_dtype=float32
+        --set precision.param_dtype=float32 --jobs 2
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -54,7 +55,10 @@ def run_recipe(recipe: str, args, out: Path) -> list[dict]:
            "checkpoint.every=0", f"output_dir={out}", "checkpoint.load=false", *args.set]
     if recipe.startswith("fp8") and not fp8_native():
         cmd.append("precision.fp8_emulate=true")
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    env = dict(os.environ)
+    if args.jobs > 1:  # concurrent CPU runs: split the cores so the runs do not oversubscribe them
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"{recipe} failed (rc={proc.returncode}):\n{proc.stderr[-2000:]}")
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -81,22 +85,25 @@ def main() -> None:
     p.add_argument("--set", nargs="*", default=[], help="extra Hydra overrides for every run")
     p.add_argument("--seeds", nargs="+", type=int, default=[0],
                    help="train.seed values; every recipe runs on each, compared with the reference seed by seed")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at once, each with cores/jobs threads (CPU convergence runs; timings then mean less)")
     args = p.parse_args()
     args.val_every = args.val_every or args.steps
     os.environ.setdefault("PYTHONPATH", str(ROOT))
     print(f"device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}; FP8 "
           f"{'kernels' if fp8_native() else 'emulated'}; {args.preset}, {args.steps} steps of {args.batch} x "
           f"{args.seq_len} tokens; seeds {args.seeds}; overrides {args.set or 'none'}")
-    results: dict[str, list[dict]] = {recipe: [] for recipe in args.recipes}
-    with tempfile.TemporaryDirectory() as tmp:
-        for seed in args.seeds:
+    runs = [(seed, recipe) for seed in args.seeds for recipe in args.recipes]
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.jobs) as pool:
+        def one(seed: int, recipe: str) -> dict:
             run_args = argparse.Namespace(**{**vars(args), "set": [*args.set, f"train.seed={seed}"]})
-            for recipe in args.recipes:
-                r = summarize(run_recipe(recipe, run_args, Path(tmp) / f"{recipe}_seed{seed}"), args.skip)
-                results[recipe].append(r)
-                print(f"{recipe:15s} seed {seed}  step {r['step_s'] * 1e3:8.1f} ms  {r['tok_s']:9,.0f} tok/s  "
-                      f"peak {r['peak_gb']:6.2f} GB  loss {r['loss']:.4f}  2nd-half loss {r['half']:.4f}  "
-                      f"val {r['val']:.4f}", flush=True)
+            r = summarize(run_recipe(recipe, run_args, Path(tmp) / f"{recipe}_seed{seed}"), args.skip)
+            print(f"{recipe:15s} seed {seed}  step {r['step_s'] * 1e3:8.1f} ms  {r['tok_s']:9,.0f} tok/s  "
+                  f"peak {r['peak_gb']:6.2f} GB  loss {r['loss']:.4f}  2nd-half loss {r['half']:.4f}  "
+                  f"val {r['val']:.4f}", flush=True)
+            return r
+        done = dict(zip(runs, pool.map(lambda run: one(*run), runs)))
+    results = {recipe: [done[seed, recipe] for seed in args.seeds] for recipe in args.recipes}
     ref = "bf16" if "bf16" in results else "fp32"
     if ref in results:
         compare(results, ref)
