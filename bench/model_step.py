@@ -211,15 +211,16 @@ def measure(args: argparse.Namespace) -> dict:
         to_hf(build_ours(args.preset), weights_dir)
         default = hf_default_experts(weights_dir)
         variants = list(dict.fromkeys(args.variants + [default]))  # the default is always timed
-        names = ["ours"] + (["ours_compiled"] if args.compile else []) + variants
+        ours = ["ours"] + (["ours_compiled"] if args.compile else [])
+        names = ours + variants
         tokens = make_tokens(load_preset(args.preset).vocab_size, args.batch, args.seq_len)
         steps = {n: make_step(*build(n, args.preset, weights_dir), tokens) for n in names}
         timed, contention = others_cpu_share(lambda: time_alternating(steps, args.warmup, args.steps))
         times, first, last = timed
         del steps  # free the timed models before the memory pass
         memory = peak_step_memory_mib(names, args.preset, weights_dir, args.batch, args.seq_len)
-    return dict(default=default, ours=names[:len(names) - len(variants)], variants=variants, times=times, first=first, last=last, contention=contention,
-                memory=memory)
+    return dict(default=default, ours=ours, variants=variants, times=times, first=first, last=last,
+                contention=contention, memory=memory)
 
 
 def report(args: argparse.Namespace, r: dict) -> int:

@@ -6,7 +6,6 @@ ways, with the same gradients (the first is what tests/test_parallel_layouts.py 
              one reduce-scatter and one all-reduce per FSDP unit and step."""
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -15,17 +14,12 @@ import torch.nn.functional as F
 
 from model import Transformer, load_preset
 from parallel import ParallelDims, end_of_step, micro_batch_sync, parallelize
+from test_parallel_ep import free_port
 
 WORLD, MICRO = 4, 3
 COLLECTIVES = ("all_reduce", "all_gather_single", "reduce_scatter_single")
 MODES = {"every": dict(defer=False, keep_unsharded=False), "default": dict(defer=True, keep_unsharded=False),
          "unsharded": dict(defer=True, keep_unsharded=True)}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def batches(rank: int, vocab: int) -> list[torch.Tensor]:
