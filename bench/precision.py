@@ -20,10 +20,12 @@ trajectories decorrelate early). The mean over seeds, with its error, is the num
 
 On a machine without FP8 kernels (any CPU) the FP8 recipes run emulated (`precision.fp8_emulate=true`):
 their loss is the real recipe's, their speed is not (quantize -> dequantize around high-precision GEMMs).
-CPUs without bf16 matrix units run bf16 GEMMs very slowly (measured: the `small` preset 22 s per step in bf16
-against 1 s in fp32 on a 2-core CPU), so CPU convergence runs compute the non-FP8 parts in fp32:
-    python bench/precision.py --steps 200 --seq-len 128 --recipes fp32 fp8_tensorwise fp8_rowwise fp8_blockwise \
-        --set precision.param_dtype=float32 --jobs 2
+CPUs without bf16 matrix units run torch's bf16 GEMMs very slowly (the `small` preset: 22 tok/s in bf16 against
+349 tok/s with emulated bf16 GEMMs on a 2-core CPU), so on CPU every bf16 run computes its GEMMs in fp32 on the
+bf16 operands and rounds the result to bf16 (`precision.bf16_gemm_emulate=true`, train/precision.py): the
+numbers of a bf16 GEMM with fp32 accumulation, at fp32 speed. `--native-bf16-gemms` turns that off.
+    python bench/precision.py --steps 200 --batch 8 --seq-len 128 --recipes bf16 fp8_tensorwise fp8_rowwise \
+        fp8_blockwise --seeds 0 1 --jobs 2                     # issue 5's check on CPU
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ def run_recipe(recipe: str, args, out: Path) -> list[dict]:
            "checkpoint.every=0", f"output_dir={out}", "checkpoint.load=false", *args.set]
     if recipe.startswith("fp8") and not fp8_native():
         cmd.append("precision.fp8_emulate=true")
+    if emulate_bf16_gemms(recipe, args):
+        cmd.append("precision.bf16_gemm_emulate=true")
     env = dict(os.environ)
     if args.jobs > 1:  # concurrent CPU runs: split the cores so the runs do not oversubscribe them
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
@@ -62,6 +66,15 @@ def run_recipe(recipe: str, args, out: Path) -> list[dict]:
     if proc.returncode != 0:
         raise SystemExit(f"{recipe} failed (rc={proc.returncode}):\n{proc.stderr[-2000:]}")
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def emulate_bf16_gemms(recipe: str, args) -> bool:
+    """On CPU, bf16 runs compute their GEMMs in fp32 on the bf16 operands (train/precision.py), unless
+    --native-bf16-gemms or a param_dtype override other than bfloat16."""
+    if torch.cuda.is_available() or args.native_bf16_gemms or recipe == "fp32":
+        return False
+    dtypes = [s.split("=", 1)[1] for s in args.set if s.startswith("precision.param_dtype=")]
+    return not dtypes or dtypes[-1] == "bfloat16"
 
 
 def summarize(rows: list[dict], skip: int) -> dict:
@@ -85,6 +98,8 @@ def main() -> None:
     p.add_argument("--set", nargs="*", default=[], help="extra Hydra overrides for every run")
     p.add_argument("--seeds", nargs="+", type=int, default=[0],
                    help="train.seed values; every recipe runs on each, compared with the reference seed by seed")
+    p.add_argument("--native-bf16-gemms", action="store_true",
+                   help="on CPU, run bf16 GEMMs with torch's bf16 kernels (slow without bf16 units) instead of in fp32")
     p.add_argument("--jobs", type=int, default=1,
                    help="runs at once, each with cores/jobs threads (CPU convergence runs; timings then mean less)")
     args = p.parse_args()

@@ -32,6 +32,8 @@ def test_overrides_reach_typed_fields():
     (["model=missing_preset"], "Could not find 'model/missing_preset'"),
     (["+model.not_a_field=3"], "unknown model config keys: ['not_a_field']"),
     (["optim.betas=[0.9]"], "optim.betas must be two numbers"),
+    (["precision.bf16_gemm_emulate=true"], "precision.bf16_gemm_emulate needs precision.param_dtype=bfloat16"),
+    (["precision=bf16", "precision.bf16_gemm_emulate=true", "parallel.compile=true"], "set parallel.compile=false"),
 ])
 def test_bad_config_is_one_line_error(overrides, fragment):
     with pytest.raises(ConfigError) as e:

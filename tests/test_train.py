@@ -161,14 +161,18 @@ def test_fsdp_two_processes_equal_one_process(dataset, tmp_path):
     assert metrics(two, "max_vio") == pytest.approx(metrics(one, "max_vio"), rel=1e-5)
 
 
-def test_bf16_run_tracks_fp32(dataset, tmp_path):
-    fp32, bf16 = tmp_path / "fp32", tmp_path / "bf16"
+def test_bf16_run_tracks_fp32_and_emulated_bf16_gemms_track_native(dataset, tmp_path):
+    """bf16 within 2% of fp32 over 3 steps; precision.bf16_gemm_emulate (GEMMs in fp32 on bf16 operands) within
+    1e-3 of native bf16 GEMMs, whose results differ from it only by the order of fp32 summation."""
+    fp32, bf16, emulated = tmp_path / "fp32", tmp_path / "bf16", tmp_path / "emulated"
     train(base_args(dataset, fp32, 3))
     train(base_args(dataset, bf16, 3) + ["precision=bf16"])
-    a, b = metrics(fp32), metrics(bf16)
-    assert a != b  # really computed in bf16
+    train(base_args(dataset, emulated, 3) + ["precision=bf16", "precision.bf16_gemm_emulate=true"])
+    a, b, c = metrics(fp32), metrics(bf16), metrics(emulated)
+    assert a != b and a != c  # really computed in bf16
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=0.02)
+        assert c[step] == pytest.approx(b[step], rel=1e-3)
 
 
 # ------------------------------------------------------------------------------------------ dashboards

@@ -51,6 +51,7 @@ class PrecisionConfig:
     param_dtype: str = "float32"  # dtype of computation (autocast on one process, FSDP's policy when sharded)
     reduce_dtype: str = "float32"  # gradient reduction dtype
     fp8_emulate: bool = False  # FP8 recipes: quantize -> dequantize around high-precision GEMMs (CPU, tests)
+    bf16_gemm_emulate: bool = False  # bf16 GEMMs computed in fp32 on the bf16 operands (CPUs without bf16 units)
     fp8_block: int = 128  # fp8_blockwise: tile length of activations/gradients and weight block side
     fp8_fsdp_all_gather: bool = False  # fp8_tensorwise: FSDP2 all-gathers the dense weights in FP8 (torchao)
     moment_dtype: str = "float32"  # AdamW moments; bfloat16 as DeepSeek-V3 (master weights stay fp32)
@@ -224,6 +225,10 @@ def validate(cfg: RunConfig) -> None:
     _require(not cfg.precision.fp8_fsdp_all_gather or cfg.precision.name == "fp8_tensorwise",
              f"precision.fp8_fsdp_all_gather needs precision=fp8_tensorwise (one scale per weight), got {cfg.precision.name}")
     _require(cfg.precision.fp8_block >= 1, f"precision.fp8_block must be >= 1, got {cfg.precision.fp8_block}")
+    _require(not cfg.precision.bf16_gemm_emulate or cfg.precision.param_dtype == "bfloat16",
+             f"precision.bf16_gemm_emulate needs precision.param_dtype=bfloat16, got {cfg.precision.param_dtype}")
+    _require(not (cfg.precision.bf16_gemm_emulate and cfg.parallel.compile),
+             "precision.bf16_gemm_emulate runs eagerly (a dispatch mode); set parallel.compile=false")
     _require(cfg.precision.moment_dtype in ("float32", "bfloat16"),
              f"precision.moment_dtype must be float32 or bfloat16, got {cfg.precision.moment_dtype!r}")
     for key in ("param_dtype", "reduce_dtype"):

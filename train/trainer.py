@@ -39,6 +39,7 @@ from .data.builtin import builtin_dataset
 from .data.loader import TokenDataset, TokenLoader
 from .metrics import MetricsWriter, format_progress, max_vio
 from .optim import PartOptimizers
+from .precision import Bf16GemmEmulation
 
 log = logging.getLogger("train")
 META_INIT_PARAMS = 2e9  # above this, build on the meta device and initialise shards in place
@@ -306,8 +307,13 @@ class Trainer:
             logits, mtp = model.forward_with_mtp(inputs)
         return lm_and_mtp_loss(self.loss_fn, logits, mtp, labels, mcfg.mtp_loss_weight)
 
+    def gemm_mode(self):
+        """`precision.bf16_gemm_emulate`: bf16 GEMMs (forward and backward) computed in fp32, see train/precision.py."""
+        return Bf16GemmEmulation() if self.cfg.precision.bf16_gemm_emulate else contextlib.nullcontext()
+
     def train_step(self, micro_batches) -> dict:
-        total = self._pipeline_loss(micro_batches) if self.pipeline else self._accumulate(micro_batches)
+        with self.gemm_mode():
+            total = self._pipeline_loss(micro_batches) if self.pipeline else self._accumulate(micro_batches)
         moe = self._moe_step()
         grad_norm = self._clip()
         self.optimizers.step()
@@ -466,12 +472,8 @@ class Trainer:
         # held-out batches of the training step's size, whatever the layout; each is the mean of its micro-batches
         local = self.cfg.train.global_batch_size // self.dp_world
         batches = self.val_loader.val_batches(self.cfg.data.val_batches, local)
-        if self.pipeline is not None:
-            losses = [self._pipeline_loss([b], train=False) for b in batches]
-        else:
-            mb = self.cfg.train.micro_batch_size
-            losses = [torch.stack([self.loss(x.to(self.env.device), y.to(self.env.device))
-                                   for x, y in zip(xs.split(mb), ys.split(mb))]).mean() for xs, ys in batches]
+        with self.gemm_mode():
+            losses = self._val_losses(batches)
         for m in self.moe_layers().values():
             m.reset_stats()  # validation routing is not training load
         for part in self.parts:
@@ -482,6 +484,13 @@ class Trainer:
         self.metrics.log(self.step, {"step": self.step, "val_loss": val})
         if self.env.rank == 0:
             print(f"step {self.step} | val_loss {val:.4f}", flush=True)
+
+    def _val_losses(self, batches) -> list[torch.Tensor]:
+        if self.pipeline is not None:
+            return [self._pipeline_loss([b], train=False) for b in batches]
+        mb = self.cfg.train.micro_batch_size
+        return [torch.stack([self.loss(x.to(self.env.device), y.to(self.env.device))
+                             for x, y in zip(xs.split(mb), ys.split(mb))]).mean() for xs, ys in batches]
 
     def close(self) -> None:
         if hasattr(self, "metrics"):
