@@ -93,15 +93,16 @@ class _GroupedMM(torch.autograd.Function):
 @torch.compiler.disable  # data-dependent group sizes; its fake-tensor rule also rejects fp32 on CPU
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, op: Callable | None = None) -> torch.Tensor:
     """Per-group x_g @ w_g; `op(x, w, offs)` is the differentiable GEMM (default `_GroupedMM`; parallel/fp8.py
-    supplies an FP8 one)."""
+    supplies an FP8 one, whose `width_align` is the multiple its kernel needs the widths to be)."""
+    align = getattr(op, "width_align", 8)  # bf16/fp32 kernels: 16-byte-aligned rows
     op = op or _GroupedMM.apply
     if x.shape[0] == 0:  # nothing routed here (possible under expert parallelism): keep x and w in the graph,
         # so backward still visits every node before this one (all-to-alls must run on every rank)
         return x @ w[0].to(x.dtype) + 0 * w.sum()
     w = w.to(x.dtype)
     d_in, d_out = w.shape[-2], w.shape[-1]
-    pad_in, pad_out = -d_in % 8, -d_out % 8  # the kernel needs 16-byte-aligned rows
-    if pad_in or pad_out:  # odd widths (never in real configs): zero-pad, differentiably
+    pad_in, pad_out = -d_in % align, -d_out % align
+    if pad_in or pad_out:  # odd widths: zero-pad, differentiably (zero columns add nothing, raise no FP8 amax)
         out = op(F.pad(x, (0, pad_in)), F.pad(w, (0, pad_out, 0, pad_in)), offs)
         return out[:, :d_out]
     return op(x, w, offs)

@@ -235,25 +235,17 @@ def fp8_grouped_gemm(recipe: Fp8Recipe) -> Callable:
     if recipe.granularity == "blockwise":
         from torchao.prototype.moe_training.blockwise_fp8.grouped_mm import _to_fp8_blockwise_then_scaled_grouped_mm
 
-        # torchao pads the token groups to the block itself; its kernels need K and N in whole blocks
-        return padded_widths(lambda x, w, offs: _to_fp8_blockwise_then_scaled_grouped_mm(
-            x, _col_major(w), offs, out_dtype=x.dtype, block_size=recipe.block), recipe.block)
+        def blockwise(x, w, offs):  # torchao pads the token groups to the block itself
+            return _to_fp8_blockwise_then_scaled_grouped_mm(x, _col_major(w), offs, out_dtype=x.dtype,
+                                                            block_size=recipe.block)
+        blockwise.width_align = recipe.block  # its kernels need K and N in whole blocks (model.moe.grouped_mm pads)
+        return blockwise
     from torchao.prototype.moe_training.fp8_grouped_mm import _to_fp8_rowwise_then_scaled_grouped_mm
-    # torchao's rowwise grouped GEMM does not pad token groups itself (its flag for it must be False); its
-    # kernel needs K and N in multiples of 16
-    return padded_widths(aligned_token_groups(lambda x, w, offs: _to_fp8_rowwise_then_scaled_grouped_mm(
-        x, _col_major(w), offs, out_dtype=x.dtype, pad_token_groups_for_grouped_mm=False)), 16)
-
-
-def padded_widths(op: Callable, align: int) -> Callable:
-    """`op(x, w, offs)` with x's and w's widths (K, and w's N) zero-padded to multiples of `align`, the output
-    cut back to N columns: exact, since zero columns add nothing and raise no tile's amax."""
-    def run(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-        pad_k, pad_n = -w.shape[-2] % align, -w.shape[-1] % align
-        if not (pad_k or pad_n):
-            return op(x, w, offs)
-        return op(F.pad(x, (0, pad_k)), F.pad(w, (0, pad_n, 0, pad_k)), offs)[:, :w.shape[-1]]
-    return run
+    # torchao's rowwise grouped GEMM does not pad token groups itself (its flag for it must be False)
+    rowwise = aligned_token_groups(lambda x, w, offs: _to_fp8_rowwise_then_scaled_grouped_mm(
+        x, _col_major(w), offs, out_dtype=x.dtype, pad_token_groups_for_grouped_mm=False))
+    rowwise.width_align = 16  # its kernel needs K and N in multiples of 16 (model.moe.grouped_mm pads)
+    return rowwise
 
 
 def _col_major(w: torch.Tensor) -> torch.Tensor:
