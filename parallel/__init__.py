@@ -92,7 +92,7 @@ def _fully_shard(model, mesh, dims, param_dtype, reduce_dtype, cpu_offload) -> N
             register_fsdp_forward_method(model, method)
 
 
-def micro_batch_sync(parts: list[nn.Module], dims: ParallelDims, last: bool, keep_unsharded: bool) -> None:
+def micro_batch_sync(parts: list[nn.Module], dims: ParallelDims, first: bool, last: bool, keep_unsharded: bool) -> None:
     """FSDP2's gradient sync for the next micro-batch of a step (gradient accumulation without pipelining;
     under pipelining torch's schedule defers all of it to the end of the step by itself).
 
@@ -107,7 +107,7 @@ def micro_batch_sync(parts: list[nn.Module], dims: ParallelDims, last: bool, kee
         if keep_unsharded:
             part.set_requires_gradient_sync(last)
             part.set_reshard_after_backward(last)
-            for block in _fsdp_blocks(part):
+            for block in _fsdp_blocks(part) if first else ():
                 block.set_reshard_after_forward(False, recurse=False)
         if dims.dp_replicate > 1:
             part.set_requires_all_reduce(last)

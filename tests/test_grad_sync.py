@@ -47,7 +47,7 @@ def accumulate(mode: str, rank: int) -> tuple[dict[str, torch.Tensor], dict[str,
     try:
         defer, keep = MODES[mode]["defer"], MODES[mode]["keep_unsharded"]
         for i, tokens in enumerate(batches(rank, cfg.vocab_size)):
-            micro_batch_sync([model], dims, last=not defer or i == MICRO - 1, keep_unsharded=keep)
+            micro_batch_sync([model], dims, first=i == 0, last=not defer or i == MICRO - 1, keep_unsharded=keep)
             logits = model(tokens[:, :-1])
             (F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()) / MICRO).backward()
         end_of_step([model], keep)

@@ -329,7 +329,7 @@ class Trainer:
         unsharded = self.cfg.parallel.accumulate_unsharded
         for i, (inputs, labels) in enumerate(micro_batches):
             if self.mesh is not None:  # when FSDP reduces (parallel.micro_batch_sync)
-                micro_batch_sync(self.parts, self.dims, last=i == n - 1, keep_unsharded=unsharded)
+                micro_batch_sync(self.parts, self.dims, first=i == 0, last=i == n - 1, keep_unsharded=unsharded)
             loss = self.loss(inputs.to(self.env.device), labels.to(self.env.device))
             (loss / n).backward()
             total += loss.detach() / n
