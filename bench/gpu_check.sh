@@ -2,7 +2,7 @@
 # The prepared GPU check of issue 5 (FP8 on real kernels), made to fit ONE call of the device tool:
 #   here:          bash bench/gpu_wheels.sh                         # packages the GPU image lacks -> .whl/
 #   on the device: run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=600)
-# Steps, each under its own time limit (about 8 minutes in all on one H200), each writing to $OUT as well:
+# Steps, each under its own time limit (10 minutes in all; not yet run on a GPU), each writing to $OUT as well:
 #   env.txt           GPU, driver, torch / torchao versions, compute capability
 #   fp8_kernels.txt   every FP8 GEMM (dense and experts, each recipe): real kernel vs emulation vs bf16, times
 #   precision.txt     a DeepSeek-V2-Lite-shaped model (4 layers, 4K context, 16K tokens a step) trained by each
@@ -35,10 +35,10 @@ else
     SETS=(model.num_hidden_layers=4)
     COMPILED=()
 fi
-step env 60 bash -c "nvidia-smi 2>&1 | head -15; $PY -c 'import torch, torchao; print(\"torch\", torch.__version__, \"torchao\", torchao.__version__, \"cuda\", torch.cuda.is_available(), torch.cuda.get_device_capability() if torch.cuda.is_available() else \"\")'"
+step env 45 bash -c "nvidia-smi 2>&1 | head -15; $PY -c 'import torch, torchao; print(\"torch\", torch.__version__, \"torchao\", torchao.__version__, \"cuda\", torch.cuda.is_available(), torch.cuda.get_device_capability() if torch.cuda.is_available() else \"\")'"
 step fp8_kernels 90 $PY bench/fp8_kernels.py "${KERNELS[@]}"
-step precision 200 $PY bench/precision.py "${MODEL[@]}" --recipes bf16 fp8_tensorwise fp8_rowwise fp8_blockwise \
+step precision 190 $PY bench/precision.py "${MODEL[@]}" --recipes bf16 fp8_tensorwise fp8_rowwise fp8_blockwise \
     --set "${SETS[@]}"
-step compiled 240 $PY bench/precision.py "${MODEL[@]}" "${COMPILED[@]}" --recipes bf16 fp8_tensorwise fp8_rowwise \
+step compiled 230 $PY bench/precision.py "${MODEL[@]}" "${COMPILED[@]}" --recipes bf16 fp8_tensorwise fp8_rowwise \
     --set "${SETS[@]}" parallel.compile=true
 echo "results in $OUT"

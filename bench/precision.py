@@ -17,6 +17,9 @@ trajectories decorrelate early). The mean over seeds, with its error, is the num
     python bench/precision.py --steps 200 --seeds 0 1 2         # convergence (issue 5: FP8 within 1% of bf16):
                                                                 # every recipe on each seed, paired by seed
     python bench/precision.py --set model=deepseek_v2_lite model.num_hidden_layers=4 ...   # on a GPU
+    python bench/precision.py --init-from runs/x --steps 220 ...   # every recipe continues one trained run's
+                                                                # checkpoint (step 200) for 20 steps: a short
+                                                                # horizon, before trajectories decorrelate
 
 On a machine without FP8 kernels (any CPU) the FP8 recipes run emulated (`precision.fp8_emulate=true`):
 their loss is the real recipe's, their speed is not (quantize -> dequantize around high-precision GEMMs).
@@ -33,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -54,7 +58,9 @@ def run_recipe(recipe: str, args, out: Path) -> list[dict] | None:
     cmd = [sys.executable, "-m", "train", f"precision={recipe}", f"model={args.preset}", f"train.steps={args.steps}",
            f"train.global_batch_size={args.batch}", f"train.micro_batch_size={args.batch}",
            f"data.seq_len={args.seq_len}", f"train.val_every={args.val_every}", "log.every=1",
-           "checkpoint.every=0", f"output_dir={out}", "checkpoint.load=false", *args.set]
+           "checkpoint.every=0", f"output_dir={out}", f"checkpoint.load={args.init_from is not None}".lower(), *args.set]
+    if args.init_from is not None:  # every recipe continues the same trained model (and data position)
+        shutil.copytree(args.init_from / "checkpoints", out / "checkpoints")
     if recipe.startswith("fp8") and not fp8_native():
         cmd.append("precision.fp8_emulate=true")
     if emulate_bf16_gemms(recipe, args):
@@ -103,12 +109,17 @@ def main() -> None:
                    help="train.seed values; every recipe runs on each, compared with the reference seed by seed")
     p.add_argument("--native-bf16-gemms", action="store_true",
                    help="on CPU, run bf16 GEMMs with torch's bf16 kernels (slow without bf16 units) instead of in fp32")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="a run's output_dir: every run resumes from its newest checkpoint (the model, optimizer, schedule "
+                        "and data position) and trains on to --steps; with one seed only")
     p.add_argument("--keep", type=Path, default=None,
                    help="keep every run's output_dir (metrics.jsonl, TensorBoard) under this folder instead of a temporary one")
     p.add_argument("--jobs", type=int, default=1,
                    help="runs at once, each with cores/jobs threads (CPU convergence runs; timings then mean less)")
     args = p.parse_args()
     args.val_every = args.val_every or args.steps
+    if args.init_from is not None and len(args.seeds) > 1:
+        p.error("--init-from continues one trained run: give one seed (the seed no longer sets weights or data)")
     os.environ.setdefault("PYTHONPATH", str(ROOT))
     print(f"device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}; FP8 "
           f"{'kernels' if fp8_native() else 'emulated'}; {args.preset}, {args.steps} steps of {args.batch} x "
