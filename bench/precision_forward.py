@@ -25,17 +25,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from precision import RECIPES, fp8_native  # noqa: E402  (bench/precision.py, beside this file)
 from train.__main__ import compose_config  # noqa: E402
 from train.trainer import Trainer  # noqa: E402
 
-RECIPES = ("fp32", "bf16", "fp8_tensorwise", "fp8_rowwise", "fp8_blockwise")
-
 
 def emulation_overrides(recipe: str) -> list[str]:
-    """On a CPU: FP8 emulated, bf16 GEMMs in fp32 on bf16 operands (as bench/precision.py runs them)."""
-    if torch.cuda.is_available() or recipe == "fp32":
-        return []
-    return ["precision.bf16_gemm_emulate=true"] + (["precision.fp8_emulate=true"] if recipe.startswith("fp8") else [])
+    """As bench/precision.py runs the recipes: FP8 emulated without FP8 kernels; on a CPU, bf16 GEMMs computed
+    in fp32 on the bf16 operands."""
+    fp8 = ["precision.fp8_emulate=true"] if recipe.startswith("fp8") and not fp8_native() else []
+    bf16 = ["precision.bf16_gemm_emulate=true"] if recipe != "fp32" and not torch.cuda.is_available() else []
+    return fp8 + bf16
 
 
 def forward_val_loss(run_dir: Path, recipe: str, overrides: list[str], scratch: Path) -> float:
