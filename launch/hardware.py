@@ -37,6 +37,20 @@ GPUS = {
 }
 
 
+# GPUs the trainer may run on but the planner does not plan for: their dense BF16 peak, for MFU only.
+OTHER_BF16_TFLOPS = {"h20": 148.0, "a100": 312.0, "a800": 312.0}
+
+
+def device_bf16_tflops(device_name: str) -> float | None:
+    """Dense BF16 peak of the GPU that torch names `device_name` ("NVIDIA H100 80GB HBM3"), None if unknown.
+    Matched by whole words, so an H20 is not taken for an H200."""
+    words = set(device_name.lower().replace("-", " ").split())
+    for key, spec in GPUS.items():
+        if key in words:
+            return spec.bf16_tflops
+    return next((tf for key, tf in OTHER_BF16_TFLOPS.items() if key in words), None)
+
+
 def gpu(name: str) -> GPU:
     """The GPU named by `cluster.gpu`, or ValueError listing the known ones."""
     try:

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from launch.dryrun import build_rank
-from launch.hardware import GPUS
+from launch.hardware import GPUS, device_bf16_tflops
 from launch.plan import StageShapes, layout_of, meta_model, rank_parameter_elements
 from launch.plan.__main__ import estimate, fits, search
 from launch.plan.cost import bubble_fraction, collectives
@@ -154,3 +154,14 @@ def test_plan_rejects_an_unknown_gpu(capsys):
 
     assert main(["cluster.gpu=a100", "cluster.gpus=8"]) == 2
     assert capsys.readouterr().err.strip() == "config error: cluster.gpu='a100' is unknown; known: h800, h100, h200"
+
+
+# ------------------------------------------------------------------------------------------ MFU peaks
+@pytest.mark.parametrize("device_name,tflops", [
+    ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H800", 989.0), ("NVIDIA H200", 989.0),
+    ("NVIDIA H20", 148.0),  # not the H200's peak, which a substring match would give
+    ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA L40S", None),
+])
+def test_mfu_peak_of_a_device_name(device_name, tflops):
+    """The trainer's MFU denominator comes from the planner's GPU table (one source of the datasheet numbers)."""
+    assert device_bf16_tflops(device_name) == tflops

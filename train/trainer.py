@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
+from launch.hardware import device_bf16_tflops
 from launch.slurm import torch_env_from_slurm
 from model import Transformer
 from model.moe import active_balance_terms
@@ -43,7 +44,6 @@ from .precision import Bf16GemmEmulation
 
 log = logging.getLogger("train")
 META_INIT_PARAMS = 2e9  # above this, build on the meta device and initialise shards in place
-GPU_PEAK_TFLOPS = {"H100": 989.0, "H800": 989.0, "H200": 989.0, "H20": 148.0, "A100": 312.0, "A800": 312.0}
 
 
 # --------------------------------------------------------------------------------------------- environment
@@ -87,12 +87,15 @@ def measured_cpu_peak_tflops() -> float:
 def peak_tflops(cfg: RunConfig, device: torch.device) -> float:
     if cfg.train.peak_tflops:
         return cfg.train.peak_tflops
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, value in GPU_PEAK_TFLOPS.items():
-            if key in name:
-                return value
-    return measured_cpu_peak_tflops()
+    if device.type != "cuda":
+        return measured_cpu_peak_tflops()
+    name = torch.cuda.get_device_name(device)
+    known = device_bf16_tflops(name)
+    if known is None:  # MFU is then reported as nan rather than against a guessed peak
+        log.warning("no BF16 peak is known for GPU %r: MFU is nan; set train.peak_tflops=<its dense BF16 TFLOP/s>",
+                    name)
+        return float("nan")
+    return known
 
 
 def peak_memory_gb(device: torch.device) -> float:
