@@ -11,19 +11,25 @@ same as without the mode.
 
 The mode works at the dispatcher (below autograd), so it sees the backward GEMMs (dgrad, wgrad) as well as
 the forward ones, provided backward runs inside it. DTensor operands (tensor parallelism) are upcast as
-DTensors, so the local GEMM runs in fp32; other tensor subclasses (torchao's FP8 tensors) are handed to their
-own dispatch, whose GEMMs on plain tensors then reach the mode.
+DTensors, so the local GEMM runs in fp32; other tensor subclasses (torchao's FP8 tensors, alone or as a DTensor's
+local shard) are handed to their own dispatch, whose GEMMs on plain tensors then reach the mode.
 """
 
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 aten = torch.ops.aten
 GEMMS = frozenset({aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default,
                    aten._grouped_mm.default})
+
+
+def _wraps_subclass(x) -> bool:
+    """A DTensor whose local shard is itself a tensor subclass (tensor parallelism around torchao's FP8)."""
+    return isinstance(x, DTensor) and type(x._local_tensor) is not torch.Tensor
 
 
 def _upcast(x):
@@ -37,8 +43,11 @@ class Bf16GemmEmulation(TorchDispatchMode):
         kwargs = kwargs or {}
         if func not in GEMMS:
             return func(*args, **kwargs)
-        if any(t not in (torch.Tensor, DTensor) for t in types):
-            return NotImplemented  # e.g. torchao's FP8 tensors: their own GEMMs on plain tensors come back here
+        if FakeTensor in types:  # shapes only (DTensor's sharding propagation): nothing to compute
+            return func(*args, **kwargs)
+        if any(t not in (torch.Tensor, DTensor) for t in types) or any(map(_wraps_subclass, args)):
+            return NotImplemented  # e.g. torchao's FP8 tensors (also inside DTensors under tensor parallelism):
+            # their own GEMMs on plain tensors come back here
         if not any(isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16 for a in args):
             return func(*args, **kwargs)
         out_dtype = kwargs.pop("out_dtype", None) or torch.bfloat16
