@@ -94,6 +94,7 @@ class _GroupedMM(torch.autograd.Function):
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, op: Callable | None = None) -> torch.Tensor:
     """Per-group x_g @ w_g; `op(x, w, offs)` is the differentiable GEMM (default `_GroupedMM`; parallel/fp8.py
     supplies an FP8 one, whose `width_align` is the multiple its kernel needs the widths to be)."""
+    w = _local(w)  # here, outside the compiled block: traced, a DTensor's to_local() reached the kernel as a DTensor
     align = getattr(op, "width_align", 8)  # bf16/fp32 kernels: 16-byte-aligned rows
     op = op or _GroupedMM.apply
     if x.shape[0] == 0:  # nothing routed here (possible under expert parallelism): keep x and w in the graph,
@@ -124,8 +125,8 @@ class GroupedExperts(nn.Module):
         if torch.is_autocast_enabled(x.device.type):  # grouped GEMMs are not autocast ops: cast by hand
             x = x.to(torch.get_autocast_dtype(x.device.type))
         offs = counts.cumsum(0).to(torch.int32)
-        gate, up = grouped_mm(x, _local(self.gate_up_proj), offs, self.gemm).chunk(2, dim=-1)
-        return grouped_mm(F.silu(gate) * up, _local(self.down_proj), offs, self.gemm)
+        gate, up = grouped_mm(x, self.gate_up_proj, offs, self.gemm).chunk(2, dim=-1)
+        return grouped_mm(F.silu(gate) * up, self.down_proj, offs, self.gemm)
 
 
 def _local(w: torch.Tensor) -> torch.Tensor:

@@ -71,6 +71,9 @@ LAYOUTS = {
     "tp2_dp2_accumulate_unsharded": (4, 1, 2, {"parallel.tp": 2, "parallel.dp_shard": 2,
                                                "parallel.accumulate_unsharded": "true"}),
     "tp2_ep2": (4, 1, 2, {"parallel.tp": 2, "parallel.ep": 2}),
+    # per-block torch.compile (Inductor) with DTensor expert weights: sharded over ep, and replicated under tp
+    "ep2_compiled": (2, 2, 4, {"parallel.ep": 2, "parallel.compile": "true"}),
+    "tp2_compiled": (2, 2, 2, {"parallel.tp": 2, "parallel.compile": "true"}),
 }
 
 
