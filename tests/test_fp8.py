@@ -1,6 +1,8 @@
 """FP8 recipes (parallel/fp8.py): quantization error bounds on known tensors, GEMMs and their gradients
 against fp32, the conversion of a model, BF16 optimizer moments, and training against bf16."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -420,6 +422,21 @@ def test_bf16_moments_adamw():
     step_size = (results["torch"][0] - w0).abs().mean()
     diff = (results["bf16"][0] - results["torch"][0]).abs().max()
     assert 0 < diff < 0.02 * step_size * 5
+
+
+def test_bf16_moments_stay_bf16_through_a_state_dict_round_trip():
+    """torch's Optimizer.load_state_dict casts state to the parameter's dtype; the moments must come back bf16
+    and bitwise equal, so a resumed run continues exactly (tests/test_fp8_layouts.py checks a whole resume)."""
+    p = nn.Parameter(torch.randn(16, 8))
+    opt = AdamWLowPrecisionMoments([p], 1e-2, (0.9, 0.95), 1e-8, 0.1, torch.bfloat16)
+    p.grad = torch.randn(16, 8)
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    fresh = AdamWLowPrecisionMoments([nn.Parameter(p.detach().clone())], 1e-2, (0.9, 0.95), 1e-8, 0.1, torch.bfloat16)
+    fresh.load_state_dict(saved)
+    for key in ("exp_avg", "exp_avg_sq"):
+        loaded, original = next(iter(fresh.state.values()))[key], opt.state[p][key]
+        assert loaded.dtype == torch.bfloat16 and torch.equal(loaded, original), key
 
 
 # ------------------------------------------------------------------------------------------------ train

@@ -20,6 +20,7 @@ bounds below sit between the two.
 from pathlib import Path
 
 import pytest
+import torch
 
 from test_parallel_layouts import final_params, run
 from test_train import dataset, metrics  # noqa: F401  (dataset is a fixture)
@@ -86,3 +87,20 @@ def test_bf16_gemm_emulation_under_tp_with_torchao_fp8(dataset, tmp_path, recipe
     assert a.keys() == b.keys()
     for s in a:
         assert b[s] == pytest.approx(a[s], rel=1e-3), f"loss at step {s}"
+
+
+def test_fp8_bf16_moments_resume_under_ep2_is_exact(dataset, tmp_path):
+    """DeepSeek-V3's recipe as a multi-GPU run would use it (blockwise FP8 around bf16 under FSDP2, bf16 AdamW
+    moments, ep=2), stopped after 2 steps and resumed to 4: the same losses and weights as 4 steps in one go."""
+    fp8 = {**FP8, "precision": "fp8_blockwise", "precision.param_dtype": "bfloat16",
+           "precision.bf16_gemm_emulate": "true", "precision.moment_dtype": "bfloat16", "parallel.ep": 2,
+           "train.micro_batch_size": 1, "checkpoint.every": 2}
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run(dataset, straight, 2, steps=4, **fp8)
+    run(dataset, resumed, 2, steps=2, **fp8)
+    run(dataset, resumed, 2, steps=4, **fp8)
+    assert metrics(resumed) == metrics(straight) and len(metrics(straight)) == 4
+    pa, pb = final_params(straight, tmp_path), final_params(resumed, tmp_path)
+    assert pa.keys() == pb.keys()
+    for name in pa:
+        torch.testing.assert_close(pb[name], pa[name], rtol=0, atol=0, msg=lambda m: f"{name}: {m}")

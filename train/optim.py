@@ -34,6 +34,15 @@ class AdamWLowPrecisionMoments(torch.optim.Optimizer):
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
         self.moment_dtype = moment_dtype
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's loader casts every state tensor to its parameter's dtype (fp32): cast the moments back, or a
+        resumed run would keep fp32 moments (twice the memory, and no longer rounded as the run before)."""
+        super().load_state_dict(state_dict)
+        for state in self.state.values():
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key] = state[key].to(self.moment_dtype)
+
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
