@@ -35,7 +35,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from precision_forward import emulation_overrides  # noqa: E402  (bench/, beside this file)
+from train.__main__ import compose_config  # noqa: E402
 from train.precision import GEMMS  # noqa: E402
+from train.trainer import Trainer  # noqa: E402
 
 VARIANTS = ("fp32", "bf16", "gemm_in", "gemm_inout")
 
@@ -60,11 +63,8 @@ class GemmRounding(TorchDispatchMode):
 
 def train_one(variant: str, seed: int, args, out: Path) -> float:
     """The run's last validation loss (in this process: the rounding mode wraps the trainer's steps)."""
-    from train.__main__ import compose_config
-    from train.trainer import Trainer
-
-    precision = ["precision=bf16", "precision.bf16_gemm_emulate=true"] if variant == "bf16" and not \
-        torch.cuda.is_available() else [f"precision={'bf16' if variant == 'bf16' else 'fp32'}"]
+    recipe = "bf16" if variant == "bf16" else "fp32"
+    precision = [f"precision={recipe}", *emulation_overrides(recipe)]  # as bench/precision.py runs the recipe
     cfg = compose_config([f"model={args.preset}", f"train.steps={args.steps}", f"train.global_batch_size={args.batch}",
                           f"train.micro_batch_size={args.batch}", f"data.seq_len={args.seq_len}", f"train.seed={seed}",
                           "checkpoint.every=0", "checkpoint.load=false", f"output_dir={out}", *precision])

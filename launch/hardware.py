@@ -45,10 +45,8 @@ def device_bf16_tflops(device_name: str) -> float | None:
     """Dense BF16 peak of the GPU that torch names `device_name` ("NVIDIA H100 80GB HBM3"), None if unknown.
     Matched by whole words, so an H20 is not taken for an H200."""
     words = set(device_name.lower().replace("-", " ").split())
-    for key, spec in GPUS.items():
-        if key in words:
-            return spec.bf16_tflops
-    return next((tf for key, tf in OTHER_BF16_TFLOPS.items() if key in words), None)
+    peaks = {**{key: spec.bf16_tflops for key, spec in GPUS.items()}, **OTHER_BF16_TFLOPS}
+    return next((tflops for key, tflops in peaks.items() if key in words), None)
 
 
 def gpu(name: str) -> GPU:

@@ -71,8 +71,9 @@ def by_hand(dtype: torch.dtype):
         copy_ = copy.deepcopy(model)
         for p in copy_.parameters():
             p.data = p.data.to(dtype)
-        for block in copy_.layers.values():
-            cast_block_inputs_to_bf16(block) if dtype == torch.bfloat16 else None
+        if dtype == torch.bfloat16:
+            for block in copy_.layers.values():
+                cast_block_inputs_to_bf16(block)
         loss = loss_of(copy_, tokens)
         loss.backward()
         losses.append(loss.detach())
