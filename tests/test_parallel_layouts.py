@@ -89,9 +89,12 @@ def references(dataset, tmp_path_factory):
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_layout_equals_single_process(dataset, references, tmp_path, layout):
+def test_layout_equals_single_process(dataset, references, tmp_path, layout, monkeypatch):
     nproc, mb, ref_mb, over = LAYOUTS[layout]
     out = tmp_path / layout
+    if over.get("parallel.compile") == "true":  # compile afresh: kernels cached by other runs on this machine
+        # once gave tp2_compiled another summation order (its step-2 loss 1e-4 away, past this test's bound)
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     run(dataset, out, nproc, **{"train.micro_batch_size": mb, **over})
     assert_same_run(references[ref_mb], out, tmp_path)
 
