@@ -76,6 +76,8 @@ def _fully_shard(model, mesh, dims, param_dtype, reduce_dtype, cpu_offload) -> N
     # (ZBV, DualPipeV) need it: their weight-gradient pass runs after FSDP's backward hooks, against the
     # parameters registered then (measured: with resharding, their gradients were wrong).
     kwargs["reshard_after_forward"] = dims.pp == 1
+    if param_dtype != "float32":
+        _fully_shard_routers(model, mesh, kwargs)
     if dims.ep > 1:
         for moe in model.moe_layers().values():
             experts = fully_shard(moe.experts, mesh=expert_dp_mesh(mesh), **kwargs)
@@ -90,6 +92,18 @@ def _fully_shard(model, mesh, dims, param_dtype, reduce_dtype, cpu_offload) -> N
     for method in ("forward_with_mtp", "heads_from_labels"):  # the root's params are gathered for these too
         if hasattr(model, method):
             register_fsdp_forward_method(model, method)
+
+
+def _fully_shard_routers(model, mesh, kwargs) -> None:
+    """Each router its own FSDP unit whose parameters are gathered and computed in fp32 (DeepSeek-V3 keeps
+    the gating in high precision): under the block's low-precision policy its weight would be rounded to
+    bf16 before the fp32 router math. One more (small: experts x hidden) all-gather per MoE layer."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    fp32 = dict(kwargs, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32,
+                                                        reduce_dtype=kwargs["mp_policy"].reduce_dtype))
+    for moe in model.moe_layers().values():
+        fully_shard(moe.gate, mesh=dp_mesh(mesh), **fp32)
 
 
 def micro_batch_sync(parts: list[nn.Module], dims: ParallelDims, first: bool, last: bool, keep_unsharded: bool) -> None:
