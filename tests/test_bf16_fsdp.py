@@ -1,10 +1,10 @@
 """bf16 under FSDP2's mixed-precision policy (2 gloo processes, dp_shard=2), against one process that applies
-the same policy by hand: every parameter but the routers' (their own FSDP unit, gathered in fp32) cast to bf16 for the forward and backward (buffers such as the V3
-expert bias stay fp32), every FSDP unit's (each block's) floating-point inputs cast to bf16 as FSDP2's
-`cast_forward_inputs` does, each rank's bf16 gradients upcast to fp32 and averaged (`reduce_dtype=float32`).
-The master weights and their gradients stay fp32; the router and the loss compute in fp32. The balance losses are off: with them each rank's
-loss would depend on the other's token counts (that coupling is tested in fp32 elsewhere). Losses and gradients
-agree to the bit."""
+the same policy by hand: every parameter but the routers' (their own FSDP unit, gathered in fp32) cast to bf16
+for the forward and backward (buffers such as the V3 expert bias stay fp32), every FSDP unit's (each block's)
+floating-point inputs cast to bf16 as FSDP2's `cast_forward_inputs` does, each rank's bf16 gradients upcast to
+fp32 and averaged (`reduce_dtype=float32`). The master weights and their gradients stay fp32; the router and
+the loss compute in fp32. The balance losses are off: with them each rank's loss would depend on the other's
+token counts (that coupling is tested in fp32 elsewhere). Losses and gradients agree to the bit."""
 
 import copy
 import os
