@@ -151,11 +151,14 @@ def fake_quantize(x: torch.Tensor, dtype: torch.dtype, tile) -> torch.Tensor:
 
 def fake_quantize_blocks(w: torch.Tensor, dtype: torch.dtype, block: int) -> torch.Tensor:
     """w [..., R, C] with one scale per block x block square (partial edge blocks scaled on their own)."""
-    r, c = w.shape[-2:]
-    padded = F.pad(w, (0, -c % block, 0, -r % block))
-    blocks = padded.unflatten(-1, (-1, block)).unflatten(-3, (-1, block))  # [..., R/b, b, C/b, b]
+    *lead, r, c = w.shape
+    nr, nc = (r + block - 1) // block, (c + block - 1) // block
+    padded = F.pad(w, (0, nc * block - c, 0, nr * block - r))
+    # sizes spelled out: Inductor's dynamic-shape kernels for unflatten(-1, (-1, block)) of a padded last dimension
+    # shorter than one block gave wrong values (torch 2.13; tests/test_fp8.py, dynamic shapes)
+    blocks = padded.reshape(*lead, nr, block, nc, block)
     scale = pow2_scale(blocks.abs().amax(dim=(-3, -1), keepdim=True), dtype)
-    return _round_trip(blocks, scale, dtype).flatten(-2).flatten(-3, -2)[..., :r, :c]
+    return _round_trip(blocks, scale, dtype).reshape(*lead, nr * block, nc * block)[..., :r, :c]
 
 
 def fake_quantize_segments(x: torch.Tensor, dtype: torch.dtype, offs: torch.Tensor, tile) -> torch.Tensor:
@@ -221,10 +224,13 @@ class Fp8Mm(torch.autograd.Function):
             bq_n = bq if bq is not None else _weight_fq(b, recipe, along="N")
             dx = _mm(fake_quantize(dy, gd, recipe.act_tile), bq_n.transpose(-2, -1), offs)
         if ctx.needs_input_grad[1]:
-            seg = offs if offs is not None else torch.tensor([x.shape[0]], dtype=torch.int32, device=x.device)
-            xq = fake_quantize_segments(x, E4M3, seg, recipe.act_tile)
-            dyq = fake_quantize_segments(dy, gd, seg, recipe.act_tile)
-            dw = (xq.t() @ dyq).unsqueeze(0) if offs is None else torch._grouped_mm(xq.t(), dyq, offs=offs)
+            if offs is None:  # one token group: tiles down the columns, without data-dependent sizes (compiles whole)
+                xq_t, dyq = fake_quantize(x.t(), E4M3, recipe.act_tile), fake_quantize(dy.t(), gd, recipe.act_tile).t()
+                dw = (xq_t @ dyq).unsqueeze(0)
+            else:
+                xq = fake_quantize_segments(x, E4M3, offs, recipe.act_tile)
+                dyq = fake_quantize_segments(dy, gd, offs, recipe.act_tile)
+                dw = torch._grouped_mm(xq.t(), dyq, offs=offs)
         return dx, dw, None, None
 
 

@@ -105,6 +105,17 @@ def test_pow2_scale_of_zero_tile_is_finite():
     assert bool(torch.isfinite(s).all()) and torch.equal(fake_quantize(torch.zeros(2, 8), E4M3, ROW), torch.zeros(2, 8))
 
 
+def test_block_quantizer_compiled_with_dynamic_shapes_equals_eager():
+    """Inductor recompiles a function seen with a second shape for symbolic sizes (as per-block compile does
+    for linears of several widths). Weights narrower than one block once came out of that kernel wrong by up
+    to 1e38 (`parallel.compile=true` with fp8_blockwise: loss nan at step 1); every shape must equal eager."""
+    torch.manual_seed(0)
+    compiled = torch.compile(lambda w: fake_quantize_blocks(w, E4M3, 128), backend="inductor", dynamic=True)
+    for shape in [(1, 64, 192), (1, 192, 64), (1, 200, 72), (2, 130, 30)]:
+        w = torch.randn(*shape)
+        assert torch.equal(compiled(w), fake_quantize_blocks(w, E4M3, 128)), shape
+
+
 # ------------------------------------------------------------------------------------------------ GEMMs
 def _grouped_problem():
     torch.manual_seed(1)
