@@ -8,6 +8,7 @@ import re
 import subprocess
 
 import pytest
+import torch
 
 from launch.dryrun import build_rank
 from launch.hardware import GPUS, device_bf16_tflops
@@ -147,6 +148,28 @@ def test_communication_volumes():
     big = layout_of(compose_config(["model=tiny", "train.global_batch_size=32", "train.micro_batch_size=1"]), 32)
     assert {c.name: c.link for c in collectives(shapes, big, 256, gpu, cfg.cluster)}[
         "fsdp all-gather/reduce-scatter (dense)"] == "ib"  # 32 ranks span 4 nodes of 8
+
+
+def test_fsdp_volume_counts_fp32_routers_and_fp8_all_gather():
+    """bf16 parameters: each all-gather moves routers in fp32 (4 B, their own FSDP unit) and the rest in bf16;
+    with fp8_tensorwise's FP8 all-gather, dense projections (every nn.Linear but the head) move 1 B each.
+    Reduce-scatters stay fp32. tiny on 4 ranks, 2 micro-batches: 4 all-gathers and 2 reduce-scatters."""
+    base = ["model=tiny", "train.global_batch_size=16", "train.micro_batch_size=2", "precision=bf16"]
+    m = compose_config(base).model
+    model = meta_model(m)
+    routers = sum(p.numel() for n, p in model.named_parameters() if n.endswith("mlp.gate.weight"))
+    assert routers == 3 * 8 * 64  # 3 MoE layers x 8 experts x hidden 64
+    linear = sum(mod.weight.numel() for n, mod in model.named_modules()
+                 if type(mod) is torch.nn.Linear and n != "lm_head")
+    pc = param_counts(m)
+    dense = pc.total - pc.routed_experts
+    shapes, gpu = StageShapes(model), GPUS["h800"]
+    for extra, linear_bytes in (([], 2), (["precision=fp8_tensorwise", "precision.fp8_fsdp_all_gather=true"], 1)):
+        cfg = compose_config(base + extra)
+        comms = {c.name: c for c in collectives(shapes, layout_of(cfg, 4), cfg.data.seq_len, gpu, cfg.cluster)}
+        gathered = linear * linear_bytes + routers * 4 + (dense - linear - routers) * 2
+        expected = (4 * gathered + 2 * 4 * dense) * 3 / 4
+        assert comms["fsdp all-gather/reduce-scatter (dense)"].bytes_per_step == pytest.approx(expected), extra
 
 
 def test_plan_rejects_an_unknown_gpu(capsys):

@@ -30,7 +30,7 @@ from model.analysis import forward_flops_per_token, training_flops_per_token
 from model.config import ModelConfig
 
 from ..hardware import GPU
-from .memory import Layout, StageShapes, rank_layers, unsharded_elements
+from .memory import ROUTER_BYTES, Layout, StageShapes, rank_layers, unsharded_elements
 
 
 @dataclass
@@ -130,13 +130,16 @@ def collectives(shapes: StageShapes, layout: Layout, seq_len: int, gpu: GPU, clu
         p2p = 2 * n * d.pp_stages_per_rank * tokens * m.hidden_size / d.tp * a
         out.append(("pp send/recv", p2p, _group_link(d.world_size // d.pp, d.pp, per_node), False))
     groups = unsharded_elements(shapes(layout, 0), layout).values()
-    dense = sum(g["linear"] + g["other"] for g in groups)
+    dense = sum(g["linear"] + g["router"] + g["other"] for g in groups)
     experts = sum(g["experts"] for g in groups)
     gathers = 1 if layout.gathered_through_step else 2 * n  # all-gathers per step
     scatters = 1 if layout.gathered_through_step else n
     per_elem = gathers * a + scatters * layout.reduce_bytes
-    if d.dp_shard > 1:
-        out.append(("fsdp all-gather/reduce-scatter (dense)", per_elem * dense * (d.dp_shard - 1) / d.dp_shard,
+    if d.dp_shard > 1:  # dense projections gathered in FP8 with fp8_all_gather, routers in fp32
+        gathered = sum(g["linear"] * (1 if layout.fp8_all_gather else a) + g["router"] * ROUTER_BYTES
+                       + g["other"] * a for g in groups)
+        dense_bytes = gathers * gathered + scatters * layout.reduce_bytes * dense
+        out.append(("fsdp all-gather/reduce-scatter (dense)", dense_bytes * (d.dp_shard - 1) / d.dp_shard,
                     _group_link(d.tp, d.dp_shard, per_node), True))
     expert_shards = efsdp if d.ep > 1 else d.dp_shard
     if expert_shards > 1:

@@ -25,6 +25,7 @@ from parallel.pipeline import canonical_schedule, rank_stage_modules, split_laye
 from .activations import FP32, head_activation_bytes, layer_activation_bytes, mtp_activation_bytes, weight_grad_bytes
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+ROUTER_BYTES = 4  # routers are all-gathered and computed in fp32 under every precision (parallel/__init__.py)
 # weights the tensor-parallel plan splits, by the last two components of their name: dim 0 (column-wise,
 # and the vocab-parallel embedding) or dim 1 (row-wise); everything else is replicated over tp
 _TP_DIM = {"q_proj.weight": 0, "q_b_proj.weight": 0, "kv_b_proj.weight": 0, "gate_proj.weight": 0,
@@ -262,13 +263,15 @@ class RankMemory:
 def unsharded_elements(params, layout: Layout) -> dict[str, dict[str, int]]:
     """Per block ("layers.<i>", "mtp.<k>", "root" for embedding / norm / head): parameter elements after
     FSDP's all-gather (split only by tp / ep), as "linear" (dense projections, which FP8 all-gathers),
-    "other" (norms, router, embedding, head) and "experts"."""
+    "router" (gathered in fp32 whatever the parameter dtype: parallel/__init__.py), "other" (norms, embedding,
+    head) and "experts"."""
     out: dict[str, dict[str, int]] = {}
     for name, shape, count in params:
         parts = name.split(".")
         block = ".".join(parts[:2]) if parts[0] in ("layers", "mtp") else "root"
-        kind = "experts" if ".experts." in name else "linear" if name.endswith("proj.weight") else "other"
-        entry = out.setdefault(block, {"linear": 0, "other": 0, "experts": 0})
+        kind = ("experts" if ".experts." in name else "linear" if "_proj" in parts[-2]  # kv_a_proj_with_mqa too
+                else "router" if name.endswith("mlp.gate.weight") else "other")
+        entry = out.setdefault(block, {"linear": 0, "router": 0, "other": 0, "experts": 0})
         entry[kind] += count * prod(_split_shape(name, shape, layout))
     return out
 
@@ -287,7 +290,8 @@ def _gathered_bytes(params, layout: Layout) -> int:
     linear = 1 if layout.fp8_all_gather else w  # dense projections all-gathered in FP8
     groups = unsharded_elements(params, layout)
     root_elems = sum(groups.pop("root", {}).values())
-    blocks = [(g["linear"] * linear + (g["other"] + g["experts"]) * w, sum(g.values())) for g in groups.values()]
+    blocks = [(g["linear"] * linear + g["router"] * ROUTER_BYTES + (g["other"] + g["experts"]) * w, sum(g.values()))
+              for g in groups.values()]
     biggest_bytes, biggest_elems = max(blocks, default=(0, 0))
     if layout.gathered_through_step:
         all_elems = root_elems + sum(e for _, e in blocks)
