@@ -30,7 +30,7 @@ from model.analysis import forward_flops_per_token, training_flops_per_token
 from model.config import ModelConfig
 
 from ..hardware import GPU
-from .memory import ROUTER_BYTES, Layout, StageShapes, rank_layers, unsharded_elements
+from .memory import Layout, StageShapes, gathered_element_bytes, rank_layers, unsharded_elements
 
 
 @dataclass
@@ -135,9 +135,9 @@ def collectives(shapes: StageShapes, layout: Layout, seq_len: int, gpu: GPU, clu
     gathers = 1 if layout.gathered_through_step else 2 * n  # all-gathers per step
     scatters = 1 if layout.gathered_through_step else n
     per_elem = gathers * a + scatters * layout.reduce_bytes
-    if d.dp_shard > 1:  # dense projections gathered in FP8 with fp8_all_gather, routers in fp32
-        gathered = sum(g["linear"] * (1 if layout.fp8_all_gather else a) + g["router"] * ROUTER_BYTES
-                       + g["other"] * a for g in groups)
+    if d.dp_shard > 1:
+        per_kind = gathered_element_bytes(layout)
+        gathered = sum(g[k] * per_kind[k] for g in groups for k in ("linear", "router", "other"))
         dense_bytes = gathers * gathered + scatters * layout.reduce_bytes * dense
         out.append(("fsdp all-gather/reduce-scatter (dense)", dense_bytes * (d.dp_shard - 1) / d.dp_shard,
                     _group_link(d.tp, d.dp_shard, per_node), True))

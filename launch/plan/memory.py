@@ -276,6 +276,13 @@ def unsharded_elements(params, layout: Layout) -> dict[str, dict[str, int]]:
     return out
 
 
+def gathered_element_bytes(layout: Layout) -> dict[str, int]:
+    """Bytes per element FSDP's all-gather moves and holds, by `unsharded_elements` kind: dense projections in
+    FP8 under fp8_all_gather, routers in fp32, the rest in the parameter dtype."""
+    w = layout.param_bytes
+    return {"linear": 1 if layout.fp8_all_gather else w, "router": ROUTER_BYTES, "other": w, "experts": w}
+
+
 def _gathered_bytes(params, layout: Layout) -> int:
     """FSDP2 compute copies and unsharded gradients. Under pipelining every module of the stage stays
     gathered from its first forward to the end of the step (parallel/__init__.py), and torch's schedule
@@ -286,12 +293,10 @@ def _gathered_bytes(params, layout: Layout) -> int:
     the reduce-scatter."""
     if not layout.distributed:
         return 0
-    w = layout.param_bytes
-    linear = 1 if layout.fp8_all_gather else w  # dense projections all-gathered in FP8
+    w, per_kind = layout.param_bytes, gathered_element_bytes(layout)
     groups = unsharded_elements(params, layout)
     root_elems = sum(groups.pop("root", {}).values())
-    blocks = [(g["linear"] * linear + g["router"] * ROUTER_BYTES + (g["other"] + g["experts"]) * w, sum(g.values()))
-              for g in groups.values()]
+    blocks = [(sum(g[k] * per_kind[k] for k in g), sum(g.values())) for g in groups.values()]
     biggest_bytes, biggest_elems = max(blocks, default=(0, 0))
     if layout.gathered_through_step:
         all_elems = root_elems + sum(e for _, e in blocks)
