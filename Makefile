@@ -14,5 +14,7 @@ setup:
 train:
 	$(BIN)/python -m train
 
+# one pytest worker per core, at most 4 (each multi-process test spawns 2-4 ranks of its own); steal work so
+# the longest tests do not leave a core idle at the end
 test:
-	$(BIN)/python -m pytest tests -q
+	$(BIN)/python -m pytest tests -q -n auto --maxprocesses 4 --dist worksteal
