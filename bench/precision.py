@@ -11,9 +11,9 @@ With several `--seeds` every recipe runs once per seed (the seed sets the initia
 and the comparison is paired: per seed, val(recipe) / val(reference) - 1, then the mean over the seeds and the
 standard error of that mean. One run cannot resolve 1%: after 200 steps of a small model, one recipe on two
 seeds, or two precisions on one seed, end several percent apart (top-k routing is discontinuous, so
-trajectories decorrelate early). The mean over seeds, with its error, is the number to read. The presets'
-initializer_range 0.006 (DeepSeek's, for width 5,120) makes that spread several times larger on the narrow CPU
-presets than `--set model.initializer_range=0.02` does (bench/RESULTS.md, 2026-12-04).
+trajectories decorrelate early). The mean over seeds, with its error, is the number to read. DeepSeek's
+initializer_range 0.006 (for width 5,120) made that spread several times larger on `tiny` than 0.02 does, which
+`tiny` and `small` have used since (bench/RESULTS.md, 2026-12-04).
 
     python bench/precision.py                                   # timing: small preset, 12 steps
     python bench/precision.py --steps 200 --seeds 0 1 2         # convergence (issue 5: FP8 within 1% of bf16):

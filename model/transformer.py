@@ -78,7 +78,7 @@ class Transformer(nn.Module):
     # ------------------------------------------------------------------------------------ init
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
-        """Normal(0, initializer_range) for every matrix (0.006 as in DeepSeek-V2/V3), ones for norms."""
+        """Normal(0, initializer_range) for every matrix (0.006 in the DeepSeek presets), ones for norms."""
         gen = None if seed is None else torch.Generator(device="cpu").manual_seed(seed)
         std = self.cfg.initializer_range
         for module in self.modules():

@@ -94,12 +94,12 @@ def test_bf16_fsdp_equals_the_policy_by_hand_in_one_process(tmp_path):
     for r, result in enumerate(ranks):
         assert result["dtypes"] == {(torch.float32, torch.float32)}  # fp32 masters and gradients
         assert result["loss"].item() == losses[r].item()  # the same bf16 forward, to the bit
-        assert result["loss"].item() != fp32_losses[r].item()  # and not fp32's (5e-6 apart; the gradients, below, 0.6%)
+        assert result["loss"].item() != fp32_losses[r].item()  # nor fp32's (7e-5, 8e-5 apart; gradients 0.75%)
     for name, g in grads.items():
         got = ranks[0]["grads"][name]
         torch.testing.assert_close(ranks[1]["grads"][name], got, rtol=0, atol=0)  # one averaged gradient
         torch.testing.assert_close(got, g, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")  # to the bit
-    # bf16 tracks fp32 without being it (per parameter 0.6-1.6%, but 9-11% for the last MoE layer's router and
-    # experts, where one of the 64 tokens' top-k choice flips)
+    # bf16 tracks fp32 without being it (per parameter 0.65-1.8%, median 0.95%; at the former init 0.006 the
+    # whole was 0.6%, and the last MoE layer's router and experts 9-11%, where one token's top-k choice flipped)
     flat = lambda d: torch.cat([v.flatten() for v in d.values()])  # noqa: E731
     assert 1e-3 < rel(flat(ranks[0]["grads"]), flat(fp32_grads)) < 0.03

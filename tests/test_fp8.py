@@ -217,8 +217,12 @@ def test_real_fp8_dense_kernel_equals_the_emulation(recipe):
         kernels.append(sum(e.count for e in prof.key_averages() if e.key == "aten::_scaled_mm"))
         results.append([y.float(), *(g.float() for g in grads)])
     assert kernels == [3 * 8, 0]  # fprop, dgrad and wgrad of the 5 MLA and 3 MLP linears; none emulated
-    for got, want in zip(*results):
-        assert rel(got, want) < 1e-4
+    names = ["y", "dx", *(n for n, _ in block.named_parameters())]
+    for name, got, want in zip(names, *results):
+        # the kernel's fp32 sums round to bf16 a few ulps apart from the emulation's (y differs by ~1e-7);
+        # a norm weight's gradient, a sum over every token with cancellation, amplifies that (measured up to
+        # 3.4e-4 at init 0.02, 7.7e-5 at 0.006, against at most 3.4e-5 for any other tensor)
+        assert rel(got, want) < (1e-3 if "norm" in name else 1e-4), name
 
 
 def test_gpu_rowwise_expert_path_calls_torchao_correctly(monkeypatch):

@@ -209,7 +209,7 @@ def test_default_run_learns_well_below_unigram_entropy(tmp_path):
     val = metrics(out, "val_loss")
     print(f"unigram entropy {entropy:.3f} nats; val_loss by step {val}")
     assert 3.0 < entropy < 3.6
-    assert val[300] < 0.85 * entropy  # measured: 2.50 vs 3.30 (0.76)
+    assert val[300] < 0.75 * entropy  # measured: 2.25 vs 3.30 (0.68; 0.76 at the former init 0.006)
     assert val[300] < val[100]
 
 
