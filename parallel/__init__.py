@@ -85,8 +85,9 @@ def _fully_shard(model, mesh, dims, param_dtype, reduce_dtype, cpu_offload) -> N
             experts.set_gradient_divide_factor(float(dims.dp))
     for block in model.layers.values():
         fully_shard(block, mesh=dp_mesh(mesh), **kwargs)
-    for module in model.mtp or []:
-        fully_shard(module, mesh=dp_mesh(mesh), **kwargs)
+    for module in model.mtp or []:  # its block; its norms and eh_proj stay with the root, gathered with the head for
+        # forward_with_mtp / heads_from_labels, which apply the depth's final norm outside the depth's forward
+        fully_shard(module.block, mesh=dp_mesh(mesh), **kwargs)
     kwargs.pop("reshard_after_forward")  # the root keeps FSDP's root default
     fully_shard(model, mesh=dp_mesh(mesh), **kwargs)
     for method in ("forward_with_mtp", "heads_from_labels"):  # the root's params are gathered for these too

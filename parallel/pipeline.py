@@ -59,7 +59,7 @@ from torch.distributed.pipelining import (
 from model.transformer import Transformer, lm_and_mtp_loss
 
 __all__ = ["SCHEDULES", "stage_ids", "split_layers", "build_stage_modules", "build_pipeline",
-           "pipeline_step", "canonical_schedule", "tied_embedding_copy",
+           "pipeline_schedule", "pipeline_step", "canonical_schedule", "tied_embedding_copy",
            "ends_share_rank"]
 
 SCHEDULES = ("1F1B", "Interleaved1F1B", "ZBVZeroBubble", "DualPipeV")
@@ -207,7 +207,7 @@ def _with_mtp(loss_fn: Callable, part: Transformer) -> Callable:
     loss (depth k predicts labels[:, k:], weighted mtp_loss_weight / depth)."""
     def loss(h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits, mtp = part.heads_from_labels(h, labels)
-        return lm_and_mtp_loss(loss_fn, logits, mtp, labels, part.cfg.mtp_loss_weight)
+        return lm_and_mtp_loss(loss_fn, logits, mtp, labels, part.mtp_loss_weight)
     return loss
 
 
@@ -218,7 +218,7 @@ def _group_of(pp_mesh_or_group) -> dist.ProcessGroup | None:
     return get_group() if get_group is not None else pp_mesh_or_group
 
 
-def _check_microbatches(schedule: str, n_microbatches: int, pp: int, n_stages: int) -> None:
+def check_microbatches(schedule: str, n_microbatches: int, pp: int, n_stages: int) -> None:
     if n_microbatches < 1:
         raise ValueError(f"n_microbatches must be >= 1, got {n_microbatches}")
     need = {"1F1B": n_stages, "DualPipeV": n_stages}.get(schedule, 1)  # torch's own limits, checked early
@@ -260,34 +260,45 @@ def build_pipeline(model: Transformer, pp_mesh_or_group, schedule: str, n_microb
     the hidden states and logits a stage emits (default: the model's parameter dtype; bf16 under an FSDP
     param_dtype of bfloat16).
     Run a step with `pipeline_step` (or schedule.step(tokens) on the first-stage rank, step(target=labels,
-    losses=list) on the last, step() elsewhere).
+    losses=list) on the last, step() elsewhere). A step of another number of microbatches (a batch-size
+    ramp-up) needs a schedule of its own: `pipeline_schedule(model_parts, n, device)`.
     """
     schedule = canonical_schedule(schedule)
     group = _group_of(pp_mesh_or_group)
     pp, pp_rank = dist.get_world_size(group), dist.get_rank(group)
     n_stages = pp * stages_per_rank
-    _check_microbatches(schedule, n_microbatches, pp, n_stages)
+    check_microbatches(schedule, n_microbatches, pp, n_stages)
     dtype = activation_dtype or next(model.parameters()).dtype
-    device = torch.device(device)
-    parts, stages = rank_stage_modules(model, schedule, pp_rank, pp, stages_per_rank), []
+    parts = rank_stage_modules(model, schedule, pp_rank, pp, stages_per_rank)
     for part in parts:
+        part.pp_group, part.pp_schedule, part.microbatch_size, part.seq_len = group, schedule, microbatch_size, seq_len
+        part.activation_dtype = dtype
+        part.stage_owners = [stage_ids(schedule, r, pp, stages_per_rank) for r in range(pp)]  # for `pipeline_eval`
+        part.register_forward_hook(partial(_check_output, _stage_io(part, microbatch_size, seq_len, dtype)[1]))
+        part.stage_loss = loss_fn
+        if part.lm_head is not None and part.output_hidden:
+            part.mtp_loss_weight = part.cfg.mtp_loss_weight  # the trainer may change it as the run goes
+            part.stage_loss = _with_mtp(loss_fn, part)
+    return pipeline_schedule(parts, n_microbatches, device), parts
+
+
+def pipeline_schedule(model_parts: list[Transformer], n_microbatches: int, device):
+    """A torch schedule running `build_pipeline`'s stage modules `n_microbatches` microbatches a step (fresh
+    stages over the same modules: torch prepares a stage's buffers for one microbatch count). Sets every MoE
+    layer's balance-loss scale to 1/n_microbatches. Call it on every pp rank for the same step."""
+    part0 = model_parts[0]
+    schedule, group = part0.pp_schedule, part0.pp_group
+    check_microbatches(schedule, n_microbatches, dist.get_world_size(group), part0.n_stages)
+    stages = []
+    for part in model_parts:
         part.set_aux_loss_scale(1.0 / n_microbatches)
-        inputs, outputs = _stage_io(part, microbatch_size, seq_len, dtype)
-        part.register_forward_hook(partial(_check_output, outputs))
-        stages.append(PipelineStage(part, part.stage_index, n_stages, device, input_args=inputs, output_args=outputs,
-                                    group=group))
-    for part in parts:  # what `pipeline_eval` needs
-        part.pp_group, part.microbatch_size, part.activation_dtype = group, microbatch_size, dtype
-        part.stage_owners = [stage_ids(schedule, r, pp, stages_per_rank) for r in range(pp)]
-    last = [part for part in parts if part.lm_head is not None]
-    if last:
-        last[0].stage_loss = _with_mtp(loss_fn, last[0]) if last[0].output_hidden else loss_fn
-        loss_fn = last[0].stage_loss
+        inputs, outputs = _stage_io(part, part.microbatch_size, part.seq_len, part.activation_dtype)
+        stages.append(PipelineStage(part, part.stage_index, part.n_stages, torch.device(device), input_args=inputs,
+                                    output_args=outputs, group=group))
+    loss_fn = next((part.stage_loss for part in model_parts if part.lm_head is not None), part0.stage_loss)
     loss = partial(_microbatch_loss, loss_fn, 1.0 / n_microbatches)
-    cls = _CLASSES[schedule]
-    runner = cls(stages[0] if schedule in _SINGLE_STAGE else stages, n_microbatches, loss_fn=loss,
-                 scale_grads=False)
-    return runner, parts
+    return _CLASSES[schedule](stages[0] if schedule in _SINGLE_STAGE else stages, n_microbatches, loss_fn=loss,
+                              scale_grads=False)
 
 
 def pipeline_step(schedule, model_parts: list[Transformer], tokens: torch.Tensor | None,

@@ -17,6 +17,7 @@ import torch
 from train.data.builtin import CHUNK_LEN, stdlib_sources
 from train.data.loader import DataError, TokenDataset, TokenLoader
 from train.data.prepare import prepare
+from train.schedule import BatchSchedule
 from train.data.tokenizer import ByteTokenizer, HFTokenizer, build_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -234,6 +235,29 @@ def test_resume_is_exact_and_independent_of_the_layout(dataset, caplog):
     assert not caplog.records
     TokenLoader(dataset, SEQ + 1, G, 2, seed=1).load_state_dict(state)
     assert "seq_len" in caplog.text and "changed settings" in caplog.text
+
+
+def test_ramp_up_stream_follows_the_definition_under_any_layout(dataset, caplog):
+    """Batch-size ramp-up 4 -> 12 by 4 over 200 tokens of 9-token sequences (one increase per 100 tokens): three
+    steps of 4 (108 tokens), two of 8 (252), then 12; step s takes the next `size(s)` windows of the same stream, split over ranks
+    as a constant batch is, and a resumed loader (another layout) continues it."""
+    batches = BatchSchedule(12, SEQ, start=4, increment=4, ramp_tokens=200)
+    assert [batches.size(s) for s in range(7)] == [4, 4, 4, 8, 8, 12, 12]
+    want = reference_windows(dataset, seed=2, count=batches.sequences_before(8))
+    want = [want[batches.sequences_before(s):batches.sequences_before(s + 1)] for s in range(8)]
+    single = global_batches([TokenLoader(dataset, SEQ, 12, 4, seed=2, batches=batches)], 8)
+    ranks = [TokenLoader(dataset, SEQ, 12, 2, dp_rank=r, dp_world=2, seed=2, batches=batches) for r in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(single, want))
+    assert all(torch.equal(a, b) for a, b in zip(global_batches(ranks, 4), want[:4]))
+    resumed = [TokenLoader(dataset, SEQ, 12, 1, dp_rank=r, dp_world=4, seed=2, batches=batches) for r in range(4)]
+    for loader in resumed:
+        loader.load_state_dict(ranks[0].state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(global_batches(resumed, 4), want[4:]))
+    assert not caplog.records
+    TokenLoader(dataset, SEQ, 12, 2, seed=2).load_state_dict(ranks[0].state_dict())  # resumed without the ramp-up
+    assert "rampup" in caplog.text and "changed settings" in caplog.text
+    with pytest.raises(ValueError, match="does not split"):  # a first batch of 4 over 4 ranks x 2 sequences
+        TokenLoader(dataset, SEQ, 16, 2, dp_world=4, batches=BatchSchedule(16, SEQ, start=4, increment=4, ramp_tokens=99))
 
 
 def test_validation_batches_are_fixed_and_sharded(dataset):

@@ -122,3 +122,13 @@ def test_multi_token_prediction_under_pipeline(dataset, tmp_path, schedule):
     run(dataset, got, 2, **mtp, **stages, **{"parallel.pp": 2, "parallel.pp_schedule": schedule})
     assert_same_run(ref, got, tmp_path)
     assert metrics(got, "val_loss")[STEPS] == pytest.approx(metrics(ref, "val_loss")[STEPS], rel=1e-5)
+
+
+def test_multi_token_prediction_under_fsdp(dataset, tmp_path):
+    """MTP with data-parallel FSDP (dp=2, pp=1): each depth's final norm runs outside the depth's forward, so it
+    must not live in the depth's resharded FSDP unit (before the fix: 'mixed torch.Tensor and DTensor')."""
+    mtp = {"model.num_nextn_predict_layers": 1}
+    ref, got = tmp_path / "ref", tmp_path / "got"
+    run(dataset, ref, 1, **mtp, **{"train.micro_batch_size": 2})
+    run(dataset, got, 2, **mtp, **{"train.micro_batch_size": 1})
+    assert_same_run(ref, got, tmp_path)

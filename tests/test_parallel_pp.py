@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from model.config import load_preset
 from model.transformer import Transformer
 from parallel.pipeline import (
-    SCHEDULES, _check_microbatches, _check_output, build_pipeline, build_stage_modules, pipeline_step, split_layers,
+    SCHEDULES, check_microbatches, _check_output, build_pipeline, build_stage_modules, pipeline_step, split_layers,
     stage_ids,
 )
 
@@ -234,15 +234,15 @@ def test_stage_ids_known_cases_and_errors():
 
 
 def test_microbatch_count_checks():
-    _check_microbatches("Interleaved1F1B", 1, 2, 4)  # torch's flexible interleaving allows fewer
-    _check_microbatches("ZBVZeroBubble", 2, 2, 4)
-    _check_microbatches("GPipe", 1, 4, 4)
+    check_microbatches("Interleaved1F1B", 1, 2, 4)  # torch's flexible interleaving allows fewer
+    check_microbatches("ZBVZeroBubble", 2, 2, 4)
+    check_microbatches("GPipe", 1, 4, 4)
     with pytest.raises(ValueError, match="1F1B with 2 stages on pp=2 ranks needs n_microbatches >= 2, got 1"):
-        _check_microbatches("1F1B", 1, 2, 2)
+        check_microbatches("1F1B", 1, 2, 2)
     with pytest.raises(ValueError, match="DualPipeV with 4 stages on pp=2 ranks needs n_microbatches >= 4, got 3"):
-        _check_microbatches("DualPipeV", 3, 2, 4)
+        check_microbatches("DualPipeV", 3, 2, 4)
     with pytest.raises(ValueError, match="n_microbatches must be >= 1"):
-        _check_microbatches("GPipe", 0, 2, 2)
+        check_microbatches("GPipe", 0, 2, 2)
 
 
 def test_build_stage_modules_keeps_names_and_ends():

@@ -35,11 +35,12 @@ class OptimConfig:
     weight_decay: float = 0.1
     decay_norms_and_embeddings: bool = False  # AdamW decays matrices only unless this is set
     grad_clip: float = 1.0  # 0: no clipping
-    schedule: str = "cosine"  # cosine | deepseek_step | constant
+    schedule: str = "cosine"  # cosine | deepseek_step | deepseek_v3 | constant (train/optim.py)
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
-    step_decay_at: tuple = (0.6, 0.9)  # deepseek_step: fractions of training where lr is multiplied
+    step_decay_at: tuple = (0.6, 0.9)  # deepseek_step, deepseek_v3: fractions of the run's tokens where lr is multiplied
     step_decay_factor: float = 0.316
+    cosine_span: tuple = (0.0, 1.0)  # deepseek_v3: the fractions of the run's tokens the cosine decay spans
 
 
 PRECISIONS = ("fp32", "bf16", "fp8_tensorwise", "fp8_rowwise", "fp8_blockwise")
@@ -87,6 +88,15 @@ class LoopConfig:
     seed: int = 0
     global_batch_size: int = 16  # sequences per optimizer step, whatever the parallel layout
     micro_batch_size: int = 8  # sequences per forward/backward on one rank
+    # DeepSeek's batch-size ramp-up (train/schedule.py): the first steps take rampup_batch_size sequences, the batch
+    # grows by rampup_increment at a time and is global_batch_size once rampup_tokens tokens have been consumed
+    rampup_batch_size: int = 0  # 0: no ramp-up
+    rampup_increment: int = 0
+    rampup_tokens: float = 0.0
+    # [fraction, weight]: from that fraction of the run's tokens on, the MTP loss weight is `weight` instead of
+    # model.mtp_loss_weight (DeepSeek-V3: 0.3, then 0.1 after 10T of 14.8T tokens); []: no switch
+    mtp_loss_weight_after: tuple = ()
+    bias_update_until: float = 1.0  # fraction of the run's tokens after which the expert bias stops moving (V3)
     val_every: int = 100  # 0: no validation
     peak_tflops: Optional[float] = None  # for MFU; None: a known GPU's BF16 peak, or measured GEMM peak on CPU
 
@@ -212,12 +222,15 @@ def validate(cfg: RunConfig) -> None:
              f"train.global_batch_size={t.global_batch_size} and train.micro_batch_size={t.micro_batch_size} must be > 0")
     _require(t.global_batch_size % t.micro_batch_size == 0,
              f"train.global_batch_size={t.global_batch_size} must be divisible by train.micro_batch_size={t.micro_batch_size}")
+    _validate_recipe_schedules(t)
     _require(d.seq_len > 1, f"data.seq_len must be > 1, got {d.seq_len}")
     _require(d.seq_len <= cfg.model.max_position_embeddings,
              f"data.seq_len={d.seq_len} exceeds model.max_position_embeddings={cfg.model.max_position_embeddings}")
     _require(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
-    _require(o.schedule in ("cosine", "deepseek_step", "constant"),
-             f"optim.schedule must be cosine, deepseek_step or constant, got {o.schedule!r}")
+    _require(o.schedule in ("cosine", "deepseek_step", "deepseek_v3", "constant"),
+             f"optim.schedule must be cosine, deepseek_step, deepseek_v3 or constant, got {o.schedule!r}")
+    _require(len(o.cosine_span) == 2 and 0 <= o.cosine_span[0] <= o.cosine_span[1] <= 1,
+             f"optim.cosine_span must be two fractions 0 <= start <= end <= 1, got {list(o.cosine_span)}")
     _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas must be two numbers in [0, 1), got {o.betas}")
     _require(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
     _require(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must lie in [0, 1], got {o.min_lr_ratio}")
@@ -264,6 +277,24 @@ def validate(cfg: RunConfig) -> None:
                           f"{p.pp_schedule!r}") from None
     _require(p.pp_microbatches >= 0, f"parallel.pp_microbatches must be >= 0 (0: one per micro-batch), got "
                                      f"{p.pp_microbatches}")
+
+
+def _validate_recipe_schedules(t: LoopConfig) -> None:
+    """train.rampup_*, train.mtp_loss_weight_after, train.bias_update_until."""
+    after = t.mtp_loss_weight_after
+    _require(not after or (len(after) == 2 and 0 <= after[0] <= 1 and after[1] >= 0),
+             f"train.mtp_loss_weight_after must be [] or [fraction in 0..1, weight >= 0], got {list(after)}")
+    _require(0 <= t.bias_update_until <= 1, f"train.bias_update_until must lie in [0, 1], got {t.bias_update_until}")
+    if t.rampup_batch_size == 0:
+        return
+    g, s, inc = t.global_batch_size, t.rampup_batch_size, t.rampup_increment
+    _require(0 < s < g, f"train.rampup_batch_size={s} must lie in (0, train.global_batch_size={g}) (0: no ramp-up)")
+    _require(inc > 0 and (g - s) % inc == 0, f"train.rampup_increment={inc} must be > 0 and divide "
+             f"global_batch_size - rampup_batch_size = {g} - {s} = {g - s}")
+    _require(t.rampup_tokens > 0, f"train.rampup_tokens must be > 0 with a ramp-up, got {t.rampup_tokens}")
+    _require(s % t.micro_batch_size == 0 and inc % t.micro_batch_size == 0,
+             f"train.rampup_batch_size={s} and train.rampup_increment={inc} must be multiples of "
+             f"train.micro_batch_size={t.micro_batch_size}: every batch of the ramp-up splits into micro-batches")
 
 
 def to_dict(cfg: RunConfig) -> dict:

@@ -22,7 +22,8 @@ import torch
 # caller key -> TensorBoard tag; aux/<name> -> loss/aux/<name>; anything else -> misc/<key>
 TAGS = {"loss": "loss/train", "val_loss": "loss/val", "lr": "optim/lr", "grad_norm": "optim/grad_norm",
         "tokens_per_sec": "perf/tokens_per_sec", "mfu": "perf/mfu", "step_time": "perf/step_time",
-        "peak_mem_gb": "memory/peak_gb", "max_vio": "moe/max_vio", "dropped_fraction": "moe/dropped_fraction"}
+        "peak_mem_gb": "memory/peak_gb", "max_vio": "moe/max_vio", "dropped_fraction": "moe/dropped_fraction",
+        "batch_size": "train/batch_size", "tokens": "train/tokens"}
 
 # viridis-like colour ramp (dark purple -> blue -> teal -> green -> yellow), interpolated piecewise-linearly
 _RAMP = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float32)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import nn
@@ -78,23 +79,44 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, moment_dtype: str = "flo
                              **({"foreach": True} if sharded else {"fused": True}))
 
 
-def lr_factor(step: int, total: int, cfg: OptimConfig) -> float:
-    """Multiplier of the peak lr at optimizer step `step` (0-based) of `total`."""
+def lr_factor(step: int, total: int, cfg: OptimConfig, position: Callable[[int], float] | None = None) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (0-based) of `total`.
+
+    Warmup counts steps (DeepSeek: "the first 2K steps"); everything after it is placed by `position(step)`, the
+    tokens consumed before the step counted in steps of the final batch (train.schedule.RunPosition): the step
+    itself when the batch is constant, less under a batch-size ramp-up, so that DeepSeek's fractions of the
+    training tokens stay fractions of tokens.
+    """
     if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
         return 1.0
+    pos = position or float
+    x, end = pos(step), pos(total)
     if cfg.schedule == "deepseek_step":
         # DeepSeek-V2: multiply by 0.316 after ~60% and again after ~90% of training
-        passed = sum(step >= frac * total for frac in cfg.step_decay_at)
-        return cfg.step_decay_factor ** passed
-    span = max(total - cfg.warmup_steps, 1)
-    progress = min((step - cfg.warmup_steps) / span, 1.0)
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return _step_decays(x, end, cfg)
+    if cfg.schedule == "deepseek_v3":
+        # DeepSeek-V3: constant, then a cosine to min_lr_ratio over cosine_span, constant again; the step decays
+        # of its last tokens (2.2e-4 -> 2.2e-5 from 10T to 14.3T of 14.8T tokens, 7.3e-6 for the last 167B)
+        start, stop = cfg.cosine_span[0] * end, cfg.cosine_span[1] * end
+        progress = 0.0 if x < start else 1.0 if x >= stop else (x - start) / (stop - start)
+        return _cosine(progress, cfg.min_lr_ratio) * _step_decays(x, end, cfg)
+    first = pos(cfg.warmup_steps)
+    return _cosine(min((x - first) / max(end - first, 1), 1.0), cfg.min_lr_ratio)
 
 
-def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, cfg))
+def _cosine(progress: float, floor: float) -> float:
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _step_decays(x: float, end: float, cfg: OptimConfig) -> float:
+    return cfg.step_decay_factor ** sum(x >= frac * end for frac in cfg.step_decay_at)
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int,
+                    position: Callable[[int], float] | None = None):
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, cfg, position))
 
 
 class PartOptimizers:
@@ -102,9 +124,10 @@ class PartOptimizers:
     parallelism: its stages), stepped together. One optimizer per part keeps every optimizer's state keyed
     by its part's parameter names, which is what makes checkpoints layout-independent."""
 
-    def __init__(self, parts: list[nn.Module], cfg: OptimConfig, total_steps: int, moment_dtype: str = "float32"):
+    def __init__(self, parts: list[nn.Module], cfg: OptimConfig, total_steps: int, moment_dtype: str = "float32",
+                 position: Callable[[int], float] | None = None):
         self.optimizers = [build_optimizer(part, cfg, moment_dtype) for part in parts]
-        self.schedulers = [build_scheduler(opt, cfg, total_steps) for opt in self.optimizers]
+        self.schedulers = [build_scheduler(opt, cfg, total_steps, position) for opt in self.optimizers]
 
     def step(self) -> None:
         for opt, sched in zip(self.optimizers, self.schedulers):

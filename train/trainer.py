@@ -32,7 +32,8 @@ from model.analysis import param_counts, training_flops_per_token
 from parallel import LayoutError, ParallelDims, clip_grad_norm_, end_of_step, micro_batch_sync, parallelize, tp_loss
 from parallel.inventory import rank_parameters
 from parallel.fp8 import Fp8Recipe, after_optimizer_step, check_fp8
-from parallel.pipeline import build_pipeline, ends_share_rank, pipeline_eval, pipeline_step, tied_embedding_copy
+from parallel.pipeline import (build_pipeline, ends_share_rank, pipeline_eval, pipeline_schedule, pipeline_step,
+                               tied_embedding_copy)
 
 from .checkpoint import Checkpointer
 from .config import ConfigError, RunConfig, to_dict
@@ -41,6 +42,7 @@ from .data.loader import TokenDataset, TokenLoader
 from .metrics import MetricsWriter, format_progress, max_vio
 from .optim import PartOptimizers
 from .precision import Bf16GemmEmulation
+from .schedule import BatchSchedule, RunPosition, check_batch_split
 
 log = logging.getLogger("train")
 META_INIT_PARAMS = 2e9  # above this, build on the meta device and initialise shards in place
@@ -144,6 +146,10 @@ class Trainer:
         self.dp_world = self.dims.dp
         self.pp_group = self.mesh["pp"].get_group() if self.mesh is not None and self.dims.pp > 1 else None
         self.pipeline = None  # the pipeline schedule when pp > 1
+        self.pipeline_microbatches = 0  # ... and the microbatches it runs per step
+        self.batches = BatchSchedule.of(cfg.train, cfg.data.seq_len)  # sequences per step (DeepSeek's ramp-up)
+        self.position = RunPosition(self.batches, cfg.train.steps)  # steps as fractions of the run's tokens
+        check_batch_split(cfg.train, self.dp_world)
         self.embed_group = self._embedding_group()
         self.loss_fn = tp_loss if self.dims.tp > 1 else lm_loss  # vocab-parallel logits under tp
         if cfg.data.seq_len % self.dims.tp:
@@ -162,7 +168,8 @@ class Trainer:
             (self.out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         torch.manual_seed(cfg.train.seed)
         self.parts = self._build_model()
-        self.optimizers = PartOptimizers(self.parts, cfg.optim, cfg.train.steps, cfg.precision.moment_dtype)
+        self.optimizers = PartOptimizers(self.parts, cfg.optim, cfg.train.steps, cfg.precision.moment_dtype,
+                                         self.position)
         self._build_data()
         self.checkpointer = Checkpointer(self.out / "checkpoints", cfg.checkpoint.keep, cfg.checkpoint.async_save)
         resumed = self._resume() if cfg.checkpoint.load else None
@@ -207,19 +214,31 @@ class Trainer:
 
     def _build_pipeline(self, model: Transformer):
         cfg = self.cfg
-        local_batch = cfg.train.global_batch_size // self.dp_world
+        if self.batches.ramps and cfg.parallel.pp_microbatches:
+            raise ConfigError(f"a batch-size ramp-up changes the per-rank batch, so under pipelining its microbatches "
+                              f"are train.micro_batch_size each: set parallel.pp_microbatches=0, got "
+                              f"{cfg.parallel.pp_microbatches}")
+        local_batch = self.batches.size(0) // self.dp_world
         n_micro = pipeline_microbatches(cfg, local_batch)
         if local_batch % n_micro:
             raise ConfigError(f"parallel.pp_microbatches={n_micro} must divide the per-rank batch "
                               f"global_batch_size/dp = {cfg.train.global_batch_size}/{self.dp_world} = {local_batch}")
         dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.precision.param_dtype, torch.float32)
         try:
+            self.pipeline_microbatches = n_micro
             return build_pipeline(model, self.mesh["pp"], cfg.parallel.pp_schedule, n_micro,
                                   cfg.parallel.pp_stages_per_rank, self.loss_fn, self.env.device,
                                   microbatch_size=local_batch // n_micro, seq_len=cfg.data.seq_len,
                                   activation_dtype=dtype)
         except ValueError as e:
             raise ConfigError(f"pipeline: {e}") from None
+
+    def _pipeline_for(self, micro_batches) -> None:
+        """A schedule for this step's microbatch count (it changes under a batch-size ramp-up; the first, the
+        smallest, was checked against the schedule's minimum at set-up)."""
+        n = pipeline_microbatches(self.cfg, sum(x.shape[0] for x, _ in micro_batches))
+        if n != self.pipeline_microbatches:
+            self.pipeline, self.pipeline_microbatches = pipeline_schedule(self.parts, n, self.env.device), n
 
     def _embedding_group(self):
         """Under pp with MTP, the embedding lives on the first and (a copy) on the last stage: the process
@@ -308,13 +327,22 @@ class Trainer:
             if mcfg.num_nextn_predict_layers == 0:
                 return self.loss_fn(model(inputs), labels)
             logits, mtp = model.forward_with_mtp(inputs)
-        return lm_and_mtp_loss(self.loss_fn, logits, mtp, labels, mcfg.mtp_loss_weight)
+        return lm_and_mtp_loss(self.loss_fn, logits, mtp, labels, self.mtp_loss_weight())
+
+    def mtp_loss_weight(self) -> float:
+        """The MTP loss weight of the current step (model.mtp_loss_weight, or train.mtp_loss_weight_after's)."""
+        return self.position.mtp_loss_weight(self.step, self.cfg.train, self.cfg.model.mtp_loss_weight)
 
     def gemm_mode(self):
         """`precision.bf16_gemm_emulate`: bf16 GEMMs (forward and backward) computed in fp32, see train/precision.py."""
         return Bf16GemmEmulation() if self.cfg.precision.bf16_gemm_emulate else contextlib.nullcontext()
 
     def train_step(self, micro_batches) -> dict:
+        if self.pipeline is not None:
+            self._pipeline_for(micro_batches)
+            for part in self.parts:  # the last stage's loss reads it (parallel/pipeline.py)
+                if hasattr(part, "mtp_loss_weight"):
+                    part.mtp_loss_weight = self.mtp_loss_weight()
         with self.gemm_mode():
             total = self._pipeline_loss(micro_batches) if self.pipeline else self._accumulate(micro_batches)
         moe = self._moe_step()
@@ -393,8 +421,10 @@ class Trainer:
         if self.dp_world > 1:  # every data-parallel rank routed different tokens
             dist.all_reduce(stats, group=self.dp_group)
         counts, dropped = stats[:, :e], stats[:, e:].sum(0)
+        update_bias = self.position.bias_updates(self.step, self.cfg.train)
         for i, m in layers.items():
-            m.update_expert_bias(counts[ids.index(i)])
+            if update_bias:
+                m.update_expert_bias(counts[ids.index(i)])
             m.reset_stats()
         aux = {f"aux/{n}": float(full[:, e + 2 + k].sum()) for k, n in enumerate(names)}
         loads = counts / counts.sum(-1, keepdim=True).clamp_min(1)
@@ -404,19 +434,19 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ the loop
     def run(self) -> int:
         cfg = self.cfg
-        tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
         start, t0 = self.step, time.perf_counter()
-        window_t, window_steps = time.perf_counter(), 0
+        window_t, window_steps, window_tokens = time.perf_counter(), 0, 0
         while self.step < cfg.train.steps:
             result = self.train_step(self.loader.next_batch())
+            window_tokens += self.batches.size(self.step) * cfg.data.seq_len
             self.step += 1
             window_steps += 1
             if not math.isfinite(result["loss"]):
                 raise FloatingPointError(f"loss is {result['loss']} at step {self.step}")
             if self.step % cfg.log.every == 0 or self.step == cfg.train.steps:
-                dt = (time.perf_counter() - window_t) / window_steps
-                self._log(result, dt, tokens_per_step, start, t0)
-                window_t, window_steps = time.perf_counter(), 0
+                elapsed = time.perf_counter() - window_t
+                self._log(result, elapsed / window_steps, window_tokens / elapsed, start, t0)
+                window_t, window_steps, window_tokens = time.perf_counter(), 0, 0
             if cfg.train.val_every and (self.step % cfg.train.val_every == 0 or self.step == cfg.train.steps):
                 self._validate()
             if self._should_stop():
@@ -447,12 +477,12 @@ class Trainer:
                  "loader": self.loader.state_dict(), "config": to_dict(self.cfg)}
         self.checkpointer.save(self.step, self.parts, self.optimizers.optimizers, state)
 
-    def _log(self, result: dict, step_time: float, tokens_per_step: int, start: int, t0: float) -> None:
-        tps = tokens_per_step / step_time
+    def _log(self, result: dict, step_time: float, tps: float, start: int, t0: float) -> None:
         mfu = self.flops_per_token * tps / (self.peak_flops * self.env.world)
         record = {"step": self.step, "loss": result["loss"], "lr": self.optimizers.last_lr(),
                   "grad_norm": result["grad_norm"], "tokens_per_sec": tps, "mfu": mfu, "step_time": step_time,
-                  "peak_mem_gb": peak_memory_gb(self.env.device)}
+                  "peak_mem_gb": peak_memory_gb(self.env.device), "batch_size": self.batches.size(self.step - 1),
+                  "tokens": self.batches.sequences_before(self.step) * self.cfg.data.seq_len}
         record.update({k: v for k, v in result.items() if k not in record})
         self.metrics.log(self.step, record)
         if self.step % self.cfg.log.moe_every == 0 and hasattr(self, "_last_loads"):

@@ -2,8 +2,9 @@
 
 The stream is defined globally, independent of the parallel layout: every sample of `chunk_len` tokens
 gives `chunk_len // (seq_len + 1)` windows (kept in order); an epoch visits the samples in a permutation
-seeded by (seed, epoch); optimizer step s consumes global windows [s*G, (s+1)*G), continuing into the next
-epoch's permutation without a seam. A step is a sequence of micro-steps of W*mb windows (W data-parallel
+seeded by (seed, epoch); optimizer step s consumes global windows [W(s), W(s+1)), continuing into the next
+epoch's permutation without a seam, where W(s) = s*G with a constant global batch G and follows the batch-size
+ramp-up otherwise (`BatchSchedule`: a function of the configuration, so the state stays one integer). A step is a sequence of micro-steps of W*mb windows (W data-parallel
 ranks, mb per micro-batch); in micro-step j, rank r takes windows [j*W*mb + r*mb, j*W*mb + (r+1)*mb) of the
 step. So the concatenation over ranks of each micro-step is one contiguous chunk of the global batch: the
 same tokens a single process with micro-batch W*mb sees in its micro-step j (what makes loads summed over
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..schedule import BatchSchedule
 from .prepare import FORMAT_VERSION
 
 log = logging.getLogger(__name__)
@@ -104,10 +106,11 @@ class TokenLoader:
     """The deterministic batch stream over a TokenDataset for data-parallel rank `dp_rank` of `dp_world`."""
 
     def __init__(self, dataset: TokenDataset, seq_len: int, global_batch_size: int, micro_batch_size: int,
-                 dp_rank: int = 0, dp_world: int = 1, seed: int = 0):
+                 dp_rank: int = 0, dp_world: int = 1, seed: int = 0, batches: BatchSchedule | None = None):
         self.ds = dataset
         self.seq_len, self.G, self.mb = seq_len, global_batch_size, micro_batch_size
         self.rank, self.world, self.seed = dp_rank, dp_world, seed
+        self.batches = batches or BatchSchedule(global_batch_size, seq_len)  # step -> sequences (ramp-up)
         self._validate()
         self.per_sample = dataset.chunk_len // (seq_len + 1)  # windows per sample
         if self.per_sample == 0:
@@ -123,6 +126,11 @@ class TokenLoader:
                              f"dp_world; got {self.seq_len}, {self.G}, {self.mb}, {self.world}, {self.rank}")
         if self.G % (self.world * self.mb):
             raise ValueError(f"global_batch_size={self.G} is not divisible by dp_world*micro_batch_size = "
+                             f"{self.world}*{self.mb}")
+        b = self.batches
+        if b.final != self.G or b.start % (self.world * self.mb) or b.increment % (self.world * self.mb):
+            raise ValueError(f"batch ramp-up from {b.start} by {b.increment} to {b.final} does not split into "
+                             f"global_batch_size={self.G} and micro-steps of dp_world*micro_batch_size = "
                              f"{self.world}*{self.mb}")
 
     # ------------------------------------------------------------------------------------------ windows
@@ -163,10 +171,11 @@ class TokenLoader:
         if len(self.ds) == 0:
             raise DataError(f"{self.ds.root}: split {self.ds.split!r} has no samples")
         chunk = self.world * self.mb  # one micro-step over all ranks
-        base = self.steps * self.G + self.rank * self.mb
+        base = self.batches.sequences_before(self.steps) + self.rank * self.mb
+        size = self.batches.size(self.steps)
         self.steps += 1
         return self._split(torch.cat([self._rows(base + j * chunk, self.mb, shuffle=True)
-                                      for j in range(self.G // chunk)]), self.mb)
+                                      for j in range(size // chunk)]), self.mb)
 
     def val_batches(self, n_batches: int, batch_size: int) -> Batch:
         """The same held-out batches on every call: windows in file order; global batch b (batch_size per rank)
@@ -176,11 +185,16 @@ class TokenLoader:
         return [self._split(self._rows(b * global_batch + self.rank * batch_size, batch_size, False), batch_size)[0]
                 for b in range(n)]
 
+    def _rampup(self) -> list | None:
+        b = self.batches
+        return [b.start, b.increment, b.ramp_tokens] if b.ramps else None
+
     def state_dict(self) -> dict:
-        return {"steps": self.steps, "seed": self.seed, "seq_len": self.seq_len, "global_batch_size": self.G}
+        state = {"steps": self.steps, "seed": self.seed, "seq_len": self.seq_len, "global_batch_size": self.G}
+        return {**state, "rampup": self._rampup()} if self.batches.ramps else state
 
     def load_state_dict(self, state: dict) -> None:
-        now = {"seed": self.seed, "seq_len": self.seq_len, "global_batch_size": self.G}
+        now = {"seed": self.seed, "seq_len": self.seq_len, "global_batch_size": self.G, "rampup": self._rampup()}
         changed = {k: (state.get(k), v) for k, v in now.items() if state.get(k) != v}
         if changed:
             log.warning("data loader resumed with changed settings %s (saved, now): the stream differs from the "
