@@ -4,8 +4,13 @@ switches take effect at their step."""
 
 import pytest
 import torch
+import yaml
 
-from test_parallel_layouts import assert_same_run, run
+from model import Transformer
+from model.config import config_from_dict
+from test_parallel_layouts import assert_same_run, final_params, run
+from train.data.loader import TokenDataset, TokenLoader
+from train.trainer import lm_loss
 from test_train import base_args, dataset, metrics, train  # noqa: F401  (dataset is a fixture)
 
 STEPS = 6
@@ -78,3 +83,43 @@ def _expert_bias(out, step: int, tmp) -> dict[str, torch.Tensor]:
     dest = tmp / f"{out.name}_{step}.pt"
     dcp_to_torch_save(str(out / "checkpoints" / f"step_{step:08d}"), str(dest))
     return {k: v for k, v in torch.load(dest, weights_only=False)["model"].items() if k.endswith("expert_bias")}
+
+
+# mscale 10: YaRN's attention temperature (x5.7 here) makes the switch show in a barely trained model's loss
+YARN = ("{type:yarn,factor:4,original_max_position_embeddings:16,beta_fast:32,beta_slow:1,mscale:10,"
+        "mscale_all_dim:10}")
+
+
+def test_init_from_starts_a_new_run_from_another_runs_weights(dataset, tmp_path):
+    """DeepSeek's long-context extension in small: a new run (two processes, YaRN switched on) from a finished
+    run's weights. Its first loss is what those weights (expert biases included) give its first batch, computed
+    here in one process; step, optimizer and data start afresh."""
+    src, new = tmp_path / "src", tmp_path / "new"
+    run(dataset, src, 1, steps=3, **{"train.micro_batch_size": 4})
+    run(dataset, new, 2, steps=2, **{"train.micro_batch_size": 2, "checkpoint.init_from": src, "model.rope_scaling": YARN})
+    cfg = yaml.safe_load((new / "config.yaml").read_text())
+    model = Transformer(config_from_dict(cfg["model"]))
+    assert model.cfg.rope_scaling["factor"] == 4
+    missing, unexpected = model.load_state_dict(final_params(src, tmp_path), strict=False)
+    assert not missing and not unexpected
+    assert any(b.abs().sum() > 0 for n, b in model.named_buffers() if n.endswith("expert_bias"))
+    x, y = TokenLoader(TokenDataset(dataset, "train"), 32, 4, 4).next_batch()[0]
+    with torch.no_grad():
+        want = lm_loss(model(x), y).item()
+    assert metrics(new)[1] == pytest.approx(want, rel=1e-6)
+    assert sorted(metrics(new)) == [1, 2] and metrics(new, "tokens")[1] == 4 * 32
+    plain = yaml.safe_load((src / "config.yaml").read_text())
+    with torch.no_grad():  # without YaRN the same weights give another loss, well outside the bound above
+        other = Transformer(config_from_dict(plain["model"]))
+        other.load_state_dict(final_params(src, tmp_path), strict=False)
+        assert abs(lm_loss(other(x), y).item() - want) > 2e-5 * want
+
+
+def test_init_from_a_different_model_is_one_clear_error(dataset, tmp_path):
+    src = tmp_path / "src"
+    run(dataset, src, 1, steps=1, **{"train.micro_batch_size": 4})
+    proc = train(base_args(dataset, tmp_path / "new", 1, **{"checkpoint.init_from": src, "model.hidden_size": 96}),
+                 check=False)
+    assert proc.returncode == 1
+    assert "checkpoint error: checkpoint.init_from: no checkpoint there loads into this model" in proc.stderr
+    assert "step_00000001" in proc.stderr.strip().splitlines()[-1]

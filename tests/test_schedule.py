@@ -113,6 +113,24 @@ def test_experiments_are_deepseeks_recipes():
     assert v3.train.bias_update_until * 14.8 == pytest.approx(14.3, rel=1e-5)
     assert v3.optim.cosine_span[0] * 14.8 == pytest.approx(10, rel=1e-5)
     assert v3.optim.lr * v3.optim.min_lr_ratio * v3.optim.step_decay_factor == pytest.approx(7.3e-6, rel=1e-5)
+    for cfg in (v2, lite, v3):  # pretraining runs plain RoPE; the presets' YaRN belongs to the extension
+        assert cfg.model.rope_scaling is None and cfg.model.max_position_embeddings == 4096
+
+
+@pytest.mark.parametrize("name,seq_len,batch,lr,mscale", [
+    ("deepseek_v2_long_context", 32768, 576, 2.4e-5, 0.707),   # V2 3.1.4; lr: the last pretraining rate (assumed)
+    ("deepseek_v3_long_context_32k", 32768, 1920, 7.3e-6, 1.0),  # V3 4.3
+    ("deepseek_v3_long_context_128k", 131072, 480, 7.3e-6, 1.0),
+])
+def test_long_context_experiments_continue_a_run_with_yarn(name, seq_len, batch, lr, mscale):
+    with pytest.raises(ConfigError, match="checkpoint.init_from is a placeholder"):
+        compose_config([f"experiment={name}"])
+    cfg = compose_config([f"experiment={name}", "checkpoint.init_from=/runs/pretrained"])
+    yarn = cfg.model.rope_scaling
+    assert (yarn["type"], yarn["factor"], yarn["beta_fast"], yarn["beta_slow"], yarn["mscale_all_dim"]) == \
+        ("yarn", 40, 32, 1, mscale)  # sqrt(t) = 0.1 * mscale * ln(s) + 1: 0.0707 ln s + 1 (V2), 0.1 ln s + 1 (V3)
+    assert (cfg.data.seq_len, cfg.train.global_batch_size, cfg.train.steps) == (seq_len, batch, 1000)
+    assert cfg.optim.lr * lr_factor(0, 1000, cfg.optim) == cfg.optim.lr * lr_factor(999, 1000, cfg.optim) == lr
 
 
 @pytest.mark.parametrize("overrides,fragment", [

@@ -27,7 +27,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
 
 log = logging.getLogger(__name__)
 PREFIX = "step_"
@@ -191,3 +192,26 @@ class Checkpointer:
             # (DCP's CheckpointException derives from BaseException, so it is named explicitly)
             log.warning("cannot load %s: %s: %s", path, type(e).__name__, str(e).splitlines()[0][:300])
             return None
+
+
+def load_model_weights(source: Path, parts) -> Path:
+    """Another run's model weights (expert-bias buffers included) into `parts`, under any layout: from the
+    checkpoint directory `source`, or the newest loadable checkpoint of the run directory `source`. Nothing else
+    (optimizer, step, data position) is read. CheckpointError when none loads, naming the first failure."""
+    candidates = [source] if (source / ".metadata").is_file() else published(source / "checkpoints")
+    errors = []
+    for path in candidates:
+        try:
+            state = {"model": {k: v for part in parts for k, v in get_model_state_dict(part).items()}}
+            dcp.load(state, checkpoint_id=str(path))
+            for part in parts:
+                set_model_state_dict(part, state["model"], options=StateDictOptions(strict=False))
+            ok = True
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 — as in Checkpointer._try_load
+            errors.append(f"{path}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+            ok = False
+        if _all_ok(ok):
+            return path
+        log.warning("cannot initialise from %s; trying the previous checkpoint", path)
+    why = errors[0] if errors else f"{source} holds no checkpoint (give a run's output_dir or its checkpoints/step_N)"
+    raise CheckpointError(f"checkpoint.init_from: no checkpoint there loads into this model ({why})")

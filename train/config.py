@@ -107,6 +107,10 @@ class CheckpointConfig:
     keep: int = 2
     async_save: bool = False
     load: bool = True  # resume from the newest complete checkpoint under output_dir
+    # another run's output_dir (its newest checkpoint) or checkpoint directory: its model weights start this run when
+    # output_dir has no checkpoint yet; optimizer, schedule, step and data start afresh (DeepSeek's long-context
+    # extension continues the pretrained weights with YaRN and longer sequences)
+    init_from: Optional[str] = None
 
 
 @dataclass
@@ -261,6 +265,8 @@ def validate(cfg: RunConfig) -> None:
              f"cluster.gemm_efficiency={c.gemm_efficiency} and cluster.link_efficiency={c.link_efficiency} "
              f"must lie in (0, 1]")
     _require(cfg.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}")
+    _require(not (cfg.checkpoint.init_from or "").startswith("<"), f"checkpoint.init_from is a placeholder: "
+             f"{cfg.checkpoint.init_from}")
     _require(cfg.checkpoint.every >= 0, f"checkpoint.every must be >= 0, got {cfg.checkpoint.every}")
     _require(cfg.log.every >= 1, f"log.every must be >= 1, got {cfg.log.every}")
     p = cfg.parallel

@@ -35,7 +35,7 @@ from parallel.fp8 import Fp8Recipe, after_optimizer_step, check_fp8
 from parallel.pipeline import (build_pipeline, ends_share_rank, pipeline_eval, pipeline_schedule, pipeline_step,
                                tied_embedding_copy)
 
-from .checkpoint import Checkpointer
+from .checkpoint import Checkpointer, load_model_weights
 from .config import ConfigError, RunConfig, to_dict
 from .data.builtin import builtin_dataset
 from .data.loader import TokenDataset, TokenLoader
@@ -156,6 +156,9 @@ class Trainer:
             raise LayoutError(f"sequence parallelism splits data.seq_len={cfg.data.seq_len} over tp={self.dims.tp}: "
                               f"it must divide")
         self.fp8 = self._fp8_recipe()  # checked before set-up writes anything to output_dir
+        if cfg.checkpoint.init_from and not Path(cfg.checkpoint.init_from).exists():
+            raise ConfigError(f"checkpoint.init_from={cfg.checkpoint.init_from} does not exist (expected a run's "
+                              f"output_dir or one of its checkpoints/step_N)")
         self.step = 0
         self._stop_signal: int | None = None
         self._kill_at = int(os.environ.get("DSV2_TEST_KILL_AT_STEP", "-1"))
@@ -173,6 +176,9 @@ class Trainer:
         self._build_data()
         self.checkpointer = Checkpointer(self.out / "checkpoints", cfg.checkpoint.keep, cfg.checkpoint.async_save)
         resumed = self._resume() if cfg.checkpoint.load else None
+        if resumed is None and cfg.checkpoint.init_from:  # a new run from another run's weights
+            path = load_model_weights(Path(cfg.checkpoint.init_from), self.parts)
+            log.info("model weights from %s; optimizer, schedule and data start afresh", path)
         self.metrics = MetricsWriter(self.out, enabled=self.env.rank == 0, resume_step=resumed)
         self.flops_per_token = training_flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak_flops = peak_tflops(cfg, self.env.device) * 1e12
