@@ -148,9 +148,8 @@ class StageShapes:
             groups: dict[tuple, list] = {}
             for name, shape in stage_parameters(self.model, layout, pp_rank):
                 parts = name.split(".")
-                block = ".".join(parts[:2]) if parts[0] in ("layers", "mtp") else "root"
                 kind = ("experts" if ".experts." in name else "dense", _TP_DIM.get(".".join(parts[-2:])))
-                entry = groups.setdefault((block, kind, shape), [name, shape, 0])
+                entry = groups.setdefault((fsdp_unit(name), kind, shape), [name, shape, 0])
                 entry[2] += 1
             self._groups[key] = [tuple(g) for g in groups.values()]
         return self._groups[key]
@@ -282,15 +281,24 @@ class RankMemory:
         return {**asdict(self), "total": self.total}
 
 
+def fsdp_unit(name: str) -> str:
+    """The FSDP unit a parameter is gathered with (parallel/__init__.py): its decoder block ("layers.<i>"), its
+    MTP depth's block ("mtp.<k>"), or the root: embedding, final norm, head, and each MTP depth's norms and
+    eh_proj, which run outside the depth's forward."""
+    parts = name.split(".")
+    if parts[0] == "layers" or (parts[0] == "mtp" and len(parts) > 2 and parts[2] == "block"):
+        return ".".join(parts[:2])
+    return "root"
+
+
 def unsharded_elements(params, layout: Layout) -> dict[str, dict[str, int]]:
-    """Per block ("layers.<i>", "mtp.<k>", "root" for embedding / norm / head): parameter elements after
+    """Per FSDP unit (`fsdp_unit`: "layers.<i>", "mtp.<k>", "root"): parameter elements after
     FSDP's all-gather (split only by tp / ep), as "linear" (dense projections, which FP8 all-gathers),
     "router" (gathered in fp32 whatever the parameter dtype: parallel/__init__.py), "other" (norms, embedding,
     head) and "experts"."""
     out: dict[str, dict[str, int]] = {}
     for name, shape, count in params:
-        parts = name.split(".")
-        block = ".".join(parts[:2]) if parts[0] in ("layers", "mtp") else "root"
+        parts, block = name.split("."), fsdp_unit(name)
         kind = ("experts" if ".experts." in name else "linear" if "_proj" in parts[-2]  # kv_a_proj_with_mqa too
                 else "router" if name.endswith("mlp.gate.weight") else "other")
         entry = out.setdefault(block, {"linear": 0, "router": 0, "other": 0, "experts": 0})
