@@ -283,6 +283,9 @@ def validate(cfg: RunConfig) -> None:
                           f"{p.pp_schedule!r}") from None
     _require(p.pp_microbatches >= 0, f"parallel.pp_microbatches must be >= 0 (0: one per micro-batch), got "
                                      f"{p.pp_microbatches}")
+    _require(not (cfg.train.rampup_batch_size and p.pp > 1 and p.pp_microbatches),
+             f"a batch-size ramp-up changes the per-rank batch, so under pipelining its microbatches are "
+             f"train.micro_batch_size each: set parallel.pp_microbatches=0, got {p.pp_microbatches}")
 
 
 def _validate_recipe_schedules(t: LoopConfig) -> None:

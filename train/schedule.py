@@ -66,10 +66,6 @@ class BatchSchedule:
         """Sequences of step `step` (from 0)."""
         return self.sequences_before(step + 1) - self.sequences_before(step)
 
-    def sizes(self) -> list[int]:
-        """Every batch size the run uses, smallest first."""
-        return sorted({self.size(s) for s in range(len(self._ramp))} | {self.final})
-
 
 @dataclass(frozen=True)
 class RunPosition:

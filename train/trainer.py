@@ -220,10 +220,6 @@ class Trainer:
 
     def _build_pipeline(self, model: Transformer):
         cfg = self.cfg
-        if self.batches.ramps and cfg.parallel.pp_microbatches:
-            raise ConfigError(f"a batch-size ramp-up changes the per-rank batch, so under pipelining its microbatches "
-                              f"are train.micro_batch_size each: set parallel.pp_microbatches=0, got "
-                              f"{cfg.parallel.pp_microbatches}")
         local_batch = self.batches.size(0) // self.dp_world
         n_micro = pipeline_microbatches(cfg, local_batch)
         if local_batch % n_micro:
