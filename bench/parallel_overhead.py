@@ -66,11 +66,11 @@ def worker(args) -> None:
                           f"train.steps={args.steps + 1}"])
     trainer = Trainer(cfg)
     trainer.setup()
-    trainer.train_step(trainer.loader.next_batch())  # warm-up
+    trainer.train_step(trainer.next_batch())  # warm-up
     sent = _sent_rows(trainer)
     clock["comm"], t0 = 0.0, time.perf_counter()
     for _ in range(args.steps):
-        trainer.train_step(trainer.loader.next_batch())
+        trainer.train_step(trainer.next_batch())
     wall = time.perf_counter() - t0
     rows = (_sent_rows(trainer) - sent) / args.steps
     if trainer.env.rank == 0:

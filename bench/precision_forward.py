@@ -58,7 +58,7 @@ def batch_gradients(trainer: Trainer, n: int) -> list[dict[str, torch.Tensor]]:
     grads = []
     for _ in range(n):
         with trainer.gemm_mode():
-            trainer._accumulate(trainer.loader.next_batch())
+            trainer._accumulate(trainer.next_batch())
         grads.append({name: p.grad.detach().float().clone() for name, p in trainer.parts[0].named_parameters()
                       if p.grad is not None})
         trainer.optimizers.zero_grad()

@@ -57,7 +57,7 @@ def measure(cfg, steps: int) -> tuple[int, int]:
         try:
             trainer.setup()
             for _ in range(steps):
-                trainer.train_step(trainer.loader.next_batch())
+                trainer.train_step(trainer.next_batch())
             rank = trainer.env.rank
         finally:
             trainer.close()

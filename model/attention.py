@@ -42,6 +42,17 @@ class LatentKVCache:
         return self.c_kv[:, :end], self.k_rope[:, :end]
 
 
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Fused causal SDPA: q, k [B, T, H, N+R], v [B, T, H, V] -> [B, T, H, V]."""
+    dv = v.shape[-1]
+    pad = q.shape[-1] - dv
+    if pad > 0:  # fused (flash) SDPA kernels need equal q/k/v head widths: zero-pad v, slice the output
+        v = F.pad(v, (0, pad))
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         is_causal=True, scale=scale)  # (B, H, T, N+R)
+    return out[..., :dv].transpose(1, 2)
+
+
 class MLA(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -59,6 +70,9 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = nn.Linear(h * cfg.v_head_dim, d, bias=False)
         self.scale = softmax_scale(cfg)
+        # the attention core of the training path; context parallelism (parallel/context.py) swaps in one that
+        # runs it on whole sequences for a share of the heads
+        self.attend = causal_attention
 
     def _queries(self, x: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
         """q_nope [B, T, H, N], rotated q_rope [B, T, H, R]."""
@@ -84,13 +98,7 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.cfg.qk_nope_head_dim, self.cfg.v_head_dim], dim=-1)  # (B, T, H, N|V)
         q = torch.cat([q_nope, q_rope], dim=-1)
         k = torch.cat([k_nope, k_rope.unsqueeze(2).expand(-1, -1, k_nope.shape[2], -1)], dim=-1)
-        pad = q.shape[-1] - v.shape[-1]
-        if pad > 0:  # fused (flash) SDPA kernels need equal q/k/v head widths: zero-pad v, slice the output
-            v = F.pad(v, (0, pad))
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             is_causal=True, scale=self.scale)  # (B, H, T, N+R)
-        out = out[..., : self.cfg.v_head_dim]  # (B, H, T, V)
-        return self.o_proj(out.transpose(1, 2).flatten(2))
+        return self.o_proj(self.attend(q, k, v, self.scale).flatten(2))  # (B, T, H, V) -> (B, T, H*V)
 
     def decode(self, x: torch.Tensor, cos, sin, cache: LatentKVCache, start: int) -> torch.Tensor:
         """Absorbed attention of new tokens x [B, T, D] at positions [start, start+T) against the latent cache."""

@@ -201,13 +201,20 @@ def comm_balance_loss(scores: torch.Tensor, indices: torch.Tensor, n_devices: in
     return (f * p).sum()
 
 
-def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, batch: int) -> torch.Tensor:
-    """DeepSeek-V3 eq. 17-20: the expert-level loss per sequence on normalised affinities, averaged."""
+def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, batch: int,
+                          reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """DeepSeek-V3 eq. 17-20: the expert-level loss per sequence on normalised affinities, averaged.
+    `reduce_sum` (context parallelism: this rank holds a part of each sequence) sums the per-sequence counts
+    over the parts, so f is the whole sequence's; P stays this part's mean (the parts' gradients are averaged)."""
     e, k = scores.shape[-1], indices.shape[-1]
     s = (scores / scores.sum(-1, keepdim=True)).view(batch, -1, e)  # (B, T, E)
     t = s.shape[1]
-    chosen = torch.zeros_like(s).scatter_(2, indices.view(batch, t, k), 1.0)
-    f = chosen.sum(1) * e / (k * t)  # (B, E)
+    chosen = torch.zeros_like(s).scatter_(2, indices.view(batch, t, k), 1.0).sum(1)  # (B, E)
+    tokens = chosen.new_full((1,), float(t))
+    if reduce_sum is not None:
+        packed = reduce_sum(torch.cat([chosen.flatten(), tokens]))
+        chosen, tokens = packed[:-1].view(batch, e), packed[-1:]
+    f = chosen * e / (k * tokens)  # (B, E)
     return (f * s.mean(1)).sum(-1).mean()
 
 
@@ -268,6 +275,9 @@ class MoE(nn.Module):
         self.aux_values: dict[str, torch.Tensor] = {}
         # set by parallel/: sums a tensor over the data-parallel ranks, so the balance losses use global loads
         self.reduce_counts: Callable[[torch.Tensor], torch.Tensor] | None = None
+        # set by parallel/ under context parallelism: sums a tensor over the ranks holding the other parts of
+        # this rank's sequences (the sequence-wise loss counts whole sequences)
+        self.reduce_sequence: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
@@ -328,7 +338,7 @@ class MoE(nn.Module):
             "expert": lambda: expert_balance_loss(s, idx, counts),
             "device": lambda: device_balance_loss(s, idx, d, counts),
             "comm": lambda: comm_balance_loss(s, idx, d, max_devices, counts),
-            "seq": lambda: sequence_balance_loss(s, idx, batch),
+            "seq": lambda: sequence_balance_loss(s, idx, batch, self.reduce_sequence),
         }
         total = None
         for name in active:

@@ -72,6 +72,9 @@ class Transformer(nn.Module):
         self.mtp = nn.ModuleList([MTPModule(cfg, n + k) for k in range(cfg.num_nextn_predict_layers)]) \
             if cfg.num_nextn_predict_layers > 0 else None
         self.output_hidden = False
+        # (index, count): this model sees part `index` of `count` equal parts of every sequence, so its positions
+        # start at index * T (context parallelism sets it; parallel/context.py)
+        self.sequence_shard = (0, 1)
         if self.embed_tokens.weight.device.type != "meta":
             self.init_weights()
 
@@ -104,7 +107,7 @@ class Transformer(nn.Module):
         """Embedding (of integer ids) and this stage's blocks: [B, T] ids or [B, T, D] -> [B, T, D]."""
         ids = not torch.is_floating_point(tokens_or_h)
         h = self.embed_tokens(tokens_or_h) if ids else tokens_or_h
-        cos, sin = self._rope(0, h.shape[1], h.device)
+        cos, sin = self._rope(self.sequence_shard[0] * h.shape[1], h.shape[1], h.device)
         for block in self.layers.values():
             h = block(h, cos, sin)
         return h

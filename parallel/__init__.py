@@ -1,10 +1,10 @@
 """Everything applied to a model to run it at scale. `parallelize` is the one place that wraps the model.
 
 Order (on a model whose weights are initialised whole, or on meta): FP8 GEMMs (parallel/fp8.py), expert
-parallelism (shard the expert
-stacks over "ep", install the all-to-all hooks), tensor + sequence parallelism (parallel/tensor.py),
-global balance loads, then FSDP2 per block and the root:
-dense weights over dp_shard (HSDP with dp_replicate), expert weights over what dp_shard leaves after ep.
+parallelism (shard the expert stacks over "ep", install the all-to-all hooks), tensor + sequence parallelism
+(parallel/tensor.py), context parallelism (parallel/context.py), global balance loads, then FSDP2 per block
+and the root: dense weights over dp_shard (x cp; HSDP with dp_replicate), expert weights over what dp_shard
+leaves after ep (x cp).
 Mixed precision: fp32 master weights, `param_dtype` compute, `reduce_dtype` gradient reductions.
 """
 
@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .context import apply_cp
 from .dims import LayoutError, ParallelDims
 from .expert import apply_ep, reduce_loads_over
 from .fp8 import Fp8Recipe, convert_to_fp8
@@ -27,17 +28,20 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def dp_mesh(mesh):
-    """The mesh dense weights are sharded over: 2-D (replicate, shard) for HSDP, 1-D for FSDP."""
+    """The mesh dense weights are sharded over: 2-D (replicate, shard) for HSDP, 1-D for FSDP; the shard axis
+    includes the context-parallel ranks."""
+    shard = "dp_shard_cp" if mesh["cp"].size() > 1 else "dp_shard"
     if mesh["dp_replicate"].size() > 1:
-        return mesh["dp_replicate", "dp_shard"]
-    return mesh["dp_shard"]
+        return mesh["dp_replicate", shard]
+    return mesh[shard]
 
 
 def expert_dp_mesh(mesh):
-    """The mesh expert weights are sharded over once split by expert over "ep"."""
+    """The mesh expert weights are sharded over once split by expert over "ep" (and the context-parallel ranks)."""
+    shard = "efsdp_cp" if mesh["cp"].size() > 1 else "efsdp"
     if mesh["dp_replicate"].size() > 1:
-        return mesh["dp_replicate", "efsdp"]
-    return mesh["efsdp"]
+        return mesh["dp_replicate", shard]
+    return mesh[shard]
 
 
 def parallelize(model: nn.Module, mesh, dims: ParallelDims, param_dtype: str = "float32",
@@ -52,13 +56,15 @@ def parallelize(model: nn.Module, mesh, dims: ParallelDims, param_dtype: str = "
         apply_ep(model, mesh["ep"])
     if mesh is not None and dims.tp > 1:
         apply_tp(model, mesh["tp"], sequence_parallel=True, loss_parallel=True)
+    if mesh is not None and dims.cp > 1:
+        apply_cp(model, mesh["cp"])
     apply_activation_checkpointing(model, activation_checkpoint)  # after TP/EP, before FSDP
     if compile:
         apply_compile(model)
     if mesh is None:
         return model
-    if dims.dp > 1:
-        reduce = reduce_loads_over(mesh["dp"].get_group())
+    if dims.dp * dims.cp > 1:  # f from every token of the step (all data-parallel and context-parallel ranks)
+        reduce = reduce_loads_over(mesh["dp_cp"].get_group())
         for moe in model.moe_layers().values():
             moe.reduce_counts = reduce
     _fully_shard(model, mesh, dims, param_dtype, reduce_dtype, cpu_offload)
@@ -81,8 +87,10 @@ def _fully_shard(model, mesh, dims, param_dtype, reduce_dtype, cpu_offload) -> N
     if dims.ep > 1:
         for moe in model.moe_layers().values():
             experts = fully_shard(moe.experts, mesh=expert_dp_mesh(mesh), **kwargs)
-            # an expert's gradient already sums every ep rank's tokens: average over the whole dp degree
-            experts.set_gradient_divide_factor(float(dims.dp))
+            # an expert's gradient already sums every ep rank's tokens: average over the whole dp (x cp) degree
+            experts.set_gradient_divide_factor(float(dims.dp * dims.cp))
+            if mesh.device_type == "cpu":  # gloo has no PREMUL_SUM, which a divide factor other than the group's
+                experts.set_force_sum_reduction_for_comms(True)  # size needs: sum, then divide
     for block in model.layers.values():
         fully_shard(block, mesh=dp_mesh(mesh), **kwargs)
     for module in model.mtp or []:  # its block; its norms and eh_proj stay with the root, gathered with the head for

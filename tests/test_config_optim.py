@@ -42,7 +42,9 @@ def test_bad_config_is_one_line_error(overrides, fragment):
 
 
 @pytest.mark.parametrize("kw,fragment", [
-    (dict(world_size=4, tp=3), "not divisible by dp_replicate*tp*pp = 1*3*1 = 3"),
+    (dict(world_size=4, tp=3), "not divisible by dp_replicate*cp*tp*pp = 1*1*3*1 = 3"),
+    (dict(world_size=8, cp=2, dp_shard=2), "pp*dp_replicate*dp_shard*cp*tp = 1*1*2*2*1 = 4 != world size 8"),
+    (dict(world_size=4, cp=2, tp=2), "cp=2 with tp=2: context parallelism does not combine with tensor"),
     (dict(world_size=4, dp_shard=2), "= 2 != world size 4"),
     (dict(world_size=4, ep=3), "ep=3 must divide dp_shard=4"),
 ])
@@ -57,6 +59,19 @@ def test_layout_checked_against_model():
     with pytest.raises(LayoutError, match="num_attention_heads=4 is not divisible by tp=8"):
         dims.validate_model(load_preset("tiny"))
     assert ParallelDims.resolve(world_size=8, dp_replicate=2).dp_shard == 4
+
+
+def test_context_parallel_checked_against_model():
+    import dataclasses
+    with pytest.raises(LayoutError, match="num_attention_heads=4 is not divisible by cp=8"):
+        ParallelDims.resolve(world_size=8, cp=8).validate_model(load_preset("tiny"))
+    mtp = dataclasses.replace(load_preset("tiny"), num_nextn_predict_layers=1)
+    with pytest.raises(LayoutError, match="cp=2 with num_nextn_predict_layers=1"):
+        ParallelDims.resolve(world_size=2, cp=2).validate_model(mtp)
+    dims = ParallelDims.resolve(world_size=8, cp=2, ep=2)
+    assert (dims.dp_shard, dims.dp) == (4, 4)  # cp ranks read the same sequences: not data-parallel
+    with pytest.raises(ConfigError, match="splits data.seq_len=60 over parallel.cp=8: it must divide"):
+        compose_config(["data.seq_len=60", "parallel.cp=8"])
 
 
 def test_device_limited_routing_needs_groups_aligned_with_ep_ranks():

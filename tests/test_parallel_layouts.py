@@ -55,6 +55,7 @@ def assert_same_run(ref: Path, got: Path, tmp: Path, steps=range(1, STEPS + 1)):
 LAYOUTS = {
     # name: (processes, per-rank micro-batch, reference micro-batch, overrides)
     "ep2": (2, 2, 4, {"parallel.ep": 2}),
+    "ep2_efsdp2": (4, 1, 4, {"parallel.ep": 2}),  # expert weights split over ep and FSDP-sharded over the rest
     "ep2_dp_replicate2": (4, 1, 4, {"parallel.ep": 2, "parallel.dp_replicate": 2,
                                     "parallel.activation_checkpoint": "selective"}),
     "pp2_1f1b": (2, 2, 2, {"parallel.pp": 2}),
@@ -74,6 +75,12 @@ LAYOUTS = {
     # per-block torch.compile (Inductor) with DTensor expert weights: sharded over ep, and replicated under tp
     "ep2_compiled": (2, 2, 4, {"parallel.ep": 2, "parallel.compile": "true"}),
     "tp2_compiled": (2, 2, 2, {"parallel.tp": 2, "parallel.compile": "true"}),
+    # context parallelism: each sequence split in two (Ulysses attention) with expert parallelism and selective
+    # recomputation (cp x ep = 4 ranks, dp = 2), under 1F1B pipelining, with HSDP replicas; in four parts alone
+    "cp2_ep2": (4, 1, 2, {"parallel.cp": 2, "parallel.ep": 2, "parallel.activation_checkpoint": "selective"}),
+    "cp2_pp2": (4, 2, 2, {"parallel.cp": 2, "parallel.pp": 2}),
+    "cp2_dp_replicate2": (4, 1, 2, {"parallel.cp": 2, "parallel.dp_replicate": 2}),
+    "cp4": (4, 2, 2, {"parallel.cp": 4}),
 }
 
 
@@ -108,6 +115,17 @@ def test_resume_under_a_different_layout(dataset, tmp_path):
     run(dataset, got, 4, steps=2, **{"train.micro_batch_size": 1, "parallel.pp": 2, "parallel.ep": 2})
     run(dataset, got, 4, steps=4, **{"train.micro_batch_size": 1, "parallel.ep": 4})
     assert_same_run(ref, got, tmp_path, steps=range(1, 5))
+
+
+def test_resume_from_context_parallel_in_one_process(dataset, tmp_path):
+    """Save under cp=2 x ep=2 (expert weights split over ep, FSDP-sharded over efsdp x cp), resume in one
+    process: the continued run equals a single-process run that resumes at the same step."""
+    ref, got = tmp_path / "ref", tmp_path / "got"
+    run(dataset, ref, 1, steps=2, **{"train.micro_batch_size": 4})
+    run(dataset, ref, 1, steps=3, **{"train.micro_batch_size": 4})
+    run(dataset, got, 4, steps=2, **{"train.micro_batch_size": 2, "parallel.cp": 2, "parallel.ep": 2})
+    run(dataset, got, 1, steps=3, **{"train.micro_batch_size": 4})
+    assert_same_run(ref, got, tmp_path)
 
 
 @pytest.mark.parametrize("schedule", ["1F1B", "DualPipeV"])

@@ -36,6 +36,8 @@ def by_kind(held: dict) -> dict:
     # the paper's layout: FSDP leaves efsdp coordinates >= 10 without experts (20 per ep rank in chunks of 2)
     (["model=deepseek_v2", "parallel.pp=16", "parallel.ep=8"], 2048, [0, 128, 1151, 2047]),
     (["model=tiny", "parallel.pp=2", "parallel.tp=2", "parallel.ep=2"], 8, [0, 1, 5, 7]),
+    (["model=tiny", "parallel.pp=2", "parallel.cp=2", "parallel.ep=2"], 8, [0, 2, 5, 7]),
+    (["model=deepseek_v2", "parallel.pp=8", "parallel.cp=4", "parallel.ep=8"], 512, [0, 13, 300, 511]),
     (["model=deepseek_v2_lite", "parallel.pp=4", "parallel.pp_schedule=Interleaved1F1B",
       "parallel.pp_stages_per_rank=2", "parallel.ep=8", "parallel.tp=2"], 64, [0, 9, 63]),
 ])
@@ -64,6 +66,8 @@ LAYOUTS = {  # bench/plan_memory.py measures more (every schedule, each axis alo
     "tiny, one process, full recomputation": (1, ["parallel.activation_checkpoint=full"]),
     "tiny, tp=2 x ep=2": (4, ["parallel.tp=2", "parallel.ep=2", "model.capacity_factor=1.0", "model.no_drop_fraction=0",
                               "train.global_batch_size=32", "train.micro_batch_size=16"]),
+    "tiny, cp=2 x ep=2": (4, ["parallel.cp=2", "parallel.ep=2", "data.seq_len=128", "train.global_batch_size=16",
+                              "train.micro_batch_size=8"]),
     "tiny, pp=2 (1F1B) x FSDP 2, selective recomputation": (4, [
         "parallel.pp=2", "parallel.activation_checkpoint=selective", "train.global_batch_size=32",
         "train.micro_batch_size=4"]),
@@ -148,6 +152,24 @@ def test_communication_volumes():
     big = layout_of(compose_config(["model=tiny", "train.global_batch_size=32", "train.micro_batch_size=1"]), 32)
     assert {c.name: c.link for c in collectives(shapes, big, 256, gpu, cfg.cluster)}[
         "fsdp all-gather/reduce-scatter (dense)"] == "ib"  # 32 ranks span 4 nodes of 8
+
+
+def test_context_parallel_volumes():
+    """cp=2: per attention layer and micro-batch one all-to-all of q, k, v and one of the output, forward and
+    backward, half of it leaving the GPU; FSDP shards over cp too (dp_shard x cp = 4 ranks); each rank's
+    micro-batch holds half of each sequence."""
+    cfg = compose_config(["model=tiny", "parallel.cp=2", "train.global_batch_size=16", "train.micro_batch_size=2"])
+    m, gpu = cfg.model, GPUS["h800"]
+    layout = layout_of(cfg, 4)
+    assert (layout.dims.dp_shard, layout.micro_tokens, layout.n_micro) == (2, 2 * cfg.data.seq_len // 2, 4)
+    comms = {c.name: c for c in collectives(StageShapes(meta_model(m)), layout, cfg.data.seq_len, gpu, cfg.cluster)}
+    width = m.num_attention_heads * (2 * (m.qk_nope_head_dim + m.qk_rope_head_dim) + 2 * m.v_head_dim)
+    assert comms["cp all-to-all"].bytes_per_step == pytest.approx(
+        2 * 4 * m.num_hidden_layers * layout.micro_tokens * width * 4 / 2)
+    pc = param_counts(m)
+    per_micro = 2 * 4 + 4  # two fp32 all-gathers and one fp32 reduce-scatter per micro-batch
+    assert comms["fsdp all-gather/reduce-scatter (dense)"].bytes_per_step == pytest.approx(
+        4 * per_micro * (pc.total - pc.routed_experts) * 3 / 4)
 
 
 def test_fsdp_volume_counts_fp32_routers_and_fp8_all_gather():

@@ -125,7 +125,7 @@ def test_torn_checkpoint_is_skipped_for_the_previous_one(dataset, tmp_path):
 @pytest.mark.parametrize("override,fragment", [
     ("train.micro_batch_size=3", "must be divisible by train.micro_batch_size=3"),
     ("+optim.momentum=0.9", "unknown config key(s) ['optim.momentum']"),
-    ("parallel.tp=2", "world size 1 is not divisible by dp_replicate*tp*pp = 1*2*1 = 2"),
+    ("parallel.tp=2", "world size 1 is not divisible by dp_replicate*cp*tp*pp = 1*1*2*1 = 2"),
 ])
 def test_bad_config_exits_2_with_one_line(dataset, tmp_path, override, fragment):
     proc = train(base_args(dataset, tmp_path / "x", 2) + [override], check=False)

@@ -73,6 +73,7 @@ class ParallelConfig:
     pp_schedule: str = "1F1B"
     pp_microbatches: int = 0  # 0: one per micro-batch of the step
     pp_stages_per_rank: int = 1
+    cp: int = 1  # context parallelism: each sequence split over cp ranks, Ulysses attention (parallel/context.py)
     cpu_offload: bool = False
     activation_checkpoint: str = "none"  # none | full | selective (RMSNorms + MLA up-projections, as DeepSeek-V3)
     compile: bool = False  # torch.compile each block
@@ -270,7 +271,7 @@ def validate(cfg: RunConfig) -> None:
     _require(cfg.checkpoint.every >= 0, f"checkpoint.every must be >= 0, got {cfg.checkpoint.every}")
     _require(cfg.log.every >= 1, f"log.every must be >= 1, got {cfg.log.every}")
     p = cfg.parallel
-    for key in ("dp_replicate", "tp", "ep", "pp", "pp_stages_per_rank"):
+    for key in ("dp_replicate", "tp", "ep", "pp", "pp_stages_per_rank", "cp"):
         _require(getattr(p, key) >= 1, f"parallel.{key} must be >= 1, got {getattr(p, key)}")
     _require(p.dp_shard == -1 or p.dp_shard >= 1, f"parallel.dp_shard must be >= 1 or -1 (auto), got {p.dp_shard}")
     _require(p.activation_checkpoint in ("none", "full", "selective"),
@@ -281,6 +282,8 @@ def validate(cfg: RunConfig) -> None:
     except ValueError:
         raise ConfigError(f"parallel.pp_schedule must be one of {', '.join(SCHEDULE_NAMES)}, got "
                           f"{p.pp_schedule!r}") from None
+    _require(cfg.data.seq_len % p.cp == 0, f"context parallelism splits data.seq_len={cfg.data.seq_len} over "
+                                           f"parallel.cp={p.cp}: it must divide")
     _require(p.pp_microbatches >= 0, f"parallel.pp_microbatches must be >= 0 (0: one per micro-batch), got "
                                      f"{p.pp_microbatches}")
     _require(not (cfg.train.rampup_batch_size and p.pp > 1 and p.pp_microbatches),

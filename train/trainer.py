@@ -122,7 +122,7 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def parallel_dims(cfg: RunConfig, world: int) -> ParallelDims:
     """The validated parallel layout of `cfg` on `world` ranks (the trainer's, and the dry run's)."""
     p = cfg.parallel
-    dims = ParallelDims.resolve(world, p.dp_replicate, p.dp_shard, p.tp, p.ep, p.pp, p.pp_stages_per_rank)
+    dims = ParallelDims.resolve(world, p.dp_replicate, p.dp_shard, p.tp, p.ep, p.pp, p.pp_stages_per_rank, p.cp)
     dims.validate_model(cfg.model)
     return dims
 
@@ -141,9 +141,12 @@ class Trainer:
         self.env = init_distributed()
         self.dims = parallel_dims(cfg, self.env.world)
         self.mesh = self.dims.build_mesh(self.env.device.type) if self.env.world > 1 else None
-        self.dp_group = self.mesh["dp"].get_group() if self.mesh is not None else None
         self.dp_rank = self.mesh["dp"].get_local_rank() if self.mesh is not None else 0
         self.dp_world = self.dims.dp
+        # every rank with different tokens (data- and context-parallel): the loss and expert loads are over these
+        self.token_group = self.mesh["dp_cp"].get_group() if self.mesh is not None else None
+        self.token_world = self.dims.dp * self.dims.cp
+        self.cp_part = (self.mesh["cp"].get_local_rank(), self.dims.cp) if self.mesh is not None else (0, 1)
         self.pp_group = self.mesh["pp"].get_group() if self.mesh is not None and self.dims.pp > 1 else None
         self.pipeline = None  # the pipeline schedule when pp > 1
         self.pipeline_microbatches = 0  # ... and the microbatches it runs per step
@@ -230,7 +233,7 @@ class Trainer:
             self.pipeline_microbatches = n_micro
             return build_pipeline(model, self.mesh["pp"], cfg.parallel.pp_schedule, n_micro,
                                   cfg.parallel.pp_stages_per_rank, self.loss_fn, self.env.device,
-                                  microbatch_size=local_batch // n_micro, seq_len=cfg.data.seq_len,
+                                  microbatch_size=local_batch // n_micro, seq_len=cfg.data.seq_len // self.dims.cp,
                                   activation_dtype=dtype)
         except ValueError as e:
             raise ConfigError(f"pipeline: {e}") from None
@@ -352,7 +355,7 @@ class Trainer:
         self.optimizers.step()
         after_optimizer_step(self.parts, self.fp8)
         self.optimizers.zero_grad()
-        return {"loss": all_mean(total, self.dp_world, self.dp_group).item(), "grad_norm": grad_norm, **moe}
+        return {"loss": all_mean(total, self.token_world, self.token_group).item(), "grad_norm": grad_norm, **moe}
 
     def _accumulate(self, micro_batches) -> torch.Tensor:
         """Forward/backward of each micro-batch in turn (gradient accumulation); the mean loss."""
@@ -383,6 +386,18 @@ class Trainer:
         total = torch.zeros((), device=self.env.device) if loss is None else loss.float()
         dist.all_reduce(total, group=self.pp_group)  # only the last stage's rank holds the loss
         return total
+
+    def next_batch(self) -> list:
+        """The next step's micro-batches of (inputs, labels) for this rank (its part of each sequence under cp)."""
+        return self.sequence_part(self.loader.next_batch())
+
+    def sequence_part(self, batches: list) -> list:
+        """This rank's part of every sequence of (inputs, labels) batches under context parallelism."""
+        index, count = self.cp_part
+        if count == 1:
+            return batches
+        t = self.cfg.data.seq_len // count
+        return [(x[:, index * t:(index + 1) * t], y[:, index * t:(index + 1) * t]) for x, y in batches]
 
     def _clip(self) -> float:
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
@@ -420,8 +435,10 @@ class Trainer:
                 for i, m in layers.items()}
         full = self._gather_layers(rows, e + 2 + len(names))
         stats = full[:, : e + 2].contiguous()
-        if self.dp_world > 1:  # every data-parallel rank routed different tokens
-            dist.all_reduce(stats, group=self.dp_group)
+        if self.token_world > 1:  # every data- and context-parallel rank routed different tokens
+            dist.all_reduce(stats, group=self.token_group)
+        if self.dims.cp > 1:  # each part's balance losses use its own mean affinity P: the mean is the sequences'
+            full[:, e + 2:] = all_mean(full[:, e + 2:].contiguous(), self.dims.cp, self.mesh["cp"].get_group())
         counts, dropped = stats[:, :e], stats[:, e:].sum(0)
         update_bias = self.position.bias_updates(self.step, self.cfg.train)
         for i, m in layers.items():
@@ -439,7 +456,7 @@ class Trainer:
         start, t0 = self.step, time.perf_counter()
         window_t, window_steps, window_tokens = time.perf_counter(), 0, 0
         while self.step < cfg.train.steps:
-            result = self.train_step(self.loader.next_batch())
+            result = self.train_step(self.next_batch())
             window_tokens += self.batches.size(self.step) * cfg.data.seq_len
             self.step += 1
             window_steps += 1
@@ -506,7 +523,7 @@ class Trainer:
             part.eval()
         # held-out batches of the training step's size, whatever the layout; each is the mean of its micro-batches
         local = self.cfg.train.global_batch_size // self.dp_world
-        batches = self.val_loader.val_batches(self.cfg.data.val_batches, local)
+        batches = self.sequence_part(self.val_loader.val_batches(self.cfg.data.val_batches, local))
         with self.gemm_mode():
             losses = self._val_losses(batches)
         for m in self.moe_layers().values():
@@ -515,7 +532,7 @@ class Trainer:
             part.train()
         if not losses:
             return
-        val = all_mean(torch.stack(losses).mean(), self.dp_world, self.dp_group).item()
+        val = all_mean(torch.stack(losses).mean(), self.token_world, self.token_group).item()
         self.metrics.log(self.step, {"step": self.step, "val_loss": val})
         if self.env.rank == 0:
             print(f"step {self.step} | val_loss {val:.4f}", flush=True)

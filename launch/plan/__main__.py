@@ -102,7 +102,8 @@ def describe(layout: Layout) -> str:
     d = layout.dims
     sched = f" {layout.schedule}" + (f"x{d.pp_stages_per_rank}" if d.pp_stages_per_rank > 1 else "") if d.pp > 1 else ""
     unsharded = " accumulate_unsharded" if layout.accumulate_unsharded and d.pp == 1 else ""
-    return (f"pp={d.pp} dp={d.dp_replicate}x{d.dp_shard} tp={d.tp} ep={d.ep}{sched} "
+    cp = f" cp={d.cp}" if d.cp > 1 else ""
+    return (f"pp={d.pp} dp={d.dp_replicate}x{d.dp_shard}{cp} tp={d.tp} ep={d.ep}{sched} "
             f"ac={layout.activation_checkpoint} micro={layout.n_micro}{unsharded}")
 
 

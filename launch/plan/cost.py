@@ -7,9 +7,12 @@ run the linears they convert at the FP8 peak. Everything at `cluster.gemm_effici
 
 Communication, bytes each GPU sends per step, at `cluster.link_efficiency` of NVLink (one way) when the
 group lies inside a node, else of the GPU's InfiniBand NIC (the mesh is laid out pp, dp_replicate, efsdp,
-ep, tp from slowest to fastest, so a group's ranks are `stride` apart):
+cp, ep, tp from slowest to fastest, so a group's ranks are `stride` apart):
   ep   all-to-all dispatch + combine per MoE layer and micro-batch, forward and backward (and once more in a
        full recomputation): tokens x top-k rows of D, the (ep-1)/ep that leave the GPU. In the critical path.
+  cp   Ulysses all-to-alls per attention layer and micro-batch, forward and backward (and once more in a full
+       recomputation): q, k, v to whole sequences and the output back, (cp-1)/cp of the micro-batch's
+       H x (2 (N+R) + 2 V) elements per token. In the critical path.
   tp   sequence-parallel all-gather / reduce-scatter around attention and the MLP, an all-reduce for the
        shared experts (MoE layers), each (tp-1)/tp of the micro-batch's activations. In the critical path.
   pp   one activation forward and one gradient back per micro-batch and stage boundary. In the critical path.
@@ -122,6 +125,11 @@ def collectives(shapes: StageShapes, layout: Layout, seq_len: int, gpu: GPU, clu
         passes = 6 if layout.activation_checkpoint == "full" else 4
         rows = passes * n * n_moe * tokens * m.num_experts_per_tok * m.hidden_size * a
         out.append(("ep all-to-all", rows * (d.ep - 1) / d.ep, _group_link(d.tp, d.ep, per_node), False))
+    if d.cp > 1:  # Ulysses: q, k, v to whole sequences and the output back, per attention layer
+        passes = 3 if layout.activation_checkpoint == "full" else 2
+        width = m.num_attention_heads * (2 * m.qk_head_dim + 2 * m.v_head_dim)
+        out.append(("cp all-to-all", passes * n * len(layers) * tokens * width * a * (d.cp - 1) / d.cp,
+                    _group_link(d.ep * d.tp, d.cp, per_node), False))
     if d.tp > 1:
         units = sum(5 if m.is_moe_layer(i) else 4 for i in layers) * 2  # forward + backward
         out.append(("tp all-gather/reduce-scatter", units * n * tokens * m.hidden_size * a * (d.tp - 1) / d.tp,
@@ -135,21 +143,22 @@ def collectives(shapes: StageShapes, layout: Layout, seq_len: int, gpu: GPU, clu
     gathers = 1 if layout.gathered_through_step else 2 * n  # all-gathers per step
     scatters = 1 if layout.gathered_through_step else n
     per_elem = gathers * a + scatters * layout.reduce_bytes
-    if d.dp_shard > 1:
+    shards = d.dp_shard * d.cp  # FSDP shards over the context-parallel ranks too
+    if shards > 1:
         per_kind = gathered_element_bytes(layout)
         gathered = sum(g[k] * per_kind[k] for g in groups for k in ("linear", "router", "other"))
         dense_bytes = gathers * gathered + scatters * layout.reduce_bytes * dense
-        out.append(("fsdp all-gather/reduce-scatter (dense)", dense_bytes * (d.dp_shard - 1) / d.dp_shard,
-                    _group_link(d.tp, d.dp_shard, per_node), True))
-    expert_shards = efsdp if d.ep > 1 else d.dp_shard
+        out.append(("fsdp all-gather/reduce-scatter (dense)", dense_bytes * (shards - 1) / shards,
+                    _group_link(d.tp, shards, per_node), True))
+    expert_shards = efsdp * d.cp if d.ep > 1 else shards
     if expert_shards > 1:
         out.append(("fsdp all-gather/reduce-scatter (experts)", per_elem * experts * (expert_shards - 1) / expert_shards,
                     _group_link(d.ep * d.tp, expert_shards, per_node), True))
     if d.dp_replicate > 1:
-        shard = (dense / d.dp_shard + experts / expert_shards) * layout.reduce_bytes
+        shard = (dense / shards + experts / expert_shards) * layout.reduce_bytes
         # once per step: the trainer (and, under pipelining, torch's schedule) defers it to the last micro-batch
         out.append(("hsdp all-reduce", 2 * shard * (d.dp_replicate - 1) / d.dp_replicate,
-                    _group_link(d.dp_shard * d.tp, d.dp_replicate, per_node), True))
+                    _group_link(shards * d.tp, d.dp_replicate, per_node), True))
     result = []
     for name, nbytes, link, overlapped in out:
         bw = (gpu.nvlink_one_way_gbps if link == "nvlink" else gpu.ib_gbps) * 1e9 * cluster.link_efficiency

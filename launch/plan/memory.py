@@ -39,7 +39,7 @@ class Layout:
     dims: ParallelDims
     schedule: str
     n_micro: int  # micro-batches per optimizer step on one data-parallel rank (accumulation or pipeline)
-    micro_tokens: int  # tokens of one micro-batch
+    micro_tokens: int  # tokens of one micro-batch on one rank (its part of each sequence under cp)
     activation_checkpoint: str
     param_bytes: int  # compute dtype of weights and activations
     reduce_bytes: int
@@ -59,9 +59,10 @@ class Layout:
         return self.dims.world_size > 1
 
     def coords(self, rank: int) -> dict[str, int]:
-        """This rank's coordinate on each mesh axis (mesh order pp, dp_replicate, efsdp, ep, tp)."""
+        """This rank's coordinate on each mesh axis (mesh order pp, dp_replicate, efsdp, cp, ep, tp)."""
         d = self.dims
-        sizes = {"pp": d.pp, "dp_replicate": d.dp_replicate, "efsdp": d.dp_shard // d.ep, "ep": d.ep, "tp": d.tp}
+        sizes = {"pp": d.pp, "dp_replicate": d.dp_replicate, "efsdp": d.dp_shard // d.ep, "cp": d.cp, "ep": d.ep,
+                 "tp": d.tp}
         out, rest = {}, rank
         for name in reversed(sizes):
             out[name] = rest % sizes[name]
@@ -87,7 +88,7 @@ def layout_of(cfg, world: int, check_batch: bool = True) -> Layout:
     if check_batch:
         _check_rampup(cfg, dims)
     n_micro = max(1, n_micro)
-    return Layout(dims, canonical_schedule(p.pp_schedule), n_micro, local // n_micro * cfg.data.seq_len,
+    return Layout(dims, canonical_schedule(p.pp_schedule), n_micro, local // n_micro * cfg.data.seq_len // dims.cp,
                   p.activation_checkpoint, DTYPE_BYTES[pr.param_dtype], DTYPE_BYTES[pr.reduce_dtype],
                   DTYPE_BYTES[pr.moment_dtype], pr.fp8_recipe, pr.fp8_fsdp_all_gather, p.accumulate_unsharded)
 
@@ -173,11 +174,12 @@ def local_elements(name: str, shape: tuple[int, ...], layout: Layout, c: dict[st
     shape = _split_shape(name, shape, layout)
     if not layout.distributed:
         return prod(shape)
-    # FSDP wraps every distributed model (also over one rank): experts over what ep leaves of dp_shard
+    # FSDP wraps every distributed model (also over one rank): experts over what ep leaves of dp_shard, and
+    # everything over the context-parallel ranks too (flattened in mesh order: efsdp, cp, ep)
     if ".experts." in name and d.ep > 1:
-        fsdp, coord = d.dp_shard // d.ep, c["efsdp"]
+        fsdp, coord = d.dp_shard // d.ep * d.cp, c["efsdp"] * d.cp + c["cp"]
     else:
-        fsdp, coord = d.dp_shard, c["efsdp"] * d.ep + c["ep"]
+        fsdp, coord = d.dp_shard * d.cp, (c["efsdp"] * d.cp + c["cp"]) * d.ep + c["ep"]
     shape[0] = _chunk(shape[0], fsdp, coord)
     return prod(shape)
 
