@@ -89,8 +89,10 @@ def _fully_shard(model, mesh, dims, param_dtype, reduce_dtype, cpu_offload) -> N
             experts = fully_shard(moe.experts, mesh=expert_dp_mesh(mesh), **kwargs)
             # an expert's gradient already sums every ep rank's tokens: average over the whole dp (x cp) degree
             experts.set_gradient_divide_factor(float(dims.dp * dims.cp))
-            if mesh.device_type == "cpu":  # gloo has no PREMUL_SUM, which a divide factor other than the group's
-                experts.set_force_sum_reduction_for_comms(True)  # size needs: sum, then divide
+            if mesh.device_type == "cpu" and mesh["efsdp_cp" if dims.cp > 1 else "efsdp"].size() > 1:
+                # gloo has no PREMUL_SUM, which a divide factor other than the shard group's size needs: sum, then
+                # divide (over one shard rank FSDP divides without it; forcing the sum there loses the division)
+                experts.set_force_sum_reduction_for_comms(True)
     for block in model.layers.values():
         fully_shard(block, mesh=dp_mesh(mesh), **kwargs)
     for module in model.mtp or []:  # its block; its norms and eh_proj stay with the root, gathered with the head for
