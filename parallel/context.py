@@ -41,11 +41,6 @@ def check_cp(cfg: ModelConfig, cp: int) -> None:
                          f"context parallelism yet")
 
 
-def check_seq_len(seq_len: int, cp: int) -> None:
-    if seq_len % cp:
-        raise ValueError(f"context parallelism splits data.seq_len={seq_len} over cp={cp}: it must divide")
-
-
 class UlyssesAttention:
     """`MLA.attend` on a part of each sequence: whole sequences for H/cp heads between two all-to-alls."""
 
