@@ -10,6 +10,7 @@ near-zero gradients (summed in another order) into whole-lr steps (measured: sin
 with eps=1e-3 the update is proportional to the gradient, so a wrong gradient shows in the weights.
 """
 
+import json
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,10 @@ def assert_same_run(ref: Path, got: Path, tmp: Path, steps=range(1, STEPS + 1)):
     for s in steps:
         assert gb[s] == pytest.approx(ga[s], rel=1e-4), f"grad norm at step {s}"
     assert metrics(got, "max_vio")[steps[-1]] == pytest.approx(metrics(ref, "max_vio")[steps[-1]], rel=1e-5)
+    aux = [k for k in json.loads((ref / "metrics.jsonl").read_text().splitlines()[0]) if k.startswith("aux/")]
+    assert aux, "no balance losses logged"
+    for key in aux:  # the balance losses logged are the whole batch's, whichever rank logs them
+        assert metrics(got, key)[steps[0]] == pytest.approx(metrics(ref, key)[steps[0]], rel=1e-5), key
     pa, pb = final_params(ref, tmp), final_params(got, tmp)
     assert pa.keys() == pb.keys()
     moved = 0

@@ -437,8 +437,9 @@ class Trainer:
         stats = full[:, : e + 2].contiguous()
         if self.token_world > 1:  # every data- and context-parallel rank routed different tokens
             dist.all_reduce(stats, group=self.token_group)
-        if self.dims.cp > 1:  # each part's balance losses use its own mean affinity P: the mean is the sequences'
-            full[:, e + 2:] = all_mean(full[:, e + 2:].contiguous(), self.dims.cp, self.mesh["cp"].get_group())
+        if self.token_world > 1:  # each rank's balance losses use its own tokens' mean affinity P (and, for the
+            # sequence-wise loss, its own sequences): the loss the averaged gradients follow is their mean
+            full[:, e + 2:] = all_mean(full[:, e + 2:].contiguous(), self.token_world, self.token_group)
         counts, dropped = stats[:, :e], stats[:, e:].sum(0)
         update_bias = self.position.bias_updates(self.step, self.cfg.train)
         for i, m in layers.items():
