@@ -136,7 +136,7 @@ def test_log_moe_rejects_mismatched_layer_ids(tmp_path):
 
 
 def test_progress_line():
-    assert format_progress(120, 1000, 2.34567, 12345.4, 0.03214, 60.0) == \
-        "step 120/1000 | loss 2.3457 | 12,345 tok/s | mfu 3.21% | eta 00:07:20"  # 0.5 s/step x 880 steps
-    assert format_progress(1, 10001, 10.0, 1234567.0, 0.5, 3.6) == \
+    assert format_progress(120, 1000, 2.34567, 12345.4, 0.03214, 440.0) == \
+        "step 120/1000 | loss 2.3457 | 12,345 tok/s | mfu 3.21% | eta 00:07:20"
+    assert format_progress(1, 10001, 10.0, 1234567.0, 0.5, 36000.4) == \
         "step 1/10001 | loss 10.0000 | 1,234,567 tok/s | mfu 50.00% | eta 10:00:00"

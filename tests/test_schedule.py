@@ -32,6 +32,15 @@ def test_ramp_up_sizes_by_hand():
     assert [constant.sequences_before(s) for s in (0, 1, 7)] == [0, 32, 224] and constant.size(5) == 32
 
 
+def test_eta_counts_sequences_not_steps():
+    """4 steps (32 sequences) in 8 s: 1 s per 4 sequences. Steps 4-9 hold 16+16+24+32+32+32 = 152 sequences:
+    38 s (counting steps would say 12 s). Resumed at step 4, 2 steps (32 sequences) in 8 s: 120 left, 30 s."""
+    b = BatchSchedule(32, 256, start=8, increment=8, ramp_tokens=20_000)
+    assert b.seconds_left(0, 4, 10, 8.0) == pytest.approx(38.0)
+    assert b.seconds_left(4, 6, 10, 8.0) == pytest.approx(30.0)
+    assert BatchSchedule(32, 256).seconds_left(0, 120, 1000, 60.0) == pytest.approx(440.0)
+
+
 def test_deepseek_v2_ramp_up_reaches_9216_after_225b_tokens():
     """2,304 -> 9,216 in six steps of 1,152 (conf/experiment/deepseek_v2.yaml): each size starts with the first
     step after another 37.5B tokens, and the batch is 9,216 from the first step after 225B tokens on."""

@@ -67,10 +67,9 @@ def heatmap_image(loads: torch.Tensor, block: int = 8) -> np.ndarray:
 
 
 def format_progress(step: int, total_steps: int, loss: float, tokens_per_sec: float, mfu: float,
-                    elapsed_s: float) -> str:
-    """One console line; ETA = elapsed time per step so far x steps left; `mfu` is a 0..1 fraction."""
-    eta = elapsed_s / max(step, 1) * max(total_steps - step, 0)
-    h, rem = divmod(int(round(eta)), 3600)
+                    eta_s: float) -> str:
+    """One console line; `mfu` is a 0..1 fraction, `eta_s` the seconds left."""
+    h, rem = divmod(int(round(max(eta_s, 0.0))), 3600)
     m, s = divmod(rem, 60)
     return (f"step {step}/{total_steps} | loss {loss:.4f} | {tokens_per_sec:,.0f} tok/s | mfu {mfu * 100:.2f}% "
             f"| eta {h:02d}:{m:02d}:{s:02d}")

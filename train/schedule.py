@@ -66,6 +66,12 @@ class BatchSchedule:
         """Sequences of step `step` (from 0)."""
         return self.sequences_before(step + 1) - self.sequences_before(step)
 
+    def seconds_left(self, start: int, step: int, total: int, elapsed: float) -> float:
+        """ETA of a run of `total` steps after `step`, at the speed (sequences per second) of the `elapsed`
+        seconds since `start`; under a ramp-up later steps are larger, so counting steps would underestimate."""
+        done = self.sequences_before(step) - self.sequences_before(start)
+        return elapsed / max(done, 1) * (self.sequences_before(total) - self.sequences_before(step))
+
 
 @dataclass(frozen=True)
 class RunPosition:

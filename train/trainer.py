@@ -513,10 +513,9 @@ class Trainer:
                 bias = self._gather_layers(local, self.cfg.model.n_routed_experts).cpu()
             self.metrics.log_moe(self.step, loads, ids, bias)
         if self.env.rank == 0:
-            # scale this session's elapsed time as if it covered all `step` steps, so the ETA after a
-            # resume is based on this session's speed
-            elapsed = (time.perf_counter() - t0) * self.step / max(self.step - start, 1)
-            print(format_progress(self.step, self.cfg.train.steps, result["loss"], tps, mfu, elapsed), flush=True)
+            print(format_progress(self.step, self.cfg.train.steps, result["loss"], tps, mfu,
+                                  self.batches.seconds_left(start, self.step, self.cfg.train.steps,
+                                                            time.perf_counter() - t0)), flush=True)
 
     @torch.no_grad()
     def _validate(self) -> None:
