@@ -144,6 +144,7 @@ class LoadCounts:
     per_expert: torch.Tensor  # (E,) assignments per expert
     per_device: torch.Tensor  # (Dv,) tokens sending to each device group
     tokens: torch.Tensor  # () tokens T
+    ranks: torch.Tensor  # () how many ranks' counts these are
 
     @classmethod
     def of(cls, indices: torch.Tensor, n_experts: int, n_devices: int) -> "LoadCounts":
@@ -151,13 +152,20 @@ class LoadCounts:
         per_expert = torch.bincount(indices.flatten(), minlength=n_experts).float()
         device_of = indices // (n_experts // n_devices)
         sent = torch.zeros(t, n_devices, device=indices.device).scatter_(1, device_of, 1.0).sum(0)
-        return cls(per_expert, sent, torch.tensor(float(t), device=indices.device))
+        return cls(per_expert, sent, torch.tensor(float(t), device=indices.device), sent.new_ones(()))
 
     def reduced(self, reduce_sum) -> "LoadCounts":
         """All counts summed by `reduce_sum` (one collective on a packed vector)."""
-        packed = reduce_sum(torch.cat([self.per_expert, self.per_device, self.tokens.view(1)]))
+        packed = reduce_sum(torch.cat([self.per_expert, self.per_device, self.tokens.view(1), self.ranks.view(1)]))
         e, d = self.per_expert.numel(), self.per_device.numel()
-        return LoadCounts(packed[:e], packed[e:e + d], packed[e + d])
+        return LoadCounts(packed[:e], packed[e:e + d], packed[e + d], packed[e + d + 1])
+
+    def mean_affinity(self, scores: torch.Tensor) -> torch.Tensor:
+        """P [E]: this rank's mean affinity over its tokens, times its tokens' share of a rank's mean share.
+        The ranks' gradients are averaged, so the loss follows the mean of their P: the mean over all the counted
+        tokens, also where ranks hold different numbers of them (an MTP depth's last sequence part under
+        context parallelism is shorter). With equal counts the factor is exactly 1."""
+        return scores.mean(0) * (scores.shape[0] * self.ranks / self.tokens)
 
 
 # balance loss name -> its coefficient in ModelConfig
@@ -179,7 +187,7 @@ def expert_balance_loss(scores: torch.Tensor, indices: torch.Tensor, counts: Loa
     e, k = scores.shape[-1], indices.shape[-1]
     c = _counts(counts, indices, e, 1)
     f = c.per_expert * e / (k * c.tokens)
-    return (f * scores.mean(0)).sum()
+    return (f * c.mean_affinity(scores)).sum()
 
 
 def device_balance_loss(scores: torch.Tensor, indices: torch.Tensor, n_devices: int,
@@ -188,7 +196,7 @@ def device_balance_loss(scores: torch.Tensor, indices: torch.Tensor, n_devices: 
     e, k = scores.shape[-1], indices.shape[-1]
     c = _counts(counts, indices, e, n_devices)
     f = (c.per_expert * e / (k * c.tokens)).view(n_devices, -1).mean(-1)
-    p = scores.mean(0).view(n_devices, -1).sum(-1)
+    p = c.mean_affinity(scores).view(n_devices, -1).sum(-1)
     return (f * p).sum()
 
 
@@ -197,7 +205,7 @@ def comm_balance_loss(scores: torch.Tensor, indices: torch.Tensor, n_devices: in
     """DeepSeek-V2 eq. 18-20: f''_d = D / (M T) * #tokens sent to device d, P''_d = sum of P over d."""
     c = _counts(counts, indices, scores.shape[-1], n_devices)
     f = c.per_device * n_devices / (max_devices * c.tokens)
-    p = scores.mean(0).view(n_devices, -1).sum(-1)
+    p = c.mean_affinity(scores).view(n_devices, -1).sum(-1)
     return (f * p).sum()
 
 
@@ -205,17 +213,18 @@ def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, batch: in
                           reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """DeepSeek-V3 eq. 17-20: the expert-level loss per sequence on normalised affinities, averaged.
     `reduce_sum` (context parallelism: this rank holds a part of each sequence) sums the per-sequence counts
-    over the parts, so f is the whole sequence's; P stays this part's mean (the parts' gradients are averaged)."""
+    over the parts, so f is the whole sequence's; P is this part's mean, weighted by the part's share of the
+    sequence's tokens (the parts' gradients are averaged; factor 1 for equal parts)."""
     e, k = scores.shape[-1], indices.shape[-1]
     s = (scores / scores.sum(-1, keepdim=True)).view(batch, -1, e)  # (B, T, E)
     t = s.shape[1]
     chosen = torch.zeros_like(s).scatter_(2, indices.view(batch, t, k), 1.0).sum(1)  # (B, E)
-    tokens = chosen.new_full((1,), float(t))
+    tokens, parts = chosen.new_full((1,), float(t)), chosen.new_ones((1,))
     if reduce_sum is not None:
-        packed = reduce_sum(torch.cat([chosen.flatten(), tokens]))
-        chosen, tokens = packed[:-1].view(batch, e), packed[-1:]
+        packed = reduce_sum(torch.cat([chosen.flatten(), tokens, parts]))
+        chosen, tokens, parts = packed[:-2].view(batch, e), packed[-2:-1], packed[-1:]
     f = chosen * e / (k * tokens)  # (B, E)
-    return (f * s.mean(1)).sum(-1).mean()
+    return (f * s.mean(1) * (t * parts / tokens)).sum(-1).mean()
 
 
 def capacity_keep_mask(routing: Routing, n_devices: int, capacity_factor: float,

@@ -119,26 +119,34 @@ class Transformer(nn.Module):
             return h
         return self.lm_head(self.norm(h))
 
-    def forward_with_mtp(self, tokens: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward_with_mtp(self, tokens: torch.Tensor, lookahead: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Main logits [B, T, V] and, per MTP depth k=1..D, logits [B, T-k, V] whose position i predicts
-        token i+k+1 (i.e. labels[:, k:] with labels = tokens shifted by one)."""
-        return self._heads(self.hidden_states(tokens), self.embed_tokens(tokens))
+        token i+k+1 (i.e. labels[:, k:] with labels = tokens shifted by one).
+
+        `lookahead` [B, <= D]: the tokens after `tokens` when they are a part of longer sequences (context
+        parallelism); depth k then covers every position of the part whose token i+k is in tokens + lookahead."""
+        ahead = tokens if lookahead is None else torch.cat([tokens, lookahead], dim=1)
+        return self._heads(self.hidden_states(tokens), self.embed_tokens(ahead))
 
     def heads_from_labels(self, h: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """`forward_with_mtp`'s outputs from the last layer's hidden states h [B, T, D] and the labels
         (the input tokens shifted by one): what a last pipeline stage, which never sees the input, can do.
-        MTP depth k reads the embeddings of input positions >= k, i.e. of labels[:, :-1] shifted right."""
+        MTP depth k reads the embeddings of input positions >= k, i.e. of labels[:, :-1] shifted right.
+        Labels running past h's positions (up to D more: a part of longer sequences) give the lookahead."""
         emb = self.embed_tokens(labels[:, :-1])
         return self._heads(h, torch.cat([torch.zeros_like(emb[:, :1]), emb], dim=1))
 
     def _heads(self, h: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Main logits and MTP logits from hidden states h and the input-token embeddings emb."""
+        """Main logits and MTP logits from hidden states h [B, T, D] and the input-token embeddings emb
+        [B, T + lookahead, D] of the same positions onwards."""
         logits = self.lm_head(self.norm(h))
+        start = self.sequence_shard[0] * h.shape[1]  # the part's first position in the whole sequence
         mtp_logits = []
         for k, module in enumerate(self.mtp or [], start=1):
-            t = emb.shape[1] - k  # depth k sees positions whose token i+k exists
-            cos, sin = self._rope(0, t, h.device)
-            h = module(h[:, :t], emb[:, k:], cos, sin)
+            t = min(h.shape[1], emb.shape[1] - k)  # depth k sees positions whose token i+k is at hand
+            cos, sin = self._rope(start, t, h.device)
+            h = module(h[:, :t], emb[:, k:k + t], cos, sin)
             mtp_logits.append(self.lm_head(module.norm(h)))
         return logits, mtp_logits
 
@@ -169,12 +177,19 @@ class Transformer(nn.Module):
 
 
 def lm_and_mtp_loss(loss_fn, logits: torch.Tensor, mtp_logits: list[torch.Tensor], labels: torch.Tensor,
-                    mtp_weight: float) -> torch.Tensor:
+                    mtp_weight: float, parts: int = 1) -> torch.Tensor:
     """loss_fn(logits, labels) plus, per MTP depth k of D, mtp_weight / D * loss_fn(depth k's logits,
-    labels[:, k:]) (DeepSeek-V3 eq. 25: the MTP losses averaged over depths and weighted by lambda)."""
-    loss = loss_fn(logits, labels)
+    labels[:, k:]) (DeepSeek-V3 eq. 25: the MTP losses averaged over depths and weighted by lambda).
+
+    `parts` > 1: the logits are one of `parts` equal parts of longer sequences (context parallelism) and the
+    labels may run up to D positions past them; the loss is then this part's term of a mean over the parts, and
+    depth k's mean over its parts * T - k positions gets this part's share of them (the last part has fewer)."""
+    t = logits.shape[1]
+    loss = loss_fn(logits, labels[:, :t])
     for k, lg in enumerate(mtp_logits, start=1):
-        loss = loss + mtp_weight / len(mtp_logits) * loss_fn(lg, labels[:, k:])
+        n = lg.shape[1]
+        share = n * parts / (parts * t - k)  # 1 for whole sequences
+        loss = loss + mtp_weight / len(mtp_logits) * share * loss_fn(lg, labels[:, k:k + n])
     return loss
 
 

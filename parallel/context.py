@@ -15,14 +15,21 @@ The rest of the step needs only reductions: the loss is the mean over the parts'
 weights' gradients are averaged over cp like over data-parallel ranks (FSDP shards over cp too), and the
 balance losses count whole sequences (`MoE.reduce_counts` / `MoE.reduce_sequence` sum over cp).
 
-Requires num_attention_heads % cp == 0 and seq_len % cp == 0; no MTP (its depth k reads token i+k, which
-may lie on the next part) and no tensor parallelism with it yet (checked by ParallelDims).
+Multi-token prediction: depth k at position i reads token i+k, which for the part's last k positions lies on
+the next part, so each rank gets its labels with up to D positions of the next part beyond its own (the trainer,
+which reads whole sequences); depth k covers positions i < T - k, so the last part is k positions shorter
+there, and that depth's attention pads it back to equal parts for the all-to-all (the padding lies after every
+real position of the sequence, which causal attention never reads) and drops the padding after.
+
+Requires num_attention_heads % cp == 0 and seq_len / cp > the MTP depth; no tensor parallelism with it yet
+(checked by ParallelDims).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig
@@ -35,24 +42,24 @@ def check_cp(cfg: ModelConfig, cp: int) -> None:
     if cfg.num_attention_heads % cp:
         raise ValueError(f"num_attention_heads={cfg.num_attention_heads} is not divisible by cp={cp} "
                          f"(context parallelism gives each rank a share of the heads for whole sequences)")
-    if cfg.num_nextn_predict_layers:
-        raise ValueError(f"cp={cp} with num_nextn_predict_layers={cfg.num_nextn_predict_layers}: multi-token "
-                         f"prediction reads tokens beyond a rank's part of the sequence; it does not run with "
-                         f"context parallelism yet")
 
 
 class UlyssesAttention:
-    """`MLA.attend` on a part of each sequence: whole sequences for H/cp heads between two all-to-alls."""
+    """`MLA.attend` on a part of each sequence: whole sequences for H/cp heads between two all-to-alls.
+    `short_last`: the last part has that many positions fewer than the others (MTP depth k: k)."""
 
-    def __init__(self, group, local):
+    def __init__(self, group, local, short_last: int = 0):
         self.group = group
         self.cp = dist.get_world_size(group)
         self.local = local  # the single-process attention core
+        self.pad = short_last if dist.get_rank(group) == self.cp - 1 else 0
 
     @torch.compiler.disable  # collectives with Python-side split sizes; the rest of the block still compiles
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        out = self.local(self._to_heads(q), self._to_heads(k), self._to_heads(v), scale)
-        return self._to_sequence(out)
+        if self.pad:  # at the sequence's end: causal attention never reads it for a real position
+            q, k, v = (F.pad(x, (0, 0, 0, 0, 0, self.pad)) for x in (q, k, v))
+        out = self._to_sequence(self.local(self._to_heads(q), self._to_heads(k), self._to_heads(v), scale))
+        return out[:, :out.shape[1] - self.pad]
 
     def _exchange(self, chunks: torch.Tensor) -> torch.Tensor:
         """[cp, B, ...] with chunk j for rank j -> [cp, B, ...] with chunk j from rank j."""
@@ -82,8 +89,9 @@ def apply_cp(model: nn.Module, cp_mesh) -> None:
     group = cp_mesh.get_group()
     model.sequence_shard = (cp_mesh.get_local_rank(), cp_mesh.size())
     reduce = reduce_loads_over(group)
+    depth = {id(m.block.self_attn): k for k, m in enumerate(model.mtp or [], start=1)}
     for module in model.modules():
         if isinstance(module, MLA):
-            module.attend = UlyssesAttention(group, module.attend)
+            module.attend = UlyssesAttention(group, module.attend, short_last=depth.get(id(module), 0))
         elif isinstance(module, MoE):
             module.reduce_sequence = reduce

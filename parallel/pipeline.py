@@ -207,7 +207,7 @@ def _with_mtp(loss_fn: Callable, part: Transformer) -> Callable:
     loss (depth k predicts labels[:, k:], weighted mtp_loss_weight / depth)."""
     def loss(h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits, mtp = part.heads_from_labels(h, labels)
-        return lm_and_mtp_loss(loss_fn, logits, mtp, labels, part.mtp_loss_weight)
+        return lm_and_mtp_loss(loss_fn, logits, mtp, labels, part.mtp_loss_weight, part.sequence_shard[1])
     return loss
 
 

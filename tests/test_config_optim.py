@@ -66,8 +66,11 @@ def test_context_parallel_checked_against_model():
     with pytest.raises(LayoutError, match="num_attention_heads=4 is not divisible by cp=8"):
         ParallelDims.resolve(world_size=8, cp=8).validate_model(load_preset("tiny"))
     mtp = dataclasses.replace(load_preset("tiny"), num_nextn_predict_layers=1)
-    with pytest.raises(LayoutError, match="cp=2 with num_nextn_predict_layers=1"):
-        ParallelDims.resolve(world_size=2, cp=2).validate_model(mtp)
+    ParallelDims.resolve(world_size=2, cp=2).validate_model(mtp)  # MTP reads into the next part: allowed
+    with pytest.raises(ConfigError, match="gives each rank 2 positions of a sequence .* fewer than "
+                                          r"model.num_nextn_predict_layers=2 \+ 1"):
+        compose_config(["data.seq_len=16", "parallel.cp=8", "model.num_nextn_predict_layers=2"])
+    compose_config(["data.seq_len=24", "parallel.cp=8", "model.num_nextn_predict_layers=2"])
     dims = ParallelDims.resolve(world_size=8, cp=2, ep=2)
     assert (dims.dp_shard, dims.dp) == (4, 4)  # cp ranks read the same sequences: not data-parallel
     with pytest.raises(ConfigError, match="splits data.seq_len=60 over parallel.cp=8: it must divide"):

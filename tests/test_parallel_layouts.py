@@ -147,6 +147,30 @@ def test_multi_token_prediction_under_pipeline(dataset, tmp_path, schedule):
     assert metrics(got, "val_loss")[STEPS] == pytest.approx(metrics(ref, "val_loss")[STEPS], rel=1e-5)
 
 
+@pytest.fixture(scope="module")
+def mtp2_reference(dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("mtp2") / "ref"
+    run(dataset, out, 1, **MTP2, **{"train.micro_batch_size": 2})
+    return out
+
+
+MTP2 = {"model.num_nextn_predict_layers": 2, "train.val_every": STEPS, "data.val_batches": 1}
+
+
+@pytest.mark.parametrize("layout", ["cp2_ep2", "cp2_pp2"])
+def test_multi_token_prediction_under_context_parallelism(dataset, mtp2_reference, tmp_path, layout):
+    """Two MTP depths with each sequence split in two: depth k reads labels k positions into the next part, the
+    last part is k positions shorter there (its attention padded for the all-to-all) and its share of the depth's
+    loss and balance losses is weighted by its token count; with expert parallelism, and on the last stage of
+    1F1B pipelining (heads from the labels)."""
+    over = {"cp2_ep2": {"train.micro_batch_size": 1, "parallel.ep": 2},
+            "cp2_pp2": {"train.micro_batch_size": 2, "parallel.pp": 2}}[layout]
+    got = tmp_path / layout
+    run(dataset, got, 4, **MTP2, **over, **{"parallel.cp": 2})
+    assert_same_run(mtp2_reference, got, tmp_path)
+    assert metrics(got, "val_loss")[STEPS] == pytest.approx(metrics(mtp2_reference, "val_loss")[STEPS], rel=1e-5)
+
+
 def test_multi_token_prediction_under_fsdp(dataset, tmp_path):
     """MTP with data-parallel FSDP (dp=2, pp=1): each depth's final norm runs outside the depth's forward, so it
     must not live in the depth's resharded FSDP unit (before the fix: 'mixed torch.Tensor and DTensor')."""

@@ -14,7 +14,8 @@ from launch.dryrun import build_rank
 from launch.hardware import GPUS, device_bf16_tflops
 from launch.plan import StageShapes, layout_of, meta_model, rank_parameter_elements
 from launch.plan.__main__ import estimate, fits, search
-from launch.plan.cost import bubble_fraction, collectives
+from launch.plan.cost import bubble_fraction, collectives, step_cost
+from launch.plan.memory import rank_layers
 from model.analysis import param_counts
 from parallel.inventory import rank_parameters
 from test_train import PY, ROOT, dataset  # noqa: F401  (dataset is a fixture)
@@ -154,6 +155,25 @@ def test_communication_volumes():
         "fsdp all-gather/reduce-scatter (dense)"] == "ib"  # 32 ranks span 4 nodes of 8
 
 
+def test_step_cost_takes_the_pipeline_rank_with_the_most_traffic():
+    """Two dense layers first (as V3 has three) put no MoE layer on pipeline rank 0 of pp=2; the last rank holds
+    the MoE layers and the MTP depth's. The step's expert all-to-all is the last rank's: 4 per MoE layer and
+    micro-batch (4 micro-batches of 2 x 32 tokens), half of the rows leaving the GPU."""
+    cfg = compose_config(["model=tiny", "model.first_k_dense_replace=2", "model.num_nextn_predict_layers=1",
+                          "parallel.pp=2", "parallel.ep=2", "train.global_batch_size=16", "train.micro_batch_size=2"])
+    m, gpu = cfg.model, GPUS["h800"]
+    layout, shapes = layout_of(cfg, 4), StageShapes(meta_model(m))
+    first, _ = rank_layers(m, layout, 0)
+    last, head = rank_layers(m, layout, 1)
+    assert not any(m.is_moe_layer(i) for i in first) and head
+    n_moe = sum(m.is_moe_layer(i) for i in last) + 1  # + the MTP depth
+    per_layer = 4 * layout.n_micro * layout.micro_tokens * m.num_experts_per_tok * m.hidden_size * 4 / 2
+    a2a = {c.name: c for c in step_cost(shapes, layout, cfg.data.seq_len, 16, gpu, cfg.cluster).comms}["ep all-to-all"]
+    assert a2a.bytes_per_step == pytest.approx(n_moe * per_layer)
+    rank0 = {c.name: c for c in collectives(shapes, layout, cfg.data.seq_len, gpu, cfg.cluster, 0)}["ep all-to-all"]
+    assert rank0.bytes_per_step == 0
+
+
 def test_context_parallel_volumes():
     """cp=2: per attention layer and micro-batch one all-to-all of q, k, v and one of the output, forward and
     backward, half of it leaving the GPU; FSDP shards over cp too (dp_shard x cp = 4 ranks); each rank's
@@ -192,6 +212,23 @@ def test_fsdp_volume_counts_fp32_routers_and_fp8_all_gather():
         gathered = linear * linear_bytes + routers * 4 + (dense - linear - routers) * 2
         expected = (4 * gathered + 2 * 4 * dense) * 3 / 4
         assert comms["fsdp all-gather/reduce-scatter (dense)"].bytes_per_step == pytest.approx(expected), extra
+
+
+def test_plan_searches_when_the_configured_layout_is_impossible(capsys):
+    """Batch 4 does not split over 8 data-parallel ranks (the default layout): one line on stderr, then the
+    search, whose layouts all split it (dp <= 4); with --top 0 there is nothing to print: exit 2."""
+    from launch.plan.__main__ import main
+
+    args = ["model=tiny", "cluster.gpus=8", "train.global_batch_size=4", "train.micro_batch_size=1"]
+    assert main(["--top=3", *args]) == 0
+    out, err = capsys.readouterr()
+    assert "the configured layout on 8 GPUs: train.global_batch_size=4 is not divisible" in err
+    rows = [line for line in out.splitlines() if "tok/s/GPU" in line]
+    assert len(rows) == 3
+    for row in rows:
+        dp_replicate, dp_shard = map(int, re.search(r"dp=(\d+)x(\d+)", row).groups())
+        assert 4 % (dp_replicate * dp_shard) == 0, row
+    assert main(["--top=0", *args]) == 2
 
 
 def test_plan_rejects_an_unknown_gpu(capsys):

@@ -284,6 +284,10 @@ def validate(cfg: RunConfig) -> None:
                           f"{p.pp_schedule!r}") from None
     _require(cfg.data.seq_len % p.cp == 0, f"context parallelism splits data.seq_len={cfg.data.seq_len} over "
                                            f"parallel.cp={p.cp}: it must divide")
+    _require(p.cp == 1 or cfg.data.seq_len // p.cp > cfg.model.num_nextn_predict_layers,
+             f"context parallelism gives each rank {cfg.data.seq_len // p.cp} positions of a sequence "
+             f"(data.seq_len / parallel.cp), fewer than model.num_nextn_predict_layers="
+             f"{cfg.model.num_nextn_predict_layers} + 1 (MTP reads that many positions into the next part)")
     _require(p.pp_microbatches >= 0, f"parallel.pp_microbatches must be >= 0 (0: one per micro-batch), got "
                                      f"{p.pp_microbatches}")
     _require(not (cfg.train.rampup_batch_size and p.pp > 1 and p.pp_microbatches),

@@ -331,8 +331,9 @@ class Trainer:
         with self.autocast():
             if mcfg.num_nextn_predict_layers == 0:
                 return self.loss_fn(model(inputs), labels)
-            logits, mtp = model.forward_with_mtp(inputs)
-        return lm_and_mtp_loss(self.loss_fn, logits, mtp, labels, self.mtp_loss_weight())
+            # labels may run past the inputs (this rank's part of longer sequences): the tokens after the part
+            logits, mtp = model.forward_with_mtp(inputs, labels[:, inputs.shape[1] - 1:-1])
+        return lm_and_mtp_loss(self.loss_fn, logits, mtp, labels, self.mtp_loss_weight(), model.sequence_shard[1])
 
     def mtp_loss_weight(self) -> float:
         """The MTP loss weight of the current step (model.mtp_loss_weight, or train.mtp_loss_weight_after's)."""
@@ -392,12 +393,13 @@ class Trainer:
         return self.sequence_part(self.loader.next_batch())
 
     def sequence_part(self, batches: list) -> list:
-        """This rank's part of every sequence of (inputs, labels) batches under context parallelism."""
+        """This rank's part of every sequence of (inputs, labels) batches under context parallelism; with MTP
+        of depth D the labels run D positions into the next part (depth k predicts the label k positions on)."""
         index, count = self.cp_part
         if count == 1:
             return batches
-        t = self.cfg.data.seq_len // count
-        return [(x[:, index * t:(index + 1) * t], y[:, index * t:(index + 1) * t]) for x, y in batches]
+        t, ahead = self.cfg.data.seq_len // count, self.cfg.model.num_nextn_predict_layers
+        return [(x[:, index * t:(index + 1) * t], y[:, index * t:(index + 1) * t + ahead]) for x, y in batches]
 
     def _clip(self) -> float:
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")

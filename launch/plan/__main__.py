@@ -8,8 +8,10 @@ Prints, for the configured layout on `cluster.gpus` GPUs (0: launch.nodes x laun
 the model's parameter and KV-cache figures; the per-GPU memory of the fullest rank, by component, for each
 recomputation mode, and FP8 against BF16; the communication volume per step by collective; the pipeline
 bubble; the estimated step time, tokens/s/GPU, MFU and GPU-hours per trillion tokens. Then it ranks
-candidate layouts (pp, tp, ep, schedule, recomputation) of the same model, batch and GPU count that fit in
-memory by estimated tokens/s/GPU (`--top N` first, default 10; `--top 0` skips the search).
+candidate layouts (pp, tp, ep, cp for long sequences, schedule, recomputation) of the same model, batch and GPU
+count that fit in memory by estimated tokens/s/GPU (`--top N` first, default 10; `--top 0` skips the search).
+A configured layout that cannot run (the batch does not split over its data-parallel ranks, say) is one line on
+stderr, and the search still runs (exit 0; exit 2 with `--top 0`).
 Every constant is in launch/hardware.py or the cluster config; the method is in launch/plan/*.py.
 """
 
@@ -62,20 +64,33 @@ def fits(e: Estimate, cfg, gpu: GPU) -> bool:
 
 
 # --------------------------------------------------------------------------------------------- search
+CP_MIN_PART = 4096  # the search splits sequences over cp ranks only down to parts of this many tokens
+
+
+def context_parallel_sizes(cfg) -> list[int]:
+    """cp sizes worth searching: 1, and powers of two leaving parts of >= CP_MIN_PART tokens (so pretraining at
+    4K searches none; a 128K extension up to 32), plus the configured one."""
+    seq = cfg.data.seq_len
+    return sorted({1, cfg.parallel.cp} | {2**k for k in range(1, 8) if seq % 2**k == 0 and seq // 2**k >= CP_MIN_PART})
+
+
 def candidates(cfg, world: int):
     """Every layout of `cfg`'s model, batch and precision on `world` GPUs worth trying: pp over powers of two,
-    tp within a node, ep dividing the experts and the data-parallel ranks, each schedule, each recomputation."""
+    tp within a node, ep dividing the experts and the data-parallel ranks, cp for long sequences (without tp),
+    each schedule, each recomputation."""
     m, p = cfg.model, cfg.parallel
     twos = [2**k for k in range(8)]
     schedules = [("1F1B", 1), ("Interleaved1F1B", 2), ("ZBVZeroBubble", 2), ("DualPipeV", 2)]
-    for pp, tp, ep, mode in itertools.product(twos, twos[:4], [1] + twos[1:], ("none", "selective", "full")):
-        if world % (pp * tp) or tp > cfg.cluster.gpus_per_node or (ep > 1 and m.n_routed_experts % ep):
+    for pp, tp, ep, cp, mode in itertools.product(twos, twos[:4], [1] + twos[1:], context_parallel_sizes(cfg),
+                                                  ("none", "selective", "full")):
+        if world % (pp * tp * cp) or tp > cfg.cluster.gpus_per_node or (ep > 1 and m.n_routed_experts % ep) \
+                or (cp > 1 and tp > 1):
             continue
         for (schedule, v), unsharded in itertools.product(schedules if pp > 1 else [("1F1B", 1)],
                                                           (False,) if pp > 1 else (False, True)):
-            par = dataclasses.replace(p, pp=pp, tp=tp, ep=ep, dp_replicate=1, dp_shard=-1, pp_schedule=schedule,
-                                      pp_stages_per_rank=v, activation_checkpoint=mode, pp_microbatches=0,
-                                      accumulate_unsharded=unsharded)
+            par = dataclasses.replace(p, pp=pp, tp=tp, ep=ep, cp=cp, dp_replicate=1, dp_shard=-1,
+                                      pp_schedule=schedule, pp_stages_per_rank=v, activation_checkpoint=mode,
+                                      pp_microbatches=0, accumulate_unsharded=unsharded)
             try:
                 yield layout_of(dataclasses.replace(cfg, parallel=par), world)
             except (LayoutError, ValueError):
@@ -157,10 +172,25 @@ def main(argv: list[str]) -> int:
         gpu = find_gpu(cfg.cluster.gpu)
         world = cfg.cluster.gpus or cfg.launch.nodes * cfg.launch.procs_per_node
         model = StageShapes(meta_model(cfg.model))
-        layout = layout_of(cfg, world)
     except (ConfigError, ValueError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    try:
+        layout = layout_of(cfg, world)
+    except (ConfigError, ValueError) as e:  # the search may still find layouts for this model, batch and cluster
+        print(f"config error: the configured layout on {world} GPUs: {e}", file=sys.stderr)
+        if not top:
+            return 2
+        print(f"plan: {world} x {gpu.name}, the configured layout is impossible (stderr); searching")
+        print_search(cfg, world, gpu, model, top)
+        return 0
+    print_plan(cfg, world, gpu, model, layout)
+    if top:
+        print_search(cfg, world, gpu, model, top)
+    return 0
+
+
+def print_plan(cfg, world: int, gpu: GPU, model, layout: Layout) -> None:
     print(f"plan: {world} x {gpu.name}, {describe(layout)}, precision={cfg.precision.name}, "
           f"seq_len={cfg.data.seq_len}, global batch {cfg.train.global_batch_size} sequences")
     print_model(cfg)
@@ -176,13 +206,14 @@ def main(argv: list[str]) -> int:
     if cfg.model.n_routed_experts == 160 and cfg.model.hidden_size == 5120:
         print(f"DeepSeek-V2 report: {PAPER_V2_GPU_HOURS_PER_T / 1e3:.1f}K GPU-hours per trillion tokens on H800; "
               f"estimate / paper = {e.gpu_hours_per_trillion / PAPER_V2_GPU_HOURS_PER_T:.2f}")
-    if top:
-        ranked = search(cfg, world, gpu, model)
-        print(f"\nfastest layouts that fit ({len(ranked)} of the candidates), by estimated tokens/s/GPU:")
-        for r in ranked[:top]:
-            print(f"  {r.cost.tokens_per_s_per_gpu:9,.0f} tok/s/GPU  MFU {r.cost.mfu:5.1%}  "
-                  f"{r.memory.total / GIB:6.1f} GiB  {describe(r.layout)}")
-    return 0
+
+
+def print_search(cfg, world: int, gpu: GPU, model, top: int) -> None:
+    ranked = search(cfg, world, gpu, model)
+    print(f"\nfastest layouts that fit ({len(ranked)} of the candidates), by estimated tokens/s/GPU:")
+    for r in ranked[:top]:
+        print(f"  {r.cost.tokens_per_s_per_gpu:9,.0f} tok/s/GPU  MFU {r.cost.mfu:5.1%}  "
+              f"{r.memory.total / GIB:6.1f} GiB  {describe(r.layout)}")
 
 
 if __name__ == "__main__":

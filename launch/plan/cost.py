@@ -5,9 +5,10 @@ plus what this implementation adds: recomputation (full: one more forward; selec
 up-projections), and the routed experts that every tensor-parallel rank runs on all its tokens. FP8 recipes
 run the linears they convert at the FP8 peak. Everything at `cluster.gemm_efficiency` of the peak.
 
-Communication, bytes each GPU sends per step, at `cluster.link_efficiency` of NVLink (one way) when the
-group lies inside a node, else of the GPU's InfiniBand NIC (the mesh is laid out pp, dp_replicate, efsdp,
-cp, ep, tp from slowest to fastest, so a group's ranks are `stride` apart):
+Communication, bytes each GPU sends per step, on the pipeline rank whose collectives take longest (stages
+differ), at `cluster.link_efficiency` of NVLink (one way) when the group lies inside a node, else of the GPU's
+InfiniBand NIC (the mesh is laid out pp, dp_replicate, efsdp, cp, ep, tp from slowest to fastest, so a group's
+ranks are `stride` apart):
   ep   all-to-all dispatch + combine per MoE layer and micro-batch, forward and backward (and once more in a
        full recomputation): tokens x top-k rows of D, the (ep-1)/ep that leave the GPU. In the critical path.
   cp   Ulysses all-to-alls per attention layer and micro-batch, forward and backward (and once more in a full
@@ -112,13 +113,15 @@ def compute_seconds(m: ModelConfig, layout: Layout, seq_len: int, tokens_per_gpu
     return ((total - fp8) / gpu.bf16_tflops + fp8 / gpu.fp8_tflops) / (1e12 * efficiency)
 
 
-def collectives(shapes: StageShapes, layout: Layout, seq_len: int, gpu: GPU, cluster) -> list[Collective]:
-    """Bytes per step each GPU of pipeline rank 0 sends, per kind of collective, and their time."""
+def collectives(shapes: StageShapes, layout: Layout, seq_len: int, gpu: GPU, cluster,
+                pp_rank: int = 0) -> list[Collective]:
+    """Bytes per step each GPU of pipeline rank `pp_rank` sends, per kind of collective, and their time."""
     m, d = shapes.cfg, layout.dims
     a, per_node = layout.param_bytes, cluster.gpus_per_node
     efsdp = d.dp_shard // d.ep
     tokens, n = layout.micro_tokens, layout.n_micro
-    layers, _ = rank_layers(m, layout, 0)
+    layers, head = rank_layers(m, layout, pp_rank)
+    layers = layers + [m.num_hidden_layers + k for k in range(m.num_nextn_predict_layers if head else 0)]  # MTP
     n_moe = sum(m.is_moe_layer(i) for i in layers)
     out: list[tuple[str, float, str, bool]] = []  # name, bytes, link, overlapped with compute
     if d.ep > 1:
@@ -137,7 +140,7 @@ def collectives(shapes: StageShapes, layout: Layout, seq_len: int, gpu: GPU, clu
     if d.pp > 1:
         p2p = 2 * n * d.pp_stages_per_rank * tokens * m.hidden_size / d.tp * a
         out.append(("pp send/recv", p2p, _group_link(d.world_size // d.pp, d.pp, per_node), False))
-    groups = unsharded_elements(shapes(layout, 0), layout).values()
+    groups = unsharded_elements(shapes(layout, pp_rank), layout).values()
     dense = sum(g["linear"] + g["router"] + g["other"] for g in groups)
     experts = sum(g["experts"] for g in groups)
     gathers = 1 if layout.gathered_through_step else 2 * n  # all-gathers per step
@@ -171,7 +174,10 @@ def step_cost(shapes: StageShapes, layout: Layout, seq_len: int, global_batch: i
     m, d = shapes.cfg, layout.dims
     tokens_per_gpu = global_batch * seq_len / d.world_size
     compute = compute_seconds(m, layout, seq_len, tokens_per_gpu * d.tp, gpu, cluster.gemm_efficiency) / d.tp
-    comms = collectives(shapes, layout, seq_len, gpu, cluster)
+    # the pipeline runs at its slowest rank's pace: the one whose collectives take longest (stages differ: V3's
+    # first stage holds its three dense layers, the last the MTP depth)
+    comms = max((collectives(shapes, layout, seq_len, gpu, cluster, p) for p in range(d.pp)),
+                key=lambda cs: (sum(c.exposed for c in cs), sum(c.seconds for c in cs)))
     bubble = bubble_fraction(layout, m, seq_len)
     busy = compute + sum(c.exposed for c in comms)
     hidden = sum(c.seconds for c in comms if c.exposed == 0.0)
