@@ -316,6 +316,22 @@ def test_mtp_logits_predict_the_right_offsets():
     assert model.mtp[1].eh_proj.weight.grad.abs().sum() > 0
 
 
+def test_mtp_on_the_first_part_of_a_sequence_reads_the_lookahead():
+    """The first of two parts of each sequence (what a context-parallel rank holds) with the next 2 tokens as
+    lookahead: every depth covers the whole part and equals the whole sequence's logits there (causal)."""
+    torch.manual_seed(0)
+    cfg = tiny(num_nextn_predict_layers=2, initializer_range=0.05)
+    model = Transformer(cfg).eval()
+    tokens = torch.randint(0, 512, (2, 12))
+    logits, mtp = model.forward_with_mtp(tokens)
+    model.sequence_shard = (0, 2)
+    part_logits, part_mtp = model.forward_with_mtp(tokens[:, :6], tokens[:, 6:8])
+    assert [m.shape[1] for m in part_mtp] == [6, 6]
+    torch.testing.assert_close(part_logits, logits[:, :6])
+    for whole, part in zip(mtp, part_mtp):
+        torch.testing.assert_close(part, whole[:, :6])
+
+
 # ------------------------------------------------------------------------------------------ FLOPs
 @register_flop_formula(torch.ops.aten._grouped_mm, get_raw=True)
 def _grouped_mm_flops(a, b, *args, out_val=None, **kwargs):
