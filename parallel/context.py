@@ -46,13 +46,13 @@ def check_cp(cfg: ModelConfig, cp: int) -> None:
 
 class UlyssesAttention:
     """`MLA.attend` on a part of each sequence: whole sequences for H/cp heads between two all-to-alls.
-    `short_last`: the last part has that many positions fewer than the others (MTP depth k: k)."""
+    `pad`: this part (the last) has that many positions fewer than the others (MTP depth k: k)."""
 
-    def __init__(self, group, local, short_last: int = 0):
+    def __init__(self, group, local, pad: int = 0):
         self.group = group
         self.cp = dist.get_world_size(group)
         self.local = local  # the single-process attention core
-        self.pad = short_last if dist.get_rank(group) == self.cp - 1 else 0
+        self.pad = pad
 
     @torch.compiler.disable  # collectives with Python-side split sizes; the rest of the block still compiles
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -89,9 +89,10 @@ def apply_cp(model: nn.Module, cp_mesh) -> None:
     group = cp_mesh.get_group()
     model.sequence_shard = (cp_mesh.get_local_rank(), cp_mesh.size())
     reduce = reduce_loads_over(group)
-    depth = {id(m.block.self_attn): k for k, m in enumerate(model.mtp or [], start=1)}
+    last = cp_mesh.get_local_rank() == cp_mesh.size() - 1
+    depth = {id(m.block.self_attn): k for k, m in enumerate(model.mtp or [], start=1)} if last else {}
     for module in model.modules():
         if isinstance(module, MLA):
-            module.attend = UlyssesAttention(group, module.attend, short_last=depth.get(id(module), 0))
+            module.attend = UlyssesAttention(group, module.attend, pad=depth.get(id(module), 0))
         elif isinstance(module, MoE):
             module.reduce_sequence = reduce
