@@ -2,6 +2,8 @@
 
 import io
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -140,3 +142,27 @@ def test_progress_line():
         "step 120/1000 | loss 2.3457 | 12,345 tok/s | mfu 3.21% | eta 00:07:20"
     assert format_progress(1, 10001, 10.0, 1234567.0, 0.5, 36000.4) == \
         "step 1/10001 | loss 10.0000 | 1,234,567 tok/s | mfu 50.00% | eta 10:00:00"
+
+
+def _peak_worker(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from train.trainer import max_over_ranks
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        value = max_over_ranks([1.25, 3.5][rank], torch.device("cpu"), 2)
+        Path(out, f"rank{rank}").write_text(repr(value))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_logged_peak_memory_is_the_fullest_ranks(tmp_path):
+    """memory/peak_gb is the largest peak of any rank (pipeline stages differ), the same on every rank."""
+    import torch.multiprocessing as mp
+
+    from test_parallel_ep import free_port
+
+    mp.spawn(_peak_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    assert [float((tmp_path / f"rank{r}").read_text()) for r in (0, 1)] == [3.5, 3.5]

@@ -106,6 +106,14 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def max_over_ranks(value: float, device: torch.device, world: int) -> float:
+    """The largest of every rank's `value` (the fullest rank's peak memory: pipeline stages differ)."""
+    x = torch.tensor([value], dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return float(x)
+
+
 def all_mean(x: torch.Tensor, world: int, group=None) -> torch.Tensor:
     if world > 1:
         x = x.clone()
@@ -503,7 +511,8 @@ class Trainer:
         mfu = self.flops_per_token * tps / (self.peak_flops * self.env.world)
         record = {"step": self.step, "loss": result["loss"], "lr": self.optimizers.last_lr(),
                   "grad_norm": result["grad_norm"], "tokens_per_sec": tps, "mfu": mfu, "step_time": step_time,
-                  "peak_mem_gb": peak_memory_gb(self.env.device), "batch_size": self.batches.size(self.step - 1),
+                  "peak_mem_gb": max_over_ranks(peak_memory_gb(self.env.device), self.env.device, self.env.world),
+                  "batch_size": self.batches.size(self.step - 1),
                   "tokens": self.batches.sequences_before(self.step) * self.cfg.data.seq_len}
         record.update({k: v for k, v in result.items() if k not in record})
         self.metrics.log(self.step, record)
