@@ -161,7 +161,7 @@ class LoadCounts:
         return LoadCounts(packed[:e], packed[e:e + d], packed[e + d], packed[e + d + 1])
 
     def mean_affinity(self, scores: torch.Tensor) -> torch.Tensor:
-        """P [E]: this rank's mean affinity over its tokens, times its tokens' share of a rank's mean share.
+        """P [E]: this rank's mean affinity over its tokens, times its token count over the ranks' mean count.
         The ranks' gradients are averaged, so the loss follows the mean of their P: the mean over all the counted
         tokens, also where ranks hold different numbers of them (an MTP depth's last sequence part under
         context parallelism is shorter). With equal counts the factor is exactly 1."""

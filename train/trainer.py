@@ -444,12 +444,12 @@ class Trainer:
                               *[m.aux_values.get(n, m.dropped.new_zeros(())).float().view(1) for n in names]])
                 for i, m in layers.items()}
         full = self._gather_layers(rows, e + 2 + len(names))
-        stats = full[:, : e + 2].contiguous()
-        if self.token_world > 1:  # every data- and context-parallel rank routed different tokens
-            dist.all_reduce(stats, group=self.token_group)
-        if self.token_world > 1:  # each rank's balance losses use its own tokens' mean affinity P (and, for the
-            # sequence-wise loss, its own sequences): the loss the averaged gradients follow is their mean
-            full[:, e + 2:] = all_mean(full[:, e + 2:].contiguous(), self.token_world, self.token_group)
+        if self.token_world > 1:  # every data- and context-parallel rank routed different tokens: loads summed;
+            # each rank's balance losses use its own tokens' mean affinity P (and, for the sequence-wise loss, its
+            # own sequences): the loss the averaged gradients follow is their mean
+            dist.all_reduce(full, group=self.token_group)
+            full[:, e + 2:] /= self.token_world
+        stats = full[:, : e + 2]
         counts, dropped = stats[:, :e], stats[:, e:].sum(0)
         update_bias = self.position.bias_updates(self.step, self.cfg.train)
         for i, m in layers.items():
