@@ -12,7 +12,8 @@ Variants (each `--seeds` entry trains every variant once; the comparison is pair
     python bench/bf16_rounding.py --preset tiny --steps 200 --batch 16 --seq-len 256 --seeds 0 1 2 --jobs 2
 
 bench/RESULTS.md has nine seeds: bf16 and gemm_inout end equally far above fp32 (+1.3% and +1.5%, each +- 1.0).
-Without a CUDA device the bf16 variant computes its GEMMs in fp32 on the bf16 operands (`precision.bf16_gemm_emulate`).
+On a CPU whose bf16 GEMMs are slower than fp32 (bench/machine.py) the bf16 variant computes its GEMMs in fp32 on the
+bf16 operands (`precision.bf16_gemm_emulate`); with AMX or AVX512-BF16 it runs native bf16.
 
 Last line: bf16_vs_fp32=<mean %> gemm_inout_vs_fp32=<mean %> (step-`--steps` validation loss, paired by seed).
 """
@@ -39,6 +40,7 @@ from precision_forward import emulation_overrides  # noqa: E402  (bench/, beside
 from train.__main__ import compose_config  # noqa: E402
 from train.precision import GEMMS  # noqa: E402
 from train.trainer import Trainer  # noqa: E402
+from machine import describe  # noqa: E402  (bench/, beside this file)
 
 VARIANTS = ("fp32", "bf16", "gemm_in", "gemm_inout")
 
@@ -106,6 +108,7 @@ def main() -> None:
     if args.one:
         print(train_one(args.one[0], int(args.one[1]), args, args.out))
         return
+    print(describe(), flush=True)
     if "fp32" not in args.variants:
         raise SystemExit("--variants must include fp32 (the reference)")
     jobs = [(v, s) for s in args.seeds for v in args.variants]

@@ -29,6 +29,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from parallel.fp8 import RECIPES, Fp8Recipe, convert_to_fp8, fp8_grouped_gemm  # noqa: E402
+from machine import describe  # noqa: E402  (bench/, beside this file)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -110,6 +111,7 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES)
     args = p.parse_args()
+    print(describe(), flush=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; torch {torch.__version__}; "
           f"{args.tokens} tokens, dense {args.dim} -> {args.hidden}, {args.experts} experts x top-{args.top_k}")

@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from model import Transformer, load_preset  # noqa: E402
 from model.hf import to_hf  # noqa: E402
 from parallel.recompute import apply_compile  # noqa: E402
+from machine import describe  # noqa: E402  (bench/, beside this file)
 
 # `batched_mm` is not timed by default: it gathers the weights of every (token, expert) pair and keeps them for
 # backward, [4096, 512, 512] + [4096, 512, 256] fp32 = 6 GiB per MoE layer, 42 GiB for the `small` preset at
@@ -201,6 +202,7 @@ def parse_args() -> argparse.Namespace:
                     help="transformers experts_implementation values to time")
     ap.add_argument("--compile", action="store_true", help="also time ours with each block torch.compiled")
     args = ap.parse_args()
+    print(describe(), flush=True)
     if args.steps < 1 or args.warmup < 1:
         raise ValueError(f"--steps and --warmup must be >= 1, got steps={args.steps} warmup={args.warmup}")
     return args

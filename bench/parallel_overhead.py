@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from machine import describe  # noqa: E402  (bench/, beside this file)
 
 ROOT = Path(__file__).resolve().parent.parent
 COLLECTIVES = ("all_to_all_single", "all_reduce", "all_gather_single", "reduce_scatter_single",
@@ -125,6 +126,7 @@ def main() -> None:
     args = p.parse_args()
     if args.worker:
         return worker(args)
+    print(describe(), flush=True)
     rows = [launch(args, procs, ep) for procs, ep in ((1, 1), (2, 2), (4, 4))]
     base = rows[0]["tokens_per_sec"]
     print(f"preset={args.preset} seq_len={args.seq_len} global_batch={args.global_batch} cpus={os.cpu_count()}")

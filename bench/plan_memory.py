@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from machine import describe  # noqa: E402  (bench/, beside this file)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,6 +74,7 @@ def run(nproc: int, overrides: list[str]) -> list[dict]:
 
 def main(argv: list[str]) -> int:
     chosen = {k: v for k, v in LAYOUTS.items() if not argv or any(a in k for a in argv)}
+    print(describe(), flush=True)
     print(f"{'layout':34s} {'rank':>4s} {'measured MiB':>13s} {'planned MiB':>12s} {'planned/measured':>17s}")
     for name, (nproc, overrides) in chosen.items():
         for r in run(nproc, overrides):

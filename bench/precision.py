@@ -25,10 +25,12 @@ initializer_range 0.006 (for width 5,120) made that spread several times larger 
 
 On a machine without FP8 kernels (any CPU) the FP8 recipes run emulated (`precision.fp8_emulate=true`):
 their loss is the real recipe's, their speed is not (quantize -> dequantize around high-precision GEMMs).
-CPUs without bf16 matrix units run torch's bf16 GEMMs very slowly (the `small` preset: 22 tok/s in bf16 against
-349 tok/s with emulated bf16 GEMMs on a 2-core CPU), so on CPU every bf16 run computes its GEMMs in fp32 on the
-bf16 operands and rounds the result to bf16 (`precision.bf16_gemm_emulate=true`, train/precision.py): the
-numbers of a bf16 GEMM with fp32 accumulation, at fp32 speed. `--native-bf16-gemms` turns that off.
+CPUs without bf16 units (AVX2 only) run torch's bf16 GEMMs very slowly (the `small` preset: 22 tok/s in bf16
+against 349 tok/s with emulated bf16 GEMMs on a 2-core AMD Zen 3), so on such a CPU (bf16 GEMMs measured slower
+than fp32 at start, bench/machine.py) every bf16 run computes its GEMMs in fp32 on the bf16 operands and rounds
+the result to bf16 (`precision.bf16_gemm_emulate=true`, train/precision.py): the numbers of a bf16 GEMM with
+fp32 accumulation, at fp32 speed. `--native-bf16-gemms` forces native bf16. With AMX or AVX512-BF16, bf16 GEMMs
+are faster than fp32 and run natively.
     python bench/precision.py --steps 200 --batch 8 --seq-len 128 --recipes bf16 fp8_tensorwise fp8_rowwise \
         fp8_blockwise --seeds 0 1 --jobs 2                     # issue 5's check on CPU
 """
@@ -47,6 +49,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from machine import bf16_gemms_fast, describe  # noqa: E402  (bench/, beside this file)
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ("fp32", "bf16", "fp8_tensorwise", "fp8_rowwise", "fp8_blockwise")
@@ -79,9 +82,10 @@ def run_recipe(recipe: str, args, out: Path) -> list[dict] | None:
 
 
 def emulate_bf16_gemms(recipe: str, args) -> bool:
-    """On CPU, bf16 runs compute their GEMMs in fp32 on the bf16 operands (train/precision.py), unless
-    --native-bf16-gemms or a param_dtype override other than bfloat16."""
-    if torch.cuda.is_available() or args.native_bf16_gemms or recipe == "fp32":
+    """On a CPU whose native bf16 GEMMs are slower than fp32 (no AMX or AVX512-BF16: `machine.bf16_gemms_fast`),
+    bf16 runs compute their GEMMs in fp32 on the bf16 operands (train/precision.py), unless --native-bf16-gemms
+    or a param_dtype override other than bfloat16. Where bf16 is fast, bf16 runs natively."""
+    if bf16_gemms_fast() or args.native_bf16_gemms or recipe == "fp32":
         return False
     dtypes = [s.split("=", 1)[1] for s in args.set if s.startswith("precision.param_dtype=")]
     return not dtypes or dtypes[-1] == "bfloat16"
@@ -119,6 +123,7 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=1,
                    help="runs at once, each with cores/jobs threads (CPU convergence runs; timings then mean less)")
     args = p.parse_args()
+    print(describe(), flush=True)
     args.val_every = args.val_every or args.steps
     if args.init_from is not None and len(args.seeds) > 1:
         p.error("--init-from continues one trained run: give one seed (the seed no longer sets weights or data)")

@@ -34,15 +34,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from precision import RECIPES, fp8_native  # noqa: E402  (bench/precision.py, beside this file)
 from train.__main__ import compose_config  # noqa: E402
 from train.trainer import Trainer  # noqa: E402
+from machine import bf16_gemms_fast, describe  # noqa: E402  (bench/, beside this file)
 
 KINDS = ("embed", "attention", "router", "experts", "shared", "dense_mlp", "norms", "head")
 
 
 def emulation_overrides(recipe: str) -> list[str]:
-    """As bench/precision.py runs the recipes: FP8 emulated without FP8 kernels; on a CPU, bf16 GEMMs computed
-    in fp32 on the bf16 operands."""
+    """As bench/precision.py runs the recipes: FP8 emulated without FP8 kernels; on a CPU whose bf16 GEMMs are
+    slower than fp32, bf16 GEMMs computed in fp32 on the bf16 operands."""
     fp8 = ["precision.fp8_emulate=true"] if recipe.startswith("fp8") and not fp8_native() else []
-    bf16 = ["precision.bf16_gemm_emulate=true"] if recipe != "fp32" and not torch.cuda.is_available() else []
+    bf16 = ["precision.bf16_gemm_emulate=true"] if recipe != "fp32" and not bf16_gemms_fast() else []
     return fp8 + bf16
 
 
@@ -113,6 +114,7 @@ def main() -> None:
     p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES)
     p.add_argument("--grad-batches", type=int, default=0, help="also compare gradients on this many batches")
     args = p.parse_args()
+    print(describe(), flush=True)
     recipes = (["fp32"] if args.grad_batches and "fp32" not in args.recipes else []) + args.recipes
     with tempfile.TemporaryDirectory() as scratch:
         runs = {r: measure(args.run_dir, r, args.overrides, Path(scratch), args.grad_batches) for r in recipes}

@@ -25,3 +25,13 @@ def test_relative_errors_match_a_hand_computation():
     assert e["head"] == pytest.approx(3 / 12)
     assert e["all"] == pytest.approx((1 + 9) ** 0.5 / 13)  # sqrt(1 + 9) / sqrt(25 + 144)
     assert mean_errors([grad, ref], [ref, ref])["head"] == pytest.approx(3 / 24)
+
+
+def test_machine_line_names_the_cpu_and_its_bf16_units():
+    from machine import bf16_units, parse_cpuinfo
+    text = ("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8481C\nflags\t\t: fpu avx2 avx512_bf16 amx_bf16 amx_tile\n\n"
+            "processor\t: 1\nmodel name\t: other\nflags\t\t: fpu\n")
+    model, flags = parse_cpuinfo(text)
+    assert model == "Intel(R) Xeon(R) Platinum 8481C" and "amx_tile" in flags and "fpu" in flags
+    assert bf16_units(flags) == "amx_bf16, avx512_bf16"
+    assert bf16_units({"fpu", "avx2"}) == "none (avx2)"

@@ -14,7 +14,8 @@ the parallelism tests' rtol 1e-5 holds or fails here by luck of the data. Measur
 ep=2, 3 steps): such flips move the loss by up to 1.9e-5, the grad norm by 1e-4 and the weights by 2.9e-4
 (relative L2). Quantization tiles that really differ from one process (tensorwise under ep=2, whose scales
 span other tokens) move the loss by 9.6e-4 at step 2, the grad norm by 5.5e-2 and the weights by 6.1e-3. The
-bounds below sit between the two.
+bounds below sit between the two. These layout comparisons use no bf16 arithmetic (parameters and compute fp32), so the
+CPU's bf16 units (AVX512-BF16, AMX) do not enter; fp32 summation order differs between CPUs as between layouts.
 """
 
 from pathlib import Path
@@ -83,6 +84,8 @@ def test_bf16_gemm_emulation_under_tp_with_torchao_fp8(dataset, tmp_path, recipe
     native, emulated = tmp_path / "native", tmp_path / "emulated"
     run(dataset, native, 2, **fp8)
     run(dataset, emulated, 2, **fp8, **{"precision.bf16_gemm_emulate": "true"})
+    # 1e-3 = a quarter of bf16's unit roundoff 2^-8, whatever the CPU's native bf16 path (see test_train.py's
+    # test_bf16_run_tracks_fp32_and_emulated_bf16_gemms_track_native)
     a, b = metrics(native), metrics(emulated)
     assert a.keys() == b.keys()
     for s in a:
