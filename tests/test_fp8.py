@@ -141,6 +141,30 @@ def test_grouped_gemm_and_gradients_match_fp32(recipe):
     assert torch.equal(dwq[1], torch.zeros_like(dwq[1])), "an expert without tokens gets a zero gradient"
 
 
+def test_rowwise_expert_weights_are_scaled_along_each_gemms_reduction():
+    """Rowwise scales run along the reduction dimension: fprop (over K) gives each output column of an expert
+    weight [K, N] its own scale, dgrad (over N) each row. One column 1e5x larger than the rest then leaves the
+    other columns of y as accurate as without it (E4M3: a few % for two quantized operands), and one large row
+    leaves the other columns of dx so. Scaled along the other axis, the large column or row would set every
+    scale, and the small weights would fall below E4M3's range (2^-9 to 448, a ratio of 2^17.8) to zero."""
+    torch.manual_seed(4)
+    x, w = torch.randn(60, 160, requires_grad=True), torch.randn(2, 160, 48) * 0.05
+    offs = torch.tensor([25, 60], dtype=torch.int32)
+    recipe = Fp8Recipe("rowwise", emulate=True)
+    big_col, big_row = w.clone(), w.clone()
+    big_col[:, :, 7] *= 1e5
+    big_row[:, 11, :] *= 1e5
+    y = Fp8Mm.apply(x, big_col, offs, recipe)
+    ref = torch._grouped_mm(x, big_col, offs=offs)
+    rest = [n for n in range(48) if n != 7]
+    assert rel(y[:, rest], ref[:, rest]) < 0.05
+    g = torch.randn(60, 48)
+    dx = torch.autograd.grad(Fp8Mm.apply(x, big_row, offs, recipe), x, g)[0]
+    dx_ref = torch.autograd.grad(torch._grouped_mm(x, big_row, offs=offs), x, g)[0]
+    rest = [k for k in range(160) if k != 11]
+    assert rel(dx[:, rest], dx_ref[:, rest]) < 0.05
+
+
 @pytest.mark.parametrize("recipe", ["rowwise", "blockwise"])
 def test_grouped_gemm_equals_one_dense_gemm_per_expert(recipe):
     """The grouped FP8 GEMM is the dense FP8 GEMM of each expert on its own tokens (not so for tensorwise,

@@ -14,19 +14,29 @@ the parallelism tests' rtol 1e-5 holds or fails here by luck of the data. Measur
 ep=2, 3 steps): such flips move the loss by up to 1.9e-5, the grad norm by 1e-4 and the weights by 2.9e-4
 (relative L2). Quantization tiles that really differ from one process (tensorwise under ep=2, whose scales
 span other tokens) move the loss by 9.6e-4 at step 2, the grad norm by 5.5e-2 and the weights by 6.1e-3. The
-bounds below sit between the two. These layout comparisons use no bf16 arithmetic (parameters and compute fp32), so the
-CPU's bf16 units (AVX512-BF16, AMX) do not enter; fp32 summation order differs between CPUs as between layouts.
+bounds below sit between the two.
+Weights are compared by each tensor's update over the run (final minus initial, relative L2), so that an error
+in one small tensor (a router) cannot hide in a norm over all parameters. Flips alone move single updates by up
+to 1.0e-2 (rowwise under pp=2, layer 0's kv_a_proj_with_mqa: Adam with eps 1e-3 turns a flipped near-zero
+gradient element into a full-size step), 3.3e-3 (blockwise under tp=2) and below 2e-5 in the other layouts; the
+bound 3e-2 sits 3x above that and 3x below a 10% error in any one tensor's update.
+These layout comparisons use no bf16 arithmetic (parameters and compute fp32), so the CPU's bf16 units
+(AVX512-BF16, AMX) do not enter; fp32 summation order differs between CPUs as between layouts.
 """
 
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
+
+from model import Transformer
 
 from test_parallel_layouts import final_params, run
 from test_train import dataset, metrics  # noqa: F401  (dataset is a fixture)
+from train.config import build_config
 
-LOSS_RTOL, GRAD_NORM_RTOL, WEIGHTS_REL_L2 = 2e-4, 2e-3, 2e-3
+LOSS_RTOL, GRAD_NORM_RTOL, UPDATE_REL_L2 = 2e-4, 2e-3, 3e-2
 FP8 = {"precision.param_dtype": "float32", "precision.fp8_emulate": "true", "precision.fp8_block": 16}
 
 LAYOUTS = {
@@ -57,10 +67,21 @@ def assert_fp8_run_close(ref: Path, got: Path, tmp: Path) -> None:
             assert b[s] == pytest.approx(a[s], rel=rtol), f"{key} at step {s}"
     pa, pb = final_params(ref, tmp), final_params(got, tmp)
     assert pa.keys() == pb.keys()
-    names = [n for n in pa if not n.endswith("expert_bias")]  # moved by sign(load error): +-gamma jumps
-    diff = sum(float((pb[n] - pa[n]).double().pow(2).sum()) for n in names) ** 0.5
-    norm = sum(float(pa[n].double().pow(2).sum()) for n in names) ** 0.5
-    assert diff / norm < WEIGHTS_REL_L2, f"final weights differ by {diff / norm:.2e} (relative L2)"
+    init = initial_params(ref)
+    for name in pa:  # each tensor's update, so that an error in one small tensor (a router) cannot hide
+        if name.endswith("expert_bias"):  # moved by sign(load error): +-gamma jumps
+            continue
+        da, db = (pa[name] - init[name]).double(), (pb[name] - init[name]).double()
+        err = float((db - da).norm() / da.norm())
+        assert err < UPDATE_REL_L2, f"{name}: its update differs by {err:.2e} (relative L2)"
+
+
+def initial_params(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The weights a run started from: its model initialised whole with its seed, as the trainer does."""
+    cfg = build_config(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    model = Transformer(cfg.model)
+    model.init_weights(seed=cfg.train.seed)
+    return {k: v.detach() for k, v in model.state_dict().items()}
 
 
 def test_fp8_all_gather_equals_gathering_then_casting(dataset, tmp_path):

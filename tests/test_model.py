@@ -174,38 +174,125 @@ def test_grouped_experts_equal_a_loop_over_experts():
 
 
 # ------------------------------------------------------------------------------------------ balance
-SCORES = torch.tensor([[0.4, 0.3, 0.2, 0.1], [0.1, 0.2, 0.3, 0.4], [0.25, 0.35, 0.15, 0.25], [0.7, 0.1, 0.1, 0.1]])
-INDICES = torch.tensor([[0, 2], [3, 2], [0, 1], [0, 1]])
+# An asymmetric example: E=6 experts on D=3 devices (2 each), K=2 picks per token, M=1 device a token may reach,
+# T=5 tokens; sigmoid-like scores whose rows do not sum to 1. Sizes all differ, so a formula that swaps two of
+# them gives another number. Expected values below are plain Python from the papers' equations.
+E, D, K, M = 6, 3, 2, 1
+SCORES = [[0.91, 0.12, 0.55, 0.33, 0.07, 0.64],
+          [0.21, 0.83, 0.18, 0.72, 0.45, 0.09],
+          [0.38, 0.27, 0.96, 0.14, 0.61, 0.52],
+          [0.05, 0.44, 0.31, 0.88, 0.79, 0.23],
+          [0.67, 0.58, 0.11, 0.26, 0.34, 0.93]]
+PICKS = [[0, 5], [1, 3], [2, 4], [3, 4], [5, 0]]  # token 1 and 3 reach two devices, the others one or two
+SEQ_SCORES = SCORES + [[0.15, 0.71, 0.48, 0.62, 0.29, 0.36], [0.82, 0.09, 0.57, 0.41, 0.66, 0.13],
+                       [0.24, 0.35, 0.77, 0.19, 0.53, 0.86], [0.49, 0.92, 0.16, 0.08, 0.74, 0.31],
+                       [0.63, 0.28, 0.39, 0.97, 0.12, 0.45]]
+SEQ_PICKS = PICKS + [[1, 3], [0, 4], [5, 2], [1, 4], [3, 0]]  # two sequences of 5 tokens
 
 
-def test_expert_balance_loss_hand_example():
-    # counts (3, 2, 2, 1) -> f = E/(K T) * counts = 0.5 * counts; P = column means
-    f = [1.5, 1.0, 1.0, 0.5]
-    p = [1.45 / 4, 0.95 / 4, 0.75 / 4, 0.85 / 4]
-    want = sum(a * b for a, b in zip(f, p))
-    assert math.isclose(expert_balance_loss(SCORES, INDICES).item(), want, rel_tol=1e-6)
-    assert math.isclose(want, 1.075, rel_tol=1e-9)
+def hand_f(picks, t):  # V2 eq. 13: f_i = E / (K T) * (number of tokens picking i)
+    return [E / (K * t) * sum(i in row for row in picks) for i in range(E)]
 
 
-def test_device_balance_loss_hand_example():
-    # devices {0,1}, {2,3}: f' = mean(f) = (1.25, 0.75); P' = sum(P) = (0.6, 0.4)
-    assert math.isclose(device_balance_loss(SCORES, INDICES, 2).item(), 1.25 * 0.6 + 0.75 * 0.4, rel_tol=1e-6)
+def hand_p(scores):  # V2 eq. 14: P_i = (1 / T) sum_t s_{i,t}
+    return [sum(row[i] for row in scores) / len(scores) for i in range(E)]
 
 
-def test_comm_balance_loss_hand_example():
-    # tokens reach devices: t0 {0,1}, t1 {1}, t2 {0}, t3 {0} -> counts (3, 2); f'' = D/(M T) * counts with M=2
-    f = [2 / (2 * 4) * 3, 2 / (2 * 4) * 2]
-    assert math.isclose(comm_balance_loss(SCORES, INDICES, 2, 2).item(), f[0] * 0.6 + f[1] * 0.4, rel_tol=1e-6)
-
-
-def test_sequence_balance_loss_hand_example():
-    # two sequences of two tokens; scores normalised per token (rows already sum to 1)
-    total = 0.0
+def hand_losses():
+    """The four balance losses of the example, from DeepSeek-V2 eq. 12-20 and DeepSeek-V3 eq. 17-20."""
+    t, per = len(SCORES), E // D
+    f, p = hand_f(PICKS, t), hand_p(SCORES)
+    groups = [range(d * per, (d + 1) * per) for d in range(D)]
+    f_dev = [sum(f[i] for i in g) / per for g in groups]  # mean of f over the device's experts
+    p_dev = [sum(p[i] for i in g) for g in groups]  # sum of P over them
+    sent = [sum(any(i in g for i in row) for row in PICKS) for g in groups]  # tokens sent to device d
+    f_comm = [D / (M * t) * n for n in sent]
+    seq = 0.0
     for b in range(2):
-        s, idx = SCORES[2 * b:2 * b + 2], INDICES[2 * b:2 * b + 2]
-        counts = torch.bincount(idx.flatten(), minlength=4).float()
-        total += ((counts * 4 / (2 * 2)) * s.mean(0)).sum().item()
-    assert math.isclose(sequence_balance_loss(SCORES, INDICES, batch=2).item(), total / 2, rel_tol=1e-6)
+        s, picks = SEQ_SCORES[5 * b:5 * b + 5], SEQ_PICKS[5 * b:5 * b + 5]
+        s = [[v / sum(row) for v in row] for row in s]  # per-token normalised affinities
+        seq += sum(a * c for a, c in zip(hand_f(picks, 5), hand_p(s))) / 2  # mean over the 2 sequences
+    return {"expert": sum(a * c for a, c in zip(f, p)), "device": sum(a * c for a, c in zip(f_dev, p_dev)),
+            "comm": sum(a * c for a, c in zip(f_comm, p_dev)), "seq": seq}
+
+
+def model_losses(moe=None):
+    import model.moe as m
+    moe = moe or m
+    s, i = torch.tensor(SCORES), torch.tensor(PICKS)
+    return {"expert": moe.expert_balance_loss(s, i).item(), "device": moe.device_balance_loss(s, i, D).item(),
+            "comm": moe.comm_balance_loss(s, i, D, M).item(),
+            "seq": moe.sequence_balance_loss(torch.tensor(SEQ_SCORES), torch.tensor(SEQ_PICKS), batch=2).item()}
+
+
+def test_balance_losses_equal_the_papers_equations_on_an_asymmetric_example():
+    want, got = hand_losses(), model_losses()
+    for name in want:
+        assert math.isclose(got[name], want[name], rel_tol=1e-6), (name, got[name], want[name])
+    assert len({round(v, 6) for v in want.values()}) == 4  # four different numbers: no term equals another
+
+
+def _wrong_f(c, e, k):  # E and T swapped in f
+    return c.per_expert * c.tokens / (k * e)
+
+
+def _mutants():
+    """Plausible wrong versions of the balance losses, each as a function replacing the right one."""
+    import model.moe as m
+    lc = m.LoadCounts.of
+
+    def expert_e_t_swapped(scores, indices, counts=None):
+        c = lc(indices, scores.shape[-1], 1)
+        return (_wrong_f(c, scores.shape[-1], indices.shape[-1]) * scores.mean(0)).sum()
+
+    def device_both_means(scores, indices, n, counts=None):
+        c, e, k = lc(indices, scores.shape[-1], n), scores.shape[-1], indices.shape[-1]
+        f = (c.per_expert * e / (k * c.tokens)).view(n, -1).mean(-1)
+        return (f * scores.mean(0).view(n, -1).mean(-1)).sum()
+
+    def device_interleaved_groups(scores, indices, n, counts=None):  # expert i on device i % D
+        c, e, k = lc(indices, scores.shape[-1], n), scores.shape[-1], indices.shape[-1]
+        f = (c.per_expert * e / (k * c.tokens)).view(-1, n).mean(0)
+        return (f * scores.mean(0).view(-1, n).sum(0)).sum()
+
+    def comm(swap_dm=False, k_for_m=False):
+        def loss(scores, indices, n, max_devices, counts=None):
+            c = lc(indices, scores.shape[-1], n)
+            m_ = indices.shape[-1] if k_for_m else max_devices
+            f = c.per_device * (m_ / n if swap_dm else n / m_) / c.tokens
+            return (f * scores.mean(0).view(n, -1).sum(-1)).sum()
+        return loss
+
+    def seq(normalise=True, k_for_t=False):
+        def loss(scores, indices, batch, reduce_sum=None):
+            e, k = scores.shape[-1], indices.shape[-1]
+            s = (scores / scores.sum(-1, keepdim=True) if normalise else scores).view(batch, -1, e)
+            t = s.shape[1]
+            chosen = torch.zeros_like(s).scatter_(2, indices.view(batch, t, k), 1.0).sum(1)
+            return (chosen * e / (k * (k if k_for_t else t)) * s.mean(1)).sum(-1).mean()
+        return loss
+
+    return {"expert: E and T swapped in f": ("expert_balance_loss", expert_e_t_swapped),
+            "device: mean for P' as for f'": ("device_balance_loss", device_both_means),
+            "device: experts dealt to devices round-robin": ("device_balance_loss", device_interleaved_groups),
+            "comm: D and M swapped": ("comm_balance_loss", comm(swap_dm=True)),
+            "comm: K used for M": ("comm_balance_loss", comm(k_for_m=True)),
+            "seq: no per-token normalisation": ("sequence_balance_loss", seq(normalise=False)),
+            "seq: K used for T": ("sequence_balance_loss", seq(k_for_t=True))}
+
+
+@pytest.mark.parametrize("mutant", list(_mutants()))
+def test_each_wrong_balance_formula_fails_the_example(monkeypatch, mutant):
+    """Each plausible wrong formula, patched in, moves its loss on the example by more than 1e-3, a thousand times
+    the tolerance of the equality test above. (Swapping sum and mean between f' and P' in the device loss is no
+    mutant: per device, sum f x mean P = mean f x sum P, so no example can tell them apart.)"""
+    import model.moe as m
+    name, wrong = _mutants()[mutant]
+    monkeypatch.setattr(m, name, wrong)
+    want, got = hand_losses(), model_losses(m)
+    term = {"expert_balance_loss": "expert", "device_balance_loss": "device", "comm_balance_loss": "comm",
+            "sequence_balance_loss": "seq"}[name]
+    assert abs(got[term] / want[term] - 1) > 1e-3, (mutant, got[term], want[term])
 
 
 def test_capacity_dropping_drops_the_lowest_affinity_per_device():
@@ -352,3 +439,52 @@ def test_training_flops_match_a_direct_count():
     pad = 3 * 2 * cfg.num_attention_heads * (cfg.qk_head_dim - cfg.v_head_dim) * t * cfg.num_hidden_layers * b * t
     assert abs(fc.get_total_flops() - (analytic + pad)) / analytic < 0.01
     assert forward_flops_per_token(cfg, t, causal=True) < forward_flops_per_token(cfg, t, causal=False)
+
+
+def test_mtp_loss_equals_cross_entropy_on_labels_shifted_by_depth():
+    """DeepSeek-V3 eq. 24-25 by hand: L = CE(main) + lambda / D * (CE_1 + ... + CE_D), where depth k's logits at
+    position i predict token i + k + 1 (the labels shifted by k), each CE a mean over its own T - k positions.
+    D = 2 depths, lambda = 0.3; the cross-entropies are written out (log-softmax at the target), in fp64."""
+    from model.transformer import lm_and_mtp_loss
+    from train.trainer import lm_loss
+
+    torch.manual_seed(0)
+    model = Transformer(tiny(num_nextn_predict_layers=2, initializer_range=0.05))
+    tokens = torch.randint(0, 512, (3, 12))  # B = 3 sequences of T + 1 = 12 tokens
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    logits, mtp = model.forward_with_mtp(inputs)
+
+    def ce(lg, targets):  # mean over every (sequence, position) both cover of -log p(target)
+        lp = lg.detach().double().log_softmax(-1)
+        b, n = lp.shape[0], min(lp.shape[1], targets.shape[1])
+        return -sum(lp[s, i, int(targets[s, i])] for s in range(b) for i in range(n)).item() / (b * n)
+
+    main = ce(logits, labels)
+    depths = [ce(m, tokens[:, k + 1:]) for k, m in enumerate(mtp, start=1)]
+    assert [m.shape[1] for m in mtp] == [10, 9]
+    got = lm_and_mtp_loss(lm_loss, logits, mtp, labels, 0.3).item()
+    assert got == pytest.approx(main + 0.3 / 2 * sum(depths), rel=1e-5)
+    without = lm_and_mtp_loss(lm_loss, logits, mtp, labels, 0.0).item()
+    assert without == pytest.approx(main, rel=1e-6)
+    assert got - without == pytest.approx(0.15 * sum(depths), rel=1e-4)  # the weight, divided by D = 2
+    # the shift is what the test can see: labels shifted by k - 1 or k + 1 give other cross-entropies
+    for off in (0, 2):
+        other = [ce(m, tokens[:, k + off:]) for k, m in enumerate(mtp, start=1)]
+        assert abs(sum(other) - sum(depths)) > 0.05
+
+
+def test_router_logits_stay_fp32_under_bf16_autocast():
+    """Under bf16 autocast (the one-process bf16 path) the router computes its logits, scores and gate weights
+    in fp32 from fp32 weights: equal to the fp32 computation, not to a bf16 GEMM's result."""
+    from model.moe import Router
+
+    torch.manual_seed(0)
+    router = Router(tiny(initializer_range=0.5))
+    x = torch.randn(40, router.weight.shape[1])
+    want = F.linear(x, router.weight).softmax(-1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = router(x)
+    assert got.scores.dtype == torch.float32 and got.weights.dtype == torch.float32
+    torch.testing.assert_close(got.scores, want, rtol=1e-6, atol=1e-7)
+    bf16 = F.linear(x.bfloat16(), router.weight.bfloat16()).float().softmax(-1)
+    assert float((bf16 - want).abs().max()) > 1e-4  # what a bf16 GEMM would have given instead

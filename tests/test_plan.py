@@ -94,10 +94,14 @@ V2_PAPER_LAYOUT = ["model=deepseek_v2", "parallel.pp=16", "parallel.ep=8", "para
                    "train.micro_batch_size=1", "precision=bf16"]
 
 
+README_V2_RATIO = 0.84  # the README's 'for DeepSeek-V2's own layout it says 0.84 x the paper's'
+
+
 def test_plan_reproduces_deepseek_v2_figures():
     """KV cache (V2 table 1: (d_c + d_h^R) x l = 4.5 d_h per layer), 236B / 21B parameters, and the 2,048 x
     H800 layout of the paper (16-way zero-bubble PP, 8-way EP, sharded DP) next to its 172.8K GPU-hours per
-    trillion tokens, whose ratio is printed (and must stay within 2x: the estimate is a model, not a guess)."""
+    trillion tokens, whose ratio is printed: 0.84 as the README states (within 5%: a change to the cost model that
+    moves it further must update the README's figure and this one)."""
     proc = subprocess.run([PY, "-m", "launch.plan", "--top", "0", *V2_PAPER_LAYOUT], cwd=ROOT, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -109,7 +113,7 @@ def test_plan_reproduces_deepseek_v2_figures():
     tps, hours = float(tps.replace(",", "")), float(hours)
     assert abs(1e12 / tps / 3600 / 1e3 - hours) < 0.1
     ratio = float(re.search(r"172.8K GPU-hours per trillion tokens on H800; estimate / paper = ([\d.]+)", out).group(1))
-    assert abs(ratio - hours / 172.8) < 0.01 and 0.5 < ratio < 2
+    assert abs(ratio - hours / 172.8) < 0.01 and abs(ratio / README_V2_RATIO - 1) < 0.05
 
 
 def test_search_ranks_fitting_layouts_fastest_first():

@@ -77,8 +77,10 @@ def init_distributed() -> Env:
 
 
 def measured_cpu_peak_tflops() -> float:
-    """Achieved fp32 GEMM throughput of this CPU (the MFU denominator when no hardware peak is known)."""
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    """Achieved fp32 GEMM throughput of this CPU (the MFU denominator when no hardware peak is known). Its operands
+    come from a generator of its own: the global RNG, restored on resume, drives the training (token dropping)."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1024, 1024, generator=gen), torch.randn(1024, 1024, generator=gen)
     a @ b
     t = time.perf_counter()
     for _ in range(8):
