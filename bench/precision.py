@@ -66,6 +66,7 @@ def run_recipe(recipe: str, args, out: Path) -> list[dict] | None:
            "checkpoint.every=0", f"output_dir={out}", f"checkpoint.load={args.init_from is not None}".lower(), *args.set]
     if args.init_from is not None:  # every recipe continues the same trained model (and data position)
         shutil.copytree(args.init_from / "checkpoints", out / "checkpoints")
+        cmd.append("checkpoint.allow_changes=[precision]")  # a resume in another precision is the point here
     if recipe.startswith("fp8") and not fp8_native():
         cmd.append("precision.fp8_emulate=true")
     if emulate_bf16_gemms(recipe, args):

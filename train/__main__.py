@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .checkpoint import CheckpointError
     from .data.loader import DataError
+    from .spike import TrainingError
 
     try:
         cfg = compose_config(argv)
@@ -102,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except CheckpointError as e:
         print(f"checkpoint error: {one_line(e)}", file=sys.stderr)
+        return 1
+    except TrainingError as e:
+        print(f"training error: {one_line(e)}", file=sys.stderr)
         return 1
 
 

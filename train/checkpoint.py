@@ -162,6 +162,11 @@ class Checkpointer:
                                f"move them away to start afresh")
         return None
 
+    def last_published(self) -> Path | None:
+        """The newest published checkpoint directory, if any."""
+        done = published(self.root)
+        return done[0] if done else None
+
     def newest_train_state(self) -> dict[str, Any] | None:
         """train_state.json of the newest published checkpoint that has a readable one."""
         for path in published(self.root):

@@ -84,6 +84,15 @@ class ParallelConfig:
 
 
 @dataclass
+class SpikeConfig:
+    """Loss spikes (train/spike.py): roll back to the newest checkpoint and skip data, or stop."""
+    factor: float = 3.0  # a training loss above factor x its running mean is a spike; 0: only non-finite losses
+    window: int = 20  # training losses in the running mean
+    skip_batches: int = 1  # batches of data skipped after rolling back
+    max_rollbacks: int = 0  # 0: no rollback; a non-finite loss ends the run with one line
+
+
+@dataclass
 class LoopConfig:
     steps: int = 300
     seed: int = 0
@@ -100,6 +109,7 @@ class LoopConfig:
     bias_update_until: float = 1.0  # fraction of the run's tokens after which the expert bias stops moving (V3)
     val_every: int = 100  # 0: no validation
     peak_tflops: Optional[float] = None  # for MFU; None: a known GPU's BF16 peak, or measured GEMM peak on CPU
+    spike: SpikeConfig = field(default_factory=SpikeConfig)
 
 
 @dataclass
@@ -112,6 +122,8 @@ class CheckpointConfig:
     # output_dir has no checkpoint yet; optimizer, schedule, step and data start afresh (DeepSeek's long-context
     # extension continues the pretrained weights with YaRN and longer sequences)
     init_from: Optional[str] = None
+    # fields (or sections, e.g. "precision") a resume may change from the checkpoint's config (train/resume.py)
+    allow_changes: tuple = ()
 
 
 @dataclass
@@ -228,6 +240,7 @@ def validate(cfg: RunConfig) -> None:
     _require(t.global_batch_size % t.micro_batch_size == 0,
              f"train.global_batch_size={t.global_batch_size} must be divisible by train.micro_batch_size={t.micro_batch_size}")
     _validate_recipe_schedules(t)
+    _validate_spike(cfg)
     _require(d.seq_len > 1, f"data.seq_len must be > 1, got {d.seq_len}")
     _require(d.seq_len <= cfg.model.max_position_embeddings,
              f"data.seq_len={d.seq_len} exceeds model.max_position_embeddings={cfg.model.max_position_embeddings}")
@@ -293,6 +306,16 @@ def validate(cfg: RunConfig) -> None:
     _require(not (cfg.train.rampup_batch_size and p.pp > 1 and p.pp_microbatches),
              f"a batch-size ramp-up changes the per-rank batch, so under pipelining its microbatches are "
              f"train.micro_batch_size each: set parallel.pp_microbatches=0, got {p.pp_microbatches}")
+
+
+def _validate_spike(cfg: RunConfig) -> None:
+    sp = cfg.train.spike
+    _require(sp.factor == 0 or sp.factor > 1, f"train.spike.factor must be 0 (off) or > 1, got {sp.factor}")
+    _require(sp.window >= 1 and sp.skip_batches >= 0 and sp.max_rollbacks >= 0,
+             f"train.spike needs window >= 1, skip_batches >= 0 and max_rollbacks >= 0, got {sp.window}, "
+             f"{sp.skip_batches}, {sp.max_rollbacks}")
+    _require(sp.max_rollbacks == 0 or cfg.checkpoint.every > 0,
+             f"train.spike.max_rollbacks={sp.max_rollbacks} rolls back to checkpoints: set checkpoint.every > 0")
 
 
 def _validate_recipe_schedules(t: LoopConfig) -> None:

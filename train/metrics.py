@@ -23,7 +23,7 @@ import torch
 TAGS = {"loss": "loss/train", "val_loss": "loss/val", "lr": "optim/lr", "grad_norm": "optim/grad_norm",
         "tokens_per_sec": "perf/tokens_per_sec", "mfu": "perf/mfu", "step_time": "perf/step_time",
         "peak_mem_gb": "memory/peak_gb", "max_vio": "moe/max_vio", "dropped_fraction": "moe/dropped_fraction",
-        "batch_size": "train/batch_size", "tokens": "train/tokens"}
+        "batch_size": "train/batch_size", "tokens": "train/tokens", "rollbacks": "train/rollbacks"}
 
 # viridis-like colour ramp (dark purple -> blue -> teal -> green -> yellow), interpolated piecewise-linearly
 _RAMP = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float32)
@@ -115,6 +115,19 @@ class MetricsWriter:
         self._jsonl = open(self.jsonl_path, "a")
         # purge_step hides events with step > last from earlier event files in tb/
         self.tb = SummaryWriter(log_dir=str(output_dir / "tb"), purge_step=last + 1)
+
+    def rewind(self, step: int) -> None:
+        """Drop what was logged after `step` (a run rolled back to it), as a resume at `step` would."""
+        if not self.enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._jsonl.close()
+        truncate_jsonl(self.jsonl_path, step)
+        self._jsonl = open(self.jsonl_path, "a")
+        log_dir = self.tb.log_dir
+        self.tb.close()
+        self.tb = SummaryWriter(log_dir=log_dir, purge_step=step + 1)
 
     def log(self, step: int, record: dict) -> None:
         """The main entry point: one JSON line and the matching TensorBoard scalars."""

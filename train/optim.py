@@ -147,3 +147,16 @@ class PartOptimizers:
     def load_scheduler_state(self, state: dict) -> None:
         for sched in self.schedulers:
             sched.load_state_dict(state)
+
+    def apply_config(self, cfg: OptimConfig) -> None:
+        """`cfg`'s hyperparameters onto loaded state: a checkpoint brings back the param groups' lr, betas, eps
+        and weight decay and the schedule's peak lr of the config it was written under. The schedule's shape
+        already comes from `cfg` (it is code, not state); with an unchanged config this changes no value."""
+        for opt, sched in zip(self.optimizers, self.schedulers):
+            for i, group in enumerate(opt.param_groups):  # group 0 decays (param_groups), a second does not
+                group.update(betas=tuple(cfg.betas), eps=cfg.eps, initial_lr=cfg.lr,
+                             weight_decay=cfg.weight_decay if i == 0 else 0.0)
+            sched.base_lrs = [cfg.lr] * len(opt.param_groups)
+            for group, base, factor in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas):
+                group["lr"] = base * factor(sched.last_epoch)
+            sched._last_lr = [group["lr"] for group in opt.param_groups]

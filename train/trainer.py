@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import yaml
 
 from launch.hardware import device_bf16_tflops
 from launch.slurm import torch_env_from_slurm
@@ -42,7 +41,9 @@ from .data.loader import TokenDataset, TokenLoader
 from .metrics import MetricsWriter, format_progress, max_vio
 from .optim import PartOptimizers
 from .precision import Bf16GemmEmulation
+from .resume import check_resume, record_config
 from .schedule import BatchSchedule, RunPosition, check_batch_split
+from .spike import SpikeGuard, TrainingError
 
 log = logging.getLogger("train")
 META_INIT_PARAMS = 2e9  # above this, build on the meta device and initialise shards in place
@@ -173,6 +174,8 @@ class Trainer:
             raise ConfigError(f"checkpoint.init_from={cfg.checkpoint.init_from} does not exist (expected a run's "
                               f"output_dir or one of its checkpoints/step_N)")
         self.step = 0
+        sp = cfg.train.spike
+        self.spike = SpikeGuard(sp.factor, sp.window, sp.max_rollbacks)
         self._stop_signal: int | None = None
         self._kill_at = int(os.environ.get("DSV2_TEST_KILL_AT_STEP", "-1"))
 
@@ -181,7 +184,6 @@ class Trainer:
         cfg = self.cfg
         if self.env.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         torch.manual_seed(cfg.train.seed)
         self.parts = self._build_model()
         self.optimizers = PartOptimizers(self.parts, cfg.optim, cfg.train.steps, cfg.precision.moment_dtype,
@@ -192,6 +194,8 @@ class Trainer:
         if resumed is None and cfg.checkpoint.init_from:  # a new run from another run's weights
             path = load_model_weights(Path(cfg.checkpoint.init_from), self.parts)
             log.info("model weights from %s; optimizer, schedule and data start afresh", path)
+        if self.env.rank == 0:
+            record_config(self.out, to_dict(cfg), resumed)
         self.metrics = MetricsWriter(self.out, enabled=self.env.rank == 0, resume_step=resumed)
         self.flops_per_token = training_flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak_flops = peak_tflops(cfg, self.env.device) * 1e12
@@ -304,11 +308,17 @@ class Trainer:
 
     def _resume(self) -> int | None:
         self._check_same_model()  # before loading: a different model would otherwise look like corruption
+        forced = self._check_same_config()
         state = self.checkpointer.load_latest(self.parts, self.optimizers.optimizers)
         if state is None:
             return None
         self.step = state["step"]
         self.optimizers.load_scheduler_state(state["scheduler"])
+        self.optimizers.apply_config(self.cfg.optim)  # what the config says, not what the checkpoint held
+        self.spike.load_state_dict(state.get("spike"))
+        for key, before, after in forced:
+            log.warning("resumed with %s = %r (the checkpoint's run had %r), from step %d on", key, after, before,
+                        self.step)
         self.loader.load_state_dict(state["loader"])
         log.info("resuming at step %d", self.step)
         return self.step
@@ -322,6 +332,14 @@ class Trainer:
         if diff:
             raise ConfigError(f"checkpoints in {self.out / 'checkpoints'} are for a different model (keys {diff}); "
                               f"use another output_dir")
+
+    def _check_same_config(self) -> list:
+        """The changes of guarded fields that checkpoint.allow_changes forces (train/resume.py)."""
+        saved = self.checkpointer.newest_train_state()
+        if saved is None:
+            return []
+        return check_resume(saved["config"], to_dict(self.cfg), self.cfg.checkpoint.allow_changes, str(self.out),
+                            saved["step"])
 
     def _install_signal_handlers(self) -> None:
         def handler(signum, _frame):
@@ -473,8 +491,8 @@ class Trainer:
             window_tokens += self.batches.size(self.step) * cfg.data.seq_len
             self.step += 1
             window_steps += 1
-            if not math.isfinite(result["loss"]):
-                raise FloatingPointError(f"loss is {result['loss']} at step {self.step}")
+            if not self._accept(result):
+                continue
             if self.step % cfg.log.every == 0 or self.step == cfg.train.steps:
                 elapsed = time.perf_counter() - window_t
                 self._log(result, elapsed / window_steps, window_tokens / elapsed, start, t0)
@@ -494,6 +512,47 @@ class Trainer:
         self.checkpointer.wait()
         return 0
 
+    def _accept(self, result: dict) -> bool:
+        """False when the step's losses were a spike and the run rolled back (train/spike.py)."""
+        losses = {k: v for k, v in result.items() if k == "loss" or k.startswith("aux/")}
+        problem = self.spike.problem(losses)
+        if problem is not None and self.spike.can_roll_back():
+            self._roll_back(problem)
+            return False
+        if problem is not None and not all(math.isfinite(v) for v in losses.values()):
+            last = self.checkpointer.last_published()
+            raise TrainingError(f"{problem} at step {self.step}; last good checkpoint: {last or 'none'} (nothing "
+                                f"saved; train.spike.max_rollbacks > 0 rolls back and skips data instead)")
+        if problem is not None:
+            log.warning("step %d: %s (train.spike.max_rollbacks=%d used up)", self.step, problem,
+                        self.cfg.train.spike.max_rollbacks)
+        self.spike.observe(result["loss"])
+        return True
+
+    def _roll_back(self, problem: str) -> None:
+        """Back to the newest checkpoint (model, optimizer, schedule, data, RNG), then skip data."""
+        spike_step, history = self.step, self.spike.rollbacks
+        self.checkpointer.wait()
+        state = self.checkpointer.load_latest(self.parts, self.optimizers.optimizers)
+        if state is None:
+            raise TrainingError(f"{problem} at step {spike_step}, and no checkpoint loads to roll back to")
+        self.step = state["step"]
+        self.optimizers.load_scheduler_state(state["scheduler"])
+        self.optimizers.apply_config(self.cfg.optim)
+        self.loader.load_state_dict(state["loader"])
+        self.spike.load_state_dict(state.get("spike"))
+        skip = self.cfg.train.spike.skip_batches
+        for _ in range(skip):  # the batches after the checkpoint's position, as any loader yields them
+            self.loader.next_batch()
+        self.spike.rollbacks = history + [{"step": spike_step, "to_step": self.step, "reason": problem}]
+        for m in self.moe_layers().values():
+            m.reset_stats()
+        self.metrics.rewind(self.step)
+        self.metrics.log(spike_step, {"step": spike_step, "rollbacks": len(self.spike.rollbacks),
+                                      "rolled_back_to": self.step, "skipped_batches": skip, "reason": problem})
+        log.warning("step %d: %s; rolled back to step %d, skipping %d batches (rollback %d of %d)", spike_step,
+                    problem, self.step, skip, len(self.spike.rollbacks), self.cfg.train.spike.max_rollbacks)
+
     def _should_stop(self) -> bool:
         flag = torch.tensor([1 if self._stop_signal is not None else 0], dtype=torch.int64)
         if self.env.world > 1:  # one coordinated checkpoint: if any rank was signalled, all stop
@@ -506,7 +565,7 @@ class Trainer:
         if self.checkpointer.last_step == self.step:
             return
         state = {"step": self.step, "scheduler": self.optimizers.scheduler_state(),
-                 "loader": self.loader.state_dict(), "config": to_dict(self.cfg)}
+                 "loader": self.loader.state_dict(), "config": to_dict(self.cfg), "spike": self.spike.state_dict()}
         self.checkpointer.save(self.step, self.parts, self.optimizers.optimizers, state)
 
     def _log(self, result: dict, step_time: float, tps: float, start: int, t0: float) -> None:
