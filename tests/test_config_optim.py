@@ -41,6 +41,15 @@ def test_bad_config_is_one_line_error(overrides, fragment):
     assert fragment in str(e.value)
 
 
+@pytest.mark.parametrize("schedule,stages", [("1F1B", 1), ("Interleaved1F1B", 2), ("ZBVZeroBubble", 2),
+                                             ("DualPipeV", 2)])
+def test_schedules_pick_their_stage_count(schedule, stages):
+    """parallel.pp_stages_per_rank unset: what the schedule needs; recorded resolved (config.yaml shows it)."""
+    cfg = compose_config([f"parallel.pp_schedule={schedule}", "parallel.pp=2"])
+    assert cfg.parallel.pp_stages_per_rank == stages
+    assert compose_config([f"parallel.pp_schedule={schedule}", "parallel.pp_stages_per_rank=3"]).parallel.pp_stages_per_rank == 3
+
+
 @pytest.mark.parametrize("kw,fragment", [
     (dict(world_size=4, tp=3), "not divisible by dp_replicate*cp*tp*pp = 1*1*3*1 = 3"),
     (dict(world_size=8, cp=2, dp_shard=2), "pp*dp_replicate*dp_shard*cp*tp = 1*1*2*2*1 = 4 != world size 8"),

@@ -72,7 +72,7 @@ class ParallelConfig:
     pp: int = 1
     pp_schedule: str = "1F1B"
     pp_microbatches: int = 0  # 0: one per micro-batch of the step
-    pp_stages_per_rank: int = 1
+    pp_stages_per_rank: Optional[int] = None  # None: what the schedule needs (stages_per_rank_for)
     cp: int = 1  # context parallelism: each sequence split over cp ranks, Ulysses attention (parallel/context.py)
     cpu_offload: bool = False
     activation_checkpoint: str = "none"  # none | full | selective (RMSNorms + MLA up-projections, as DeepSeek-V3)
@@ -221,10 +221,23 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
 
 
 def build_config(data: dict) -> RunConfig:
-    """Plain dict (Hydra's composed config, resolved) -> validated RunConfig."""
+    """Plain dict (Hydra's composed config, resolved) -> validated RunConfig, its defaults filled in."""
     cfg = _build(RunConfig, data, "")
+    if cfg.parallel.pp_stages_per_rank is None:
+        cfg.parallel.pp_stages_per_rank = stages_per_rank_for(cfg.parallel.pp_schedule)
     validate(cfg)
     return cfg
+
+
+def stages_per_rank_for(schedule: str) -> int:
+    """Pipeline stages a rank holds when parallel.pp_stages_per_rank is unset: 2 for Interleaved1F1B and the V
+    schedules (ZBVZeroBubble, DualPipeV, which need exactly 2), 1 for the others."""
+    from parallel.pipeline import canonical_schedule
+    try:
+        name = canonical_schedule(schedule)
+    except ValueError:
+        return 1  # validate() names the unknown schedule
+    return 2 if name in ("Interleaved1F1B", "ZBVZeroBubble", "DualPipeV") else 1
 
 
 def _require(cond: bool, msg: str) -> None:
