@@ -332,3 +332,16 @@ def test_builtin_dataset_is_prepared_once_and_reports_its_entropy(tmp_path):
     assert n_val == (len(train) + n_val) // 100
     first = stdlib_sources()[0].read_text(encoding="utf-8", errors="replace")
     assert ByteTokenizer().decode(train.sample(0))[:200] == first[:200]
+
+
+def test_builtin_dataset_serves_longer_sequences(tmp_path):
+    """data.seq_len=2048 on the built-in corpus: its own copy in samples of 2,049 tokens, prepared on first use
+    (the 1,025-token copy serves every seq_len up to 1,024)."""
+    from train.data.builtin import builtin_dataset, chunk_len_for
+
+    assert [chunk_len_for(n) for n in (None, 64, 1024, 1025, 2048)] == [1025, 1025, 1025, 1026, 2049]
+    path = builtin_dataset(tmp_path, seq_len=2048)
+    assert path.name == "builtin-stdlib-v1-c2049"
+    loader = TokenLoader(TokenDataset(path, "train"), 2048, 2, 2)
+    (x, y), = loader.next_batch()
+    assert x.shape == (2, 2048) and torch.equal(x[:, 1:], y[:, :-1])

@@ -295,7 +295,8 @@ class Trainer:
 
     def _build_data(self) -> None:
         cfg = self.cfg
-        path = Path(cfg.data.path) if cfg.data.path else builtin_dataset()  # file-locked: one rank prepares
+        # the built-in corpus, prepared (file-locked: one rank) for windows of this seq_len on first use
+        path = Path(cfg.data.path) if cfg.data.path else builtin_dataset(seq_len=cfg.data.seq_len)
         train_set, val_set = TokenDataset(path, "train"), TokenDataset(path, "val")
         common = dict(seq_len=cfg.data.seq_len, global_batch_size=cfg.train.global_batch_size,
                       micro_batch_size=cfg.train.micro_batch_size, dp_rank=self.dp_rank, dp_world=self.dp_world,

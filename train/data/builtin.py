@@ -43,24 +43,32 @@ def stdlib_sources(max_bytes: int = MAX_BYTES) -> list[Path]:
     return files
 
 
-def builtin_dataset(cache_dir: str | Path | None = None) -> Path:
-    """Path of the prepared built-in dataset under cache_dir (default: cache_root()), preparing it once."""
+def chunk_len_for(seq_len: int | None) -> int:
+    """Tokens per sample: CHUNK_LEN, or seq_len + 1 for sequences longer than it holds."""
+    return CHUNK_LEN if seq_len is None or seq_len + 1 <= CHUNK_LEN else seq_len + 1
+
+
+def builtin_dataset(cache_dir: str | Path | None = None, seq_len: int | None = None) -> Path:
+    """Path of the prepared built-in dataset under cache_dir (default: cache_root()) whose samples hold windows
+    of seq_len + 1 tokens, preparing it once (a separate copy, `<NAME>-c<chunk>`, for sequences > 1024)."""
     root = Path(cache_dir) if cache_dir else cache_root()
-    out = root / NAME
+    chunk = chunk_len_for(seq_len)
+    name = NAME if chunk == CHUNK_LEN else f"{NAME}-c{chunk}"
+    out = root / name
     if (out / "index.json").is_file():
         return out
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / f"{NAME}.lock", "w") as lock:
+    with open(root / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
         if not (out / "index.json").is_file():
-            _prepare(out)
+            _prepare(out, chunk)
     return out
 
 
-def _prepare(out: Path) -> None:
+def _prepare(out: Path, chunk_len: int) -> None:
     t0 = time.perf_counter()
     log.info("preparing the built-in dataset (Python standard library sources) in %s", out)
-    index = prepare([str(p) for p in stdlib_sources()], out, tokenizer="byte", chunk_len=CHUNK_LEN,
+    index = prepare([str(p) for p in stdlib_sources()], out, tokenizer="byte", chunk_len=chunk_len,
                     samples_per_shard=2048, val_fraction=0.01, overwrite=True, progress=False)
     log.info("built-in dataset ready: %d train tokens, unigram entropy %.3f nats/token, %.1f s",
              index["train_tokens"], index["unigram_entropy_nats"], time.perf_counter() - t0)
