@@ -5,15 +5,13 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from train.metrics import MetricsWriter, format_progress, max_vio
-
-MIDDLE = (33, 145, 140)  # the ramp colour of uniform load 1/E
-
+from train.metrics import MetricsWriter, figure_pixels, format_progress, heatmap_figure, max_vio
 
 def record(step: int) -> dict:
     """What the trainer logs at `step`, with values that differ per key and per step."""
@@ -65,7 +63,8 @@ def test_every_scalar_tag_has_the_values_and_steps_written(run):
         assert scalars(acc, tag) == want, tag
     assert scalars(acc, "loss/val") == [(2, 2.5)]
     tags = set(acc.Tags()["scalars"])
-    assert tags == set(TAGS.values()) | {"loss/val"}  # no misc/step, nothing for the string "note"
+    per_layer = {f"moe/layer_{i}/max_vio" for i in (1, 2, 4)}  # from log_moe
+    assert tags == set(TAGS.values()) | {"loss/val"} | per_layer  # no misc/step, nothing for the string "note"
 
 
 def test_moe_histograms_and_heatmap(run):
@@ -80,12 +79,44 @@ def test_moe_histograms_and_heatmap(run):
     (b,) = acc.Histograms("moe/expert_bias")
     assert b.histogram_value.num == 12 and b.histogram_value.sum == pytest.approx(float(bias.sum()))
 
+    # per-layer MaxVio: uniform 0; 0.5 / 0.25 - 1; 0.4 / 0.25 - 1
+    for layer, want in ((1, 0.0), (2, 1.0), (4, 0.6)):
+        assert scalars(acc, f"moe/layer_{layer}/max_vio") == [(3, pytest.approx(want, abs=1e-6))]
     (img,) = acc.Images("moe/load_heatmap")
-    assert img.step == 3 and (img.height, img.width) == (3 * 8, 4 * 8)
-    pixels = Image.open(io.BytesIO(img.encoded_image_string)).convert("RGB")
-    assert pixels.size == (4 * 8, 3 * 8)
-    assert {pixels.getpixel((x, y)) for x in range(32) for y in range(8)} == {MIDDLE}  # uniform layer: flat middle
-    assert pixels.getpixel((0, 8)) == (253, 231, 37) and pixels.getpixel((31, 15)) == (68, 1, 84)  # 2/E top, 0 bottom
+    fig = heatmap_figure(loads, [1, 2, 4], 3)
+    w, h = (fig.get_size_inches() * fig.dpi).round().astype(int)
+    assert img.step == 3 and (img.width, img.height) == (w, h) and w >= 500 and h >= 300
+    pixels = np.asarray(Image.open(io.BytesIO(img.encoded_image_string)).convert("RGB"))
+    assert np.array_equal(pixels, figure_pixels(fig))
+
+
+TOP = (253, 231, 36)  # viridis at 1.0 (the colour bar's maximum) as Agg renders it
+
+
+def cell_centre(fig, layer: int, expert: int, shape) -> tuple[int, int]:
+    """Pixel (row, column) of the centre of cell (layer, expert) in the rendered figure."""
+    box = fig.axes[0].get_window_extent()
+    n_layers, n_experts = shape
+    x = box.x0 + (expert + 0.5) / n_experts * box.width
+    y = box.y1 - (layer + 0.5) / n_layers * box.height  # matplotlib counts y from the bottom
+    return int(round(fig.get_size_inches()[1] * fig.dpi - y)), int(round(x))
+
+
+@pytest.mark.parametrize("shape,hot", [((5, 12), (3, 7)), ((59, 160), (40, 131))])
+def test_load_heatmap_puts_the_hot_expert_where_it_is(shape, hot):
+    """Layers down, experts across: one expert at 6x the mean load is the colour bar's top colour at its own
+    cell and nowhere else in the plot; a readable size at DeepSeek-V2's 59 MoE layers x 160 experts."""
+    loads = torch.full(shape, 1.0 / shape[1])
+    loads[hot] = 6.0 / shape[1]
+    loads[hot[0]] /= loads[hot[0]].sum()
+    fig = heatmap_figure(loads, list(range(1, shape[0] + 1)), 7)
+    pixels = figure_pixels(fig)
+    assert tuple(pixels[cell_centre(fig, *hot, shape)]) == TOP
+    for other in ((0, 0), (hot[0], (hot[1] + 1) % shape[1]), ((hot[0] + 1) % shape[0], hot[1])):
+        assert tuple(pixels[cell_centre(fig, *other, shape)]) != TOP
+    if shape == (59, 160):
+        assert pixels.shape[1] / 160 >= 8 and pixels.shape[0] / 59 >= 15  # pixels a cell: wide and tall enough
+    assert "step 7" in fig.axes[0].get_title() and "max_vio" in fig.axes[0].get_title()
 
 
 def test_jsonl_keeps_the_callers_keys(run):

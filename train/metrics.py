@@ -25,10 +25,6 @@ TAGS = {"loss": "loss/train", "val_loss": "loss/val", "lr": "optim/lr", "grad_no
         "peak_mem_gb": "memory/peak_gb", "max_vio": "moe/max_vio", "dropped_fraction": "moe/dropped_fraction",
         "batch_size": "train/batch_size", "tokens": "train/tokens", "rollbacks": "train/rollbacks"}
 
-# viridis-like colour ramp (dark purple -> blue -> teal -> green -> yellow), interpolated piecewise-linearly
-_RAMP = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float32)
-
-
 def tag_for(key: str) -> str:
     """TensorBoard tag for a metrics.jsonl key."""
     if key in TAGS:
@@ -46,24 +42,45 @@ def _check_loads(loads: torch.Tensor) -> None:
 def max_vio(loads: torch.Tensor) -> float:
     """MaxVio (arXiv 2408.15664): max over layers of (max_i load_i / mean_i load_i) - 1; loads [L, E]."""
     _check_loads(loads)
+    return float(layer_max_vio(loads).max())
+
+
+def layer_max_vio(loads: torch.Tensor) -> torch.Tensor:
+    """Per layer: max_i load_i / mean_i load_i - 1 of [L, E] loads."""
     loads = loads.float()
-    per_layer = loads.max(-1).values / loads.mean(-1).clamp_min(1e-12) - 1
-    return float(per_layer.max())
+    return loads.max(-1).values / loads.mean(-1).clamp_min(1e-12) - 1
 
 
-def heatmap_image(loads: torch.Tensor, block: int = 8) -> np.ndarray:
-    """[L, E] load fractions -> (L*block, E*block, 3) uint8 image.
+def heatmap_figure(loads: torch.Tensor, layer_ids: list[int], step: int):
+    """A matplotlib Figure of [L, E] loads: MoE layers down, experts across, colour in units of the layer's mean
+    load (1 = balanced) with a colour bar, the step and max_vio in the title; about 9 x 20 pixels a cell, so
+    DeepSeek-V2's 59 layers x 160 experts stay readable."""
+    from matplotlib.figure import Figure
 
-    Scale: 0 is the bottom colour, uniform load 1/E the middle, 2/E and above the top, so balanced
-    layers read as one flat mid colour and hot/cold experts stand out in either direction.
-    """
     _check_loads(loads)
-    loads = loads.detach().float().cpu().numpy()
-    scaled = np.clip(loads * loads.shape[1] / 2.0, 0.0, 1.0) * (len(_RAMP) - 1)
-    lo = np.floor(scaled).astype(int).clip(0, len(_RAMP) - 2)
-    frac = (scaled - lo)[..., None]
-    rgb = _RAMP[lo] * (1 - frac) + _RAMP[lo + 1] * frac  # (L, E, 3)
-    return rgb.repeat(block, axis=0).repeat(block, axis=1).round().astype(np.uint8)
+    rel = (loads.float() / loads.float().mean(-1, keepdim=True).clamp_min(1e-12)).cpu().numpy()
+    n_layers, n_experts = rel.shape
+    fig = Figure(figsize=(min(max(5.0, 0.09 * n_experts + 2.5), 18.0), min(max(3.0, 0.2 * n_layers + 1.5), 14.0)),
+                 dpi=100)
+    ax = fig.add_subplot()
+    image = ax.imshow(rel, aspect="auto", cmap="viridis", vmin=0.0, vmax=max(2.0, float(rel.max())),
+                      interpolation="nearest")
+    every = max(1, -(-n_layers // 20))  # at most ~20 layer labels
+    ax.set_yticks(range(0, n_layers, every), labels=[str(layer_ids[i]) for i in range(0, n_layers, every)])
+    ax.set_xlabel("routed expert")
+    ax.set_ylabel("MoE layer")
+    ax.set_title(f"expert load, step {step}, max_vio {float(layer_max_vio(loads).max()):.3f}")
+    fig.colorbar(image, ax=ax, label="load / mean load of the layer")
+    return fig
+
+
+def figure_pixels(fig) -> np.ndarray:
+    """The figure rendered to an (H, W, 3) uint8 array (Agg, no display)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
 def format_progress(step: int, total_steps: int, loss: float, tokens_per_sec: float, mfu: float,
@@ -153,18 +170,21 @@ class MetricsWriter:
     def log_moe(self, step: int, loads: torch.Tensor, layer_ids: list[int],
                 expert_bias: torch.Tensor | None = None) -> None:
         """loads [n_moe_layers, n_experts] load fractions (row i is model layer layer_ids[i]) -> per-layer
-        histograms `moe/layer_<id>/load`, `moe/expert_bias` and the `moe/load_heatmap` image."""
+        histograms `moe/layer_<id>/load` and scalars `moe/layer_<id>/max_vio`, `moe/expert_bias` and the
+        `moe/load_heatmap` figure (`heatmap_figure`)."""
         if not self.enabled:
             return
         _check_loads(loads)
         if len(layer_ids) != loads.shape[0]:
             raise ValueError(f"{len(layer_ids)} layer ids for {loads.shape[0]} rows of loads")
         loads = loads.detach().float().cpu()
-        for row, layer in zip(loads, layer_ids):
+        for row, layer, vio in zip(loads, layer_ids, layer_max_vio(loads).tolist()):
             self.tb.add_histogram(f"moe/layer_{layer}/load", row, step)
+            self.tb.add_scalar(f"moe/layer_{layer}/max_vio", vio, step)
         if expert_bias is not None:
             self.tb.add_histogram("moe/expert_bias", expert_bias.detach().float().cpu().flatten(), step)
-        self.tb.add_image("moe/load_heatmap", heatmap_image(loads), step, dataformats="HWC")
+        image = figure_pixels(heatmap_figure(loads, layer_ids, step))
+        self.tb.add_image("moe/load_heatmap", image, step, dataformats="HWC")
         self.tb.flush()
 
     def close(self) -> None:
