@@ -85,6 +85,8 @@ def config_to_hf(cfg: ModelConfig) -> dict:
              aux_loss_alpha=cfg.aux_loss_alpha, seq_aux=cfg.seq_aux_loss_alpha > 0, attention_bias=False,
              rope_theta=cfg.rope_theta, rope_scaling=dict(cfg.rope_scaling) if cfg.rope_scaling else None,
              initializer_range=cfg.initializer_range, bos_token_id=None, eos_token_id=None, torch_dtype="float32")
+    if not is_v3(cfg):
+        d["num_nextn_predict_layers"] = 0  # the DeepseekV2 format has no MTP module
     return d
 
 
@@ -249,12 +251,12 @@ class ShardWriter:
         self.weight_map.update({k: fname for k in self.shard})
         self.shard, self.shard_bytes = {}, 0
 
-    def close(self, cfg: ModelConfig) -> None:
+    def close(self, cfg: ModelConfig, dtype: str = "float32") -> None:
         if self.shard:
             self.flush()
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": self.weight_map}
         (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
-        (self.directory / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=1))
+        (self.directory / "config.json").write_text(json.dumps(config_to_hf(cfg) | {"torch_dtype": dtype}, indent=1))
 
 
 def to_hf(model: Transformer, directory: str | os.PathLike, max_shard_bytes: int = 5 * 2**30) -> None:

@@ -1,0 +1,112 @@
+"""A run's checkpoints out: `train.export` to a Hugging Face directory, `train.sample`, `train.evaluate`.
+
+One run trained under pp=2 x ep=2 (4 gloo processes) with DeepSeek-V3 routing (sigmoid, noaux_tc, a moving
+expert bias) and one MTP layer is the subject of every test here.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from test_train import ROOT, base_args, dataset, metrics, train  # noqa: E402,F401  (dataset is a fixture)
+from train.runfiles import checkpoint_of, load_model, run_config  # noqa: E402
+from train.sample import SampleConfig, sample  # noqa: E402
+from train.data.tokenizer import ByteTokenizer  # noqa: E402
+
+STEPS = 2
+RUN = {"model.scoring_func": "sigmoid", "model.topk_method": "noaux_tc", "model.aux_loss_free_bias": "true",
+       "model.norm_topk_prob": "true", "model.num_nextn_predict_layers": 1, "data.seq_len": 32,
+       "train.val_every": STEPS, "data.val_batches": 1, "optim.lr": 1e-2}
+
+
+def tool(module: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
+                                            "PYTHONPATH": str(ROOT)})
+
+
+@pytest.fixture(scope="module")
+def run_dir(dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "run"
+    train(base_args(dataset, out, STEPS, **RUN, **{"train.micro_batch_size": 1, "parallel.pp": 2,
+                                                   "parallel.ep": 2}), nproc=4)
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(run_dir):
+    dest = run_dir.parent / "hf"
+    proc = tool("train.export", f"output_dir={run_dir}", f"export.dir={dest}", "export.max_shard_bytes=200000")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return dest
+
+
+def test_export_loads_into_transformers_with_equal_logits(run_dir, exported):
+    index = json.loads((exported / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2  # sharded
+    ckpt = checkpoint_of(run_dir, None)
+    ours = load_model(ckpt, run_config(ckpt), torch.device("cpu"))
+    assert any(float(m.gate.expert_bias.abs().sum()) > 0 for m in ours.moe_layers().values())  # the bias moved
+    ref = AutoModelForCausalLM.from_pretrained(exported, attn_implementation="eager").eval()
+    assert type(ref).__name__ == "DeepseekV3ForCausalLM"
+    tokens = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = ref(tokens).logits, ours(tokens)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_init_from_export_equals_init_from_the_run(dataset, run_dir, exported, tmp_path):
+    """The export keeps every weight the run needs (MTP and expert bias included): a run started from it and a
+    run started from the run's own checkpoint take the same first step."""
+    a, b = tmp_path / "from_hf", tmp_path / "from_run"
+    over = {k: v for k, v in RUN.items() if k != "train.val_every"} | {"train.val_every": 0}
+    train(base_args(dataset, a, 1, **over, **{"checkpoint.init_from": exported}))
+    train(base_args(dataset, b, 1, **over, **{"checkpoint.init_from": run_dir}))
+    assert metrics(a)[1] == pytest.approx(metrics(b)[1], rel=1e-6)
+
+
+def test_export_refuses_a_non_empty_directory(run_dir, tmp_path):
+    dest = tmp_path / "taken"
+    dest.mkdir()
+    (dest / "keep.txt").write_text("x")
+    proc = tool("train.export", f"output_dir={run_dir}", f"export.dir={dest}")
+    assert proc.returncode == 2 and "export.overwrite=true" in proc.stderr.strip().splitlines()[-1]
+    assert sorted(p.name for p in dest.iterdir()) == ["keep.txt"]
+
+
+def test_greedy_sample_is_the_argmax_of_full_sequence_logits(run_dir):
+    ckpt = checkpoint_of(run_dir, None)
+    model = load_model(ckpt, run_config(ckpt), torch.device("cpu"))
+    tok, n = ByteTokenizer(), 12
+    prompts = ["def f(x):", "import os\nclass A"]
+    got = sample(model, tok, prompts, SampleConfig(max_new_tokens=n), torch.device("cpu"))
+    for prompt, new in zip(prompts, got):  # each row of the left-padded batch, by full forwards
+        seq = tok.encode(prompt)
+        for _ in range(len(new)):
+            with torch.no_grad():
+                seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+        assert new == seq[len(tok.encode(prompt)):], prompt
+    assert max(len(r) for r in got) == n
+
+
+def test_sample_command_prints_the_continuation(run_dir):
+    proc = tool("train.sample", f"output_dir={run_dir}", "sample.prompt=def f(x):", "sample.max_new_tokens=8")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("def f(x):") and len(proc.stdout.rstrip("\n")) > len("def f(x):")
+
+
+def test_evaluate_on_the_validation_split_equals_the_runs_val_loss(dataset, run_dir):
+    proc = tool("train.evaluate", f"output_dir={run_dir}", f"eval.data={dataset}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    ev = [r for r in rows if "eval/loss" in r][-1]
+    assert ev["step"] == STEPS
+    assert ev["eval/loss"] == pytest.approx(metrics(run_dir, "val_loss")[STEPS], rel=1e-5)
+    assert ev["eval/perplexity"] == pytest.approx(torch.tensor(ev["eval/loss"]).exp().item(), rel=1e-6)
+    assert 0 < ev["eval/bits_per_byte"] < ev["eval/loss"] / 0.69  # byte tokens: bpb = loss / ln 2 less eos
