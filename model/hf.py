@@ -190,18 +190,19 @@ def hf_name(name: str, n_layers: int) -> str:
     return "model." + name
 
 
-def hf_items(cfg: ModelConfig, name: str, t: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
-    """(Hugging Face name, tensor) pairs in the per-expert Hub layout for our tensor `name` (whole)."""
+def hf_items(cfg: ModelConfig, name: str, t: torch.Tensor, first: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    """(Hugging Face name, tensor) pairs in the per-expert Hub layout for our tensor `name` (whole, or for an
+    expert stack, the experts first, first + 1, ...)."""
     inter, base = cfg.moe_intermediate_size, hf_name(name, cfg.num_hidden_layers)
     if name.endswith("mlp.experts.gate_up_proj"):
         base = base[: -len("gate_up_proj")]
         for j in range(t.shape[0]):
-            yield f"{base}{j}.gate_proj.weight", t[j, :, :inter].t()
-            yield f"{base}{j}.up_proj.weight", t[j, :, inter:].t()
+            yield f"{base}{first + j}.gate_proj.weight", t[j, :, :inter].t()
+            yield f"{base}{first + j}.up_proj.weight", t[j, :, inter:].t()
     elif name.endswith("mlp.experts.down_proj"):
         base = base[: -len("down_proj")]
         for j in range(t.shape[0]):
-            yield f"{base}{j}.down_proj.weight", t[j].t()
+            yield f"{base}{first + j}.down_proj.weight", t[j].t()
     else:
         yield base, t
 

@@ -5,8 +5,6 @@ expert bias) and one MTP layer is the subject of every test here.
 """
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,7 +12,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from test_train import ROOT, base_args, dataset, metrics, train  # noqa: E402,F401  (dataset is a fixture)
+from test_train import base_args, dataset, metrics, train  # noqa: E402,F401  (dataset is a fixture)
 from train.runfiles import checkpoint_of, load_model, run_config  # noqa: E402
 from train.sample import SampleConfig, sample  # noqa: E402
 from train.data.tokenizer import ByteTokenizer  # noqa: E402
@@ -25,10 +23,13 @@ RUN = {"model.scoring_func": "sigmoid", "model.topk_method": "noaux_tc", "model.
        "train.val_every": STEPS, "data.val_batches": 1, "optim.lr": 1e-2}
 
 
-def tool(module: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
-                                            "PYTHONPATH": str(ROOT)})
+def tool(module: str, *args: str, capsys=None) -> tuple[int, str, str]:
+    """`python -m <module> <args>` in this process: (exit code, stdout, stderr)."""
+    import importlib
+
+    rc = importlib.import_module(module).main(list(args))
+    out, err = capsys.readouterr() if capsys is not None else ("", "")
+    return rc, out, err
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +43,7 @@ def run_dir(dataset, tmp_path_factory):
 @pytest.fixture(scope="module")
 def exported(run_dir):
     dest = run_dir.parent / "hf"
-    proc = tool("train.export", f"output_dir={run_dir}", f"export.dir={dest}", "export.max_shard_bytes=200000")
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert tool("train.export", f"output_dir={run_dir}", f"export.dir={dest}", "export.max_shard_bytes=200000") == (0, "", "")
     return dest
 
 
@@ -71,13 +71,16 @@ def test_init_from_export_equals_init_from_the_run(dataset, run_dir, exported, t
     assert metrics(a)[1] == pytest.approx(metrics(b)[1], rel=1e-6)
 
 
-def test_export_refuses_a_non_empty_directory(run_dir, tmp_path):
+def test_export_refuses_a_non_empty_directory_and_a_non_run(run_dir, tmp_path, capsys):
     dest = tmp_path / "taken"
     dest.mkdir()
     (dest / "keep.txt").write_text("x")
-    proc = tool("train.export", f"output_dir={run_dir}", f"export.dir={dest}")
-    assert proc.returncode == 2 and "export.overwrite=true" in proc.stderr.strip().splitlines()[-1]
+    rc, _, err = tool("train.export", f"output_dir={run_dir}", f"export.dir={dest}", capsys=capsys)
+    assert rc == 2 and "export.overwrite=true" in err.strip().splitlines()[-1]
     assert sorted(p.name for p in dest.iterdir()) == ["keep.txt"]
+    rc, _, err = tool("train.export", f"output_dir={dest}", f"export.dir={tmp_path / 'new'}", capsys=capsys)
+    assert rc == 1 and "no published checkpoint" in err.strip().splitlines()[-1] and str(dest) in err
+    assert not (tmp_path / "new").exists()
 
 
 def test_greedy_sample_is_the_argmax_of_full_sequence_logits(run_dir):
@@ -95,15 +98,16 @@ def test_greedy_sample_is_the_argmax_of_full_sequence_logits(run_dir):
     assert max(len(r) for r in got) == n
 
 
-def test_sample_command_prints_the_continuation(run_dir):
-    proc = tool("train.sample", f"output_dir={run_dir}", "sample.prompt=def f(x):", "sample.max_new_tokens=8")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.startswith("def f(x):") and len(proc.stdout.rstrip("\n")) > len("def f(x):")
+def test_sample_command_prints_the_continuation(run_dir, capsys):
+    rc, out, _ = tool("train.sample", f"output_dir={run_dir}", "sample.prompt=def f(x):", "sample.max_new_tokens=8",
+                      capsys=capsys)
+    assert rc == 0
+    assert out.startswith("def f(x):") and len(out.rstrip("\n")) > len("def f(x):")
 
 
-def test_evaluate_on_the_validation_split_equals_the_runs_val_loss(dataset, run_dir):
-    proc = tool("train.evaluate", f"output_dir={run_dir}", f"eval.data={dataset}")
-    assert proc.returncode == 0, proc.stderr[-2000:]
+def test_evaluate_on_the_validation_split_equals_the_runs_val_loss(dataset, run_dir, capsys):
+    rc, out, _ = tool("train.evaluate", f"output_dir={run_dir}", f"eval.data={dataset}", capsys=capsys)
+    assert rc == 0 and "perplexity" in out
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     ev = [r for r in rows if "eval/loss" in r][-1]
     assert ev["step"] == STEPS

@@ -2,8 +2,8 @@
 [export.overwrite=true]`: a run's checkpoint as a Hugging Face directory.
 
 Whatever layout wrote the checkpoint, DCP reads it back here on one process one tensor at a time (a
-partial load of a single key), and each tensor goes to the output shard being filled, so host memory stays
-about one shard (plus the largest tensor). The directory loads with transformers'
+partial load of a single key; expert stacks one expert at a time), and each tensor goes to the output shard
+being filled, so host memory stays about one shard. The directory loads with transformers'
 `AutoModelForCausalLM.from_pretrained`: DeepseekV3ForCausalLM for sigmoid + noaux_tc routing (with the MTP
 layers as layers num_hidden_layers + k), else DeepseekV2ForCausalLM. It is written to `<dir>.tmp-<pid>`
 and renamed; the run's tokenizer.json (when its data had one) is saved beside the weights.
@@ -22,6 +22,9 @@ from typing import Optional
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+from torch.distributed.checkpoint.planner import LoadPlan
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from model import Transformer
 from model.hf import ShardWriter, exported_names, hf_items
@@ -42,17 +45,40 @@ class ExportConfig:
     max_shard_bytes: int = 5 * 2**30
 
 
+class _RowsPlanner(DefaultLoadPlanner):
+    """Loads rows [start, start + len) of dim 0 of the state dict's one tensor (one expert of a stack)."""
+
+    def __init__(self, start: int):
+        super().__init__(allow_partial_load=True)
+        self.start = start
+
+    def create_local_plan(self) -> LoadPlan:
+        (key, t), = self.state_dict.items()
+        chunk = ChunkStorageMetadata(torch.Size([self.start] + [0] * (t.dim() - 1)), t.shape)
+        return LoadPlan(create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], [chunk]))
+
+    def lookup_tensor(self, index) -> torch.Tensor:
+        return self.state_dict[index.fqn]  # the read items name the chunk by its offset in the whole stack
+
+
 def checkpoint_tensors(ckpt: Path, names: list[str]):
-    """(name, whole tensor) of the checkpoint's model, one tensor in memory at a time."""
+    """(name, first expert index, tensor) of the checkpoint's model, one tensor (or, of an expert stack, one
+    expert) in memory at a time."""
     meta = FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
     for name in names:
         key = "model." + name
         if key not in meta:
             raise ValueError(f"{ckpt}: no tensor {key!r} in the checkpoint (a different model?)")
         md = meta[key]
-        t = torch.empty(md.size, dtype=md.properties.dtype)
-        dcp.load({"model": {name: t}}, checkpoint_id=str(ckpt), planner=DefaultLoadPlanner(allow_partial_load=True))
-        yield name, t
+        if ".mlp.experts." not in name:
+            t = torch.empty(md.size, dtype=md.properties.dtype)
+            dcp.load({"model": {name: t}}, checkpoint_id=str(ckpt), planner=DefaultLoadPlanner(allow_partial_load=True))
+            yield name, 0, t
+            continue
+        for j in range(md.size[0]):
+            t = torch.empty((1, *md.size[1:]), dtype=md.properties.dtype)
+            dcp.load({"model": {name: t}}, checkpoint_id=str(ckpt), planner=_RowsPlanner(j))
+            yield name, j, t
 
 
 def export(ckpt: Path, cfg, out: Path, dtype: str, max_shard_bytes: int) -> None:
@@ -62,8 +88,8 @@ def export(ckpt: Path, cfg, out: Path, dtype: str, max_shard_bytes: int) -> None
     names = [n for n, _ in exported_names(model)]
     out.mkdir(parents=True)
     writer = ShardWriter(out, max_shard_bytes)
-    for name, t in checkpoint_tensors(ckpt, names):
-        for hf, piece in hf_items(cfg.model, name, t):
+    for name, first, t in checkpoint_tensors(ckpt, names):
+        for hf, piece in hf_items(cfg.model, name, t, first):
             writer.add(hf, piece if hf.endswith("e_score_correction_bias") else piece.to(DTYPES[dtype]))
         del t
     writer.close(cfg.model, dtype)
