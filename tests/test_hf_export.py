@@ -5,6 +5,9 @@ expert bias) and one MTP layer is the subject of every test here.
 """
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,7 +15,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from test_train import base_args, dataset, metrics, train  # noqa: E402,F401  (dataset is a fixture)
+from test_train import ROOT, base_args, dataset, metrics, train  # noqa: E402,F401  (dataset is a fixture)
 from train.runfiles import checkpoint_of, load_model, run_config  # noqa: E402
 from train.sample import SampleConfig, sample  # noqa: E402
 from train.data.tokenizer import ByteTokenizer  # noqa: E402
@@ -114,3 +117,29 @@ def test_evaluate_on_the_validation_split_equals_the_runs_val_loss(dataset, run_
     assert ev["eval/loss"] == pytest.approx(metrics(run_dir, "val_loss")[STEPS], rel=1e-5)
     assert ev["eval/perplexity"] == pytest.approx(torch.tensor(ev["eval/loss"]).exp().item(), rel=1e-6)
     assert 0 < ev["eval/bits_per_byte"] < ev["eval/loss"] / 0.69  # byte tokens: bpb = loss / ln 2 less eos
+
+
+def test_evaluate_under_torchrun_equals_one_process(dataset, run_dir):
+    """Two pipeline stages (the run's pp=2, its ep=2 dropped to fit 2 processes) give the one-process numbers."""
+    args = [f"output_dir={run_dir}", f"eval.data={dataset}"]
+    assert tool("train.evaluate", *args)[0] == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+           "train.evaluate", *args, "parallel.ep=1"]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    one, two = [r for r in rows if "eval/loss" in r][-2:]
+    assert two["eval/loss"] == pytest.approx(one["eval/loss"], rel=1e-5)
+    assert two["eval/bits_per_byte"] == pytest.approx(one["eval/bits_per_byte"], rel=1e-5)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    from model.generate import _pick
+
+    logits = torch.log(torch.tensor([[0.05, 0.5, 0.1, 0.3, 0.05]]))  # sorted: 0.5, 0.3, 0.1, ...
+    gen = torch.Generator().manual_seed(0)
+    picks = {int(_pick(logits, 1.0, None, gen, top_p=0.75)) for _ in range(200)}
+    assert picks == {1, 3}  # 0.5 < 0.75 <= 0.5 + 0.3
+    picks = {int(_pick(logits, 1.0, None, gen, top_p=0.85)) for _ in range(300)}
+    assert picks == {1, 3, 2}

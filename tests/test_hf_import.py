@@ -22,7 +22,8 @@ from model.config import load_preset  # noqa: E402
 from model.hf import config_to_hf  # noqa: E402
 from test_train import base_args, dataset, metrics, train  # noqa: E402,F401  (dataset is a fixture)
 from train.data.loader import TokenDataset, TokenLoader  # noqa: E402
-from train.hf_load import load_hf_weights  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from train.hf_load import HFReader, check_hf_dir, load_hf_weights  # noqa: E402
 
 SEQ = 32
 V3_RUN = {"model.scoring_func": "sigmoid", "model.topk_method": "noaux_tc", "model.aux_loss_free_bias": "true",
@@ -86,7 +87,7 @@ def first_loss(dataset, out, src, nproc=1, **over) -> float:
 
 
 @pytest.mark.parametrize("kind,layout,nproc", [
-    ("v2", {}, 1), ("v3", {}, 1),
+    ("v2", {}, 1),
     ("v2", {"parallel.ep": 2}, 2), ("v2", {"parallel.tp": 2}, 2), ("v3", {"parallel.pp": 2}, 2),
 ])
 def test_init_from_hf_gives_transformers_first_loss(dataset, dirs, tmp_path, kind, layout, nproc):
@@ -128,6 +129,15 @@ def test_v3_mtp_layer_and_fp8_blocks_map_onto_ours(tmp_path):
         assert torch.equal(p[f"mtp.0.block.{name}"], p[f"layers.1.{name}"]), name  # the file holds copies
     want = q.float() * scales.repeat_interleave(128, 0).repeat_interleave(128, 1)[:300, :320]
     assert torch.equal(p["lm_head.weight"], want)
+    # pieces as a sharded layout asks for them: FP8 blocks cut mid-block, expert columns across gate | up
+    sources, files = check_hf_dir(d, cfg)
+    reader = HFReader(sources, files, cfg)
+    with safe_open(str(files["lm_head.weight"]), framework="pt") as h:
+        reader._handles = {files["lm_head.weight"]: h}
+        assert torch.equal(reader.read("lm_head.weight", (slice(100, 250), slice(130, 300))), want[100:250, 130:300])
+        piece = (slice(2, 5), slice(7, 300), slice(20, 45))  # experts 2..4, inputs 7..299, gate 20..31 + up 0..12
+        got = reader.read("layers.2.mlp.experts.gate_up_proj", piece)
+    assert torch.equal(got, p["layers.2.mlp.experts.gate_up_proj"][piece])
 
 
 # ------------------------------------------------------------------------------------------ bad input

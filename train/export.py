@@ -2,8 +2,8 @@
 [export.overwrite=true]`: a run's checkpoint as a Hugging Face directory.
 
 Whatever layout wrote the checkpoint, DCP reads it back here on one process one tensor at a time (a
-partial load of a single key; expert stacks one expert at a time), and each tensor goes to the output shard
-being filled, so host memory stays about one shard. The directory loads with transformers'
+partial load of a single key; expert stacks one stored piece at a time), and each tensor goes to the output
+shard being filled, so host memory stays about one shard plus the largest tensor (or stored expert piece). The directory loads with transformers'
 `AutoModelForCausalLM.from_pretrained`: DeepseekV3ForCausalLM for sigmoid + noaux_tc routing (with the MTP
 layers as layers num_hidden_layers + k), else DeepseekV2ForCausalLM. It is written to `<dir>.tmp-<pid>`
 and renamed; the run's tokenizer.json (when its data had one) is saved beside the weights.
@@ -46,7 +46,7 @@ class ExportConfig:
 
 
 class _RowsPlanner(DefaultLoadPlanner):
-    """Loads rows [start, start + len) of dim 0 of the state dict's one tensor (one expert of a stack)."""
+    """Loads rows [start, start + len) of dim 0 of the state dict's one tensor (experts of a stack)."""
 
     def __init__(self, start: int):
         super().__init__(allow_partial_load=True)
@@ -61,24 +61,31 @@ class _RowsPlanner(DefaultLoadPlanner):
         return self.state_dict[index.fqn]  # the read items name the chunk by its offset in the whole stack
 
 
+def _row_ranges(md) -> list[tuple[int, int]]:
+    """(start, length) of dim 0 of the pieces the checkpoint stored the tensor in (an expert stack saved under
+    ep / FSDP: each rank's experts), when they tile dim 0 whole; else the whole tensor."""
+    rows = sorted({(int(c.offsets[0]), int(c.sizes[0])) for c in md.chunks})
+    whole_rows = all(tuple(c.sizes[1:]) == tuple(md.size[1:]) for c in md.chunks)
+    tiled = all(a[0] + a[1] == b[0] for a, b in zip(rows, rows[1:])) and rows[0][0] == 0
+    return rows if whole_rows and tiled else [(0, int(md.size[0]))]
+
+
 def checkpoint_tensors(ckpt: Path, names: list[str]):
-    """(name, first expert index, tensor) of the checkpoint's model, one tensor (or, of an expert stack, one
-    expert) in memory at a time."""
+    """(name, first expert index, tensor) of the checkpoint's model: one tensor in memory at a time, and of an
+    expert stack, one stored piece (the experts one rank saved) at a time. (DCP's file reader reads a stored
+    piece whole, so reading less than a piece would not save memory.)"""
     meta = FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
     for name in names:
         key = "model." + name
         if key not in meta:
             raise ValueError(f"{ckpt}: no tensor {key!r} in the checkpoint (a different model?)")
         md = meta[key]
-        if ".mlp.experts." not in name:
-            t = torch.empty(md.size, dtype=md.properties.dtype)
-            dcp.load({"model": {name: t}}, checkpoint_id=str(ckpt), planner=DefaultLoadPlanner(allow_partial_load=True))
-            yield name, 0, t
-            continue
-        for j in range(md.size[0]):
-            t = torch.empty((1, *md.size[1:]), dtype=md.properties.dtype)
-            dcp.load({"model": {name: t}}, checkpoint_id=str(ckpt), planner=_RowsPlanner(j))
-            yield name, j, t
+        ranges = _row_ranges(md) if ".mlp.experts." in name else [(0, int(md.size[0]))]
+        for start, length in ranges:
+            t = torch.empty((length, *md.size[1:]), dtype=md.properties.dtype)
+            dcp.load({"model": {name: t}}, checkpoint_id=str(ckpt), planner=_RowsPlanner(start))
+            yield name, start, t
+            del t
 
 
 def export(ckpt: Path, cfg, out: Path, dtype: str, max_shard_bytes: int) -> None:
