@@ -143,3 +143,25 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert picks == {1, 3}  # 0.5 < 0.75 <= 0.5 + 0.3
     picks = {int(_pick(logits, 1.0, None, gen, top_p=0.85)) for _ in range(300)}
     assert picks == {1, 3, 2}
+
+
+def test_export_saves_the_datas_tokenizer_for_transformers(tmp_path):
+    from transformers import AutoTokenizer
+
+    from train.config import RunConfig
+    from train.data.prepare import prepare
+    from train.data.tokenizer import HFTokenizer
+    from train.export import _save_tokenizer
+
+    corpus = tmp_path / "doc.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    prepare([str(corpus)], tmp_path / "data", tokenizer="bpe:300", chunk_len=65, samples_per_shard=16,
+            val_fraction=0.1, progress=False)
+    cfg = RunConfig()
+    cfg.data.path = str(tmp_path / "data")
+    _save_tokenizer(cfg, tmp_path / "hf")
+    text = "the lazy fox jumps"
+    ours = HFTokenizer(tmp_path / "data" / "tokenizer.json")
+    theirs = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert theirs(text, add_special_tokens=False)["input_ids"] == ours.encode(text)
+    assert theirs.eos_token_id == ours.eos_id and len(ours.encode(text)) < len(text)

@@ -7,6 +7,7 @@ layouts (ep, tp, pp), equals the cross-entropy transformers computes on the same
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -167,3 +168,21 @@ def test_bad_directories_are_one_line_and_write_nothing(dataset, dirs, tmp_path)
         assert proc.returncode == rc, proc.stderr[-2000:]
         assert fragment in lines[-1] and str(d.name) in lines[-1], lines[-1]
         assert not out.exists()  # nothing written to output_dir
+
+
+@pytest.mark.parametrize("bad,fragment", [(torch.zeros(7, 64), "shape (7, 64)"),
+                                          (torch.zeros(512, 64, dtype=torch.int64), "dtype I64")])
+def test_wrong_shape_or_dtype_names_file_and_tensor(tmp_path, bad, fragment):
+    from safetensors.torch import save_file
+
+    from train.hf_load import HFWeightsError
+
+    cfg = tiny()
+    torch.manual_seed(0)
+    ref = DeepseekV2ForCausalLM(DeepseekV2Config(**hf_dict(cfg)))
+    sd = {k: v.contiguous() for k, v in ref.state_dict().items()} | {"model.embed_tokens.weight": bad}
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(hf_dict(cfg) | {"model_type": "deepseek_v2"}))
+    with pytest.raises(HFWeightsError, match=re.escape(fragment)) as e:
+        check_hf_dir(tmp_path, cfg)
+    assert "model.safetensors" in str(e.value) and "'model.embed_tokens.weight'" in str(e.value)
