@@ -244,6 +244,11 @@ class ShardWriter:
         self.shard_bytes += size
         self.total_bytes += size
 
+    def make_room(self, nbytes: int) -> None:
+        """Write the shard being filled out now if `nbytes` more would not fit in it."""
+        if self.shard and self.shard_bytes + nbytes > self.max_bytes:
+            self.flush()
+
     def flush(self) -> None:
         self.count += 1
         fname = f"model-{self.count:05d}.safetensors"

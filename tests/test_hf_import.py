@@ -157,10 +157,7 @@ def test_bad_directories_are_one_line_and_write_nothing(dataset, dirs, tmp_path)
     other = _copy(src, tmp_path / "other")
     cfg = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**cfg, "kv_lora_rank": 24}))
-    notmodel = tmp_path / "notmodel"
-    notmodel.mkdir()
-    (notmodel / "config.json").write_text(json.dumps(cfg))
-    cases = [(missing, 1, shard), (other, 2, "kv_lora_rank"), (notmodel, 1, "no *.safetensors")]
+    cases = [(missing, 1, shard), (other, 2, "kv_lora_rank")]
     for d, rc, fragment in cases:
         out = tmp_path / f"run_{d.name}"
         proc = train(base_args(dataset, out, 1, **{"data.seq_len": SEQ, "checkpoint.init_from": d}), check=False)
@@ -186,3 +183,11 @@ def test_wrong_shape_or_dtype_names_file_and_tensor(tmp_path, bad, fragment):
     with pytest.raises(HFWeightsError, match=re.escape(fragment)) as e:
         check_hf_dir(tmp_path, cfg)
     assert "model.safetensors" in str(e.value) and "'model.embed_tokens.weight'" in str(e.value)
+
+
+def test_a_directory_without_weights_is_not_a_model(tmp_path):
+    from train.hf_load import HFWeightsError
+
+    (tmp_path / "config.json").write_text(json.dumps(hf_dict(tiny()) | {"model_type": "deepseek_v2"}))
+    with pytest.raises(HFWeightsError, match=r"is not a Hugging Face model directory: no \*\.safetensors"):
+        check_hf_dir(tmp_path, tiny())

@@ -61,8 +61,9 @@ def evaluate(trainer, ckpt: Path, ecfg: EvalConfig) -> dict:
     with torch.no_grad(), trainer.gemm_mode():
         losses = trainer._val_losses(trainer.sequence_part(whole))
     loss = torch.stack(losses).mean()
-    counts = torch.tensor([sum(y.numel() for _, y in whole), sum(token_bytes(run_tokenizer(cfg).tok, y)
-                                                                 for _, y in whole)], dtype=torch.float64)
+    tok = run_tokenizer(cfg, Path(ecfg.data)).tok
+    counts = torch.tensor([sum(y.numel() for _, y in whole), sum(token_bytes(tok, y) for _, y in whole)],
+                          dtype=torch.float64)
     if trainer.token_world > 1:
         dist.all_reduce(loss, group=trainer.token_group)
         loss /= trainer.token_world

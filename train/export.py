@@ -70,7 +70,7 @@ def _row_ranges(md) -> list[tuple[int, int]]:
     return rows if whole_rows and tiled else [(0, int(md.size[0]))]
 
 
-def checkpoint_tensors(ckpt: Path, names: list[str]):
+def checkpoint_tensors(ckpt: Path, names: list[str], before_load=lambda nbytes: None):
     """(name, first expert index, tensor) of the checkpoint's model: one tensor in memory at a time, and of an
     expert stack, one stored piece (the experts one rank saved) at a time. (DCP's file reader reads a stored
     piece whole, so reading less than a piece would not save memory.)"""
@@ -83,6 +83,7 @@ def checkpoint_tensors(ckpt: Path, names: list[str]):
         ranges = _row_ranges(md) if ".mlp.experts." in name else [(0, int(md.size[0]))]
         for start, length in ranges:
             t = torch.empty((length, *md.size[1:]), dtype=md.properties.dtype)
+            before_load(t.numel() * t.element_size())
             dcp.load({"model": {name: t}}, checkpoint_id=str(ckpt), planner=_RowsPlanner(start))
             yield name, start, t
             del t
@@ -95,7 +96,9 @@ def export(ckpt: Path, cfg, out: Path, dtype: str, max_shard_bytes: int) -> None
     names = [n for n, _ in exported_names(model)]
     out.mkdir(parents=True)
     writer = ShardWriter(out, max_shard_bytes)
-    for name, first, t in checkpoint_tensors(ckpt, names):
+    # DCP reads a stored piece into a tensor of its own, then copies it into ours: 2 x the piece for a moment, so
+    # the shard being filled is written out first when it and the piece would not fit in one shard
+    for name, first, t in checkpoint_tensors(ckpt, names, writer.make_room):
         for hf, piece in hf_items(cfg.model, name, t, first):
             writer.add(hf, piece if hf.endswith("e_score_correction_bias") else piece.to(DTYPES[dtype]))
         del t

@@ -95,11 +95,12 @@ class RunTokenizer:
     file: Path | None
 
 
-def run_tokenizer(cfg: RunConfig) -> RunTokenizer:
+def run_tokenizer(cfg: RunConfig, data: Path | None = None) -> RunTokenizer:
+    """The tokenizer of the dataset `data` (default: the run's)."""
     from .data.builtin import builtin_dataset
     from .data.tokenizer import ByteTokenizer, HFTokenizer
 
-    path = Path(cfg.data.path) if cfg.data.path else builtin_dataset()
+    path = data or (Path(cfg.data.path) if cfg.data.path else builtin_dataset())
     try:
         index = json.loads((path / "index.json").read_text())
     except (OSError, ValueError):
