@@ -16,6 +16,8 @@ transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from test_train import ROOT, base_args, dataset, metrics, train  # noqa: E402,F401  (dataset is a fixture)
+from torch.distributed.checkpoint import FileSystemReader  # noqa: E402
+from train.export import _row_ranges  # noqa: E402
 from train.runfiles import checkpoint_of, load_model, run_config  # noqa: E402
 from train.sample import SampleConfig, sample  # noqa: E402
 from train.data.tokenizer import ByteTokenizer  # noqa: E402
@@ -54,6 +56,8 @@ def test_export_loads_into_transformers_with_equal_logits(run_dir, exported):
     index = json.loads((exported / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 2  # sharded
     ckpt = checkpoint_of(run_dir, None)
+    stack = FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata["model.layers.1.mlp.experts.gate_up_proj"]
+    assert _row_ranges(stack) == [(0, 4), (4, 4)]  # each ep rank's experts stored and exported as a piece
     ours = load_model(ckpt, run_config(ckpt), torch.device("cpu"))
     assert any(float(m.gate.expert_bias.abs().sum()) > 0 for m in ours.moe_layers().values())  # the bias moved
     ref = AutoModelForCausalLM.from_pretrained(exported, attn_implementation="eager").eval()
