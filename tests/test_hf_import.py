@@ -131,8 +131,9 @@ def test_v3_mtp_layer_and_fp8_blocks_map_onto_ours(tmp_path):
     want = q.float() * scales.repeat_interleave(128, 0).repeat_interleave(128, 1)[:300, :320]
     assert torch.equal(p["lm_head.weight"], want)
     # pieces as a sharded layout asks for them: FP8 blocks cut mid-block, expert columns across gate | up
-    sources, files = check_hf_dir(d, cfg)
-    reader = HFReader(sources, files, cfg)
+    checked = check_hf_dir(d, cfg)
+    files = checked.files
+    reader = HFReader(checked.sources, files, cfg, checked.block)
     with safe_open(str(files["lm_head.weight"]), framework="pt") as h:
         reader._handles = {files["lm_head.weight"]: h}
         assert torch.equal(reader.read("lm_head.weight", (slice(100, 250), slice(130, 300))), want[100:250, 130:300])

@@ -8,7 +8,7 @@ no rank ever holds the whole model. Reading maps the Hub layout onto ours on the
 `experts.<j>.{gate,up,down}_proj.weight` (or transformers' stacked `experts.gate_up_proj` / `down_proj`)
 into our stacked [E, D, 2I] / [E, I, D] expert weights, `e_score_correction_bias` into the expert bias,
 V3's MTP layers (index >= num_hidden_layers) into `mtp.<k>`, and FP8 weights with a `weight_scale_inv`
-(128 x 128 blocks, as DeepSeek ships V3) dequantized.
+(blocks of quantization_config.weight_block_size, 128 x 128 as DeepSeek ships V3) dequantized.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from .checkpoint import CheckpointError
 from .config import ConfigError
 
 log = logging.getLogger(__name__)
-FP8_BLOCK = 128  # DeepSeek-V3's weight quantization block side
+FP8_BLOCK = 128  # DeepSeek-V3's weight quantization block side, when config.json's quantization_config names none
 DTYPES = {"F32", "F16", "BF16", "F64", "F8_E4M3"}
 # fields that set a tensor's shape: a difference makes the directory unusable for the run's model
 SHAPE_FIELDS = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "q_lora_rank",
@@ -173,9 +173,9 @@ def _check_headers(sources: dict[str, Source], files: dict[str, Path]) -> None:
 class HFReader(StorageReader):
     """A DCP storage reader serving a Hugging Face directory under our names and layout, slice by slice."""
 
-    def __init__(self, sources: dict[str, Source], files: dict[str, Path], cfg: ModelConfig):
+    def __init__(self, sources: dict[str, Source], files: dict[str, Path], cfg: ModelConfig, block: int = FP8_BLOCK):
         super().__init__()
-        self.sources, self.files, self.cfg = sources, files, cfg
+        self.sources, self.files, self.cfg, self.block = sources, files, cfg, block
         self._handles: dict[Path, object] = {}
 
     def reset(self, checkpoint_id=None) -> None:
@@ -245,12 +245,11 @@ class HFReader(StorageReader):
         scale = hf + "_scale_inv"
         if scale not in self.files:
             return t
-        return t.float() * _block_scales(self._handles[self.files[scale]].get_slice(scale), *index)
+        return t.float() * _block_scales(self._handles[self.files[scale]].get_slice(scale), *index, self.block)
 
 
-def _block_scales(scales, rows: slice, cols: slice) -> torch.Tensor:
-    """The per-element dequantization factor of weight[rows, cols] from its 128 x 128 block scales."""
-    b = FP8_BLOCK
+def _block_scales(scales, rows: slice, cols: slice, b: int) -> torch.Tensor:
+    """The per-element dequantization factor of weight[rows, cols] from its b x b block scales."""
     r0, c0 = rows.start // b, cols.start // b
     s = scales[r0:math.ceil(rows.stop / b), c0:math.ceil(cols.stop / b)].float()
     s = s.repeat_interleave(b, 0).repeat_interleave(b, 1)
@@ -258,8 +257,16 @@ def _block_scales(scales, rows: slice, cols: slice) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------ entry points
-def check_hf_dir(directory: Path, cfg: ModelConfig) -> tuple[dict[str, Source], dict[str, Path]]:
-    """Config and every header checked before a run writes anything; the sources for `load_hf_weights`."""
+@dataclass
+class HFCheckpoint:
+    """A checked Hugging Face directory: our tensor name -> Source, Hub tensor -> file, FP8 block side."""
+    sources: dict[str, Source]
+    files: dict[str, Path]
+    block: int
+
+
+def check_hf_dir(directory: Path, cfg: ModelConfig) -> HFCheckpoint:
+    """Config and every header checked before a run writes anything; what `load_hf_weights` reads."""
     try:
         hf = json.loads((directory / "config.json").read_text())
     except ValueError as e:
@@ -268,17 +275,20 @@ def check_hf_dir(directory: Path, cfg: ModelConfig) -> tuple[dict[str, Source], 
         raise HFWeightsError(f"{directory / 'config.json'}: model_type={hf.get('model_type')!r}, expected "
                              f"deepseek_v2 or deepseek_v3")
     check_config(hf, cfg, directory)
-    return plan_sources(directory, cfg)
+    block = (hf.get("quantization_config") or {}).get("weight_block_size") or [FP8_BLOCK, FP8_BLOCK]
+    if len(set(block)) != 1:
+        raise HFWeightsError(f"{directory / 'config.json'}: weight_block_size={block}; only square blocks are read")
+    return HFCheckpoint(*plan_sources(directory, cfg), block=int(block[0]))
 
 
-def load_hf_weights(directory: Path, parts, cfg: ModelConfig, checked=None) -> None:
+def load_hf_weights(directory: Path, parts, cfg: ModelConfig, checked: HFCheckpoint | None = None) -> None:
     """The directory's weights into this rank's model `parts` (any layout); each rank reads only its pieces."""
-    sources, files = checked or check_hf_dir(directory, cfg)
+    hf = checked or check_hf_dir(directory, cfg)
     state = {k: v for part in parts for k, v in get_model_state_dict(part).items()}
-    missing = [k for k in state if k not in sources and not k.endswith("expert_bias")]
+    missing = [k for k in state if k not in hf.sources and not k.endswith("expert_bias")]
     if missing:
         raise HFWeightsError(f"{directory} has no weights for {missing[:3]}")
-    dcp.load(state, storage_reader=HFReader(sources, files, cfg),
+    dcp.load(state, storage_reader=HFReader(hf.sources, hf.files, cfg, hf.block),
              planner=DefaultLoadPlanner(allow_partial_load=True))
     for part in parts:
         set_model_state_dict(part, state, options=StateDictOptions(strict=False))
