@@ -100,7 +100,8 @@ class MLA(nn.Module):
         k = torch.cat([k_nope, k_rope.unsqueeze(2).expand(-1, -1, k_nope.shape[2], -1)], dim=-1)
         return self.o_proj(self.attend(q, k, v, self.scale).flatten(2))  # (B, T, H, V) -> (B, T, H*V)
 
-    def decode(self, x: torch.Tensor, cos, sin, cache: LatentKVCache, start: int) -> torch.Tensor:
+    def decode(self, x: torch.Tensor, cos, sin, cache: LatentKVCache, start: int,
+               pad: torch.Tensor | None = None) -> torch.Tensor:
         """Absorbed attention of new tokens x [B, T, D] at positions [start, start+T) against the latent cache."""
         q_nope, q_rope = self._queries(x, cos, sin)
         c_new, k_new = self._latent(x, cos, sin)
@@ -111,7 +112,11 @@ class MLA(nn.Module):
         q_latent = torch.einsum("bthn,hnc->bthc", q_nope, w_uk)  # W_UK folded into the query
         scores = torch.einsum("bthc,bsc->bhts", q_latent, c_kv) + torch.einsum("bthr,bsr->bhts", q_rope, k_rope)
         t, s = x.shape[1], c_kv.shape[1]
-        future = torch.ones(t, s, dtype=torch.bool, device=x.device).triu(start + 1)
+        future = torch.ones(t, s, dtype=torch.bool, device=x.device).triu(start + 1)  # (T, S)
+        if pad is not None:  # left padding (B,): hidden from every query but itself (no row is all -inf)
+            keys = torch.arange(s, device=x.device)
+            itself = keys[None, :] == (start + torch.arange(t, device=x.device))[:, None]  # (T, S)
+            future = future | ((keys[None, None, :] < pad[:, None, None]) & ~itself)[:, None]  # (B, 1, T, S)
         probs = (scores.float() * self.scale).masked_fill(future, float("-inf")).softmax(-1).type_as(q_latent)
         o_latent = torch.einsum("bhts,bsc->bthc", probs, c_kv)
         out = torch.einsum("bthc,hvc->bthv", o_latent, w_uv)  # W_UV folded into the output

@@ -43,8 +43,9 @@ def config_from_hf(d: dict) -> ModelConfig:
     kw = {k: d[k] for k in _SAME_KEYS if d.get(k) is not None}
     kw["n_group"] = d.get("n_group") or 1
     kw["topk_group"] = d.get("topk_group") or 1
-    kw["topk_method"] = d.get("topk_method") or "greedy"
-    kw["scoring_func"] = d.get("scoring_func") or "softmax"
+    v3 = d.get("model_type") == "deepseek_v3"  # transformers' V3 config names no routing: sigmoid + noaux_tc
+    kw["topk_method"] = d.get("topk_method") or ("noaux_tc" if v3 else "greedy")
+    kw["scoring_func"] = d.get("scoring_func") or ("sigmoid" if v3 else "softmax")
     kw["aux_loss_free_bias"] = kw["topk_method"] == "noaux_tc"
     kw["q_lora_rank"] = d.get("q_lora_rank")
     kw["rope_theta"], kw["rope_scaling"] = _rope_from_hf(d)
@@ -70,14 +71,22 @@ def _rope_from_hf(d: dict) -> tuple[float, dict | None]:
     return theta, {"type": "yarn", **scaling}
 
 
+def is_v3(cfg: ModelConfig) -> bool:
+    """The DeepseekV3 architecture (sigmoid scores, top-2-sum group choice, correction bias) fits this routing."""
+    return cfg.scoring_func == "sigmoid" and cfg.topk_method == "noaux_tc"
+
+
 def config_to_hf(cfg: ModelConfig) -> dict:
     d = {k: getattr(cfg, k) for k in _SAME_KEYS}
-    d.update(architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2", hidden_act="silu",
+    arch, kind = ("DeepseekV3ForCausalLM", "deepseek_v3") if is_v3(cfg) else ("DeepseekV2ForCausalLM", "deepseek_v2")
+    d.update(architectures=[arch], model_type=kind, hidden_act="silu", rope_interleave=True,
              num_key_value_heads=cfg.num_attention_heads, n_group=cfg.n_group, topk_group=cfg.topk_group,
              topk_method=cfg.topk_method, scoring_func=cfg.scoring_func, moe_layer_freq=1,
              aux_loss_alpha=cfg.aux_loss_alpha, seq_aux=cfg.seq_aux_loss_alpha > 0, attention_bias=False,
              rope_theta=cfg.rope_theta, rope_scaling=dict(cfg.rope_scaling) if cfg.rope_scaling else None,
              initializer_range=cfg.initializer_range, bos_token_id=None, eos_token_id=None, torch_dtype="float32")
+    if not is_v3(cfg):
+        d["num_nextn_predict_layers"] = 0  # the DeepseekV2 format has no MTP module
     return d
 
 
@@ -167,57 +176,100 @@ def from_hf(directory: str | os.PathLike, device: str | torch.device = "cpu",
     return model
 
 
+def hf_name(name: str, n_layers: int) -> str:
+    """The Hugging Face name of one of our non-expert tensors (MTP depth k is layer n_layers + k, V3 layout)."""
+    if name == "lm_head.weight":
+        return name
+    name = name.replace("mlp.gate.expert_bias", "mlp.gate.e_score_correction_bias")
+    m = re.match(r"mtp\.(\d+)\.(.*)$", name)
+    if m:
+        layer, rest = n_layers + int(m.group(1)), m.group(2)
+        rest = rest[len("block."):] if rest.startswith("block.") else \
+            "shared_head." + rest if rest.startswith("norm.") else rest
+        return f"model.layers.{layer}.{rest}"
+    return "model." + name
+
+
+def hf_items(cfg: ModelConfig, name: str, t: torch.Tensor, first: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    """(Hugging Face name, tensor) pairs in the per-expert Hub layout for our tensor `name` (whole, or for an
+    expert stack, the experts first, first + 1, ...)."""
+    inter, base = cfg.moe_intermediate_size, hf_name(name, cfg.num_hidden_layers)
+    if name.endswith("mlp.experts.gate_up_proj"):
+        base = base[: -len("gate_up_proj")]
+        for j in range(t.shape[0]):
+            yield f"{base}{first + j}.gate_proj.weight", t[j, :, :inter].t()
+            yield f"{base}{first + j}.up_proj.weight", t[j, :, inter:].t()
+    elif name.endswith("mlp.experts.down_proj"):
+        base = base[: -len("down_proj")]
+        for j in range(t.shape[0]):
+            yield f"{base}{first + j}.down_proj.weight", t[j].t()
+    else:
+        yield base, t
+
+
+def exported_names(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
+    """Our (name, tensor) pairs that the Hugging Face format holds: parameters (MTP only in the V3 format)
+    and the aux-loss-free expert bias."""
+    for name, p in model.named_parameters():
+        if not name.startswith("mtp.") or is_v3(model.cfg):
+            yield name, p
+    if model.cfg.aux_loss_free_bias:
+        for name, b in model.named_buffers():
+            if name.endswith("gate.expert_bias") and (not name.startswith("mtp.") or is_v3(model.cfg)):
+                yield name, b
+
+
 def _hf_tensors(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
     """(Hugging Face name, tensor) pairs in the Hub layout, one at a time."""
-    inter = model.cfg.moe_intermediate_size
-    for name, p in model.named_parameters():
+    for name, p in exported_names(model):
         t = p.full_tensor() if hasattr(p, "full_tensor") else p  # DTensor (FSDP/TP) -> whole tensor
-        t = t.detach()
-        hf = name if name == "lm_head.weight" else "model." + name
-        if name.endswith("mlp.experts.gate_up_proj"):
-            base = hf[: -len("gate_up_proj")]
-            for j in range(t.shape[0]):
-                yield f"{base}{j}.gate_proj.weight", t[j, :, :inter].t()
-                yield f"{base}{j}.up_proj.weight", t[j, :, inter:].t()
-        elif name.endswith("mlp.experts.down_proj"):
-            base = hf[: -len("down_proj")]
-            for j in range(t.shape[0]):
-                yield f"{base}{j}.down_proj.weight", t[j].t()
-        elif name.startswith("mtp."):
-            continue  # the DeepseekV2 format has no multi-token-prediction module
-        else:
-            yield hf, t
-    for name, b in model.named_buffers():
-        if name.endswith("gate.expert_bias") and model.cfg.aux_loss_free_bias:
-            yield "model." + name.replace("gate.expert_bias", "gate.e_score_correction_bias"), b.detach()
+        yield from hf_items(model.cfg, name, t.detach())
+
+
+class ShardWriter:
+    """Safetensors shards of at most `max_shard_bytes` (a tensor larger than that gets a shard of its own),
+    each written to a temporary name and renamed, then the index; tensors are added one at a time."""
+
+    def __init__(self, directory: Path, max_shard_bytes: int):
+        self.directory, self.max_bytes = directory, max_shard_bytes
+        self.weight_map: dict[str, str] = {}
+        self.shard: dict[str, torch.Tensor] = {}
+        self.shard_bytes = self.total_bytes = self.count = 0
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        size = t.numel() * t.element_size()
+        if self.shard and self.shard_bytes + size > self.max_bytes:
+            self.flush()
+        self.shard[name] = t.contiguous().cpu()
+        self.shard_bytes += size
+        self.total_bytes += size
+
+    def make_room(self, nbytes: int) -> None:
+        """Write the shard being filled out now if `nbytes` more would not fit in it."""
+        if self.shard and self.shard_bytes + nbytes > self.max_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        self.count += 1
+        fname = f"model-{self.count:05d}.safetensors"
+        save_file(self.shard, str(self.directory / (fname + ".tmp")), metadata={"format": "pt"})
+        os.replace(self.directory / (fname + ".tmp"), self.directory / fname)
+        self.weight_map.update({k: fname for k in self.shard})
+        self.shard, self.shard_bytes = {}, 0
+
+    def close(self, cfg: ModelConfig, dtype: str = "float32") -> None:
+        if self.shard:
+            self.flush()
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": self.weight_map}
+        (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+        (self.directory / "config.json").write_text(json.dumps(config_to_hf(cfg) | {"torch_dtype": dtype}, indent=1))
 
 
 def to_hf(model: Transformer, directory: str | os.PathLike, max_shard_bytes: int = 5 * 2**30) -> None:
-    """Write config.json + safetensors shards (+ index) that transformers' DeepseekV2ForCausalLM loads."""
+    """Write config.json + safetensors shards (+ index) that transformers' DeepseekV2/V3ForCausalLM loads."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    weight_map: dict[str, str] = {}
-    shard: dict[str, torch.Tensor] = {}
-    shard_bytes, total_bytes, shard_names = 0, 0, []
-
-    def flush() -> None:
-        nonlocal shard, shard_bytes
-        fname = f"model-{len(shard_names) + 1:05d}.safetensors"
-        save_file(shard, str(directory / (fname + ".tmp")), metadata={"format": "pt"})
-        os.replace(directory / (fname + ".tmp"), directory / fname)
-        shard_names.append(fname)
-        weight_map.update({k: fname for k in shard})
-        shard, shard_bytes = {}, 0
-
+    writer = ShardWriter(directory, max_shard_bytes)
     for name, t in _hf_tensors(model):
-        size = t.numel() * t.element_size()
-        if shard and shard_bytes + size > max_shard_bytes:
-            flush()
-        shard[name] = t.contiguous().cpu()
-        shard_bytes += size
-        total_bytes += size
-    if shard:
-        flush()
-    index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
-    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
-    (directory / "config.json").write_text(json.dumps(config_to_hf(model.cfg), indent=1))
+        writer.add(name, t)
+    writer.close(model.cfg)

@@ -35,8 +35,8 @@ class Block(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def decode(self, x, cos, sin, cache: LatentKVCache, start: int) -> torch.Tensor:
-        x = x + self.self_attn.decode(self.input_layernorm(x), cos, sin, cache, start)
+    def decode(self, x, cos, sin, cache: LatentKVCache, start: int, pad: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attn.decode(self.input_layernorm(x), cos, sin, cache, start, pad)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -155,12 +155,15 @@ class Transformer(nn.Module):
         p = self.embed_tokens.weight
         return [LatentKVCache.empty(self.cfg, batch, max_len, p.dtype, p.device) for _ in self.layers]
 
-    def decode(self, tokens: torch.Tensor, cache: list[LatentKVCache], start: int) -> torch.Tensor:
-        """Logits [B, T, V] for new tokens at positions [start, start+T), reading/writing the latent cache."""
+    def decode(self, tokens: torch.Tensor, cache: list[LatentKVCache], start: int,
+               pad: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, V] for new tokens at positions [start, start+T), reading/writing the latent cache.
+        pad [B]: row b's first pad[b] positions are left padding, which no other position attends to (RoPE
+        is relative, so a row's positions need no shift)."""
         h = self.embed_tokens(tokens)
         cos, sin = self._rope(start, tokens.shape[1], h.device)
         for block, layer_cache in zip(self.layers.values(), cache):
-            h = block.decode(h, cos, sin, layer_cache, start)
+            h = block.decode(h, cos, sin, layer_cache, start, pad)
         return self.lm_head(self.norm(h))
 
     # ------------------------------------------------------------------------------------ MoE access

@@ -37,6 +37,7 @@ from parallel.pipeline import (build_pipeline, ends_share_rank, pipeline_eval, p
 from .checkpoint import Checkpointer, load_model_weights
 from .config import ConfigError, RunConfig, to_dict
 from .data.builtin import builtin_dataset
+from .hf_load import check_hf_dir, is_hf_dir, load_hf_weights
 from .data.loader import TokenDataset, TokenLoader
 from .metrics import MetricsWriter, format_progress, max_vio
 from .optim import PartOptimizers
@@ -172,7 +173,10 @@ class Trainer:
         self.fp8 = self._fp8_recipe()  # checked before set-up writes anything to output_dir
         if cfg.checkpoint.init_from and not Path(cfg.checkpoint.init_from).exists():
             raise ConfigError(f"checkpoint.init_from={cfg.checkpoint.init_from} does not exist (expected a run's "
-                              f"output_dir or one of its checkpoints/step_N)")
+                              f"output_dir, one of its checkpoints/step_N or a Hugging Face model directory)")
+        self.hf_init = None  # a Hugging Face directory to start from: checked before anything is written
+        if cfg.checkpoint.init_from and is_hf_dir(Path(cfg.checkpoint.init_from)):
+            self.hf_init = check_hf_dir(Path(cfg.checkpoint.init_from), cfg.model)
         self.step = 0
         sp = cfg.train.spike
         self.spike = SpikeGuard(sp.factor, sp.window, sp.max_rollbacks)
@@ -191,7 +195,10 @@ class Trainer:
         self._build_data()
         self.checkpointer = Checkpointer(self.out / "checkpoints", cfg.checkpoint.keep, cfg.checkpoint.async_save)
         resumed = self._resume() if cfg.checkpoint.load else None
-        if resumed is None and cfg.checkpoint.init_from:  # a new run from another run's weights
+        if resumed is None and self.hf_init is not None:  # a new run from Hugging Face weights
+            load_hf_weights(Path(cfg.checkpoint.init_from), self.parts, cfg.model, self.hf_init)
+            log.info("model weights from %s (Hugging Face)", cfg.checkpoint.init_from)
+        elif resumed is None and cfg.checkpoint.init_from:  # a new run from another run's weights
             path = load_model_weights(Path(cfg.checkpoint.init_from), self.parts)
             log.info("model weights from %s; optimizer, schedule and data start afresh", path)
         if self.env.rank == 0:

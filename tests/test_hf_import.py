@@ -1,0 +1,194 @@
+"""Hugging Face weights into a run under any layout (`checkpoint.init_from=<HF dir>`).
+
+Directories are written by transformers from random tiny DeepseekV2 / DeepseekV3 models (V3: sigmoid scores,
+noaux_tc, a non-zero e_score_correction_bias). The run's first loss, under one process and under 2-process
+layouts (ep, tp, pp), equals the cross-entropy transformers computes on the same batch.
+"""
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+transformers = pytest.importorskip("transformers")
+from transformers import (DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config,  # noqa: E402
+                          DeepseekV3ForCausalLM)
+
+from model import Transformer  # noqa: E402
+from model.config import load_preset  # noqa: E402
+from model.hf import config_to_hf  # noqa: E402
+from test_train import base_args, dataset, metrics, train  # noqa: E402,F401  (dataset is a fixture)
+from train.data.loader import TokenDataset, TokenLoader  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from train.hf_load import HFReader, check_hf_dir, load_hf_weights  # noqa: E402
+
+SEQ = 32
+V3_RUN = {"model.scoring_func": "sigmoid", "model.topk_method": "noaux_tc", "model.aux_loss_free_bias": "true",
+          "model.norm_topk_prob": "true", "model.routed_scaling_factor": 2.5}
+
+
+def tiny(**over):
+    return load_preset("tiny").replace(**over)
+
+
+def hf_dict(cfg) -> dict:
+    d = config_to_hf(cfg)
+    d.pop("torch_dtype")
+    return d
+
+
+def write_v2(directory: Path, seed: int = 0) -> DeepseekV2ForCausalLM:
+    torch.manual_seed(seed)
+    ref = DeepseekV2ForCausalLM(DeepseekV2Config(**hf_dict(tiny()), attn_implementation="eager")).eval()
+    ref.save_pretrained(directory, max_shard_size="200KB")  # sharded, with an index
+    return ref
+
+
+def write_v3(directory: Path, seed: int = 0, extra: dict | None = None) -> DeepseekV3ForCausalLM:
+    cfg = tiny(scoring_func="sigmoid", topk_method="noaux_tc", aux_loss_free_bias=True, norm_topk_prob=True,
+               routed_scaling_factor=2.5, num_nextn_predict_layers=1)
+    torch.manual_seed(seed)
+    ref = DeepseekV3ForCausalLM(DeepseekV3Config(**hf_dict(cfg), attn_implementation="eager")).eval()
+    with torch.no_grad():
+        for name, b in ref.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(torch.randn(b.shape) * 0.2)  # large enough to change which experts win
+    sd = {k: v.contiguous() for k, v in ref.state_dict().items()} | (extra or {})
+    ref.save_pretrained(directory, state_dict=sd)
+    return ref
+
+
+def first_batch(dataset: Path) -> list:
+    loader = TokenLoader(TokenDataset(dataset, "train"), seq_len=SEQ, global_batch_size=4, micro_batch_size=2,
+                         dp_rank=0, dp_world=1, seed=0)
+    return loader.next_batch()
+
+
+def hf_loss(ref, batches) -> float:
+    with torch.no_grad():
+        losses = [F.cross_entropy(ref(x).logits.flatten(0, 1), y.flatten()) for x, y in batches]
+    return float(torch.stack(losses).mean())
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory, dataset):
+    base = tmp_path_factory.mktemp("hf")
+    v2, v3 = write_v2(base / "v2"), write_v3(base / "v3")
+    batches = first_batch(dataset)
+    return {"v2": (base / "v2", hf_loss(v2, batches)), "v3": (base / "v3", hf_loss(v3, batches))}
+
+
+def first_loss(dataset, out, src, nproc=1, **over) -> float:
+    train(base_args(dataset, out, 1, **{"data.seq_len": SEQ, "checkpoint.init_from": src, **over}), nproc)
+    return metrics(out)[1]
+
+
+@pytest.mark.parametrize("kind,layout,nproc", [
+    ("v2", {}, 1),
+    ("v2", {"parallel.ep": 2}, 2), ("v2", {"parallel.tp": 2}, 2), ("v3", {"parallel.pp": 2}, 2),
+])
+def test_init_from_hf_gives_transformers_first_loss(dataset, dirs, tmp_path, kind, layout, nproc):
+    src, want = dirs[kind]
+    got = first_loss(dataset, tmp_path / "run", src, nproc, **layout, **(V3_RUN if kind == "v3" else {}))
+    assert math.isclose(got, want, rel_tol=1e-5), (got, want)
+
+
+def test_v3_mtp_layer_and_fp8_blocks_map_onto_ours(tmp_path):
+    """An MTP layer (index num_hidden_layers) lands in mtp.0; FP8 weights with 128x128 scale_inv blocks are
+    dequantized block by block (a weight spanning 2 x 3 blocks, scales all different)."""
+    n = 4
+    mtp = {f"model.layers.{n}.enorm.weight": torch.rand(320), f"model.layers.{n}.hnorm.weight": torch.rand(320),
+           f"model.layers.{n}.eh_proj.weight": torch.randn(320, 640),
+           f"model.layers.{n}.shared_head.norm.weight": torch.rand(320)}
+    cfg = tiny(scoring_func="sigmoid", topk_method="noaux_tc", aux_loss_free_bias=True, norm_topk_prob=True,
+               routed_scaling_factor=2.5, num_nextn_predict_layers=1, vocab_size=300, hidden_size=320)
+    w = torch.randn(300, 320)
+    q = w.to(torch.float8_e4m3fn)
+    scales = torch.rand(3, 3) + 0.5
+    fp8 = {"lm_head.weight": q, "lm_head.weight_scale_inv": scales}
+    d = tmp_path / "v3"
+    torch.manual_seed(0)
+    ref = DeepseekV3ForCausalLM(DeepseekV3Config(**hf_dict(cfg), attn_implementation="eager"))
+    extra = dict(mtp)
+    for k, v in ref.state_dict().items():
+        name = k.replace(".layers.1.", f".layers.{n}.")
+        if k.startswith("model.layers.1.") and name not in extra:  # the MTP block's other tensors
+            extra[name] = v.clone()
+    sd = {k: v.contiguous() for k, v in ref.state_dict().items()} | extra | fp8
+    ref.save_pretrained(d, state_dict=sd)
+    ours = Transformer(cfg)
+    load_hf_weights(d, [ours], cfg)
+    p = dict(ours.named_parameters())
+    assert torch.equal(p["mtp.0.enorm.weight"], mtp[f"model.layers.{n}.enorm.weight"])
+    assert torch.equal(p["mtp.0.eh_proj.weight"], mtp[f"model.layers.{n}.eh_proj.weight"])
+    assert torch.equal(p["mtp.0.norm.weight"], mtp[f"model.layers.{n}.shared_head.norm.weight"])
+    for name in ("mlp.experts.gate_up_proj", "mlp.experts.down_proj", "self_attn.kv_b_proj.weight"):
+        assert torch.equal(p[f"mtp.0.block.{name}"], p[f"layers.1.{name}"]), name  # the file holds copies
+    want = q.float() * scales.repeat_interleave(128, 0).repeat_interleave(128, 1)[:300, :320]
+    assert torch.equal(p["lm_head.weight"], want)
+    # pieces as a sharded layout asks for them: FP8 blocks cut mid-block, expert columns across gate | up
+    checked = check_hf_dir(d, cfg)
+    files = checked.files
+    reader = HFReader(checked.sources, files, cfg, checked.block)
+    with safe_open(str(files["lm_head.weight"]), framework="pt") as h:
+        reader._handles = {files["lm_head.weight"]: h}
+        assert torch.equal(reader.read("lm_head.weight", (slice(100, 250), slice(130, 300))), want[100:250, 130:300])
+        piece = (slice(2, 5), slice(7, 300), slice(20, 45))  # experts 2..4, inputs 7..299, gate 20..31 + up 0..12
+        got = reader.read("layers.2.mlp.experts.gate_up_proj", piece)
+    assert torch.equal(got, p["layers.2.mlp.experts.gate_up_proj"][piece])
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_bad_directories_are_one_line_and_write_nothing(dataset, dirs, tmp_path):
+    src = dirs["v2"][0]
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[1]
+    missing = _copy(src, tmp_path / "missing")
+    (missing / shard).unlink()
+    other = _copy(src, tmp_path / "other")
+    cfg = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**cfg, "kv_lora_rank": 24}))
+    cases = [(missing, 1, shard), (other, 2, "kv_lora_rank")]
+    for d, rc, fragment in cases:
+        out = tmp_path / f"run_{d.name}"
+        proc = train(base_args(dataset, out, 1, **{"data.seq_len": SEQ, "checkpoint.init_from": d}), check=False)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == rc, proc.stderr[-2000:]
+        assert fragment in lines[-1] and str(d.name) in lines[-1], lines[-1]
+        assert not out.exists()  # nothing written to output_dir
+
+
+@pytest.mark.parametrize("bad,fragment", [(torch.zeros(7, 64), "shape (7, 64)"),
+                                          (torch.zeros(512, 64, dtype=torch.int64), "dtype I64")])
+def test_wrong_shape_or_dtype_names_file_and_tensor(tmp_path, bad, fragment):
+    from safetensors.torch import save_file
+
+    from train.hf_load import HFWeightsError
+
+    cfg = tiny()
+    torch.manual_seed(0)
+    ref = DeepseekV2ForCausalLM(DeepseekV2Config(**hf_dict(cfg)))
+    sd = {k: v.contiguous() for k, v in ref.state_dict().items()} | {"model.embed_tokens.weight": bad}
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(hf_dict(cfg) | {"model_type": "deepseek_v2"}))
+    with pytest.raises(HFWeightsError, match=re.escape(fragment)) as e:
+        check_hf_dir(tmp_path, cfg)
+    assert "model.safetensors" in str(e.value) and "'model.embed_tokens.weight'" in str(e.value)
+
+
+def test_a_directory_without_weights_is_not_a_model(tmp_path):
+    from train.hf_load import HFWeightsError
+
+    (tmp_path / "config.json").write_text(json.dumps(hf_dict(tiny()) | {"model_type": "deepseek_v2"}))
+    with pytest.raises(HFWeightsError, match=r"is not a Hugging Face model directory: no \*\.safetensors"):
+        check_hf_dir(tmp_path, tiny())

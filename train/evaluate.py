@@ -1,0 +1,106 @@
+"""`python -m train.evaluate output_dir=<run> eval.data=<prepared dataset> [eval.step=N] [eval.batches=N]
+[eval.split=val]`: loss, perplexity and bits per byte of a checkpoint on a dataset's split.
+
+Runs as one process or under torchrun with any layout (`parallel.*=...` overrides the run's own): the
+checkpoint's model weights are loaded into the layout's model parts (DCP reshards them) and the batches are
+the training validation's (the split's first `eval.batches` batches of train.global_batch_size sequences),
+so on the run's validation split the loss equals the run's own `val_loss` at that step. The results are
+printed and appended to the run's metrics.jsonl as `eval/loss`, `eval/perplexity`, `eval/bits_per_byte`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .checkpoint import load_model_weights
+from .config import ConfigError
+from .runfiles import checkpoint_of, main_guard, parse_args, run_config, run_tokenizer
+
+
+ONE_PROCESS = ["parallel.dp_replicate=1", "parallel.dp_shard=-1", "parallel.tp=1", "parallel.ep=1", "parallel.pp=1",
+               "parallel.cp=1", "parallel.pp_stages_per_rank=1"]
+
+
+@dataclass
+class EvalConfig:
+    data: Optional[str] = None  # a prepared dataset (python -m train.data.prepare)
+    split: str = "val"
+    step: Optional[int] = None  # None: the newest checkpoint
+    batches: Optional[int] = None  # None: the run's data.val_batches
+
+
+def token_bytes(tok, ids: torch.Tensor) -> int:
+    """UTF-8 bytes the tokens stand for (byte tokenizer: ids below 256; others: their decoded text)."""
+    if getattr(tok, "spec", None) == "byte":
+        return int((ids < 256).sum())
+    return sum(len(tok.decode(row).encode("utf-8")) for row in ids.tolist())
+
+
+def evaluate(trainer, ckpt: Path, ecfg: EvalConfig) -> dict:
+    """{"loss", "perplexity", "bits_per_byte"} of the checkpoint on the split, over every rank."""
+    from .data.loader import TokenDataset, TokenLoader
+
+    cfg = trainer.cfg
+    trainer.parts = trainer._build_model()
+    load_model_weights(ckpt, trainer.parts)
+    loader = TokenLoader(TokenDataset(Path(ecfg.data), ecfg.split), seq_len=cfg.data.seq_len,
+                         global_batch_size=cfg.train.global_batch_size, micro_batch_size=cfg.train.micro_batch_size,
+                         dp_rank=trainer.dp_rank, dp_world=trainer.dp_world, seed=cfg.train.seed)
+    whole = loader.val_batches(ecfg.batches or cfg.data.val_batches, cfg.train.global_batch_size // trainer.dp_world)
+    for part in trainer.parts:
+        part.eval()
+    with torch.no_grad(), trainer.gemm_mode():
+        losses = trainer._val_losses(trainer.sequence_part(whole))
+    loss = torch.stack(losses).mean()
+    tok = run_tokenizer(cfg, Path(ecfg.data)).tok
+    counts = torch.tensor([sum(y.numel() for _, y in whole), sum(token_bytes(tok, y) for _, y in whole)],
+                          dtype=torch.float64)
+    if trainer.token_world > 1:
+        dist.all_reduce(loss, group=trainer.token_group)
+        loss /= trainer.token_world
+        dist.all_reduce(counts, group=trainer.mesh["dp"].get_group())
+    value = float(loss)
+    tokens, nbytes = float(counts[0]), float(counts[1])
+    bpb = value * tokens / (math.log(2) * nbytes) if nbytes else float("nan")
+    return {"loss": value, "perplexity": math.exp(value), "bits_per_byte": bpb}
+
+
+def run(argv: list[str]) -> int:
+    from .trainer import Trainer
+
+    run_dir, ecfg, rest = parse_args(argv, EvalConfig, "eval")
+    if not ecfg.data or not Path(ecfg.data).is_dir():
+        raise ConfigError(f"eval.data=<a prepared dataset directory> is required, got {ecfg.data!r}")
+    ckpt = checkpoint_of(run_dir, ecfg.step)
+    one_process = [] if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ONE_PROCESS  # else the run's layout
+    cfg = run_config(ckpt, one_process + rest + [f"output_dir={run_dir}", "checkpoint.init_from=null"])
+    trainer = Trainer(cfg)
+    try:
+        result = evaluate(trainer, ckpt, ecfg)
+        step = int(ckpt.name.split("_")[-1])
+        if trainer.env.rank == 0:
+            record = {"step": step, **{f"eval/{k}": v for k, v in result.items()}, "eval/data": str(ecfg.data)}
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            print(f"step {step} | eval loss {result['loss']:.4f} | perplexity {result['perplexity']:.3f} | "
+                  f"bits/byte {result['bits_per_byte']:.4f}", flush=True)
+    finally:
+        trainer.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return main_guard(run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
