@@ -39,6 +39,7 @@ from .checkpoint import Checkpointer, load_model_weights
 from .config import ConfigError, RunConfig, to_dict
 from .data.builtin import builtin_dataset
 from .data.loader import TokenDataset, TokenLoader
+from .data.megatron import megatron_loaders
 from .metrics import MetricsWriter, format_progress, max_vio
 from .optim import PartOptimizers
 from .precision import Bf16GemmEmulation
@@ -180,11 +181,11 @@ class Trainer:
         if self.env.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        self._build_data()  # before the model: a data error costs no model build
         torch.manual_seed(cfg.train.seed)
         self.parts = self._build_model()
         self.optimizers = PartOptimizers(self.parts, cfg.optim, cfg.train.steps, cfg.precision.moment_dtype,
                                          self.position)
-        self._build_data()
         self.checkpointer = Checkpointer(self.out / "checkpoints", cfg.checkpoint.keep, cfg.checkpoint.async_save)
         resumed = self._resume() if cfg.checkpoint.load else None
         if resumed is None and cfg.checkpoint.init_from:  # a new run from another run's weights
@@ -289,6 +290,12 @@ class Trainer:
 
     def _build_data(self) -> None:
         cfg = self.cfg
+        if cfg.data.format == "megatron":
+            self.loader, self.val_loader = megatron_loaders(
+                cfg.data, cfg.model.vocab_size, cfg.train.seed, self.batches, cfg.train.steps,
+                cfg.data.cache_dir or self.out / "data_cache", global_batch_size=cfg.train.global_batch_size,
+                micro_batch_size=cfg.train.micro_batch_size, dp_rank=self.dp_rank, dp_world=self.dp_world)
+            return
         path = Path(cfg.data.path) if cfg.data.path else builtin_dataset()  # file-locked: one rank prepares
         train_set, val_set = TokenDataset(path, "train"), TokenDataset(path, "val")
         common = dict(seq_len=cfg.data.seq_len, global_batch_size=cfg.train.global_batch_size,
