@@ -115,3 +115,104 @@ def test_ranks_read_disjoint_parts_of_the_same_global_batch(corpora, tmp_path):
         # micro-step j of all ranks = rows [j*4, (j+1)*4) of the step
         assert torch.equal(torch.cat([parts[0][0][0], parts[1][0][0], parts[0][1][0], parts[1][1][0]]),
                            torch.cat([x, x2]))
+
+
+# ------------------------------------------------------------------------------------------ end to end
+def megatron_args(corpora, out: Path, steps: int, **extra) -> dict:
+    from test_train import base_args
+    return base_args("unused", out, steps, **{"data": "megatron", "data.prefixes": f"[{corpora['a']},{corpora['b']}]",
+                                                "data.weights": "[0.7,0.3]", "data.split": "90/10/0", **extra})
+
+
+def test_sigkill_and_resume_on_a_blend_is_bit_exact(corpora, tmp_path):
+    from test_train import metrics, train
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    train(megatron_args(corpora, straight, 6))
+    args = megatron_args(corpora, killed, 6, **{"checkpoint.every": 3})
+    proc = train(args, env_extra={"DSV2_TEST_KILL_AT_STEP": "4"}, check=False)
+    assert proc.returncode != 0  # died by SIGKILL after step 4 (checkpoint at 3)
+    cache = sorted(p.name for p in (killed / "data_cache").iterdir())
+    train(args)
+    assert sorted(p.name for p in (killed / "data_cache").iterdir()) == cache  # the indices were reused
+    assert list(metrics(killed)) == list(range(1, 7))
+    assert metrics(killed) == metrics(straight)  # identical floats, bit for bit
+    assert metrics(killed, "grad_norm") == metrics(straight, "grad_norm")
+
+
+@pytest.mark.parametrize("layout", ["ep2", "pp2_1f1b"])
+def test_layout_on_a_blend_equals_single_process(corpora, tmp_path, layout):
+    from test_parallel_layouts import BALANCE, LAYOUTS, assert_same_run
+    from test_train import train
+    nproc, mb, ref_mb, over = LAYOUTS[layout]
+    ref, out = tmp_path / "ref", tmp_path / layout
+    steps = 3
+    train(megatron_args(corpora, ref, steps, **{**BALANCE, "train.micro_batch_size": ref_mb}))
+    train(megatron_args(corpora, out, steps, **{**BALANCE, "train.micro_batch_size": mb, **over}), nproc)
+    assert_same_run(ref, out, tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ preparation
+def test_prepare_megatron_is_the_same_for_any_number_of_workers(tmp_path):
+    import subprocess
+    import sys
+    import sysconfig
+    from test_train import ROOT
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = [str(stdlib / f"{name}.py") for name in ("bisect", "csv", "shlex", "string")]
+    outs = {}
+    for workers in (1, 2):
+        outs[workers] = tmp_path / f"w{workers}"
+        subprocess.run([sys.executable, "-m", "train.data.prepare", "--format", "megatron", "--input", *files,
+                        "--output", str(outs[workers]), "--workers", str(workers), "--part-bytes", "20000"],
+                       cwd=ROOT, check=True, capture_output=True)
+    for ext in (".bin", ".idx"):
+        assert Path(f"{outs[1]}{ext}").read_bytes() == Path(f"{outs[2]}{ext}").read_bytes()
+    corpus = IndexedDataset(str(outs[2]))
+    assert len(corpus) == 4  # one sequence per document (file), each ending with the byte tokenizer's 256
+    for i, f in enumerate(files):
+        doc = corpus[i]
+        assert doc[-1] == 256 and bytes(doc[:-1].astype(np.uint8)) == Path(f).read_bytes()
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def run_megatron(corpora, tmp_path, **over):
+    from test_train import train
+    return train(megatron_args(corpora, tmp_path / "run", 1, **over), check=False)
+
+
+def one_line(proc) -> str:
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and " INFO " not in ln and "warn" not in ln.lower()]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize("over,code,fragment", [
+    ({"data.weights": "[1,2,3]"}, 2, "data.weights has 3 entries for 2 data.prefixes"),
+    ({"data.weights": "[0.5,-0.5]"}, 2, "data.weights must be numbers >= 0"),
+    ({"data.weights": "[0,0]"}, 2, "data.weights are all zero"),
+    ({"model.vocab_size": 150}, 1, "holds token id 199 >= model.vocab_size=150"),
+    ({"data.split": "0/50/50"}, 2, "data.split must be up to three shares"),
+])
+def test_bad_blend_or_corpus_is_one_line(corpora, tmp_path, over, code, fragment):
+    proc = run_megatron(corpora, tmp_path, **over)
+    assert proc.returncode == code and fragment in one_line(proc)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_broken_corpora_are_one_line_each(corpora, tmp_path):
+    import shutil
+    bad = {}
+    for name in ("truncated", "mismatched", "empty"):
+        for ext in (".bin", ".idx"):
+            shutil.copy(corpora["a"] + ext, tmp_path / f"{name}{ext}")
+        bad[name] = str(tmp_path / name)
+    Path(bad["truncated"] + ".bin").write_bytes(Path(bad["truncated"] + ".bin").read_bytes()[:-10])
+    shutil.copy(corpora["b"] + ".idx", bad["mismatched"] + ".idx")
+    write_corpus(tmp_path / "empty", 0, 0, 100, 4)
+    expect = {"truncated": "does not match", "mismatched": "does not match", "empty": "is empty",
+              "missing": "not found"}
+    bad["missing"] = str(tmp_path / "missing")
+    for name, fragment in expect.items():
+        proc = run_megatron({"a": corpora["a"], "b": bad[name]}, tmp_path / name)
+        line = one_line(proc)
+        assert proc.returncode == 1 and fragment in line and bad[name] in line, line

@@ -151,7 +151,7 @@ def build_datasets(prefixes: list[str], weights: list[float], split: str, seq_le
 def megatron_loaders(data, vocab_size: int, seed: int, batches: BatchSchedule, steps: int, cache_dir: str | Path,
                      **common) -> tuple[MegatronLoader, MegatronLoader]:
     """(train, validation) loaders of `data` (a DataConfig with format=megatron) after the corpus checks."""
-    check_corpora(data.prefixes, vocab_size, Path(cache_dir))
+    check_corpora(data.prefixes, vocab_size, Path(cache_dir), data.split)
     sizes = (batches.sequences_before(steps), data.val_batches * batches.final)
     train, val = build_datasets(list(data.prefixes), list(data.weights), data.split, data.seq_len, seed, sizes,
                                 cache_dir)
@@ -165,11 +165,13 @@ def megatron_loaders(data, vocab_size: int, seed: int, batches: BatchSchedule, s
 
 
 # --------------------------------------------------------------------------------------------- checks
-def check_corpora(prefixes, vocab_size: int, cache_dir: Path) -> None:
-    """Each prefix names a readable, consistent, non-empty .bin/.idx pair whose token ids lie below vocab_size;
-    a DataError naming the first that does not. The token range scan runs once per corpus file (rank 0 first,
-    the others after a barrier) and is cached in cache_dir."""
+def check_corpora(prefixes, vocab_size: int, cache_dir: Path, split: str) -> None:
+    """Each prefix names a readable, consistent .bin/.idx pair with documents in every share of `split` and
+    token ids below vocab_size; a DataError naming the first that does not. The token range scan runs once per
+    corpus file (rank 0 first, the others after a barrier) and is cached in cache_dir."""
     corpora = {p: _open(p) for p in prefixes}  # held while their indexes are read (memory maps close with them)
+    for p, corpus in corpora.items():
+        _check_split(p, len(corpus.index.sequence_lengths), split)
     # a dtype whose largest value is below vocab_size cannot hold a bad id: no scan
     to_scan = {p: c.index for p, c in corpora.items() if np.iinfo(c.index.dtype).max >= vocab_size}
     with _cache_lock(cache_dir):
@@ -205,6 +207,20 @@ def _open(prefix: str):
         raise DataError(f"corpus {prefix}: {bin_} has {bin_.stat().st_size} bytes but {idx} describes {expected}: "
                         f"the pair does not match (written separately, or truncated)")
     return corpus
+
+
+def _check_split(prefix: str, documents: int, split: str) -> None:
+    """Every share of the split gets a document of the corpus (megatron-core cuts the document list at
+    round(bookend * documents); an empty share of a blend would never fill its samples)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        from megatron.core.datasets.blended_megatron_dataset_config import (
+            convert_split_vector_to_split_matrix, parse_and_normalize_split)
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    for name, bookends in zip(("train", "validation", "test"), matrix):
+        if bookends is not None and round(bookends[0] * documents) == round(bookends[1] * documents):
+            raise DataError(f"corpus {prefix} has {documents} documents: its {name} share of data.split={split!r} "
+                            f"gets none (give that share more weight, or the corpus more documents)")
 
 
 def _max_token(prefix: str, index, cache_dir: Path) -> int:
