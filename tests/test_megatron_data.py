@@ -188,31 +188,44 @@ def one_line(proc) -> str:
 
 @pytest.mark.parametrize("over,code,fragment", [
     ({"data.weights": "[1,2,3]"}, 2, "data.weights has 3 entries for 2 data.prefixes"),
-    ({"data.weights": "[0.5,-0.5]"}, 2, "data.weights must be numbers >= 0"),
-    ({"data.weights": "[0,0]"}, 2, "data.weights are all zero"),
     ({"model.vocab_size": 150}, 1, "holds token id 199 >= model.vocab_size=150"),
-    ({"data.split": "0/50/50"}, 2, "data.split must be up to three shares"),
 ])
-def test_bad_blend_or_corpus_is_one_line(corpora, tmp_path, over, code, fragment):
+def test_bad_blend_or_corpus_is_one_line_before_the_model(corpora, tmp_path, over, code, fragment):
     proc = run_megatron(corpora, tmp_path, **over)
     assert proc.returncode == code and fragment in one_line(proc)
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert "holds parameters" not in proc.stderr  # no model was built
 
 
-def test_broken_corpora_are_one_line_each(corpora, tmp_path):
+@pytest.mark.parametrize("over,fragment", [
+    ({"weights": (0.5, -0.5)}, "data.weights must be numbers >= 0"),
+    ({"weights": (0, 0)}, "data.weights are all zero"),
+    ({"split": "0/50/50"}, "data.split must be up to three shares"),
+    ({"prefixes": ()}, "data=megatron needs data.prefixes"),
+])
+def test_bad_blend_settings_are_config_errors(over, fragment):
+    from train.config import ConfigError, RunConfig, validate
+    cfg = RunConfig(data=DataConfig(**{"format": "megatron", "prefixes": ("x", "y"), **over}))
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace("[", r"\[")):
+        validate(cfg)
+
+
+def test_broken_corpora_are_named(corpora, tmp_path):
     import shutil
+    from train.data.megatron import check_corpora
     bad = {}
-    for name in ("truncated", "mismatched", "empty"):
+    for name in ("truncated", "mismatched", "not_an_index"):
         for ext in (".bin", ".idx"):
             shutil.copy(corpora["a"] + ext, tmp_path / f"{name}{ext}")
         bad[name] = str(tmp_path / name)
     Path(bad["truncated"] + ".bin").write_bytes(Path(bad["truncated"] + ".bin").read_bytes()[:-10])
     shutil.copy(corpora["b"] + ".idx", bad["mismatched"] + ".idx")
-    write_corpus(tmp_path / "empty", 0, 0, 100, 4)
-    expect = {"truncated": "does not match", "mismatched": "does not match", "empty": "is empty",
-              "missing": "not found"}
+    Path(bad["not_an_index"] + ".idx").write_bytes(b"MMIDIDX" + bytes(40))
+    bad["empty"] = write_corpus(tmp_path / "empty", 0, 0, 100, 4)
     bad["missing"] = str(tmp_path / "missing")
+    bad["two_documents"] = write_corpus(tmp_path / "two_documents", 2, 0, 100, 5)
+    expect = {"truncated": "does not match", "mismatched": "does not match", "not_an_index": "is not a Megatron index",
+              "empty": "is empty", "missing": "not found", "two_documents": "validation share of data.split"}
     for name, fragment in expect.items():
-        proc = run_megatron({"a": corpora["a"], "b": bad[name]}, tmp_path / name)
-        line = one_line(proc)
-        assert proc.returncode == 1 and fragment in line and bad[name] in line, line
+        with pytest.raises(DataError) as e:
+            check_corpora([corpora["a"], bad[name]], 1000, tmp_path / "cache", "90,10,0")
+        assert fragment in str(e.value) and bad[name] in str(e.value) and "\n" not in str(e.value), name

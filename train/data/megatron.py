@@ -13,10 +13,13 @@ on every restart.
 from __future__ import annotations
 
 import fcntl
+import gc
 import hashlib
 import json
 import logging
 import os
+import struct
+import sys
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -195,10 +198,15 @@ def _open(prefix: str):
     if missing:
         raise DataError(f"corpus {prefix}: {' and '.join(missing)} not found (data.prefixes name .bin/.idx pairs "
                         f"without the extension)")
+    hook = sys.unraisablehook  # a half-built IndexedDataset's __del__ fails too: its report would add lines
+    sys.unraisablehook = lambda _: None
     try:
-        corpus = IndexedDataset(prefix)
-    except (AssertionError, ValueError, OSError, IndexError, KeyError) as e:
+        corpus = IndexedDataset(prefix, mmap=False)  # file reads: an empty .bin cannot be memory-mapped
+    except (AssertionError, ValueError, OSError, IndexError, KeyError, struct.error) as e:
         raise DataError(f"corpus {prefix}: {idx} is not a Megatron index ({type(e).__name__}: {e})") from None
+    finally:
+        gc.collect()
+        sys.unraisablehook = hook
     index = corpus.index
     if len(index.sequence_lengths) == 0 or int(index.sequence_lengths.sum(dtype=np.int64)) == 0:
         raise DataError(f"corpus {prefix} is empty: its index lists no tokens")
