@@ -139,16 +139,24 @@ def test_sigkill_and_resume_on_a_blend_is_bit_exact(corpora, tmp_path):
     assert metrics(killed, "grad_norm") == metrics(straight, "grad_norm")
 
 
-@pytest.mark.parametrize("layout", ["ep2", "pp2_1f1b"])
-def test_layout_on_a_blend_equals_single_process(corpora, tmp_path, layout):
-    from test_parallel_layouts import BALANCE, LAYOUTS, assert_same_run
+@pytest.fixture(scope="module")
+def blend_reference(corpora, tmp_path_factory) -> Path:
+    """One process, micro-batch 2: what both layouts below must reproduce (each micro-step is 2 sequences)."""
+    from test_parallel_layouts import BALANCE
     from test_train import train
-    nproc, mb, ref_mb, over = LAYOUTS[layout]
-    ref, out = tmp_path / "ref", tmp_path / layout
-    steps = 3
-    train(megatron_args(corpora, ref, steps, **{**BALANCE, "train.micro_batch_size": ref_mb}))
-    train(megatron_args(corpora, out, steps, **{**BALANCE, "train.micro_batch_size": mb, **over}), nproc)
-    assert_same_run(ref, out, tmp_path)
+    ref = tmp_path_factory.mktemp("blend_ref") / "ref"
+    train(megatron_args(corpora, ref, 3, **{**BALANCE, "train.micro_batch_size": 2}))
+    return ref
+
+
+@pytest.mark.parametrize("layout", [{"parallel.ep": 2}, {"parallel.pp": 2}], ids=["ep2", "pp2"])
+def test_layout_on_a_blend_equals_single_process(corpora, blend_reference, tmp_path, layout):
+    from test_parallel_layouts import BALANCE, assert_same_run
+    from test_train import train
+    mb = 1 if "parallel.ep" in layout else 2  # ep=2 is two data-parallel ranks; pp=2 one
+    out = tmp_path / "run"
+    train(megatron_args(corpora, out, 3, **{**BALANCE, "train.micro_batch_size": mb, **layout}), 2)
+    assert_same_run(blend_reference, out, tmp_path)
 
 
 # ------------------------------------------------------------------------------------------ preparation
@@ -157,14 +165,15 @@ def test_prepare_megatron_is_the_same_for_any_number_of_workers(tmp_path):
     import sys
     import sysconfig
     from test_train import ROOT
+    from train.data.prepare_megatron import parts, prepare_megatron
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     files = [str(stdlib / f"{name}.py") for name in ("bisect", "csv", "shlex", "string")]
-    outs = {}
-    for workers in (1, 2):
-        outs[workers] = tmp_path / f"w{workers}"
-        subprocess.run([sys.executable, "-m", "train.data.prepare", "--format", "megatron", "--input", *files,
-                        "--output", str(outs[workers]), "--workers", str(workers), "--part-bytes", "20000"],
-                       cwd=ROOT, check=True, capture_output=True)
+    assert len(parts([Path(f) for f in files], 10000)) == 3  # so two workers share the work
+    outs = {1: tmp_path / "w1", 2: tmp_path / "w2"}
+    prepare_megatron(files, outs[1], workers=1, part_bytes=10000, progress=False)
+    subprocess.run([sys.executable, "-m", "train.data.prepare", "--format", "megatron", "--input", *files,
+                    "--output", str(outs[2]), "--workers", "2", "--part-bytes", "10000"],
+                   cwd=ROOT, check=True, capture_output=True)
     for ext in (".bin", ".idx"):
         assert Path(f"{outs[1]}{ext}").read_bytes() == Path(f"{outs[2]}{ext}").read_bytes()
     corpus = IndexedDataset(str(outs[2]))

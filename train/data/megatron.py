@@ -90,6 +90,16 @@ class MegatronLoader(TokenLoader):
     def window(self, g: int, shuffle: bool = True) -> np.ndarray:
         return self.ds.sample(g % len(self.ds))
 
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "index_sequences": len(self.ds)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("index_sequences", len(self.ds)) != len(self.ds):
+            log.warning("data=megatron resumed on an index of %d sequences, built for another run length (%s "
+                        "before): megatron-core's shuffle differs, so the stream differs from the original run",
+                        len(self.ds), state["index_sequences"])
+        super().load_state_dict(state)
+
 
 # --------------------------------------------------------------------------------------------- building
 def _rank() -> int:
