@@ -157,7 +157,11 @@ def build_datasets(prefixes: list[str], weights: list[float], split: str, seq_le
     prefixes, weights = blend_weights(prefixes, weights)
     config = gpt_config(prefixes, weights, split, seq_len, seed, cache_dir)
     with _process_group(), _cache_lock(Path(cache_dir)):
-        train, val, _ = Builder(GPTDataset, [sizes[0], sizes[1], sizes[1]], lambda: True, config).build()
+        try:
+            train, val, _ = Builder(GPTDataset, [sizes[0], sizes[1], sizes[1]], lambda: True, config).build()
+        except (AssertionError, IndexError, ValueError) as e:  # megatron-core's own checks of a blend
+            raise DataError(f"megatron-core cannot index data.prefixes={prefixes} with weights {weights}, "
+                            f"split {split!r}: {type(e).__name__}: {e}") from None
     return train, val
 
 
