@@ -131,9 +131,10 @@ def test_sigkill_and_resume_on_a_blend_is_bit_exact(corpora, tmp_path):
     args = megatron_args(corpora, killed, 6, **{"checkpoint.every": 3})
     proc = train(args, env_extra={"DSV2_TEST_KILL_AT_STEP": "4"}, check=False)
     assert proc.returncode != 0  # died by SIGKILL after step 4 (checkpoint at 3)
-    cache = sorted(p.name for p in (killed / "data_cache").iterdir())
+    cache = {p.name: p.stat().st_mtime_ns for p in (killed / "data_cache").glob("*.npy")}
     train(args)
-    assert sorted(p.name for p in (killed / "data_cache").iterdir()) == cache  # the indices were reused
+    assert len(cache) == 16  # 3 indices per corpus and split (2 x 2), 2 per split of the blend
+    assert {p.name: p.stat().st_mtime_ns for p in (killed / "data_cache").glob("*.npy")} == cache  # reused
     assert list(metrics(killed)) == list(range(1, 7))
     assert metrics(killed) == metrics(straight)  # identical floats, bit for bit
     assert metrics(killed, "grad_norm") == metrics(straight, "grad_norm")
