@@ -25,6 +25,11 @@ class DataConfig:
     path: Optional[str] = None  # prepared shards (python -m train.data.prepare); None: the built-in dataset
     seq_len: int = 256
     val_batches: int = 4  # held-out batches per validation pass
+    format: str = "webdataset"  # webdataset (path: prepared shards) | megatron (prefixes: .bin/.idx corpora)
+    prefixes: tuple = ()  # megatron: each the path of a .bin/.idx pair without the extension
+    weights: tuple = ()  # megatron: blend weight per prefix (normalised); empty: by corpus size in tokens
+    split: str = "99,1,0"  # megatron: train, validation, test shares of every corpus
+    cache_dir: Optional[str] = None  # megatron: megatron-core's index cache; None: <output_dir>/data_cache
 
 
 @dataclass
@@ -257,6 +262,7 @@ def validate(cfg: RunConfig) -> None:
     _require(d.seq_len > 1, f"data.seq_len must be > 1, got {d.seq_len}")
     _require(d.seq_len <= cfg.model.max_position_embeddings,
              f"data.seq_len={d.seq_len} exceeds model.max_position_embeddings={cfg.model.max_position_embeddings}")
+    _validate_data(d)
     _require(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
     _require(o.schedule in ("cosine", "deepseek_step", "deepseek_v3", "constant"),
              f"optim.schedule must be cosine, deepseek_step, deepseek_v3 or constant, got {o.schedule!r}")
@@ -329,6 +335,29 @@ def _validate_spike(cfg: RunConfig) -> None:
              f"{sp.skip_batches}, {sp.max_rollbacks}")
     _require(sp.max_rollbacks == 0 or cfg.checkpoint.every > 0,
              f"train.spike.max_rollbacks={sp.max_rollbacks} rolls back to checkpoints: set checkpoint.every > 0")
+
+
+def _validate_data(d: DataConfig) -> None:
+    """data.format and, for megatron corpora, prefixes, weights and split."""
+    _require(d.format in ("webdataset", "megatron"), f"data.format must be webdataset or megatron, got {d.format!r}")
+    if d.format != "megatron":
+        return
+    _require(len(d.prefixes) > 0 and all(isinstance(p, str) and p for p in d.prefixes),
+             f"data=megatron needs data.prefixes=[<prefix>, ...] (paths of .bin/.idx pairs without the extension), "
+             f"got {list(d.prefixes)}")
+    _require(not d.weights or len(d.weights) == len(d.prefixes), f"data.weights has {len(d.weights)} entries for "
+             f"{len(d.prefixes)} data.prefixes: give one weight per prefix (or none: by size)")
+    _require(all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in d.weights),
+             f"data.weights must be numbers >= 0, got {list(d.weights)}")
+    _require(not d.weights or sum(d.weights) > 0, f"data.weights are all zero: {list(d.weights)}")
+    shares = d.split.replace("/", ",").split(",")
+    try:
+        values = [float(x) for x in shares]
+    except ValueError:
+        values = []
+    _require(0 < len(values) <= 3 and all(v >= 0 for v in values) and values[0] > 0,
+             f"data.split must be up to three shares >= 0 (train, validation, test), the train share > 0, e.g. "
+             f"'99,1,0'; got {d.split!r}")
 
 
 def _validate_recipe_schedules(t: LoopConfig) -> None:

@@ -39,6 +39,7 @@ from .config import ConfigError, RunConfig, to_dict
 from .data.builtin import builtin_dataset
 from .hf_load import check_hf_dir, is_hf_dir, load_hf_weights
 from .data.loader import TokenDataset, TokenLoader
+from .data.megatron import megatron_loaders
 from .metrics import MetricsWriter, format_progress, max_vio
 from .optim import PartOptimizers
 from .precision import Bf16GemmEmulation
@@ -188,11 +189,11 @@ class Trainer:
         cfg = self.cfg
         if self.env.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
+        self._build_data()  # before the model: a data error costs no model build
         torch.manual_seed(cfg.train.seed)
         self.parts = self._build_model()
         self.optimizers = PartOptimizers(self.parts, cfg.optim, cfg.train.steps, cfg.precision.moment_dtype,
                                          self.position)
-        self._build_data()
         self.checkpointer = Checkpointer(self.out / "checkpoints", cfg.checkpoint.keep, cfg.checkpoint.async_save)
         resumed = self._resume() if cfg.checkpoint.load else None
         if resumed is None and self.hf_init is not None:  # a new run from Hugging Face weights
@@ -302,13 +303,19 @@ class Trainer:
 
     def _build_data(self) -> None:
         cfg = self.cfg
+        if cfg.data.format == "megatron":
+            self.loader, self.val_loader = megatron_loaders(
+                cfg.data, cfg.model.vocab_size, cfg.train.seed, self.batches, cfg.train.steps,
+                cfg.data.cache_dir or self.out / "data_cache", global_batch_size=cfg.train.global_batch_size,
+                micro_batch_size=cfg.train.micro_batch_size, dp_rank=self.dp_rank, dp_world=self.dp_world)
+            return
         # the built-in corpus, prepared (file-locked: one rank) for windows of this seq_len on first use
         path = Path(cfg.data.path) if cfg.data.path else builtin_dataset(seq_len=cfg.data.seq_len)
         train_set, val_set = TokenDataset(path, "train"), TokenDataset(path, "val")
         common = dict(seq_len=cfg.data.seq_len, global_batch_size=cfg.train.global_batch_size,
                       micro_batch_size=cfg.train.micro_batch_size, dp_rank=self.dp_rank, dp_world=self.dp_world,
                       seed=cfg.train.seed)
-        self.loader = TokenLoader(train_set, **common)
+        self.loader = TokenLoader(train_set, **common, batches=self.batches)  # the ramp-up's size at every step
         self.val_loader = TokenLoader(val_set, **common)
         if train_set.vocab_size > cfg.model.vocab_size:
             raise ConfigError(f"data at {path} has vocab_size={train_set.vocab_size} > model.vocab_size="

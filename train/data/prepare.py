@@ -222,7 +222,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m train.data.prepare", description=__doc__.split("\n\n")[0])
     ap.add_argument("--input", nargs="+", required=True,
                     help="files, directories (searched for .txt/.md/.rst/.py/.jsonl) or globs")
-    ap.add_argument("--output", required=True, type=Path, help="dataset directory to create")
+    ap.add_argument("--output", required=True, type=Path,
+                    help="dataset directory to create (webdataset); corpus prefix of <output>.bin/.idx (megatron)")
+    ap.add_argument("--format", choices=("webdataset", "megatron"), default="webdataset",
+                    help="webdataset: packed token shards (data.path); megatron: a .bin/.idx corpus (data=megatron)")
+    ap.add_argument("--workers", type=int, default=1, help="megatron: tokenizing processes (same output for any)")
+    ap.add_argument("--part-bytes", type=int, default=16 << 20,
+                    help="megatron: input bytes per unit of work (consecutive files)")
     ap.add_argument("--tokenizer", default="byte", help="byte | path/to/tokenizer.json | bpe:<vocab size>")
     ap.add_argument("--eos-token", default=None, help="end-of-document token name of a tokenizer.json")
     ap.add_argument("--chunk-len", type=int, default=4097, help="tokens per packed sample (seq_len + 1)")
@@ -236,6 +242,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.format == "megatron":
+        return _main_megatron(args)
     try:
         index = prepare(args.input, args.output, args.tokenizer, args.chunk_len, args.samples_per_shard,
                         args.val_fraction, args.text_key, args.eos_token, args.overwrite, seed=args.seed)
@@ -245,6 +253,20 @@ def main(argv: list[str] | None = None) -> int:
     n = {k: sum(s["num_samples"] for s in v) for k, v in index["splits"].items()}
     print(f"wrote {args.output}: {n['train']} train + {n['val']} val samples of {args.chunk_len} tokens, "
           f"vocab {index['vocab_size']}, unigram entropy {index['unigram_entropy_nats']:.3f} nats/token")
+    return 0
+
+
+def _main_megatron(args: argparse.Namespace) -> int:
+    from .prepare_megatron import prepare_megatron
+
+    try:
+        info = prepare_megatron(args.input, args.output, args.tokenizer, args.text_key, args.eos_token, args.workers,
+                                args.overwrite, part_bytes=args.part_bytes)
+    except (ValueError, OSError) as e:
+        print(f"prepare: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.output}.bin/.idx: {info['documents']} documents, {info['tokens']} tokens, vocab "
+          f"{info['vocab_size']}, end-of-document id {info['eos_id']}")
     return 0
 
 
