@@ -34,6 +34,23 @@ def reference(dataset, tmp_path_factory):
     return out
 
 
+def test_ramp_up_feeds_its_sizes(dataset, reference):
+    """Step 1 trains on the first 4 sequences of the stream, not on the global batch of 12: its loss is what
+    the initial model gives those 4 (two micro-batches of 2, MTP weight 0.3), computed here in one process."""
+    from model.transformer import lm_and_mtp_loss
+
+    cfg = yaml.safe_load((reference / "config.yaml").read_text())
+    model = Transformer(config_from_dict(cfg["model"]))
+    model.init_weights(seed=cfg["train"]["seed"])
+    stream = TokenLoader(TokenDataset(dataset, "train"), 32, 12, 2, seed=cfg["train"]["seed"])
+    with torch.no_grad():
+        def loss(x, y):
+            return lm_and_mtp_loss(lm_loss, *model.forward_with_mtp(x), y, 0.3).item()
+        first12 = [loss(x, y) for x, y in stream.next_batch()]
+    assert metrics(reference)[1] == pytest.approx(sum(first12[:2]) / 2, rel=1e-5)
+    assert abs(sum(first12) / 6 - sum(first12[:2]) / 2) > 1e-3  # the whole batch would have given another loss
+
+
 @pytest.mark.parametrize("layout", ["dp2", "pp2"])
 def test_ramp_up_with_switches_equals_one_process(dataset, reference, tmp_path, layout):
     """dp=2 splits every batch of the ramp-up over two ranks; pp=2 (1F1B) runs 2, 4 and 6 microbatches a step,
