@@ -1,8 +1,8 @@
 """What a resumed run may change, and the record of what each part of a run ran with.
 
 A resumed run compares its config with the one its checkpoint was written under. Fields that only say how the
-run is carried out (its length, logging, checkpoint cadence, validation, the parallel layout, the launcher and
-cluster) apply as given. Any other change (optimizer and schedule, batch, seed, data, precision) stops the run
+run is carried out (its length, micro-batch size, logging, checkpoint cadence, validation, the parallel layout,
+the launcher and cluster, spike handling) apply as given. Any other change (optimizer and schedule, batch, seed, data, precision) stops the run
 with one line listing each changed field with both values and the override that forces them; forced, they are
 applied for real from the resumed step on (the optimizer's hyperparameters and the lr schedule are rebuilt
 from the new config, see `PartOptimizers.apply_config`). A changed model is refused by the trainer's own check
@@ -22,8 +22,9 @@ import yaml
 from .config import ConfigError
 
 # dotted prefixes of the fields a resume may change freely
-FREE = ("output_dir", "train.steps", "train.val_every", "train.peak_tflops", "data.val_batches", "log.",
-        "checkpoint.", "parallel.", "launch.", "cluster.", "train.spike.", "model.")  # model: the trainer's own check
+FREE = ("output_dir", "train.steps", "train.micro_batch_size", "train.val_every", "train.peak_tflops",
+        "train.spike.", "data.val_batches", "data.cache_dir", "log.", "checkpoint.", "parallel.", "launch.",
+        "cluster.", "model.")  # model: the trainer's own check
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
