@@ -2,11 +2,12 @@
 
 A resumed run compares its config with the one its checkpoint was written under. Fields that only say how the
 run is carried out (its length, micro-batch size, logging, checkpoint cadence, validation, the parallel layout,
-the launcher and cluster, spike handling) apply as given. Any other change (optimizer and schedule, batch, seed, data, precision) stops the run
-with one line listing each changed field with both values and the override that forces them; forced, they are
-applied for real from the resumed step on (the optimizer's hyperparameters and the lr schedule are rebuilt
-from the new config, see `PartOptimizers.apply_config`). A changed model is refused by the trainer's own check
-(a checkpoint of other shapes cannot load; a run of another model continues through `checkpoint.init_from`).
+the launcher and cluster, spike handling) apply as given. Any other change (optimizer and schedule, batch, seed,
+data, precision) stops the run with one line listing each changed field with both values and the override that
+forces them; forced, they are applied for real from the resumed step on (the optimizer's hyperparameters and
+the lr schedule are rebuilt from the new config, see `PartOptimizers.apply_config`). A changed model is refused
+by the trainer's own check (a checkpoint of other shapes cannot load; another model continues a run through
+`checkpoint.init_from`).
 
 `config.yaml` is the config the run started with; each resume writes its own beside it,
 `config.step_<N>.yaml` for a resume at step N, so every value recorded is one that ran.
