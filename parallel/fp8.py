@@ -16,10 +16,10 @@ change in an amax never rescales a whole tile. On a GPU (`emulate=false`) the gr
 are torchao's prototype FP8 kernels: blockwise grouped and dense for fp8_blockwise, rowwise grouped for
 fp8_rowwise and also for fp8_tensorwise's experts (torchao has no tensorwise grouped GEMM; logged at start);
 the rowwise one gets token groups padded to 16 rows (`aligned_token_groups`), the blockwise dense linear gets
-M, K and N padded to the block. Blockwise needs DeepGEMM on Hopper or newer (`check_fp8`). These GPU kernels
-have not been run yet (no GPU in the sessions that built them): the emulated paths are tested, and so is this
-file's glue around torchao's rowwise grouped GEMM and blockwise linear (signatures, layouts, padding), with
-the kernels replaced by the emulation.
+M, K and N padded to the block. Blockwise needs DeepGEMM on Hopper or newer (`check_fp8`). The suite runs on
+CPU: it tests the emulated paths, and this file's glue around torchao's rowwise grouped GEMM and blockwise
+linear (signatures, layouts, padding) with the CUDA kernels replaced by the emulation; `bench/fp8_kernels.py`
+compares the real kernels with the emulation on a GPU.
 
 Kept in high precision, as in DeepSeek-V3: embedding, output head, router, norms, attention core.
 """
