@@ -194,6 +194,9 @@ def _hf_tensors(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
 
 def to_hf(model: Transformer, directory: str | os.PathLike, max_shard_bytes: int = 5 * 2**30) -> None:
     """Write config.json + safetensors shards (+ index) that transformers' DeepseekV2ForCausalLM loads."""
+    if model.cfg.attention != "mla":
+        raise ValueError(f"Hugging Face export writes DeepSeek-V2 checkpoints, which hold MLA only; this model has "
+                         f"model.attention={model.cfg.attention}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     weight_map: dict[str, str] = {}
