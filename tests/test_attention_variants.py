@@ -146,3 +146,25 @@ def test_hf_export_refuses_other_attention_in_one_line(tmp_path):
     with pytest.raises(ValueError, match="hold MLA only; this model has model.attention=gqa") as err:
         to_hf(Transformer(tiny(**VARIANTS["gqa"])), tmp_path / "hf")
     assert "\n" not in str(err.value) and not (tmp_path / "hf").exists()
+
+
+def test_fp8_and_selective_recompute_reach_the_qkv_projections():
+    """FP8 converts q/k/v/o of gqa (4 per layer + the MLPs' linears) and changes the output only by FP8 rounding;
+    selective recomputation wraps q_proj, k_proj and v_proj (the per-head up-projections of this variant)."""
+    from parallel.fp8 import Fp8Recipe, convert_to_fp8
+    from parallel.recompute import _selective_targets
+
+    torch.manual_seed(5)
+    model = Transformer(tiny(**VARIANTS["gqa"], n_routed_experts=0))
+    tokens = torch.randint(0, 512, (2, 16))
+    want = model(tokens)
+    counts = convert_to_fp8(model, Fp8Recipe("blockwise", emulate=True))
+    assert counts["linears"] == 3 * (4 + 3)  # 3 dense layers: q, k, v, o + gate, up, down
+    got = model(tokens)
+    assert not torch.equal(got, want)
+    rel = ((got - want).norm() / want.norm()).item()
+    assert 1e-4 < rel < 0.1, rel  # E4M3 keeps 3 mantissa bits: a few % per GEMM
+    attn = model.layers["1"].self_attn
+    targets = _selective_targets(model.layers["1"])
+    assert [m for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj) if any(m is t for t in targets)] == \
+        [attn.q_proj, attn.k_proj, attn.v_proj]
