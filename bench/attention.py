@@ -76,7 +76,7 @@ def gen_models(layers: int) -> dict[str, tuple[Transformer, bool]]:
 
 def cache_bytes_per_token(model: Transformer, latent: bool) -> int:
     """fp32 bytes one sequence's cache holds per token, all layers (from the cache tensors themselves)."""
-    return sum(t[0, 0].numel() * 4 for layer in model.new_cache(1, 1, latent) for t in vars(layer).values())
+    return sum(t.numel() * 4 for layer in model.new_cache(1, 1, latent) for t in vars(layer).values())
 
 
 @torch.no_grad()

@@ -45,7 +45,8 @@ class LatentKVCache:
 
 @dataclass
 class KVCache:
-    """Per-layer cache of keys k [B, max_len, K, Dk] and values v [B, max_len, K, Dv]."""
+    """Per-layer cache of keys k [B, K, max_len, Dk] and values v [B, K, max_len, Dv] (head-major, so attention
+    reads each head's cached tokens as one matrix)."""
 
     k: torch.Tensor
     v: torch.Tensor
@@ -53,15 +54,15 @@ class KVCache:
     @classmethod
     def empty(cls, batch: int, max_len: int, heads: int, k_dim: int, v_dim: int, dtype: torch.dtype,
               device) -> "KVCache":
-        return cls(torch.zeros(batch, max_len, heads, k_dim, dtype=dtype, device=device),
-                   torch.zeros(batch, max_len, heads, v_dim, dtype=dtype, device=device))
+        return cls(torch.zeros(batch, heads, max_len, k_dim, dtype=dtype, device=device),
+                   torch.zeros(batch, heads, max_len, v_dim, dtype=dtype, device=device))
 
     def write(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new tokens at [start, start+T) and return everything cached so far."""
+        """Store new tokens' k [B, T, K, Dk], v [B, T, K, Dv] at [start, start+T); return everything cached so far."""
         end = start + k.shape[1]
-        self.k[:, start:end] = k
-        self.v[:, start:end] = v
-        return self.k[:, :end], self.v[:, :end]
+        self.k[:, :, start:end] = k.transpose(1, 2)
+        self.v[:, :, start:end] = v.transpose(1, 2)
+        return self.k[:, :, :end], self.v[:, :, :end]
 
 
 def _future_mask(t: int, s: int, start: int, device) -> torch.Tensor:
@@ -70,13 +71,15 @@ def _future_mask(t: int, s: int, start: int, device) -> torch.Tensor:
 
 
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, start: int) -> torch.Tensor:
-    """New tokens' queries q [B, T, H, Dk] at positions [start, start+T) against cached k [B, S, K, Dk] and
-    v [B, S, K, Dv] -> [B, T, H, Dv]; query head i reads K/V head i // G (softmax in fp32)."""
-    qg = q.unflatten(2, (k.shape[2], -1))  # (B, T, K, G, Dk)
-    scores = torch.einsum("btkgd,bskd->bkgts", qg, k).float() * scale
-    scores = scores.masked_fill(_future_mask(q.shape[1], k.shape[1], start, q.device), float("-inf"))
-    out = torch.einsum("bkgts,bskv->btkgv", scores.softmax(-1).type_as(q), v)
-    return out.flatten(2, 3)
+    """New tokens' queries q [B, T, H, Dk] at positions [start, start+T) against cached k [B, K, S, Dk] and
+    v [B, K, S, Dv] -> [B, T, H, Dv]; query head i reads K/V head i // G (softmax in fp32)."""
+    b, t, h, _ = q.shape
+    kv, s = k.shape[1], k.shape[2]
+    qg = q.unflatten(2, (kv, h // kv)).permute(0, 2, 3, 1, 4).flatten(2, 3)  # (B, K, G*T, Dk): rows g-major
+    scores = (qg @ k.transpose(-1, -2)).float() * scale  # (B, K, G*T, S)
+    scores = scores.masked_fill(_future_mask(t, s, start, q.device).repeat(h // kv, 1), float("-inf"))
+    out = scores.softmax(-1).type_as(q) @ v  # (B, K, G*T, Dv)
+    return out.unflatten(2, (h // kv, t)).permute(0, 3, 1, 2, 4).flatten(2, 3)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
