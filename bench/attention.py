@@ -188,14 +188,19 @@ def table_quality(args) -> None:
         t0 = time.perf_counter()
         losses = [train_once(cfg, train, val, args.steps, args.batch, s, args.lr) for s in args.seeds]
         se = statistics.stdev(losses) / len(losses) ** 0.5 if len(losses) > 1 else float("nan")
-        results[name] = (statistics.fmean(losses), se)
+        results[name] = (statistics.fmean(losses), se, losses)
         print(f"  {name:8s} {cfg.num_attention_heads:5d} {cfg.kv_heads:4d} {attention_params(cfg):17,d} "
               f"{results[name][0]:13.4f} {se:7.4f}  " + " ".join(f"{x:.4f}" for x in losses)
               + f"   ({time.perf_counter() - t0:.0f} s)", flush=True)
-    m = results["MHA"][0]
-    print("  against MHA (val loss difference; negative: better): "
-          + ", ".join(f"{n} {v[0] - m:+.4f} +- {(v[1] ** 2 + results['MHA'][1] ** 2) ** 0.5:.4f}"
-                      for n, v in results.items() if n != "MHA"))
+    print("  against MHA, paired by seed (val loss difference, mean +- s.e.; negative: better): "
+          + ", ".join(f"{n} {paired(v[2], results['MHA'][2])}" for n, v in results.items() if n != "MHA"))
+
+
+def paired(a: list[float], b: list[float]) -> str:
+    """Mean and standard error of the per-seed differences a - b (the same seed: the same batches)."""
+    d = [x - y for x, y in zip(a, b)]
+    se = statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else float("nan")
+    return f"{statistics.fmean(d):+.4f} +- {se:.4f}"
 
 
 def main(argv=None) -> None:
