@@ -8,6 +8,7 @@ sequence parallelism, replicated without. Keeping it a DTensor (not a local tens
 the sequence length from `h.shape[1]` for RoPE, and a DTensor reports the global shape. Each block:
 
   norm (sequence-parallel) -> all-gather -> MLA, heads sharded      -> reduce-scatter (o_proj)    -> residual
+                                             (MHA/GQA/MQA: query and K/V heads sharded alike, `_qkvo_plan`)
   norm (sequence-parallel) -> all-gather -> dense MLP, Megatron-style -> reduce-scatter (down_proj) -> residual
                                           -> MoE: router + routed experts on all tokens, shared experts
                                              tensor-parallel (all-reduce) -> keep this rank's tokens -> residual

@@ -168,3 +168,16 @@ def test_fp8_and_selective_recompute_reach_the_qkv_projections():
     targets = _selective_targets(model.layers["1"])
     assert [m for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj) if any(m is t for t in targets)] == \
         [attn.q_proj, attn.k_proj, attn.v_proj]
+
+
+def test_plan_prints_the_variant_kv_cache(capsys):
+    """launch.plan's model line: GQA with 8 groups at DeepSeek-V2's shapes caches 2 x 8 x 128 per layer."""
+    from types import SimpleNamespace
+
+    from launch.plan.__main__ import print_model
+
+    print_model(SimpleNamespace(model=load_preset("deepseek_v2").replace(attention="gqa", num_key_value_heads=8)))
+    out = capsys.readouterr().out
+    assert "GQA (8 K/V heads of 128) 2048 elements/layer (122880 in all, 240.0 KiB in BF16)" in out
+    print_model(SimpleNamespace(model=load_preset("deepseek_v2")))
+    assert "MLA 576 elements/layer" in capsys.readouterr().out
