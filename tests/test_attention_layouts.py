@@ -148,6 +148,7 @@ def references() -> dict[str, dict]:
     return {variant: reference(variant) for variant in VARIANTS}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CASES)
 def test_layout_equals_one_process(name, results, references):
     layout, variant = name.split("_")
