@@ -12,7 +12,10 @@ from .config import ModelConfig
 
 
 def attention_params(cfg: ModelConfig) -> int:
+    """Weights of one attention layer (norm scales included) for cfg.attention."""
     h, d = cfg.num_attention_heads, cfg.hidden_size
+    if cfg.attention != "mla":  # q, k, v, o
+        return 2 * d * h * cfg.attn_head_dim + 2 * d * cfg.kv_heads * cfg.attn_head_dim
     if cfg.q_lora_rank is None:
         q = d * h * cfg.qk_head_dim
     else:
@@ -54,6 +57,29 @@ def param_counts(cfg: ModelConfig) -> ParamCounts:
     return ParamCounts(total, active, n_moe * routed, mtp)
 
 
+KV_CACHES = ("mla", "mla_decompressed", "mha", "gqa", "mqa")
+
+
+def kv_cache_elements(cfg: ModelConfig, kind: str | None = None) -> int:
+    """Cached elements per token per layer of cfg's attention (kind None) or of `kind`: mla C + R (the absorbed
+    latent cache), mla_decompressed H * (N + R + V), mha/gqa/mqa 2 * K/V heads * head width."""
+    kind = kind or cfg.attention
+    if kind == "mla":
+        return cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    if kind == "mla_decompressed":
+        return cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim)
+    if kind not in KV_CACHES:
+        raise ValueError(f"KV cache kind must be one of {KV_CACHES}, got {kind!r}")
+    return 2 * cfg.kv_heads * cfg.attn_head_dim
+
+
+def attention_core_widths(cfg: ModelConfig) -> tuple[int, int]:
+    """(query/key, value) width per head in the attention core: MLA N + R and V, the head width otherwise."""
+    if cfg.attention == "mla":
+        return cfg.qk_head_dim, cfg.v_head_dim
+    return cfg.attn_head_dim, cfg.attn_head_dim
+
+
 def kv_cache_elements_per_token(cfg: ModelConfig) -> tuple[int, int]:
     """(MLA, MHA of the same shape) cached elements per token per layer: C + R vs 2 * heads * head_dim."""
     return cfg.kv_lora_rank + cfg.qk_rope_head_dim, 2 * cfg.num_attention_heads * cfg.v_head_dim
@@ -69,15 +95,16 @@ def kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_element: int = 2) -> tu
 def forward_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True) -> float:
     """Forward FLOPs per token: 2 x (activated matmul weights, router and head included) + attention scores.
 
-    Attention: QK^T and PV cost 2*H*(qk_head_dim + v_head_dim) per attended key; a causal token attends
+    Attention: QK^T and PV cost 2*H*(query/key + value width) per attended key; a causal token attends
     (T+1)/2 keys on average (`causal=False` counts all T, as a dense kernel does).
     """
     p = param_counts(cfg)
     d = cfg.hidden_size
-    norms = d + cfg.num_hidden_layers * 2 * d + cfg.num_hidden_layers * (cfg.kv_lora_rank + (cfg.q_lora_rank or 0))
+    latent_norms = cfg.kv_lora_rank + (cfg.q_lora_rank or 0) if cfg.attention == "mla" else 0
+    norms = d + cfg.num_hidden_layers * 2 * d + cfg.num_hidden_layers * latent_norms
     matmul_params = p.active - norms  # (the embedding is already excluded from `active`; norms are not GEMMs)
     keys = (seq_len + 1) / 2 if causal else seq_len
-    attn = 2 * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * keys * cfg.num_hidden_layers
+    attn = 2 * cfg.num_attention_heads * sum(attention_core_widths(cfg)) * keys * cfg.num_hidden_layers
     return 2.0 * matmul_params + attn
 
 

@@ -1,12 +1,13 @@
-"""Multi-head Latent Attention (DeepSeek-V2 sec. 2.1).
+"""Multi-head Latent Attention (DeepSeek-V2 sec. 2.1), and the MHA / GQA / MQA it is compared with.
 
-Shape legend: B batch, T new tokens, S cached tokens, H heads (local: read from tensor shapes so tensor
-parallelism can shard the projections from outside), C = kv_lora_rank, R = qk_rope_head_dim,
-N = qk_nope_head_dim, V = v_head_dim.
+Shape legend: B batch, T new tokens, S cached tokens, H heads, K K/V heads (local: both read from tensor
+shapes so tensor parallelism can shard the projections from outside), G = H / K query heads per K/V head,
+C = kv_lora_rank, R = qk_rope_head_dim, N = qk_nope_head_dim, V = v_head_dim, D head width (mha/gqa/mqa).
 
 Training decompresses the latent into full keys/values and runs fused SDPA. Generation caches only the
 normalised latent c_KV [B, S, C] and the rotated shared key k_R [B, S, R], and absorbs W_UK into the query
-and W_UV into the output, so attention runs directly against the latent cache.
+and W_UV into the output, so attention runs directly against the latent cache. `KVCache` holds decompressed
+keys and values instead: the cache of MHA/GQA/MQA, and of MLA without absorption (for comparison).
 """
 
 from __future__ import annotations
@@ -42,8 +43,61 @@ class LatentKVCache:
         return self.c_kv[:, :end], self.k_rope[:, :end]
 
 
+@dataclass
+class KVCache:
+    """Per-layer cache of keys k [B, K, max_len, Dk] and values v [B, K, max_len, Dv] (head-major, so attention
+    reads each head's cached tokens as one matrix)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @classmethod
+    def empty(cls, batch: int, max_len: int, heads: int, k_dim: int, v_dim: int, dtype: torch.dtype,
+              device) -> "KVCache":
+        return cls(torch.zeros(batch, heads, max_len, k_dim, dtype=dtype, device=device),
+                   torch.zeros(batch, heads, max_len, v_dim, dtype=dtype, device=device))
+
+    def write(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store new tokens' k [B, T, K, Dk], v [B, T, K, Dv] at [start, start+T); return everything cached so far."""
+        end = start + k.shape[1]
+        self.k[:, :, start:end] = k.transpose(1, 2)
+        self.v[:, :, start:end] = v.transpose(1, 2)
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+def _hidden_mask(t: int, s: int, start: int, device, pad: torch.Tensor | None = None) -> torch.Tensor:
+    """[T, S] True where new token i (at position start + i) would read a later position. With left padding
+    pad [B] (row b's first pad[b] positions): [B, 1, T, S], the padding also hidden from every query but itself
+    (so no row is all -inf)."""
+    hidden = torch.ones(t, s, dtype=torch.bool, device=device).triu(start + 1)
+    if pad is None:
+        return hidden
+    keys = torch.arange(s, device=device)
+    itself = keys[None, :] == (start + torch.arange(t, device=device))[:, None]  # (T, S)
+    return hidden | ((keys[None, None, :] < pad[:, None, None]) & ~itself)[:, None]  # (B, 1, T, S)
+
+
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, start: int,
+                     pad: torch.Tensor | None = None) -> torch.Tensor:
+    """New tokens' queries q [B, T, H, Dk] at positions [start, start+T) against cached k [B, K, S, Dk] and
+    v [B, K, S, Dv] -> [B, T, H, Dv]; query head i reads K/V head i // G (softmax in fp32); pad as _hidden_mask."""
+    b, t, h, _ = q.shape
+    kv, s = k.shape[1], k.shape[2]
+    qg = q.unflatten(2, (kv, h // kv)).permute(0, 2, 3, 1, 4).flatten(2, 3)  # (B, K, G*T, Dk): rows g-major
+    scores = (qg @ k.transpose(-1, -2)).float() * scale  # (B, K, G*T, S)
+    hidden = _hidden_mask(t, s, start, q.device, pad)
+    hidden = hidden.repeat(h // kv, 1) if pad is None else hidden.repeat(1, 1, h // kv, 1)
+    scores = scores.masked_fill(hidden, float("-inf"))
+    out = scores.softmax(-1).type_as(q) @ v  # (B, K, G*T, Dv)
+    return out.unflatten(2, (h // kv, t)).permute(0, 3, 1, 2, 4).flatten(2, 3)
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Fused causal SDPA: q, k [B, T, H, N+R], v [B, T, H, V] -> [B, T, H, V]."""
+    """Fused causal SDPA: q [B, T, H, Dk], k [B, T, K, Dk], v [B, T, K, V] -> [B, T, H, V]; K divides H and query
+    head i reads K/V head i // G (grouped-query; MLA and MHA have K = H)."""
+    group = q.shape[2] // k.shape[2]
+    if group > 1:  # each K/V head repeated for its G query heads (contiguous, as the projections' head order)
+        k, v = (x.unsqueeze(3).expand(-1, -1, -1, group, -1).flatten(2, 3) for x in (k, v))
     dv = v.shape[-1]
     pad = q.shape[-1] - dv
     if pad > 0:  # fused (flash) SDPA kernels need equal q/k/v head widths: zero-pad v, slice the output
@@ -93,31 +147,84 @@ class MLA(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Causal self-attention over x [B, T, D] (training / full-sequence path)."""
         q_nope, q_rope = self._queries(x, cos, sin)
-        c_kv, k_rope = self._latent(x, cos, sin)
-        kv = self.kv_b_proj(c_kv).unflatten(-1, (-1, self.cfg.qk_nope_head_dim + self.cfg.v_head_dim))
-        k_nope, v = kv.split([self.cfg.qk_nope_head_dim, self.cfg.v_head_dim], dim=-1)  # (B, T, H, N|V)
+        k, v = self._decompressed(*self._latent(x, cos, sin))
         q = torch.cat([q_nope, q_rope], dim=-1)
-        k = torch.cat([k_nope, k_rope.unsqueeze(2).expand(-1, -1, k_nope.shape[2], -1)], dim=-1)
         return self.o_proj(self.attend(q, k, v, self.scale).flatten(2))  # (B, T, H, V) -> (B, T, H*V)
 
-    def decode(self, x: torch.Tensor, cos, sin, cache: LatentKVCache, start: int,
+    def _decompressed(self, c_kv: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head keys [B, T, H, N+R] and values [B, T, H, V] from the latent and the shared rotary key."""
+        kv = self.kv_b_proj(c_kv).unflatten(-1, (-1, self.cfg.qk_nope_head_dim + self.cfg.v_head_dim))
+        k_nope, v = kv.split([self.cfg.qk_nope_head_dim, self.cfg.v_head_dim], dim=-1)  # (B, T, H, N|V)
+        return torch.cat([k_nope, k_rope.unsqueeze(2).expand(-1, -1, k_nope.shape[2], -1)], dim=-1), v
+
+    def decode(self, x: torch.Tensor, cos, sin, cache: LatentKVCache | KVCache, start: int,
                pad: torch.Tensor | None = None) -> torch.Tensor:
-        """Absorbed attention of new tokens x [B, T, D] at positions [start, start+T) against the latent cache."""
+        """Attention of new tokens x [B, T, D] at positions [start, start+T) against the cache: absorbed against a
+        LatentKVCache, or against decompressed keys/values in a KVCache (more memory, the same numbers); pad [B]:
+        left padding of each row (_hidden_mask)."""
         q_nope, q_rope = self._queries(x, cos, sin)
         c_new, k_new = self._latent(x, cos, sin)
+        if isinstance(cache, KVCache):
+            k, v = cache.write(start, *self._decompressed(c_new, k_new))
+            out = cached_attention(torch.cat([q_nope, q_rope], dim=-1), k, v, self.scale, start, pad)
+            return self.o_proj(out.flatten(2))
         c_kv, k_rope = cache.write(start, c_new, k_new)  # (B, S, C), (B, S, R)
         n, v = self.cfg.qk_nope_head_dim, self.cfg.v_head_dim
         w = self.kv_b_proj.weight.unflatten(0, (-1, n + v))  # (H, N+V, C)
         w_uk, w_uv = w[:, :n], w[:, n:]
         q_latent = torch.einsum("bthn,hnc->bthc", q_nope, w_uk)  # W_UK folded into the query
         scores = torch.einsum("bthc,bsc->bhts", q_latent, c_kv) + torch.einsum("bthr,bsr->bhts", q_rope, k_rope)
-        t, s = x.shape[1], c_kv.shape[1]
-        future = torch.ones(t, s, dtype=torch.bool, device=x.device).triu(start + 1)  # (T, S)
-        if pad is not None:  # left padding (B,): hidden from every query but itself (no row is all -inf)
-            keys = torch.arange(s, device=x.device)
-            itself = keys[None, :] == (start + torch.arange(t, device=x.device))[:, None]  # (T, S)
-            future = future | ((keys[None, None, :] < pad[:, None, None]) & ~itself)[:, None]  # (B, 1, T, S)
+        future = _hidden_mask(x.shape[1], c_kv.shape[1], start, x.device, pad)
         probs = (scores.float() * self.scale).masked_fill(future, float("-inf")).softmax(-1).type_as(q_latent)
         o_latent = torch.einsum("bhts,bsc->bthc", probs, c_kv)
         out = torch.einsum("bthc,hvc->bthv", o_latent, w_uv)  # W_UV folded into the output
         return self.o_proj(out.flatten(2))
+
+
+class Attention(nn.Module):
+    """Multi-head (mha), grouped-query (gqa) and multi-query (mqa) attention: q/k/v/o projections (Llama-style
+    names), RoPE over the whole head, scores scaled by 1/sqrt(D); K/V heads cfg.kv_heads (H, K, 1)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        h, kv, hd, d = cfg.num_attention_heads, cfg.kv_heads, cfg.attn_head_dim, cfg.hidden_size
+        self.q_proj = nn.Linear(d, h * hd, bias=False)
+        self.k_proj = nn.Linear(d, kv * hd, bias=False)
+        self.v_proj = nn.Linear(d, kv * hd, bias=False)
+        self.o_proj = nn.Linear(h * hd, d, bias=False)
+        self.scale = softmax_scale(cfg)
+        self.attend = causal_attention  # the same extension slot as MLA.attend (context parallelism)
+
+    def _qkv(self, x: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotated q [B, T, H, D], rotated k [B, T, K, D], v [B, T, K, D]."""
+        hd = self.cfg.attn_head_dim
+        q, k, v = (proj(x).unflatten(-1, (-1, hd)) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Causal self-attention over x [B, T, D] (training / full-sequence path)."""
+        return self.o_proj(self.attend(*self._qkv(x, cos, sin), self.scale).flatten(2))
+
+    def decode(self, x: torch.Tensor, cos, sin, cache: KVCache, start: int,
+               pad: torch.Tensor | None = None) -> torch.Tensor:
+        """New tokens x [B, T, D] at positions [start, start+T) against the K/V cache (pad: _hidden_mask)."""
+        q, k_new, v_new = self._qkv(x, cos, sin)
+        k, v = cache.write(start, k_new, v_new)
+        return self.o_proj(cached_attention(q, k, v, self.scale, start, pad).flatten(2))
+
+
+def build_attention(cfg: ModelConfig) -> nn.Module:
+    return MLA(cfg) if cfg.attention == "mla" else Attention(cfg)
+
+
+def new_layer_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device,
+                    latent: bool = True) -> LatentKVCache | KVCache:
+    """One layer's generation cache: MLA's latent cache (or, latent=False, its decompressed keys/values), or the
+    K/V cache of mha/gqa/mqa."""
+    if cfg.attention != "mla":
+        hd = cfg.attn_head_dim
+        return KVCache.empty(batch, max_len, cfg.kv_heads, hd, hd, dtype, device)
+    if latent:
+        return LatentKVCache.empty(cfg, batch, max_len, dtype, device)
+    return KVCache.empty(batch, max_len, cfg.num_attention_heads, cfg.qk_head_dim, cfg.v_head_dim, dtype, device)

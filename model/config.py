@@ -17,6 +17,7 @@ import yaml
 PRESET_DIR = Path(__file__).resolve().parent.parent / "conf" / "model"
 
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+ATTENTIONS = ("mla", "mha", "gqa", "mqa")
 SCORING_FUNCS = ("softmax", "sigmoid")
 
 
@@ -27,8 +28,14 @@ class ModelConfig:
     hidden_size: int = 64
     num_hidden_layers: int = 2
     max_position_embeddings: int = 4096
-    # --- Multi-head Latent Attention ---
+    # --- attention ---
+    # mla: Multi-head Latent Attention (the fields below); mha | gqa | mqa: q/k/v/o projections with RoPE over the
+    # whole head and a plain K/V cache (the ablations of DeepSeek-V2 appendix D)
+    attention: str = "mla"
     num_attention_heads: int = 4
+    num_key_value_heads: Optional[int] = None  # gqa: K/V heads (divides num_attention_heads); mha: heads; mqa: 1
+    head_dim: Optional[int] = None  # mha/gqa/mqa head width (even); None: v_head_dim
+    # --- Multi-head Latent Attention ---
     q_lora_rank: Optional[int] = None  # None: queries are not compressed (V2-Lite)
     kv_lora_rank: int = 32  # width of the cached latent c_KV
     qk_nope_head_dim: int = 16  # per-head query/key width without position
@@ -80,6 +87,23 @@ class ModelConfig:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
     @property
+    def kv_heads(self) -> int:
+        """K/V heads: every query head has its own under mla (after decompression) and mha, one under mqa."""
+        if self.attention == "gqa":
+            return self.num_key_value_heads
+        return 1 if self.attention == "mqa" else self.num_attention_heads
+
+    @property
+    def attn_head_dim(self) -> int:
+        """Per-head width of q, k and v under mha/gqa/mqa."""
+        return self.head_dim if self.head_dim is not None else self.v_head_dim
+
+    @property
+    def rope_dim(self) -> int:
+        """Rotary width: MLA's decoupled key/query part, the whole head otherwise."""
+        return self.qk_rope_head_dim if self.attention == "mla" else self.attn_head_dim
+
+    @property
     def balance_groups(self) -> int:
         return self.n_balance_groups if self.n_balance_groups is not None else self.n_group
 
@@ -105,6 +129,7 @@ def _validate(c: ModelConfig) -> None:
         _require(getattr(c, name) > 0, f"model.{name} must be > 0, got {getattr(c, name)}")
     _require(c.qk_rope_head_dim > 0 and c.qk_rope_head_dim % 2 == 0,
              f"model.qk_rope_head_dim must be a positive even number, got {c.qk_rope_head_dim}")
+    _validate_attention(c)
     _require(c.q_lora_rank is None or c.q_lora_rank > 0,
              f"model.q_lora_rank must be null or > 0, got {c.q_lora_rank}")
     _require(0 <= c.first_k_dense_replace <= c.num_hidden_layers,
@@ -119,6 +144,22 @@ def _validate(c: ModelConfig) -> None:
                  "bias_update_speed", "mtp_loss_weight", "initializer_range"):
         _require(getattr(c, name) >= 0, f"model.{name} must be >= 0, got {getattr(c, name)}")
     _require(c.num_nextn_predict_layers >= 0, f"model.num_nextn_predict_layers must be >= 0, got {c.num_nextn_predict_layers}")
+
+
+def _validate_attention(c: ModelConfig) -> None:
+    _require(c.attention in ATTENTIONS, f"model.attention must be one of {ATTENTIONS}, got {c.attention!r}")
+    h, kv = c.num_attention_heads, c.num_key_value_heads
+    if c.attention == "gqa":
+        _require(kv is not None and kv > 0 and h % kv == 0,
+                 f"model.attention=gqa needs model.num_key_value_heads dividing num_attention_heads={h}, got {kv}")
+    else:
+        want = {"mqa": 1, "mha": h}.get(c.attention)
+        _require(kv is None or kv == want, f"model.num_key_value_heads={kv} does not fit model.attention="
+                                           f"{c.attention} (null{'' if want is None else f' or {want}'})")
+    _require(c.head_dim is None or c.head_dim > 0, f"model.head_dim must be null or > 0, got {c.head_dim}")
+    if c.attention != "mla":
+        _require(c.attn_head_dim % 2 == 0, f"model.attention={c.attention} rotates the whole head: head width "
+                                           f"{c.attn_head_dim} (head_dim, else v_head_dim) must be even")
 
 
 def _validate_moe(c: ModelConfig) -> None:

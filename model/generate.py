@@ -1,4 +1,4 @@
-"""Autoregressive decoding with the latent KV cache (absorbed MLA): greedy or sampled."""
+"""Autoregressive decoding with the model's cache (absorbed MLA against its latent cache; K/V cache for mha/gqa/mqa)."""
 
 from __future__ import annotations
 

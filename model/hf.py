@@ -265,8 +265,16 @@ class ShardWriter:
         (self.directory / "config.json").write_text(json.dumps(config_to_hf(cfg) | {"torch_dtype": dtype}, indent=1))
 
 
+def check_exportable(cfg: ModelConfig) -> None:
+    """ValueError unless the model is one DeepSeek's Hugging Face format holds (MLA attention)."""
+    if cfg.attention != "mla":
+        raise ValueError(f"Hugging Face export writes DeepSeek-V2/V3 checkpoints, which hold MLA only; this model has "
+                         f"model.attention={cfg.attention}")
+
+
 def to_hf(model: Transformer, directory: str | os.PathLike, max_shard_bytes: int = 5 * 2**30) -> None:
     """Write config.json + safetensors shards (+ index) that transformers' DeepseekV2/V3ForCausalLM loads."""
+    check_exportable(model.cfg)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     writer = ShardWriter(directory, max_shard_bytes)

@@ -1,6 +1,7 @@
 """Rotary position embedding with DeepSeek's YaRN extension.
 
-Shape legend: B batch, T tokens, H heads, R = qk_rope_head_dim (rotary width, even).
+Shape legend: B batch, T tokens, H heads, R = rotary width (`ModelConfig.rope_dim`: MLA's qk_rope_head_dim,
+the whole head for mha/gqa/mqa; even).
 
 Layout: rotary pairs are *interleaved* — (x[2i], x[2i+1]) is rotated by angle pos * inv_freq[i] — as in
 DeepSeek's own checkpoints and transformers' DeepseekV2 (which treats the pairs as complex numbers).
@@ -23,8 +24,9 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
 
 
 def softmax_scale(cfg: ModelConfig) -> float:
-    """1/sqrt(qk_nope + qk_rope), times mscale(factor, mscale_all_dim)^2 under YaRN (DeepSeek-V2 sec. 2.1)."""
-    scale = cfg.qk_head_dim ** -0.5
+    """1/sqrt(qk_nope + qk_rope) (MLA; the head width otherwise), times mscale(factor, mscale_all_dim)^2 under
+    YaRN (DeepSeek-V2 sec. 2.1)."""
+    scale = (cfg.qk_head_dim if cfg.attention == "mla" else cfg.attn_head_dim) ** -0.5
     rs = cfg.rope_scaling
     if rs is not None and rs.get("mscale_all_dim"):
         m = yarn_mscale(rs["factor"], rs["mscale_all_dim"])
@@ -34,7 +36,7 @@ def softmax_scale(cfg: ModelConfig) -> float:
 
 def _yarn_inv_freq(cfg: ModelConfig, base_inv_freq: torch.Tensor) -> tuple[torch.Tensor, float]:
     rs = cfg.rope_scaling
-    dim = cfg.qk_rope_head_dim
+    dim = cfg.rope_dim
     factor = float(rs["factor"])
     orig_len = rs["original_max_position_embeddings"]
     beta_fast, beta_slow = rs.get("beta_fast", 32), rs.get("beta_slow", 1)
@@ -58,7 +60,7 @@ def _yarn_inv_freq(cfg: ModelConfig, base_inv_freq: torch.Tensor) -> tuple[torch
 
 def inv_freq_and_scale(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     """Rotary inverse frequencies [R/2] (fp32, on CPU) and the cos/sin magnitude."""
-    dim = cfg.qk_rope_head_dim
+    dim = cfg.rope_dim
     base = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
     if cfg.rope_scaling is None:
         return base, 1.0

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import MLA, LatentKVCache
+from .attention import KVCache, LatentKVCache, build_attention, new_layer_cache
 from .config import ModelConfig
 from .layers import MLP, RMSNorm
 from .moe import MoE, GroupedExperts
@@ -27,7 +27,7 @@ class Block(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = MLA(cfg)
+        self.self_attn = build_attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
@@ -35,7 +35,8 @@ class Block(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def decode(self, x, cos, sin, cache: LatentKVCache, start: int, pad: torch.Tensor | None = None) -> torch.Tensor:
+    def decode(self, x, cos, sin, cache: LatentKVCache | KVCache, start: int,
+               pad: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.self_attn.decode(self.input_layernorm(x), cos, sin, cache, start, pad)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -151,13 +152,15 @@ class Transformer(nn.Module):
         return logits, mtp_logits
 
     # ------------------------------------------------------------------------------------ generation
-    def new_cache(self, batch: int, max_len: int) -> list[LatentKVCache]:
+    def new_cache(self, batch: int, max_len: int, latent: bool = True) -> list[LatentKVCache | KVCache]:
+        """One generation cache per layer: MLA's latent cache (latent=False: its decompressed keys and values),
+        the K/V cache of mha/gqa/mqa."""
         p = self.embed_tokens.weight
-        return [LatentKVCache.empty(self.cfg, batch, max_len, p.dtype, p.device) for _ in self.layers]
+        return [new_layer_cache(self.cfg, batch, max_len, p.dtype, p.device, latent) for _ in self.layers]
 
-    def decode(self, tokens: torch.Tensor, cache: list[LatentKVCache], start: int,
+    def decode(self, tokens: torch.Tensor, cache: list[LatentKVCache | KVCache], start: int,
                pad: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [B, T, V] for new tokens at positions [start, start+T), reading/writing the latent cache.
+        """Logits [B, T, V] for new tokens at positions [start, start+T), reading/writing the cache.
         pad [B]: row b's first pad[b] positions are left padding, which no other position attends to (RoPE
         is relative, so a row's positions need no shift)."""
         h = self.embed_tokens(tokens)

@@ -4,7 +4,8 @@ axis, with Ulysses-style attention (DeepSpeed-Ulysses, arXiv 2309.14509).
 Everything but attention works on tokens independently, so each rank runs the model on its part: the
 embedding, norms, MLPs, routing and experts see [B, T/cp] tokens, and RoPE starts at the part's first
 position (`Transformer.sequence_shard`). Attention needs whole sequences; MLA's core is swapped for one that
-  all-to-all   q, k [B, T/cp, H, N+R], v [B, T/cp, H, V]  ->  [B, T, H/cp, .]   (sequence gathered, heads split)
+  all-to-all   q, k [B, T/cp, H, N+R], v [B, T/cp, H, V]  ->  [B, T, H/cp, .]   (sequence gathered, heads split;
+               MHA/GQA/MQA's k, v with K heads -> K/cp: rank j's query heads read exactly its K/V heads)
   local causal SDPA on whole sequences for H/cp heads
   all-to-all   out [B, T, H/cp, V]  ->  [B, T/cp, H, V]                           (back to the sequence part)
 so each rank computes exactly the scores one process would for those heads, and the causal work is even.
@@ -21,7 +22,7 @@ which reads whole sequences); depth k covers positions i < T - k, so the last pa
 there, and that depth's attention pads it back to equal parts for the all-to-all (the padding lies after every
 real position of the sequence, which causal attention never reads) and drops the padding after.
 
-Requires num_attention_heads % cp == 0 and seq_len / cp > the MTP depth; no tensor parallelism with it yet
+Requires num_attention_heads % cp == 0 (and K/V heads % cp == 0) and seq_len / cp > the MTP depth; no tensor parallelism with it yet
 (checked by ParallelDims).
 """
 
@@ -42,6 +43,9 @@ def check_cp(cfg: ModelConfig, cp: int) -> None:
     if cfg.num_attention_heads % cp:
         raise ValueError(f"num_attention_heads={cfg.num_attention_heads} is not divisible by cp={cp} "
                          f"(context parallelism gives each rank a share of the heads for whole sequences)")
+    if cfg.kv_heads % cp:
+        raise ValueError(f"model.attention={cfg.attention} has {cfg.kv_heads} K/V heads, not divisible by cp={cp} "
+                         f"(context parallelism gives each rank a share of the K/V heads for whole sequences)")
 
 
 class UlyssesAttention:
@@ -83,7 +87,7 @@ class UlyssesAttention:
 def apply_cp(model: nn.Module, cp_mesh) -> None:
     """Make this rank's model (part) compute its part of every sequence: RoPE offsets, Ulysses attention, and
     the sequence-wise balance loss over whole sequences."""
-    from model.attention import MLA
+    from model.attention import MLA, Attention
     from model.moe import MoE
 
     group = cp_mesh.get_group()
@@ -92,7 +96,7 @@ def apply_cp(model: nn.Module, cp_mesh) -> None:
     last = cp_mesh.get_local_rank() == cp_mesh.size() - 1
     depth = {id(m.block.self_attn): k for k, m in enumerate(model.mtp or [], start=1)} if last else {}
     for module in model.modules():
-        if isinstance(module, MLA):
+        if isinstance(module, (MLA, Attention)):
             module.attend = UlyssesAttention(group, module.attend, pad=depth.get(id(module), 0))
         elif isinstance(module, MoE):
             module.reduce_sequence = reduce

@@ -5,7 +5,8 @@ Modes (`parallel.activation_checkpoint`):
   full       recompute each whole block (attention + MLP/MoE) in backward; only block inputs are kept.
   selective  DeepSeek-V3's choice: recompute every RMSNorm and the MLA up-projections (q_b_proj /
              q_proj, kv_b_proj) in backward, whose outputs are large (heads x head_dim per token) and
-             cheap to recompute; everything else is kept.
+             cheap to recompute; for mha/gqa/mqa the q/k/v projections in their place; everything else
+             is kept.
 
 The forwards are replaced on the module instances, not wrapped in new modules, so parameter names (and
 so checkpoints) are unchanged. Recomputation reruns a MoE layer's forward inside backward: the MoE skips
@@ -40,7 +41,7 @@ def _selective_targets(block: nn.Module) -> list[nn.Module]:
     from model.layers import RMSNorm
 
     attn = block.self_attn
-    ups = [getattr(attn, name) for name in ("q_b_proj", "q_proj", "kv_b_proj") if hasattr(attn, name)]
+    ups = [getattr(attn, name) for name in ("q_b_proj", "q_proj", "kv_b_proj", "k_proj", "v_proj") if hasattr(attn, name)]
     return [m for m in block.modules() if isinstance(m, RMSNorm)] + ups
 
 

@@ -8,6 +8,7 @@ sequence parallelism, replicated without. Keeping it a DTensor (not a local tens
 the sequence length from `h.shape[1]` for RoPE, and a DTensor reports the global shape. Each block:
 
   norm (sequence-parallel) -> all-gather -> MLA, heads sharded      -> reduce-scatter (o_proj)    -> residual
+                                             (MHA/GQA/MQA: query and K/V heads sharded alike, `_qkvo_plan`)
   norm (sequence-parallel) -> all-gather -> dense MLP, Megatron-style -> reduce-scatter (down_proj) -> residual
                                           -> MoE: router + routed experts on all tokens, shared experts
                                              tensor-parallel (all-reduce) -> keep this rank's tokens -> residual
@@ -193,6 +194,19 @@ def _mla_plan(attn: nn.Module, seq: Placement) -> dict[str, ParallelStyle]:
     return plan
 
 
+def _qkvo_plan(seq: Placement) -> dict[str, ParallelStyle]:
+    """MHA / GQA / MQA (model.attention.Attention) with query and K/V heads sharded over tp: q_proj, k_proj and
+    v_proj are column-parallel (head-major outputs, so rank r holds query heads r*H/tp.. and K/V heads r*K/tp..,
+    exactly the K/V heads its query heads read), o_proj row-parallel; inputs gathered as for MLA."""
+    return {
+        "": GatheredInput(),
+        "q_proj": ColwiseParallel(use_local_output=False),
+        "k_proj": ColwiseParallel(use_local_output=False),
+        "v_proj": ColwiseParallel(use_local_output=False),
+        "o_proj": RowwiseParallel(input_layouts=Shard(-1), output_layouts=seq, use_local_output=False),
+    }
+
+
 def _swiglu_plan(output_layout: Placement, local_output: bool) -> dict[str, ParallelStyle]:
     """SwiGLU MLP (Megatron): the input gathered once, gate/up column-parallel (the SiLU*up product runs on
     local columns), down row-parallel: reduce-scatter to `output_layout` (all-reduce for Replicate)."""
@@ -230,7 +244,8 @@ def _moe_plan(moe: MoE, seq: Placement) -> dict[str, ParallelStyle]:
 
 def _block_plan(block: nn.Module, seq: Placement) -> dict[str, ParallelStyle]:
     plan: dict[str, ParallelStyle] = {"input_layernorm": _norm_style(seq), "post_attention_layernorm": _norm_style(seq)}
-    plan.update({f"self_attn.{k}" if k else "self_attn": v for k, v in _mla_plan(block.self_attn, seq).items()})
+    attn = _qkvo_plan(seq) if hasattr(block.self_attn, "k_proj") else _mla_plan(block.self_attn, seq)
+    plan.update({f"self_attn.{k}" if k else "self_attn": v for k, v in attn.items()})
     if isinstance(block.mlp, MoE):
         mlp = _moe_plan(block.mlp, seq)
     elif isinstance(block.mlp, MLP):
@@ -278,6 +293,8 @@ def check_tp(cfg: ModelConfig, tp: int) -> None:
     """Every width tp splits must divide by tp; one line naming the numbers."""
     sizes = {"num_attention_heads": cfg.num_attention_heads, "vocab_size": cfg.vocab_size,
              "intermediate_size": cfg.intermediate_size}
+    if cfg.attention != "mla":  # K/V heads are split like query heads (MQA's single head cannot be)
+        sizes["num_key_value_heads"] = cfg.kv_heads
     if cfg.n_routed_experts > 0 and cfg.n_shared_experts > 0:
         sizes["moe_intermediate_size * n_shared_experts"] = cfg.moe_intermediate_size * cfg.n_shared_experts
     bad = {k: v for k, v in sizes.items() if v % tp}

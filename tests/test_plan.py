@@ -39,6 +39,10 @@ def by_kind(held: dict) -> dict:
     (["model=tiny", "parallel.pp=2", "parallel.tp=2", "parallel.ep=2"], 8, [0, 1, 5, 7]),
     (["model=tiny", "parallel.pp=2", "parallel.cp=2", "parallel.ep=2"], 8, [0, 2, 5, 7]),
     (["model=deepseek_v2", "parallel.pp=8", "parallel.cp=4", "parallel.ep=8"], 512, [0, 13, 300, 511]),
+    # attention variants: K/V heads split by tp (gqa), and whole under cp (mha)
+    (["model=tiny", "model.attention=gqa", "model.num_key_value_heads=2", "parallel.pp=2", "parallel.tp=2",
+      "parallel.ep=2"], 8, [0, 1, 5, 7]),
+    (["model=tiny", "model.attention=mha", "parallel.pp=2", "parallel.cp=2", "parallel.ep=2"], 8, [0, 2, 5, 7]),
     (["model=deepseek_v2_lite", "parallel.pp=4", "parallel.pp_schedule=Interleaved1F1B",
       "parallel.pp_stages_per_rank=2", "parallel.ep=8", "parallel.tp=2"], 64, [0, 9, 63]),
 ])
@@ -65,6 +69,8 @@ def memcheck(nproc: int, overrides: list[str]) -> list[dict]:
 LAYOUTS = {  # bench/plan_memory.py measures more (every schedule, each axis alone); see bench/RESULTS.md
     "small, one process": (1, ["model=small", "train.micro_batch_size=4", "train.global_batch_size=8"]),
     "tiny, one process, full recomputation": (1, ["parallel.activation_checkpoint=full"]),
+    "tiny gqa, tp=2, selective recomputation": (2, ["model.attention=gqa", "model.num_key_value_heads=2", "parallel.tp=2",
+                                                    "parallel.activation_checkpoint=selective"]),
     "tiny, tp=2 x ep=2": (4, ["parallel.tp=2", "parallel.ep=2", "model.capacity_factor=1.0", "model.no_drop_fraction=0",
                               "train.global_batch_size=32", "train.micro_batch_size=16"]),
     "tiny, cp=2 x ep=2": (4, ["parallel.cp=2", "parallel.ep=2", "data.seq_len=128", "train.global_batch_size=16",

@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from model import Transformer
-from model.hf import ShardWriter, exported_names, hf_items
+from model.hf import ShardWriter, check_exportable, exported_names, hf_items
 
 from .config import ConfigError
 from .runfiles import checkpoint_of, main_guard, parse_args, run_config, run_tokenizer
@@ -130,6 +130,10 @@ def run(argv: list[str]) -> int:
         raise ConfigError(f"export.dir={dest} exists and is not empty; pass export.overwrite=true to replace it")
     ckpt = checkpoint_of(run_dir, ecfg.step)
     cfg = run_config(ckpt)
+    try:
+        check_exportable(cfg.model)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     tmp = dest.parent / f"{dest.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:

@@ -21,7 +21,7 @@ import dataclasses
 import itertools
 import sys
 
-from model.analysis import kv_cache_bytes_per_token, kv_cache_elements_per_token, param_counts
+from model.analysis import kv_cache_bytes_per_token, kv_cache_elements, kv_cache_elements_per_token, param_counts
 from parallel.dims import LayoutError
 from train.__main__ import compose_config
 from train.config import ConfigError
@@ -129,6 +129,12 @@ def print_model(cfg) -> None:
     mla_b, mha_b = kv_cache_bytes_per_token(m)
     print(f"model: {pc.total / 1e9:.2f}B parameters, {pc.active / 1e9:.2f}B activated per token"
           + (f" (+{pc.mtp / 1e9:.2f}B MTP)" if pc.mtp else ""))
+    if m.attention != "mla":
+        own = kv_cache_elements(m)
+        print(f"KV cache per token: {m.attention.upper()} ({m.kv_heads} K/V heads of {m.attn_head_dim}) {own} "
+              f"elements/layer ({own * m.num_hidden_layers} in all, {own * m.num_hidden_layers * 2 / 1024:.1f} KiB "
+              f"in BF16); MLA of this config's MLA shapes would cache {mla}")
+        return
     print(f"KV cache per token: MLA {mla} elements/layer ({mla * m.num_hidden_layers} in all, "
           f"{mla_b / 1024:.1f} KiB in BF16) vs MHA {mha} ({mha_b / 1024:.1f} KiB): {mha / mla:.1f}x smaller")
 

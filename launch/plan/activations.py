@@ -51,18 +51,38 @@ def layer_activation_bytes(m: ModelConfig, layer: int, a: int, tp: int = 1, ep: 
     if mode == "full":
         return a * m.hidden_size / tp  # the block's input; the rest is recomputed
     sel = mode == "selective"
-    d, h = m.hidden_size, m.num_attention_heads // tp
+    d = m.hidden_size
     out = _norm(d, a, tp, sel) + a * d  # input norm + its gathered output (the down-projections' input)
-    if m.q_lora_rank is not None:
-        out += _norm(m.q_lora_rank, a, 1, sel) + a * m.q_lora_rank
-    out += _norm(m.kv_lora_rank, a, 1, sel, m.kv_lora_rank + m.qk_rope_head_dim) + a * m.kv_lora_rank
-    # SDPA keeps q, k, v (v zero-padded to the q/k width), its output and the log-sum-exp; o_proj its input
-    out += a * 4 * h * m.qk_head_dim + FP32 * h + a * h * m.v_head_dim
+    out += _attention_bytes(m, a, tp, sel)
     out += _norm(d, a, tp, sel) + a * d  # post-attention norm + the feed-forward's gathered input
     if not m.is_moe_layer(layer):
         return out + 4 * a * m.intermediate_size / tp  # SwiGLU: gate, SiLU, up, product
     out += _router_bytes(m, a) + _routed_bytes(m, a, ep)
     return out + 4 * a * m.n_shared_experts * m.moe_intermediate_size / tp
+
+
+def _attention_bytes(m: ModelConfig, a: int, tp: int, sel: bool) -> float:
+    """Attention past its gathered input. MLA: the query and latent down-projection paths, then SDPA keeps
+    q, k, v (v zero-padded to the q/k width), its output and the log-sum-exp; o_proj its input. MHA/GQA/MQA:
+    SDPA keeps q, k, v (GQA's K/V heads repeated for their query heads), its output and the log-sum-exp;
+    o_proj its input."""
+    h = m.num_attention_heads // tp
+    if m.attention != "mla":
+        return a * 5 * h * m.attn_head_dim + FP32 * h
+    out = 0.0
+    if m.q_lora_rank is not None:
+        out += _norm(m.q_lora_rank, a, 1, sel) + a * m.q_lora_rank
+    out += _norm(m.kv_lora_rank, a, 1, sel, m.kv_lora_rank + m.qk_rope_head_dim) + a * m.kv_lora_rank
+    return out + a * 4 * h * m.qk_head_dim + FP32 * h + a * h * m.v_head_dim
+
+
+def _attention_output_widths(m: ModelConfig, tp: int) -> float:
+    """Per token: the output widths of attention's weight-using ops (projections, latent norms)."""
+    h = m.num_attention_heads // tp
+    if m.attention != "mla":
+        return (h + 2 * m.kv_heads // tp) * m.attn_head_dim + m.hidden_size
+    out = m.kv_lora_rank + m.kv_lora_rank + m.qk_rope_head_dim + h * (m.qk_nope_head_dim + m.v_head_dim)
+    return out + h * m.qk_head_dim + (2 * m.q_lora_rank if m.q_lora_rank is not None else 0) + m.hidden_size
 
 
 def head_activation_bytes(m: ModelConfig, a: int, tp: int = 1, mode: str = "none", pipelined: bool = False) -> float:
@@ -81,9 +101,7 @@ def weight_grad_bytes(m: ModelConfig, layer: int | None, a: int, tp: int = 1) ->
     d = m.hidden_size
     if layer is None:
         return a * (d / tp + m.vocab_size / tp)
-    h = m.num_attention_heads // tp
-    out = 2 * d / tp + m.kv_lora_rank + m.kv_lora_rank + m.qk_rope_head_dim + h * (m.qk_nope_head_dim + m.v_head_dim)
-    out += h * m.qk_head_dim + (2 * m.q_lora_rank if m.q_lora_rank is not None else 0) + d  # queries, o_proj
+    out = 2 * d / tp + _attention_output_widths(m, tp)
     if not m.is_moe_layer(layer):
         return a * (out + 2 * m.intermediate_size / tp + d)
     k, i = m.num_experts_per_tok, m.moe_intermediate_size

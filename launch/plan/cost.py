@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from model.analysis import forward_flops_per_token, training_flops_per_token
+from model.analysis import attention_core_widths, forward_flops_per_token, training_flops_per_token
 from model.config import ModelConfig
 
 from ..hardware import GPU
@@ -63,7 +63,7 @@ def _group_link(stride: int, size: int, gpus_per_node: int) -> str:
 
 def _attention_core_flops(m: ModelConfig, seq_len: int) -> float:
     """Forward FLOPs per token of QK^T and PV over all layers (causal: (T+1)/2 keys on average)."""
-    return 2 * m.num_attention_heads * (m.qk_head_dim + m.v_head_dim) * (seq_len + 1) / 2 * m.num_hidden_layers
+    return 2 * m.num_attention_heads * sum(attention_core_widths(m)) * (seq_len + 1) / 2 * m.num_hidden_layers
 
 
 def bubble_fraction(layout: Layout, m: ModelConfig, seq_len: int) -> float:
@@ -98,6 +98,16 @@ def _fp8_flops_per_token(m: ModelConfig, seq_len: int) -> float:
     return 3 * (forward_flops_per_token(m, seq_len) - attn - head - router)
 
 
+def _up_projection_params(m: ModelConfig) -> int:
+    """Weights of the projections selective recomputation reruns (parallel/recompute.py): MLA's up-projections
+    (kv_b_proj, q_b_proj), the q/k/v projections otherwise."""
+    h, d = m.num_attention_heads, m.hidden_size
+    if m.attention != "mla":
+        return d * (h + 2 * m.kv_heads) * m.attn_head_dim
+    ups = m.kv_lora_rank * h * (m.qk_nope_head_dim + m.v_head_dim)
+    return ups + (m.q_lora_rank or 0) * h * m.qk_head_dim
+
+
 def compute_seconds(m: ModelConfig, layout: Layout, seq_len: int, tokens_per_gpu: float, gpu: GPU,
                     efficiency: float) -> float:
     """Seconds of arithmetic per step on one GPU (recomputation and tp-redundant experts included)."""
@@ -106,9 +116,7 @@ def compute_seconds(m: ModelConfig, layout: Layout, seq_len: int, tokens_per_gpu
     if layout.activation_checkpoint == "full":
         total += forward_flops_per_token(m, seq_len) * tokens_per_gpu
     elif layout.activation_checkpoint == "selective":
-        ups = m.kv_lora_rank * m.num_attention_heads * (m.qk_nope_head_dim + m.v_head_dim)
-        ups += (m.q_lora_rank or 0) * m.num_attention_heads * m.qk_head_dim
-        total += 2 * ups * m.num_hidden_layers * tokens_per_gpu
+        total += 2 * _up_projection_params(m) * m.num_hidden_layers * tokens_per_gpu
     fp8 = _fp8_flops_per_token(m, seq_len) * tokens_per_gpu if layout.fp8 else 0.0
     return ((total - fp8) / gpu.bf16_tflops + fp8 / gpu.fp8_tflops) / (1e12 * efficiency)
 
@@ -130,7 +138,8 @@ def collectives(shapes: StageShapes, layout: Layout, seq_len: int, gpu: GPU, clu
         out.append(("ep all-to-all", rows * (d.ep - 1) / d.ep, _group_link(d.tp, d.ep, per_node), False))
     if d.cp > 1:  # Ulysses: q, k, v to whole sequences and the output back, per attention layer
         passes = 3 if layout.activation_checkpoint == "full" else 2
-        width = m.num_attention_heads * (2 * m.qk_head_dim + 2 * m.v_head_dim)
+        qk, v = attention_core_widths(m)  # q and the output over all heads, k and v over the K/V heads
+        width = m.num_attention_heads * (qk + v) + m.kv_heads * (qk + v)
         out.append(("cp all-to-all", passes * n * len(layers) * tokens * width * a * (d.cp - 1) / d.cp,
                     _group_link(d.ep * d.tp, d.cp, per_node), False))
     if d.tp > 1:

@@ -29,6 +29,7 @@ ROUTER_BYTES = 4  # routers are all-gathered and computed in fp32 under every pr
 # weights the tensor-parallel plan splits, by the last two components of their name: dim 0 (column-wise,
 # and the vocab-parallel embedding) or dim 1 (row-wise); everything else is replicated over tp
 _TP_DIM = {"q_proj.weight": 0, "q_b_proj.weight": 0, "kv_b_proj.weight": 0, "gate_proj.weight": 0,
+           "k_proj.weight": 0, "v_proj.weight": 0,
            "up_proj.weight": 0, "lm_head.weight": 0, "embed_tokens.weight": 0, "o_proj.weight": 1,
            "down_proj.weight": 1}
 

@@ -1,0 +1,185 @@
+"""MHA and GQA under tensor (tp=2), context (cp=2, Ulysses) and pipeline (pp=2, 1F1B) parallelism against one
+process, on CPU with gloo.
+
+One 2-process job (this file run as a script, once per rank) runs every case in one gloo group: the `tiny`
+preset cut to 2 layers (one dense, one MoE; balance losses off, so the loss is a mean over tokens whatever
+the split), one forward and backward on a fixed batch. Each case's loss and every gradient it holds equal
+the whole model's in this process. GQA has 2 K/V heads for 4 query heads, so each tp/cp rank holds one K/V
+head and the two query heads that read it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import traceback
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.config import load_preset
+from model.transformer import Transformer
+
+ROOT = Path(__file__).resolve().parent.parent
+WORLD, B, T = 2, 4, 32
+VARIANTS = {"mha": {"attention": "mha"}, "gqa": {"attention": "gqa", "num_key_value_heads": 2}}
+CASES = [f"{layout}_{variant}" for layout in ("tp2", "cp2", "pp2") for variant in VARIANTS]
+
+
+def build(variant: str) -> Transformer:
+    cfg = replace(load_preset("tiny"), num_hidden_layers=2, aux_loss_alpha=0.0, device_aux_loss_alpha=0.0,
+                  comm_aux_loss_alpha=0.0, **VARIANTS[variant])
+    model = Transformer(cfg)
+    model.init_weights(seed=0)
+    return model
+
+
+def fixed_batch(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    seq = torch.randint(0, vocab, (B, T + 1), generator=torch.Generator().manual_seed(1))
+    return seq[:, :-1], seq[:, 1:]
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor().detach().clone() if hasattr(t, "full_tensor") else t.detach().clone()
+
+
+def reference(variant: str) -> dict:
+    model = build(variant)
+    tokens, labels = fixed_batch(model.cfg.vocab_size)
+    loss = cross_entropy(model(tokens), labels)
+    loss.backward()
+    return {"loss": loss.item(), "grads": {n: p.grad.clone() for n, p in model.named_parameters()}}
+
+
+# --------------------------------------------------------------------------------------------- worker side
+def run_tp(variant: str) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    from parallel.tensor import apply_tp, tp_loss
+
+    model = build(variant)
+    apply_tp(model, init_device_mesh("cpu", (WORLD,), mesh_dim_names=("tp",)))
+    tokens, labels = fixed_batch(model.cfg.vocab_size)
+    loss = tp_loss(model(tokens), labels)
+    loss.backward()
+    heads = model.layers["0"].self_attn.k_proj.weight.to_local().shape[0]
+    return {"loss": loss.item(), "grads": {n: full(p.grad) for n, p in model.named_parameters()}, "k_rows": heads}
+
+
+def run_cp(variant: str) -> dict:
+    """Each rank its half of every sequence; the loss and gradients averaged over the two halves."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from parallel.context import apply_cp
+
+    mesh = init_device_mesh("cpu", (WORLD,), mesh_dim_names=("cp",))
+    model = build(variant)
+    apply_cp(model, mesh)
+    tokens, labels = fixed_batch(model.cfg.vocab_size)
+    part = slice(mesh.get_local_rank() * T // WORLD, (mesh.get_local_rank() + 1) * T // WORLD)
+    loss = cross_entropy(model(tokens[:, part]), labels[:, part])
+    loss.backward()
+    grads = {}
+    for n, p in model.named_parameters():
+        dist.all_reduce(p.grad)
+        grads[n] = p.grad / WORLD
+    dist.all_reduce(loss := loss.detach())
+    return {"loss": loss.item() / WORLD, "grads": grads}
+
+
+def run_pp(variant: str) -> dict:
+    from parallel.pipeline import build_pipeline, pipeline_step
+
+    model = build(variant)
+    tokens, labels = fixed_batch(model.cfg.vocab_size)
+    runner, parts = build_pipeline(model, None, "1F1B", 2, 1, cross_entropy, torch.device("cpu"),
+                                   microbatch_size=B // 2, seq_len=T)
+    loss = pipeline_step(runner, parts, tokens, labels)
+    return {"loss": None if loss is None else loss.item(),
+            "grads": {n: p.grad.clone() for part in parts for n, p in part.named_parameters()}}
+
+
+def worker_main(rank: int, store: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=60))
+    for name in CASES:
+        layout, variant = name.split("_")
+        try:
+            result = {"tp2": run_tp, "cp2": run_cp, "pp2": run_pp}[layout](variant)
+        except Exception:  # reported by that case's test; the other cases still run
+            result = {"error": traceback.format_exc()}
+        torch.save(result, Path(out_dir) / f"{name}.rank{rank}.pt")
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------- test side
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> dict[str, list[dict]]:
+    out = tmp_path_factory.mktemp("attn_layouts")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, __file__, str(rank), str(out / "store"), str(out)], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(WORLD)]
+    logs = []
+    for proc in procs:
+        try:
+            logs.append(proc.communicate(timeout=240)[0])
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            pytest.fail("attention layout worker job timed out")
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-6000:]
+    return {name: [torch.load(out / f"{name}.rank{r}.pt", weights_only=False) for r in range(WORLD)] for name in CASES}
+
+
+@pytest.fixture(scope="module")
+def references() -> dict[str, dict]:
+    return {variant: reference(variant) for variant in VARIANTS}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", CASES)
+def test_layout_equals_one_process(name, results, references):
+    layout, variant = name.split("_")
+    ranks = results[name]
+    errors = [r["error"] for r in ranks if "error" in r]
+    assert not errors, errors[0]
+    ref = references[variant]
+    losses = [r["loss"] for r in ranks if r["loss"] is not None]
+    assert losses and all(loss == pytest.approx(ref["loss"], rel=1e-5) for loss in losses)
+    held = set()
+    for r in ranks:
+        for n, g in r["grads"].items():
+            torch.testing.assert_close(g, ref["grads"][n], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name} {n}: {m}")
+        held |= set(r["grads"])
+    assert held == set(ref["grads"])  # every parameter checked (pp: between the two stages)
+    assert any("k_proj" in n for n in held)
+    if layout == "tp2":  # each rank holds half the K/V heads (tiny: width 16 per head)
+        assert ranks[0]["k_rows"] == {"mha": 2, "gqa": 1}[variant] * 16
+
+
+def test_heads_that_do_not_divide_are_one_line_errors():
+    from parallel.context import check_cp
+    from parallel.tensor import check_tp
+
+    mqa = replace(load_preset("tiny"), attention="mqa")
+    with pytest.raises(ValueError, match=r"tp=2 must divide model.num_key_value_heads=1"):
+        check_tp(mqa, 2)
+    with pytest.raises(ValueError, match=r"model.attention=gqa has 2 K/V heads, not divisible by cp=4"):
+        check_cp(replace(load_preset("tiny"), attention="gqa", num_key_value_heads=2), 4)
+    check_tp(replace(load_preset("tiny"), attention="gqa", num_key_value_heads=2), 2)  # divides: no error
+
+
+if __name__ == "__main__":  # the worker: rank, file-store path, output folder
+    worker_main(int(sys.argv[1]), sys.argv[2], sys.argv[3])
