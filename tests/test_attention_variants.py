@@ -43,6 +43,25 @@ def test_cached_decoding_equals_full_sequence_logits(variant, latent):
     torch.testing.assert_close(cached, full, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("variant,latent", [(v, True) for v in VARIANTS] + [("mla", False)])
+def test_left_padded_batch_decodes_each_row_as_alone(variant, latent):
+    """Two prompts of 5 and 9 tokens as one batch, the shorter padded on the left (pad [3 + 1, 0]: pad tokens
+    are garbage ids): every row's logits, prefill and 4 cached steps, equal that row decoded alone."""
+    torch.manual_seed(0)
+    model = Transformer(tiny(**VARIANTS[variant])).eval()
+    short, long = torch.randint(0, 512, (1, 5)), torch.randint(0, 512, (1, 9))
+    batch = torch.cat([torch.cat([torch.randint(0, 512, (1, 4)), short], 1), long])
+    nxt = torch.randint(0, 512, (2, 4))
+    pad = torch.tensor([4, 0])
+    cache = model.new_cache(2, 13, latent=latent)
+    got = [model.decode(batch, cache, start=0, pad=pad)[:, -1]]
+    got += [model.decode(nxt[:, t:t + 1], cache, start=9 + t, pad=pad)[:, -1] for t in range(4)]
+    for row, prompt in enumerate((short, long)):
+        alone = model(torch.cat([prompt, nxt[row:row + 1]], 1))[0]  # full forward of the row without padding
+        want = alone[prompt.shape[1] - 1:]
+        torch.testing.assert_close(torch.stack([g[row] for g in got]), want, atol=2e-5, rtol=1e-4)
+
+
 def test_kv_cache_tensors_hold_the_variant_widths():
     """Cache shapes per token per layer equal model.analysis.kv_cache_elements."""
     for variant, over in VARIANTS.items():
