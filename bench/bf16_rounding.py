@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from precision_forward import emulation_overrides  # noqa: E402  (bench/, beside this file)
-from train.__main__ import compose_config  # noqa: E402
+from train.config import compose_config  # noqa: E402
 from train.precision import GEMMS  # noqa: E402
 from train.trainer import Trainer  # noqa: E402
 from machine import describe  # noqa: E402  (bench/, beside this file)

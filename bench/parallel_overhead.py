@@ -56,7 +56,7 @@ def time_collectives(clock: dict) -> None:
 def worker(args) -> None:
     """One rank: build the trainer for the layout, time `steps` steps after one warm-up step."""
     sys.path.insert(0, str(ROOT))
-    from train.__main__ import compose_config
+    from train.config import compose_config
     from train.trainer import Trainer
 
     clock = {"comm": 0.0}

@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from precision import RECIPES, fp8_native  # noqa: E402  (bench/precision.py, beside this file)
-from train.__main__ import compose_config  # noqa: E402
+from train.config import compose_config  # noqa: E402
 from train.trainer import Trainer  # noqa: E402
 from machine import bf16_gemms_fast, describe  # noqa: E402  (bench/, beside this file)
 

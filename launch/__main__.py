@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from train.__main__ import compose_config
+from train.config import compose_config
 from train.config import ConfigError
 
 from .slurm import render_sbatch, torchrun_args

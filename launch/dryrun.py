@@ -27,9 +27,9 @@ from parallel import parallelize
 from launch.plan.memory import StageShapes, layout_of, meta_model, rank_parameter_elements
 from parallel.inventory import rank_parameters
 from parallel.pipeline import rank_stage_modules
-from train.__main__ import compose_config
+from train.config import compose_config
 from train.config import ConfigError
-from train.trainer import parallel_dims
+from train.config import parallel_dims
 
 
 def memory_bytes(counts: dict[str, int], moment_bytes: int) -> dict[str, int]:

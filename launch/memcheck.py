@@ -20,7 +20,7 @@ import tempfile
 
 from torch.profiler import ProfilerActivity, profile
 
-from train.__main__ import compose_config
+from train.config import compose_config
 from train.config import ConfigError
 
 

@@ -3,7 +3,6 @@ script of a run (rendered from the `launch` config group)."""
 
 from __future__ import annotations
 
-import re
 import shlex
 import sys
 from pathlib import Path
@@ -11,30 +10,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 # torchrun forwards these to its workers; SIGUSR1 is SLURM's "time limit near" warning (see the sbatch script)
 FORWARDED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
-
-
-def first_host(nodelist: str) -> str:
-    """The first host of a SLURM node list: "gpu[003-005,9],cpu1" -> "gpu003"; "a,b" -> "a"."""
-    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
-    if not m:
-        raise ValueError(f"cannot read a host from SLURM node list {nodelist!r}")
-    prefix, ranges = m.groups()
-    return prefix + (ranges.split(",")[0].split("-")[0] if ranges else "")
-
-
-def torch_env_from_slurm(env: dict[str, str]) -> dict[str, str]:
-    """RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT for a task that `srun` started directly
-    (one task per GPU), from SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID and the job's first node. Empty when
-    torchrun already set them or this is not a multi-task SLURM step. MASTER_PORT defaults to 29500 + the job
-    id modulo 1000, so two jobs sharing a node do not collide."""
-    if "RANK" in env or int(env.get("SLURM_NTASKS", "1")) <= 1 or "SLURM_PROCID" not in env:
-        return {}
-    missing = [k for k in ("SLURM_LOCALID", "SLURM_JOB_NODELIST") if k not in env]
-    if missing and "MASTER_ADDR" not in env:
-        raise ValueError(f"SLURM_NTASKS={env['SLURM_NTASKS']} but {missing} unset: not a SLURM job step?")
-    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"], "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
-            "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(env["SLURM_JOB_NODELIST"]),
-            "MASTER_PORT": env.get("MASTER_PORT") or str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 1000)}
 
 
 def torchrun_args(launch, endpoint: str, run_id: str) -> list[str]:

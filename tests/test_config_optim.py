@@ -7,7 +7,7 @@ import torch
 
 from model import Transformer, load_preset
 from parallel import LayoutError, ParallelDims
-from train.__main__ import compose_config
+from train.config import compose_config
 from train.config import ConfigError, OptimConfig
 from train.optim import build_optimizer, build_scheduler, lr_factor, param_groups
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.slurm import first_host, torch_env_from_slurm
+from train.env import first_host, torch_env_from_slurm
 from test_train import PY, ROOT, base_args, dataset, metrics, train  # noqa: F401  (dataset is a fixture)
 
 

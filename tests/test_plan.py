@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from launch.dryrun import build_rank
-from launch.hardware import GPUS, device_bf16_tflops
+from train.hardware import GPUS, device_bf16_tflops
 from launch.plan import StageShapes, layout_of, meta_model, rank_parameter_elements
 from launch.plan.__main__ import estimate, fits, search
 from launch.plan.cost import bubble_fraction, collectives, step_cost
@@ -19,7 +19,7 @@ from launch.plan.memory import rank_layers
 from model.analysis import param_counts
 from parallel.inventory import rank_parameters
 from test_train import PY, ROOT, dataset  # noqa: F401  (dataset is a fixture)
-from train.__main__ import compose_config
+from train.config import compose_config
 
 
 def planned_elements(overrides: list[str], world: int, ranks: list[int]) -> dict[int, dict]:

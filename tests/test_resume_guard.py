@@ -4,9 +4,7 @@ data never had that batch, and equal again after a kill and resume."""
 
 import json
 import random
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +13,7 @@ import yaml
 from test_train import PY, ROOT, base_args, dataset, metrics, train  # noqa: F401  (dataset is a fixture)
 from train.data.loader import TokenDataset, TokenLoader
 from train.optim import lr_factor
-from train.__main__ import compose_config
+from train.config import compose_config
 
 
 # ------------------------------------------------------------------------------------------ config on resume

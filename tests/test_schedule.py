@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from train.__main__ import compose_config
+from train.config import compose_config
 from train.config import ConfigError
 from train.optim import lr_factor
 from train.schedule import BatchSchedule, RunPosition

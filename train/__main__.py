@@ -9,45 +9,9 @@ Hydra's own flags (`--multirun`/`-m`, `--cfg`, `--help`, `hydra/launcher=...` sw
 from __future__ import annotations
 
 import logging
-import re
 import sys
-from pathlib import Path
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-
-
-def one_line(e: BaseException) -> str:
-    text = str(e).split("Config search path")[0]  # Hydra appends its search path to missing-group errors
-    return re.sub(r"\s+", " ", text).strip() or type(e).__name__
-
-
-def register_model_schema() -> None:
-    """`model/base`: every ModelConfig field with its default, so presets may list only what they set and
-    `model.<any field>=...` overrides work on every preset."""
-    import dataclasses
-
-    from hydra.core.config_store import ConfigStore
-
-    from model.config import ModelConfig
-
-    ConfigStore.instance().store(group="model", name="base", node=dataclasses.asdict(ModelConfig()))
-
-
-def compose_config(overrides: list[str]):
-    """Hydra composition + typed validation -> RunConfig (raises ConfigError with a one-line message)."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from .config import ConfigError, build_config
-
-    register_model_schema()
-    try:
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            composed = compose(config_name="config", overrides=overrides)
-        data = OmegaConf.to_container(composed, resolve=True)
-    except Exception as e:  # noqa: BLE001 — Hydra/OmegaConf raise many types; all are config errors here
-        raise ConfigError(one_line(e)) from None
-    return build_config(data)
+from .config import CONF_DIR, compose_config, one_line, register_model_schema  # noqa: F401
 
 
 def run(cfg) -> int:

@@ -8,12 +8,15 @@ Nothing past the entry point sees a DictConfig.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from model.config import ModelConfig, config_from_dict
+from parallel.dims import ParallelDims
 
 
 class ConfigError(ValueError):
@@ -380,3 +383,53 @@ def _validate_recipe_schedules(t: LoopConfig) -> None:
 
 def to_dict(cfg: RunConfig) -> dict:
     return dataclasses.asdict(cfg)
+
+
+# --------------------------------------------------------------------------------------------- composing
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def one_line(e: BaseException) -> str:
+    text = str(e).split("Config search path")[0]  # Hydra appends its search path to missing-group errors
+    return re.sub(r"\s+", " ", text).strip() or type(e).__name__
+
+
+def register_model_schema() -> None:
+    """`model/base`: every ModelConfig field with its default, so presets may list only what they set and
+    `model.<any field>=...` overrides work on every preset."""
+    import dataclasses
+
+    from hydra.core.config_store import ConfigStore
+
+    from model.config import ModelConfig
+
+    ConfigStore.instance().store(group="model", name="base", node=dataclasses.asdict(ModelConfig()))
+
+
+def compose_config(overrides: list[str]):
+    """Hydra composition + typed validation -> RunConfig (raises ConfigError with a one-line message)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    register_model_schema()
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            composed = compose(config_name="config", overrides=overrides)
+        data = OmegaConf.to_container(composed, resolve=True)
+    except Exception as e:  # noqa: BLE001 — Hydra/OmegaConf raise many types; all are config errors here
+        raise ConfigError(one_line(e)) from None
+    return build_config(data)
+
+
+def parallel_dims(cfg: RunConfig, world: int) -> ParallelDims:
+    """The validated parallel layout of `cfg` on `world` ranks (the trainer's, and the dry run's)."""
+    p = cfg.parallel
+    dims = ParallelDims.resolve(world, p.dp_replicate, p.dp_shard, p.tp, p.ep, p.pp, p.pp_stages_per_rank, p.cp)
+    dims.validate_model(cfg.model)
+    return dims
+
+
+def pipeline_microbatches(cfg: RunConfig, local_batch: int) -> int:
+    """Micro-batches a pipeline step splits a rank's `local_batch` sequences into: parallel.pp_microbatches,
+    or 0 there: one per train.micro_batch_size (the trainer's, and the planner's)."""
+    return cfg.parallel.pp_microbatches or local_batch // cfg.train.micro_batch_size

@@ -15,27 +15,26 @@ import os
 import resource
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from launch.hardware import device_bf16_tflops
-from launch.slurm import torch_env_from_slurm
 from model import Transformer
 from model.moe import active_balance_terms
 from model.transformer import lm_and_mtp_loss
 from model.analysis import param_counts, training_flops_per_token
-from parallel import LayoutError, ParallelDims, clip_grad_norm_, end_of_step, micro_batch_sync, parallelize, tp_loss
+from parallel import LayoutError, clip_grad_norm_, end_of_step, micro_batch_sync, parallelize, tp_loss
 from parallel.inventory import rank_parameters
 from parallel.fp8 import Fp8Recipe, after_optimizer_step, check_fp8
 from parallel.pipeline import (build_pipeline, ends_share_rank, pipeline_eval, pipeline_schedule, pipeline_step,
                                tied_embedding_copy)
 
 from .checkpoint import Checkpointer, load_model_weights
-from .config import ConfigError, RunConfig, to_dict
+from .config import ConfigError, RunConfig, parallel_dims, pipeline_microbatches, to_dict
+from .env import init_distributed
+from .hardware import device_bf16_tflops
 from .data.builtin import builtin_dataset
 from .hf_load import check_hf_dir, is_hf_dir, load_hf_weights
 from .data.loader import TokenDataset, TokenLoader
@@ -49,34 +48,6 @@ from .spike import SpikeGuard, TrainingError
 
 log = logging.getLogger("train")
 META_INIT_PARAMS = 2e9  # above this, build on the meta device and initialise shards in place
-
-
-# --------------------------------------------------------------------------------------------- environment
-@dataclass
-class Env:
-    rank: int
-    world: int
-    local_rank: int
-    device: torch.device
-
-
-def init_distributed() -> Env:
-    try:  # started by `srun` directly, one task per GPU: the ranks come from SLURM's variables
-        os.environ.update(torch_env_from_slurm(dict(os.environ)))
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT", "RANK") if k not in os.environ]
-        if missing:
-            raise ConfigError(f"WORLD_SIZE={world} but {missing} unset: launch with torchrun (or srun torchrun)")
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-    return Env(rank, world, local_rank, device)
 
 
 def measured_cpu_peak_tflops() -> float:
@@ -130,20 +101,6 @@ def all_mean(x: torch.Tensor, world: int, group=None) -> torch.Tensor:
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy in fp32."""
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
-
-
-def parallel_dims(cfg: RunConfig, world: int) -> ParallelDims:
-    """The validated parallel layout of `cfg` on `world` ranks (the trainer's, and the dry run's)."""
-    p = cfg.parallel
-    dims = ParallelDims.resolve(world, p.dp_replicate, p.dp_shard, p.tp, p.ep, p.pp, p.pp_stages_per_rank, p.cp)
-    dims.validate_model(cfg.model)
-    return dims
-
-
-def pipeline_microbatches(cfg: RunConfig, local_batch: int) -> int:
-    """Micro-batches a pipeline step splits a rank's `local_batch` sequences into: parallel.pp_microbatches,
-    or 0 there: one per train.micro_batch_size (the trainer's, and the planner's)."""
-    return cfg.parallel.pp_microbatches or local_batch // cfg.train.micro_batch_size
 
 
 # --------------------------------------------------------------------------------------------- the trainer

@@ -23,10 +23,10 @@ import sys
 
 from model.analysis import kv_cache_bytes_per_token, kv_cache_elements, kv_cache_elements_per_token, param_counts
 from parallel.dims import LayoutError
-from train.__main__ import compose_config
+from train.config import compose_config
 from train.config import ConfigError
 
-from ..hardware import GPU, gpu as find_gpu
+from train.hardware import GPU, gpu as find_gpu
 from .cost import StepCost, step_cost
 from .memory import Layout, RankMemory, StageShapes, layout_of, memory_of, meta_model
 

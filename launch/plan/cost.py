@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from model.analysis import attention_core_widths, forward_flops_per_token, training_flops_per_token
 from model.config import ModelConfig
 
-from ..hardware import GPU
+from train.hardware import GPU
 from .memory import Layout, StageShapes, gathered_element_bytes, rank_layers, unsharded_elements
 
 

@@ -74,7 +74,7 @@ class Layout:
 def layout_of(cfg, world: int, check_batch: bool = True) -> Layout:
     """The layout `cfg` (a RunConfig) describes on `world` ranks; LayoutError for an impossible one.
     `check_batch=False`: for parameter counts only (the batch need not split over this many ranks)."""
-    from train.trainer import parallel_dims, pipeline_microbatches
+    from train.config import parallel_dims, pipeline_microbatches
 
     p, t, pr = cfg.parallel, cfg.train, cfg.precision
     dims = parallel_dims(cfg, world)
