@@ -13,6 +13,7 @@ keys and values instead: the cache of MHA/GQA/MQA, and of MLA without absorption
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -126,7 +127,7 @@ class MLA(nn.Module):
         self.scale = softmax_scale(cfg)
         # the attention core of the training path; context parallelism (parallel/context.py) swaps in one that
         # runs it on whole sequences for a share of the heads
-        self.attend = causal_attention
+        self.attend: Callable[..., torch.Tensor] = causal_attention
 
     def _queries(self, x: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
         """q_nope [B, T, H, N], rotated q_rope [B, T, H, R]."""
@@ -194,7 +195,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, kv * hd, bias=False)
         self.o_proj = nn.Linear(h * hd, d, bias=False)
         self.scale = softmax_scale(cfg)
-        self.attend = causal_attention  # the same extension slot as MLA.attend (context parallelism)
+        self.attend: Callable[..., torch.Tensor] = causal_attention  # the extension slot of MLA.attend
 
     def _qkv(self, x: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rotated q [B, T, H, D], rotated k [B, T, K, D], v [B, T, K, D]."""

@@ -75,7 +75,7 @@ class Transformer(nn.Module):
         self.output_hidden = False
         # (index, count): this model sees part `index` of `count` equal parts of every sequence, so its positions
         # start at index * T (context parallelism sets it; parallel/context.py)
-        self.sequence_shard = (0, 1)
+        self.sequence_shard: tuple[int, int] = (0, 1)
         if self.embed_tokens.weight.device.type != "meta":
             self.init_weights()
 
