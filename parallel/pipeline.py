@@ -1,41 +1,16 @@
 """Pipeline parallelism with torch.distributed.pipelining: layer split, stage modules, schedules.
 
-The model is cut by global layer index: stage s of S owns the contiguous layers `split_layers(L, S)[s]`,
-stage 0 also the embedding, stage S-1 also the final norm and the output head. Each pipeline rank keeps
-one `Transformer` per stage it holds (a copy with the other layers removed, see `build_stage_modules`), so
-parameter names ("layers.3.self_attn.o_proj.weight") stay those of the whole model and DCP checkpoints
-load across layouts.
+Stage s of S owns the contiguous layers `split_layers(L, S)[s]`; stage 0 also the embedding, stage S-1 the final
+norm and head (and, with MTP, the MTP modules and a copy of the embedding whose gradient the trainer adds to
+stage 0's). A rank keeps one `Transformer` per stage it holds with the other layers removed, so parameter
+names stay the whole model's and checkpoints load across layouts. Placement (`stage_ids`): loop style (rank r
+holds r, r+pp, ...: GPipe, 1F1B, Interleaved1F1B) or V style (r and 2pp-1-r: ZBVZeroBubble, DualPipeV).
 
-Stage placement (`stage_ids`):
-  - loop style, rank r holds stages r, r+pp, r+2pp, ...: GPipe and 1F1B (one stage per rank),
-    Interleaved1F1B (two or more);
-  - V style, rank r holds stages r and 2pp-1-r: ZBVZeroBubble and DualPipeV (exactly two per rank), so
-    rank 0 holds both the embedding and the head.
-
-Loss and gradient scale. `loss_fn(logits, labels)` is the mean cross-entropy of one microbatch. The loss
-handed to the schedule keeps that value (so `losses` holds per-microbatch means and the step loss is their
-mean) but back-propagates 1/n_microbatches (`_MeanOverMicrobatches`), and every MoE layer's
-`aux_loss_scale` is 1/n_microbatches: the gradient is the mean over microbatches of d(CE + balance
-losses), exactly as single-process gradient accumulation. The schedules are built with
-`scale_grads=False`, so nothing divides the gradients again after the step (with torch's default
-scale_grads=True a second step() before zero_grad would divide the first one's gradients twice).
-
-MoE routing statistics need nothing special: each microbatch runs each layer's forward once, so
-`tokens_per_expert` of a stage's MoE layers accumulates over all microbatches of the step (the trainer
-reads and resets them, per model part, as without pipelining). The balance losses travel through backward
-(AuxLossInjector), so stages exchange only the hidden states.
-
-Shapes are given to `PipelineStage` explicitly (static metadata: token ids [mb, T] int64 into stage 0,
-hidden states [mb, T, D] between stages, logits [mb, T, V] out of the last) because torch's dynamic
-inference runs an extra forward that would add to the MoE load counters. A forward hook on each part
-checks its output against that metadata (so a part called directly must get microbatches of that shape).
-
-Multi-token prediction: the last stage holds the MTP modules and a copy of the embedding (tied to stage 0's:
-the trainer adds the two gradients, see `tied_embedding_copy`); it emits hidden states and its loss runs
-the heads (`Transformer.heads_from_labels`: the labels are the inputs shifted by one, so the last stage
-can embed the tokens MTP needs). Tied input/output embeddings are rejected under pp > 1.
-Call these before `parallel.parallelize` (FSDP, EP) is applied to each model part; wrapping a part in
-place afterwards keeps the stage's reference valid.
+The loss given to a schedule is each microbatch's mean but back-propagates 1/n_microbatches, and every MoE
+layer's balance losses are scaled alike: gradients equal single-process accumulation (schedules are built with
+scale_grads=False). Balance losses travel in backward (AuxLossInjector), so stages exchange hidden states only.
+Stage shapes are static (`_stage_io`): torch's shape inference would run an extra forward into the MoE load
+counters. Call these before FSDP/EP wrap each part.
 """
 
 from __future__ import annotations
