@@ -1,6 +1,8 @@
 """parallel.cpu_offload: DeepSpeedCPUAdam (OffloadAdamW) updates like torch's AdamW, keeps its state layout (a run
 resumes with offload on or off), resumes bit-exact, and trains under FSDP2 offload like one process."""
 
+import shutil
+
 import pytest
 import torch
 
@@ -45,7 +47,7 @@ def test_updates_equal_torch_adamw_over_5_steps():
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\(\)`")
+@pytest.mark.filterwarnings(r"ignore:Detected call of `lr_scheduler.step\(\)`")
 @pytest.mark.parametrize("offload_first", [True, False])
 def test_state_dicts_interchange_with_torch_adamw(offload_first):
     """3 steps with one optimizer, its state dict loaded into the other, 2 more: equals 5 steps of torch's AdamW."""
@@ -60,3 +62,29 @@ def test_state_dicts_interchange_with_torch_adamw(offload_first):
     _run(got, second, 2, start=3)
     for a, b in zip(ref.parameters(), got.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------ runs
+from test_parallel_layouts import BALANCE, assert_same_run  # noqa: E402
+from test_train import base_args, dataset, metrics, train  # noqa: E402, F401  (dataset is a fixture)
+
+OFFLOAD = {**BALANCE, "train.micro_batch_size": 1, "parallel.cpu_offload": "true", "checkpoint.every": 2}
+
+
+def test_offload_trains_like_one_process_and_resumes(dataset, tmp_path):
+    """dp=2 with FSDP2's CPU offload and OffloadAdamW equals one process with torch's AdamW; killed after step 3
+    and resumed from step 2 it repeats the run bit for bit; resumed with offload off, it continues within rounding."""
+    ref, straight, killed = tmp_path / "ref", tmp_path / "straight", tmp_path / "killed"
+    train(base_args(dataset, ref, 4, **{**BALANCE, "train.micro_batch_size": 2}))
+    train(base_args(dataset, straight, 4, **OFFLOAD), 2)
+    assert_same_run(ref, straight, tmp_path, steps=range(1, 5))
+    proc = train(base_args(dataset, killed, 4, **OFFLOAD), 2, env_extra={"DSV2_TEST_KILL_AT_STEP": "3"}, check=False)
+    assert proc.returncode != 0 and "DeepSpeedCPUAdam is unavailable" not in proc.stderr
+    plain = tmp_path / "plain"
+    shutil.copytree(killed, plain)
+    train(base_args(dataset, killed, 4, **OFFLOAD), 2)
+    assert metrics(killed) == metrics(straight) and metrics(killed, "grad_norm") == metrics(straight, "grad_norm")
+    train(base_args(dataset, plain, 4, **{**OFFLOAD, "parallel.cpu_offload": "false"}), 2)
+    assert list(metrics(plain)) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert metrics(plain)[step] == pytest.approx(metrics(straight)[step], rel=1e-5)

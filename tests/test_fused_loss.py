@@ -11,7 +11,7 @@ from model.config import load_preset
 from model.transformer import lm_and_mtp_loss
 from parallel.deepspeed_ops import fused_lm_loss
 from test_parallel_layouts import BALANCE, assert_same_run
-from test_train import base_args, dataset, train  # noqa: F401  (dataset is a fixture)
+from test_train import base_args, dataset, metrics, train  # noqa: F401  (dataset is a fixture)
 
 
 def lm_loss(logits, labels):
@@ -61,3 +61,19 @@ def test_fused_loss_under_layout_equals_logits_path(dataset, logits_reference, t
     out = tmp_path / layout
     train(base_args(dataset, out, 3, **{**BALANCE, **FUSED, "train.fused_loss": "true", **LAYOUTS[layout]}), 2)
     assert_same_run(logits_reference, out, tmp_path)
+
+
+@pytest.mark.parametrize("precision", ["bf16"])
+def test_fused_loss_under_precision_recipes(dataset, tmp_path, precision):
+    """The head stays out of FP8 and runs in the recipe's compute dtype, fused or not: the same first-step loss
+    (the same logits, whose cross-entropy is fp32 either way) and close later ones (backward sums in another order)."""
+    over = {"model.num_nextn_predict_layers": 1, "data.seq_len": 32}
+    if precision.startswith("fp8"):
+        over.update({"precision.param_dtype": "float32", "precision.fp8_emulate": "true", "precision.fp8_block": 16})
+    runs = {}
+    for fused in ("false", "true"):
+        runs[fused] = tmp_path / fused
+        train(base_args(dataset, runs[fused], 2, **over, **{"train.fused_loss": fused}) + [f"precision={precision}"])
+    want, got = metrics(runs["false"]), metrics(runs["true"])
+    assert got[1] == pytest.approx(want[1], rel=1e-5)
+    assert got[2] == pytest.approx(want[2], rel=1e-3) and got[2] != want[1]
