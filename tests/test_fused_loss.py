@@ -2,6 +2,8 @@
 give the loss and gradients of the logits path, in one process and under tp, pp and cp (2 gloo processes each,
 against a single-process run with the logits path)."""
 
+import os
+
 import pytest
 import torch
 from torch.nn import functional as F
@@ -77,3 +79,24 @@ def test_fused_loss_under_precision_recipes(dataset, tmp_path, precision):
     want, got = metrics(runs["false"]), metrics(runs["true"])
     assert got[1] == pytest.approx(want[1], rel=1e-5)
     assert got[2] == pytest.approx(want[2], rel=1e-3) and got[2] != want[1]
+
+
+def test_unusable_deepspeed_is_one_config_error_line(dataset, tmp_path):
+    fake = tmp_path / "site" / "deepspeed"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('deepspeed is broken here')\n")
+    env = {"PYTHONPATH": f"{fake.parent}:{os.environ.get('PYTHONPATH', '')}"}
+    proc = train(base_args(dataset, tmp_path / "run", 1, **{"train.fused_loss": "true"}), env_extra=env, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "train.fused_loss" in lines[0] and "deepspeed is broken here" in lines[0], lines
+
+
+@pytest.mark.parametrize("overrides,on", [([], False), (["model=small"], False), (["train.fused_loss=true"], True),
+                                          (["model=deepseek_v2"], True), (["experiment=deepseek_v3"], True),
+                                          (["model=deepseek_v2_lite", "train.fused_loss=false"], False)])
+def test_fused_loss_default_follows_the_vocabulary(overrides, on):
+    from train.__main__ import compose_config
+    from train.config import fused_loss_on
+
+    assert fused_loss_on(compose_config(overrides)) is on
