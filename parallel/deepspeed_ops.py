@@ -18,8 +18,11 @@ backward, so it is the gathered (and mixed-precision) weight the unfused head wo
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import logging
+import warnings
 from typing import Callable
 
 import torch
@@ -51,7 +54,8 @@ def _use_group(group) -> None:
     """DeepSpeed's collectives go through `deepspeed.comm`, which must wrap the torch process group once."""
     comm = import_deepspeed("deepspeed.comm")
     if not comm.is_initialized():
-        comm.init_distributed(dist_backend=dist.get_backend(group), auto_mpi_discovery=False, verbose=False)
+        with contextlib.redirect_stdout(io.StringIO()):  # on CPU it prints that it built its shared-memory op
+            comm.init_distributed(dist_backend=dist.get_backend(group), auto_mpi_discovery=False, verbose=False)
 
 
 def _local_head(weight: torch.Tensor):
@@ -78,5 +82,7 @@ def fused_lm_loss(part: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], tor
 
     def loss(hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         weight, group = _local_head(part.lm_head.weight)
-        return linear_ce(_whole_tokens(hidden), weight, labels, tp_group=group)
+        with warnings.catch_warnings():  # DeepSpeed checks the vocabulary shards with a collective torch deprecates
+            warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+            return linear_ce(_whole_tokens(hidden), weight, labels, tp_group=group)
     return loss
