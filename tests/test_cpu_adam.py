@@ -88,3 +88,18 @@ def test_offload_trains_like_one_process_and_resumes(dataset, tmp_path):
     assert list(metrics(plain)) == [1, 2, 3, 4]
     for step in (3, 4):
         assert metrics(plain)[step] == pytest.approx(metrics(straight)[step], rel=1e-5)
+
+
+def test_unbuildable_op_warns_once_and_uses_torch_adamw(monkeypatch, caplog):
+    import train.cpu_adam
+    from train.optim import PartOptimizers
+
+    monkeypatch.setattr(train.cpu_adam, "cpu_adam_problem", lambda: "RuntimeError: no C++ compiler")
+    parts = [_model(0), _model(1)]
+    with caplog.at_level("WARNING", logger="train"):
+        opts = PartOptimizers(parts, CFG, 10, cpu_offload=True)
+    assert [type(o) for o in opts.optimizers] == [torch.optim.AdamW] * 2
+    warned = [r for r in caplog.records if "DeepSpeedCPUAdam is unavailable" in r.getMessage()]
+    assert len(warned) == 1 and "no C++ compiler" in warned[0].getMessage()
+    monkeypatch.undo()
+    assert all(isinstance(o, OffloadAdamW) for o in PartOptimizers(parts, CFG, 10, cpu_offload=True).optimizers)
