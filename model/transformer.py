@@ -6,7 +6,9 @@ Shape legend: B batch, T tokens, D hidden, V vocab.
 not own (and drop `embed_tokens`, `norm`, `lm_head`, `mtp` by setting them to None) while parameter
 names stay stable for checkpoints. Integer inputs are token ids (embedded), float inputs hidden states, so
 a last stage may keep a copy of the embedding for MTP. `output_hidden` makes `forward` stop before the
-head (a last pipeline stage with MTP computes the heads in its loss, see `heads_from_labels`). Build on
+head (a last pipeline stage with MTP computes the heads in its loss, see `heads_from_labels`);
+`return_head_input` makes every method that would return logits return the head's input instead (the final
+norm's output [B, T, D]), for a loss that applies `lm_head` itself (a fused linear cross-entropy). Build on
 the meta device for big presets, then `to_empty` and `init_weights()`.
 """
 
@@ -73,6 +75,7 @@ class Transformer(nn.Module):
         self.mtp = nn.ModuleList([MTPModule(cfg, n + k) for k in range(cfg.num_nextn_predict_layers)]) \
             if cfg.num_nextn_predict_layers > 0 else None
         self.output_hidden = False
+        self.return_head_input = False  # the head's input instead of logits (training; `decode` keeps logits)
         # (index, count): this model sees part `index` of `count` equal parts of every sequence, so its positions
         # start at index * T (context parallelism sets it; parallel/context.py)
         self.sequence_shard: tuple[int, int] = (0, 1)
@@ -118,7 +121,11 @@ class Transformer(nn.Module):
         h = self.hidden_states(tokens)
         if self.norm is None or self.output_hidden:
             return h
-        return self.lm_head(self.norm(h))
+        return self._logits(self.norm(h))
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The head on normed hidden states x [B, T, D] -> [B, T, V], or x itself under `return_head_input`."""
+        return x if self.return_head_input else self.lm_head(x)
 
     def forward_with_mtp(self, tokens: torch.Tensor, lookahead: torch.Tensor | None = None
                          ) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -141,14 +148,14 @@ class Transformer(nn.Module):
     def _heads(self, h: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Main logits and MTP logits from hidden states h [B, T, D] and the input-token embeddings emb
         [B, T + lookahead, D] of the same positions onwards."""
-        logits = self.lm_head(self.norm(h))
+        logits = self._logits(self.norm(h))
         start = self.sequence_shard[0] * h.shape[1]  # the part's first position in the whole sequence
         mtp_logits = []
         for k, module in enumerate(self.mtp or [], start=1):
             t = min(h.shape[1], emb.shape[1] - k)  # depth k sees positions whose token i+k is at hand
             cos, sin = self._rope(start, t, h.device)
             h = module(h[:, :t], emb[:, k:k + t], cos, sin)
-            mtp_logits.append(self.lm_head(module.norm(h)))
+            mtp_logits.append(self._logits(module.norm(h)))
         return logits, mtp_logits
 
     # ------------------------------------------------------------------------------------ generation

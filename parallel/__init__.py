@@ -76,7 +76,8 @@ def _fully_shard(model, mesh, dims, param_dtype, reduce_dtype, cpu_offload) -> N
 
     kwargs = {"mp_policy": MixedPrecisionPolicy(param_dtype=_DTYPES[param_dtype], reduce_dtype=_DTYPES[reduce_dtype])}
     if cpu_offload:
-        kwargs["offload_policy"] = CPUOffloadPolicy()
+        # pinned host memory for the copies to and from the GPU; a CPU-only mesh (tests) has nothing to pin for
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=mesh.device_type != "cpu")
     # Under pipeline parallelism, modules stay gathered from their first forward to the end of the step (as
     # in torchtitan): one all-gather per step instead of one per microbatch, and the zero-bubble schedules
     # (ZBV, DualPipeV) need it: their weight-gradient pass runs after FSDP's backward hooks, against the

@@ -210,7 +210,7 @@ def _stage_io(part: Transformer, microbatch_size: int, seq_len: int, dtype: torc
     tokens = torch.empty(microbatch_size, seq_len, dtype=torch.long, device="meta")
     logits = torch.empty(microbatch_size, seq_len, cfg.vocab_size, dtype=dtype, device="meta", requires_grad=True)
     inputs = tokens if part.stage_index == 0 else hidden
-    outputs = logits if part.lm_head is not None and not part.output_hidden else hidden
+    outputs = logits if part.lm_head is not None and not (part.output_hidden or part.return_head_input) else hidden
     return inputs, outputs
 
 
@@ -225,7 +225,7 @@ def _check_output(expected: torch.Tensor, module: nn.Module, args, output: torch
 
 def build_pipeline(model: Transformer, pp_mesh_or_group, schedule: str, n_microbatches: int,
                    stages_per_rank: int, loss_fn: Callable, device, *, microbatch_size: int, seq_len: int,
-                   activation_dtype: torch.dtype | None = None):
+                   activation_dtype: torch.dtype | None = None, loss_for: Callable | None = None):
     """This rank's stage modules and the torch schedule that runs them -> (schedule, model_parts).
 
     model: the whole model (same weights on every pp rank), before FSDP/EP; it is not modified.
@@ -233,7 +233,8 @@ def build_pipeline(model: Transformer, pp_mesh_or_group, schedule: str, n_microb
     loss_fn(logits, labels): per-microbatch mean loss. microbatch_size, seq_len: the shape of one
     microbatch of token ids (local batch = n_microbatches * microbatch_size). activation_dtype: dtype of
     the hidden states and logits a stage emits (default: the model's parameter dtype; bf16 under an FSDP
-    param_dtype of bfloat16).
+    param_dtype of bfloat16). loss_for(part) -> loss_fn: a loss of the stage module itself (a fused head's loss reads
+    its weight), used instead of loss_fn where given.
     Run a step with `pipeline_step` (or schedule.step(tokens) on the first-stage rank, step(target=labels,
     losses=list) on the last, step() elsewhere). A step of another number of microbatches (a batch-size
     ramp-up) needs a schedule of its own: `pipeline_schedule(model_parts, n, device)`.
@@ -250,10 +251,11 @@ def build_pipeline(model: Transformer, pp_mesh_or_group, schedule: str, n_microb
         part.activation_dtype = dtype
         part.stage_owners = [stage_ids(schedule, r, pp, stages_per_rank) for r in range(pp)]  # for `pipeline_eval`
         part.register_forward_hook(partial(_check_output, _stage_io(part, microbatch_size, seq_len, dtype)[1]))
-        part.stage_loss = loss_fn
+        part_loss = loss_fn if loss_for is None or part.lm_head is None else loss_for(part)
+        part.stage_loss = part_loss
         if part.lm_head is not None and part.output_hidden:
             part.mtp_loss_weight = part.cfg.mtp_loss_weight  # the trainer may change it as the run goes
-            part.stage_loss = _with_mtp(loss_fn, part)
+            part.stage_loss = _with_mtp(part_loss, part)
     return pipeline_schedule(parts, n_microbatches, device), parts
 
 

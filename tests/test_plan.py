@@ -71,6 +71,9 @@ LAYOUTS = {  # bench/plan_memory.py measures more (every schedule, each axis alo
     "tiny, one process, full recomputation": (1, ["parallel.activation_checkpoint=full"]),
     "tiny gqa, tp=2, selective recomputation": (2, ["model.attention=gqa", "model.num_key_value_heads=2", "parallel.tp=2",
                                                     "parallel.activation_checkpoint=selective"]),
+    # the loss terms of a vocabulary 256 x the hidden size: logits and their gradient, or the fused loss's blocks
+    "tiny, vocabulary 16,384, logits": (1, ["model.vocab_size=16384", "train.fused_loss=false"]),
+    "tiny, vocabulary 16,384, fused loss": (1, ["model.vocab_size=16384", "train.fused_loss=true"]),
     "tiny, tp=2 x ep=2": (4, ["parallel.tp=2", "parallel.ep=2", "model.capacity_factor=1.0", "model.no_drop_fraction=0",
                               "train.global_batch_size=32", "train.micro_batch_size=16"]),
     "tiny, cp=2 x ep=2": (4, ["parallel.cp=2", "parallel.ep=2", "data.seq_len=128", "train.global_batch_size=16",

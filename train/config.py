@@ -118,6 +118,9 @@ class LoopConfig:
     val_every: int = 100  # 0: no validation
     peak_tflops: Optional[float] = None  # for MFU; None: a known GPU's BF16 peak, or measured GEMM peak on CPU
     spike: SpikeConfig = field(default_factory=SpikeConfig)
+    # the head and cross-entropy fused (DeepSpeed's vocab-parallel linear cross-entropy): no [tokens, vocab] logits;
+    # None: on for vocabularies of FUSED_LOSS_MIN_VOCAB tokens or more (the DeepSeek presets), off below (tiny, small)
+    fused_loss: Optional[bool] = None
 
 
 @dataclass
@@ -183,6 +186,16 @@ class RunConfig:
     log: LogConfig = field(default_factory=LogConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+
+FUSED_LOSS_MIN_VOCAB = 32768
+
+
+def fused_loss_on(cfg: RunConfig) -> bool:
+    """Whether the run computes its loss with the fused head (train.fused_loss, or its default by vocabulary)."""
+    if cfg.train.fused_loss is not None:
+        return cfg.train.fused_loss
+    return cfg.model.vocab_size >= FUSED_LOSS_MIN_VOCAB
 
 
 # --------------------------------------------------------------------------------------------- building

@@ -50,7 +50,7 @@ def evaluate(trainer, ckpt: Path, ecfg: EvalConfig) -> dict:
     from .data.loader import TokenDataset, TokenLoader
 
     cfg = trainer.cfg
-    trainer.parts = trainer._build_model()
+    trainer.build_parts()
     load_model_weights(ckpt, trainer.parts)
     loader = TokenLoader(TokenDataset(Path(ecfg.data), ecfg.split), seq_len=cfg.data.seq_len,
                          global_batch_size=cfg.train.global_batch_size, micro_batch_size=cfg.train.micro_batch_size,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Callable
 
@@ -9,6 +10,8 @@ import torch
 from torch import nn
 
 from .config import OptimConfig
+
+log = logging.getLogger("train")
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
@@ -68,7 +71,13 @@ class AdamWLowPrecisionMoments(torch.optim.Optimizer):
         p.addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, moment_dtype: str = "float32") -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, moment_dtype: str = "float32",
+                    cpu_adam: bool = False) -> torch.optim.Optimizer:
+    """AdamW over `model`'s parameter groups: with moments in `moment_dtype`, or by DeepSpeed's CPU kernel
+    (`cpu_adam`: parameters offloaded to host memory, fp32 moments), or torch's."""
+    if cpu_adam and moment_dtype == "float32":
+        from .cpu_adam import OffloadAdamW  # imports DeepSpeed
+        return OffloadAdamW(param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     if moment_dtype != "float32":
         return AdamWLowPrecisionMoments(param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                                         moment_dtype=getattr(torch, moment_dtype))
@@ -77,6 +86,18 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, moment_dtype: str = "flo
     sharded = any(type(p).__name__ == "DTensor" for p in model.parameters())
     return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                              **({"foreach": True} if sharded else {"fused": True}))
+
+
+def _cpu_adam_usable() -> bool:
+    """Whether DeepSpeed's CPU Adam kernel loads (built at first use); one warning when it does not."""
+    try:
+        from .cpu_adam import cpu_adam_problem
+        problem = cpu_adam_problem()
+    except Exception as e:  # DeepSpeed missing or broken
+        problem = f"{type(e).__name__}: {e}".splitlines()[0]
+    if problem:
+        log.warning("parallel.cpu_offload: DeepSpeedCPUAdam is unavailable (%s); stepping with torch's AdamW", problem)
+    return problem is None
 
 
 def lr_factor(step: int, total: int, cfg: OptimConfig, position: Callable[[int], float] | None = None) -> float:
@@ -125,8 +146,9 @@ class PartOptimizers:
     by its part's parameter names, which is what makes checkpoints layout-independent."""
 
     def __init__(self, parts: list[nn.Module], cfg: OptimConfig, total_steps: int, moment_dtype: str = "float32",
-                 position: Callable[[int], float] | None = None):
-        self.optimizers = [build_optimizer(part, cfg, moment_dtype) for part in parts]
+                 position: Callable[[int], float] | None = None, cpu_offload: bool = False):
+        cpu_adam = cpu_offload and _cpu_adam_usable()
+        self.optimizers = [build_optimizer(part, cfg, moment_dtype, cpu_adam) for part in parts]
         self.schedulers = [build_scheduler(opt, cfg, total_steps, position) for opt in self.optimizers]
 
     def step(self) -> None:

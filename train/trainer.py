@@ -26,13 +26,14 @@ from model.moe import active_balance_terms
 from model.transformer import lm_and_mtp_loss
 from model.analysis import param_counts, training_flops_per_token
 from parallel import LayoutError, clip_grad_norm_, end_of_step, micro_batch_sync, parallelize, tp_loss
+from parallel.deepspeed_ops import deepspeed_problem, fused_lm_loss
 from parallel.inventory import rank_parameters
 from parallel.fp8 import Fp8Recipe, after_optimizer_step, check_fp8
 from parallel.pipeline import (build_pipeline, ends_share_rank, pipeline_eval, pipeline_schedule, pipeline_step,
                                tied_embedding_copy)
 
 from .checkpoint import Checkpointer, load_model_weights
-from .config import ConfigError, RunConfig, parallel_dims, pipeline_microbatches, to_dict
+from .config import ConfigError, RunConfig, fused_loss_on, parallel_dims, pipeline_microbatches, to_dict
 from .env import init_distributed
 from .hardware import device_bf16_tflops
 from .data.builtin import builtin_dataset
@@ -125,6 +126,7 @@ class Trainer:
         check_batch_split(cfg.train, self.dp_world)
         self.embed_group = self._embedding_group()
         self.loss_fn = tp_loss if self.dims.tp > 1 else lm_loss  # vocab-parallel logits under tp
+        self.fused_loss = self._check_fused_loss()
         if cfg.data.seq_len % self.dims.tp:
             raise LayoutError(f"sequence parallelism splits data.seq_len={cfg.data.seq_len} over tp={self.dims.tp}: "
                               f"it must divide")
@@ -141,6 +143,26 @@ class Trainer:
         self._stop_signal: int | None = None
         self._kill_at = int(os.environ.get("DSV2_TEST_KILL_AT_STEP", "-1"))
 
+    def _check_fused_loss(self) -> bool:
+        """train.fused_loss (resolved), after checking DeepSpeed's fused loss imports."""
+        if not fused_loss_on(self.cfg):
+            return False
+        problem = deepspeed_problem()
+        if problem:
+            raise ConfigError(f"train.fused_loss needs deepspeed (deepspeed.sequence.linear_cross_entropy), which "
+                              f"does not import: {problem}; install it or set train.fused_loss=false")
+        return True
+
+    def _loss_for(self, part: Transformer):
+        """loss(output, labels) of a model part's output: the fused head's (it reads the part's head) or the logits'."""
+        return fused_lm_loss(part) if self.fused_loss and part.lm_head is not None else self.loss_fn
+
+    def build_parts(self) -> None:
+        """This rank's model parts, and the loss that reads their output (the fused head's, or the logits')."""
+        self.parts = self._build_model()
+        if self.pipeline is None:
+            self.loss_fn = self._loss_for(self.parts[0])
+
     # ------------------------------------------------------------------------------------------ set-up
     def setup(self) -> None:
         cfg = self.cfg
@@ -148,9 +170,10 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
         self._build_data()  # before the model: a data error costs no model build
         torch.manual_seed(cfg.train.seed)
-        self.parts = self._build_model()
+        self.build_parts()
+        offloaded = cfg.parallel.cpu_offload and self.mesh is not None  # FSDP2 keeps the shards in host memory
         self.optimizers = PartOptimizers(self.parts, cfg.optim, cfg.train.steps, cfg.precision.moment_dtype,
-                                         self.position)
+                                         self.position, cpu_offload=offloaded)
         self.checkpointer = Checkpointer(self.out / "checkpoints", cfg.checkpoint.keep, cfg.checkpoint.async_save)
         resumed = self._resume() if cfg.checkpoint.load else None
         if resumed is None and self.hf_init is not None:  # a new run from Hugging Face weights
@@ -172,6 +195,7 @@ class Trainer:
         big = param_counts(cfg.model).total > META_INIT_PARAMS
         with torch.device("meta" if big else "cpu"):
             model = Transformer(cfg.model)
+        model.return_head_input = self.fused_loss  # the loss applies the head
         if not big:  # identical weights whatever the layout: initialise whole, then split and shard
             model.init_weights(seed=cfg.train.seed)
             model.to(env.device)
@@ -213,7 +237,7 @@ class Trainer:
             return build_pipeline(model, self.mesh["pp"], cfg.parallel.pp_schedule, n_micro,
                                   cfg.parallel.pp_stages_per_rank, self.loss_fn, self.env.device,
                                   microbatch_size=local_batch // n_micro, seq_len=cfg.data.seq_len // self.dims.cp,
-                                  activation_dtype=dtype)
+                                  activation_dtype=dtype, loss_for=self._loss_for)
         except ValueError as e:
             raise ConfigError(f"pipeline: {e}") from None
 

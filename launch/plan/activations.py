@@ -85,22 +85,36 @@ def _attention_output_widths(m: ModelConfig, tp: int) -> float:
     return out + h * m.qk_head_dim + (2 * m.q_lora_rank if m.q_lora_rank is not None else 0) + m.hidden_size
 
 
-def head_activation_bytes(m: ModelConfig, a: int, tp: int = 1, mode: str = "none", pipelined: bool = False) -> float:
+def head_activation_bytes(m: ModelConfig, a: int, tp: int = 1, mode: str = "none", pipelined: bool = False,
+                          fused: bool = False) -> float:
     """Final norm, the output head's gathered input, and what the fp32 cross-entropy keeps: the log-softmax
     (one process per vocabulary), or the shifted logits and their exponentials (vocabulary-parallel under
-    tp). A pipeline stage also keeps its output, the logits, until the micro-batch's backward."""
-    loss = FP32 * m.vocab_size / tp * (2 if tp > 1 else 1)
+    tp). A pipeline stage also keeps its output, the logits, until the micro-batch's backward.
+    `fused` (train.fused_loss): the fused linear cross-entropy keeps per token only its softmax statistics
+    (max, sum of exponentials, loss: fp32; target and masks: 10 bytes), and the stage's output is the head's input."""
+    loss = 3 * FP32 + 10 if fused else FP32 * m.vocab_size / tp * (2 if tp > 1 else 1)
     out = _norm(m.hidden_size, a, tp, mode == "selective") + a * m.hidden_size + loss
-    return out + (a * m.vocab_size / tp if pipelined else 0)
+    return out + ((a * m.hidden_size if fused else a * m.vocab_size / tp) if pipelined else 0)
 
 
-def weight_grad_bytes(m: ModelConfig, layer: int | None, a: int, tp: int = 1) -> float:
+def loss_workspace_bytes(m: ModelConfig, a: int, tp: int = 1, fused: bool = False) -> float:
+    """Per token, the loss's backward temporaries: the cross-entropy's fp32 gradients over this rank's vocabulary
+    (and, vocabulary-parallel, their accumulation buffer); fused, one fp32 block of logits about the size of the
+    hidden states (DeepSpeed sizes its blocks so), that block's gradient cast to the compute dtype, and the fp32
+    accumulator of the hidden-state gradient."""
+    if fused:
+        return (2 * FP32 + (a if a != FP32 else 0)) * m.hidden_size
+    return (3 if tp > 1 else 2) * FP32 * m.vocab_size / tp
+
+
+def weight_grad_bytes(m: ModelConfig, layer: int | None, a: int, tp: int = 1, fused: bool = False) -> float:
     """Per token: the gradients of every weight-using op's output (each linear, norm scale, grouped GEMM) of
-    decoder layer `layer` (None: the final norm and head), which a split backward keeps from its
-    input-gradient pass to its weight-gradient pass (zero-bubble schedules)."""
+    decoder layer `layer` (None: the final norm and head; `fused`: the head's weight gradient comes out of the
+    fused loss's one backward, no logits' gradient), which a split backward keeps from its input-gradient pass to
+    its weight-gradient pass (zero-bubble schedules)."""
     d = m.hidden_size
     if layer is None:
-        return a * (d / tp + m.vocab_size / tp)
+        return a * (d / tp + (0 if fused else m.vocab_size / tp))
     out = 2 * d / tp + _attention_output_widths(m, tp)
     if not m.is_moe_layer(layer):
         return a * (out + 2 * m.intermediate_size / tp + d)
@@ -109,10 +123,11 @@ def weight_grad_bytes(m: ModelConfig, layer: int | None, a: int, tp: int = 1) ->
     return a * out + FP32 * m.n_routed_experts
 
 
-def mtp_activation_bytes(m: ModelConfig, a: int, tp: int = 1, ep: int = 1, mode: str = "none") -> float:
+def mtp_activation_bytes(m: ModelConfig, a: int, tp: int = 1, ep: int = 1, mode: str = "none",
+                         fused: bool = False) -> float:
     """The multi-token-prediction depths (DeepSeek-V3), on the stage with the head: per depth the two input
     norms, the projection's concatenated input, one decoder layer, and the depth's own norm, head and loss."""
     d = m.hidden_size
     per_depth = 2 * _norm(d, a, tp, mode == "selective") + 2 * a * d
-    per_depth += layer_activation_bytes(m, m.num_hidden_layers, a, tp, ep, mode) + head_activation_bytes(m, a, tp, mode)
+    per_depth += layer_activation_bytes(m, m.num_hidden_layers, a, tp, ep, mode) + head_activation_bytes(m, a, tp, mode, fused=fused)
     return m.num_nextn_predict_layers * per_depth

@@ -117,6 +117,8 @@ def compute_seconds(m: ModelConfig, layout: Layout, seq_len: int, tokens_per_gpu
         total += forward_flops_per_token(m, seq_len) * tokens_per_gpu
     elif layout.activation_checkpoint == "selective":
         total += 2 * _up_projection_params(m) * m.num_hidden_layers * tokens_per_gpu
+    if layout.fused_loss:  # the fused loss recomputes the logits (main head and each MTP depth's) in backward
+        total += 2 * m.hidden_size * m.vocab_size * (1 + m.num_nextn_predict_layers) * tokens_per_gpu
     fp8 = _fp8_flops_per_token(m, seq_len) * tokens_per_gpu if layout.fp8 else 0.0
     return ((total - fp8) / gpu.bf16_tflops + fp8 / gpu.fp8_tflops) / (1e12 * efficiency)
 

@@ -22,7 +22,8 @@ from model.config import ModelConfig
 from parallel.dims import LayoutError, ParallelDims
 from parallel.pipeline import canonical_schedule, check_microbatches, rank_stage_modules, split_layers, stage_ids
 
-from .activations import FP32, head_activation_bytes, layer_activation_bytes, mtp_activation_bytes, weight_grad_bytes
+from .activations import (FP32, head_activation_bytes, layer_activation_bytes, loss_workspace_bytes,
+                          mtp_activation_bytes, weight_grad_bytes)
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 ROUTER_BYTES = 4  # routers are all-gathered and computed in fp32 under every precision (parallel/__init__.py)
@@ -48,6 +49,7 @@ class Layout:
     fp8: str | None  # FP8 recipe name or None
     fp8_all_gather: bool
     accumulate_unsharded: bool = False  # parallel.accumulate_unsharded (no pp)
+    fused_loss: bool = False  # train.fused_loss: the head + cross-entropy fused, no logits kept
 
     @property
     def gathered_through_step(self) -> bool:
@@ -74,7 +76,7 @@ class Layout:
 def layout_of(cfg, world: int, check_batch: bool = True) -> Layout:
     """The layout `cfg` (a RunConfig) describes on `world` ranks; LayoutError for an impossible one.
     `check_batch=False`: for parameter counts only (the batch need not split over this many ranks)."""
-    from train.config import parallel_dims, pipeline_microbatches
+    from train.config import fused_loss_on, parallel_dims, pipeline_microbatches
 
     p, t, pr = cfg.parallel, cfg.train, cfg.precision
     dims = parallel_dims(cfg, world)
@@ -91,7 +93,8 @@ def layout_of(cfg, world: int, check_batch: bool = True) -> Layout:
     n_micro = max(1, n_micro)
     return Layout(dims, canonical_schedule(p.pp_schedule), n_micro, local // n_micro * cfg.data.seq_len // dims.cp,
                   p.activation_checkpoint, DTYPE_BYTES[pr.param_dtype], DTYPE_BYTES[pr.reduce_dtype],
-                  DTYPE_BYTES[pr.moment_dtype], pr.fp8_recipe, pr.fp8_fsdp_all_gather, p.accumulate_unsharded)
+                  DTYPE_BYTES[pr.moment_dtype], pr.fp8_recipe, pr.fp8_fsdp_all_gather, p.accumulate_unsharded,
+                  fused_loss_on(cfg))
 
 
 def _check_rampup(cfg, dims: ParallelDims) -> None:
@@ -352,24 +355,25 @@ def memory_of(shapes: StageShapes, layout: Layout, rank: int, device: str = "cud
     d, a = layout.dims, layout.param_bytes
     stages = rank_stages(m, layout, c["pp"])
     layers, has_head = _layers_and_head(stages, layout)
-    mode = layout.activation_checkpoint
+    mode, fused = layout.activation_checkpoint, layout.fused_loss
     last = d.pp * d.pp_stages_per_rank - 1
     stage_bytes = {}
     for stage, ids in stages.items():
         kept = sum(layer_activation_bytes(m, i, a, d.tp, d.ep, mode) for i in ids)
         grads = sum(weight_grad_bytes(m, i, a, d.tp) for i in ids)
         if stage == last or d.pp == 1:
-            kept += head_activation_bytes(m, a, d.tp, mode, pipelined=d.pp > 1) + mtp_activation_bytes(m, a, d.tp, d.ep, mode)
-            grads += weight_grad_bytes(m, None, a, d.tp)
+            kept += head_activation_bytes(m, a, d.tp, mode, d.pp > 1, fused) + mtp_activation_bytes(m, a, d.tp, d.ep, mode,
+                                                                                                    fused)
+            grads += weight_grad_bytes(m, None, a, d.tp, fused)
         else:  # a pipeline stage keeps its output hidden states until the micro-batch's backward
             kept += a * m.hidden_size / d.tp
         stage_bytes[stage] = (kept, grads)
-    # the loss's gradients over the vocabulary (and, vocabulary-parallel, their accumulation buffer)
-    workspace = (3 if d.tp > 1 else 2) * FP32 * m.vocab_size / d.tp if has_head else 0
+    workspace = loss_workspace_bytes(m, a, d.tp, fused) if has_head else 0
     if mode == "full" and layers:  # after the loss: the last layer recomputed whole, the head's tensors freed
         # (but not the vocabulary-parallel loss's: its autograd function keeps them until the step's graph dies)
         recomputed = max(layer_activation_bytes(m, i, a, d.tp, d.ep) for i in layers)
-        freed = head_activation_bytes(m, a, d.tp, mode) - (2 * FP32 * m.vocab_size / d.tp if d.tp > 1 else 0)
+        kept_by_loss = 2 * FP32 * m.vocab_size / d.tp if d.tp > 1 and not fused else 0
+        freed = head_activation_bytes(m, a, d.tp, mode, fused=fused) - kept_by_loss
         workspace = max(workspace, recomputed - (freed if has_head else 0))
     tokens = layout.micro_tokens
     acts = int(in_flight_bytes(layout, c["pp"], stage_bytes) * tokens)
