@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 import yaml
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "conf" / "model"
@@ -117,9 +118,17 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _require(cond: bool, msg: str) -> None:
+# dtype names of the config (precision.param_dtype, export.dtype, ...) -> torch dtypes, for every part that reads one
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def require(cond: bool, msg: str, error: type[Exception] = ValueError) -> None:
+    """Raise `error(msg)` unless `cond`: the one check of every config validator (model/ and train/)."""
     if not cond:
-        raise ValueError(msg)
+        raise error(msg)
+
+
+_require = require
 
 
 def _validate(c: ModelConfig) -> None:

@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from model.config import TORCH_DTYPES
+
 from .context import apply_cp
 from .dims import LayoutError, ParallelDims
 from .expert import apply_ep, reduce_loads_over
@@ -24,7 +26,6 @@ from .tensor import apply_tp, tp_loss
 __all__ = ["LayoutError", "ParallelDims", "Fp8Recipe", "parallelize", "dp_mesh", "clip_grad_norm_", "tp_loss",
            "micro_batch_sync", "end_of_step"]
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def dp_mesh(mesh):
@@ -74,7 +75,7 @@ def parallelize(model: nn.Module, mesh, dims: ParallelDims, param_dtype: str = "
 def _fully_shard(model, mesh, dims, param_dtype, reduce_dtype, cpu_offload) -> None:
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-    kwargs = {"mp_policy": MixedPrecisionPolicy(param_dtype=_DTYPES[param_dtype], reduce_dtype=_DTYPES[reduce_dtype])}
+    kwargs = {"mp_policy": MixedPrecisionPolicy(param_dtype=TORCH_DTYPES[param_dtype], reduce_dtype=TORCH_DTYPES[reduce_dtype])}
     if cpu_offload:
         # pinned host memory for the copies to and from the GPU; a CPU-only mesh (tests) has nothing to pin for
         kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=mesh.device_type != "cpu")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from model.config import ModelConfig, config_from_dict
+from model.config import TORCH_DTYPES, ModelConfig, config_from_dict, require
 from parallel.dims import ParallelDims
 
 
@@ -262,12 +262,23 @@ def stages_per_rank_for(schedule: str) -> int:
 
 
 def _require(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
+    require(cond, msg, ConfigError)
 
 
 def validate(cfg: RunConfig) -> None:
-    t, o, d = cfg.train, cfg.optim, cfg.data
+    """Every section's checks; the first failure is one ConfigError line naming the key and the numbers."""
+    _validate_train(cfg)
+    _validate_data_shape(cfg)
+    _validate_data(cfg.data)
+    _validate_optim(cfg.optim)
+    _validate_precision(cfg)
+    _validate_launch(cfg.launch, cfg.cluster)
+    _validate_checkpoint_log(cfg)
+    _validate_parallel(cfg)
+
+
+def _validate_train(cfg: RunConfig) -> None:
+    t = cfg.train
     _require(t.steps > 0, f"train.steps must be > 0, got {t.steps}")
     _require(t.global_batch_size > 0 and t.micro_batch_size > 0,
              f"train.global_batch_size={t.global_batch_size} and train.micro_batch_size={t.micro_batch_size} must be > 0")
@@ -275,10 +286,16 @@ def validate(cfg: RunConfig) -> None:
              f"train.global_batch_size={t.global_batch_size} must be divisible by train.micro_batch_size={t.micro_batch_size}")
     _validate_recipe_schedules(t)
     _validate_spike(cfg)
+
+
+def _validate_data_shape(cfg: RunConfig) -> None:
+    d = cfg.data
     _require(d.seq_len > 1, f"data.seq_len must be > 1, got {d.seq_len}")
     _require(d.seq_len <= cfg.model.max_position_embeddings,
              f"data.seq_len={d.seq_len} exceeds model.max_position_embeddings={cfg.model.max_position_embeddings}")
-    _validate_data(d)
+
+
+def _validate_optim(o: OptimConfig) -> None:
     _require(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
     _require(o.schedule in ("cosine", "deepseek_step", "deepseek_v3", "constant"),
              f"optim.schedule must be cosine, deepseek_step, deepseek_v3 or constant, got {o.schedule!r}")
@@ -287,37 +304,48 @@ def validate(cfg: RunConfig) -> None:
     _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas must be two numbers in [0, 1), got {o.betas}")
     _require(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
     _require(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must lie in [0, 1], got {o.min_lr_ratio}")
-    _require(cfg.precision.name in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision.name!r}")
-    _require(not cfg.precision.fp8_fsdp_all_gather or cfg.precision.name == "fp8_tensorwise",
-             f"precision.fp8_fsdp_all_gather needs precision=fp8_tensorwise (one scale per weight), got {cfg.precision.name}")
-    _require(cfg.precision.fp8_block >= 1, f"precision.fp8_block must be >= 1, got {cfg.precision.fp8_block}")
-    _require(not cfg.precision.bf16_gemm_emulate or cfg.precision.param_dtype == "bfloat16",
-             f"precision.bf16_gemm_emulate needs precision.param_dtype=bfloat16, got {cfg.precision.param_dtype}")
-    _require(not (cfg.precision.bf16_gemm_emulate and cfg.parallel.compile),
+
+
+def _validate_precision(cfg: RunConfig) -> None:
+    pr = cfg.precision
+    _require(pr.name in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {pr.name!r}")
+    _require(not pr.fp8_fsdp_all_gather or pr.name == "fp8_tensorwise",
+             f"precision.fp8_fsdp_all_gather needs precision=fp8_tensorwise (one scale per weight), got {pr.name}")
+    _require(pr.fp8_block >= 1, f"precision.fp8_block must be >= 1, got {pr.fp8_block}")
+    _require(not pr.bf16_gemm_emulate or pr.param_dtype == "bfloat16",
+             f"precision.bf16_gemm_emulate needs precision.param_dtype=bfloat16, got {pr.param_dtype}")
+    _require(not (pr.bf16_gemm_emulate and cfg.parallel.compile),
              "precision.bf16_gemm_emulate runs eagerly (a dispatch mode); set parallel.compile=false")
-    _require(cfg.precision.moment_dtype in ("float32", "bfloat16"),
-             f"precision.moment_dtype must be float32 or bfloat16, got {cfg.precision.moment_dtype!r}")
+    _require(pr.moment_dtype in ("float32", "bfloat16"),
+             f"precision.moment_dtype must be float32 or bfloat16, got {pr.moment_dtype!r}")
     for key in ("param_dtype", "reduce_dtype"):
-        val = getattr(cfg.precision, key)
-        _require(val in ("float32", "bfloat16", "float16"), f"precision.{key} must be float32, bfloat16 or float16, got {val!r}")
-    la = cfg.launch
+        val = getattr(pr, key)
+        _require(val in TORCH_DTYPES, f"precision.{key} must be one of {', '.join(TORCH_DTYPES)}, got {val!r}")
+
+
+def _validate_launch(la: LaunchConfig, c: ClusterConfig) -> None:
     _require(la.mode in ("local", "torchrun", "slurm"), f"launch.mode must be local, torchrun or slurm, got {la.mode!r}")
     _require(la.nodes >= 1 and la.procs_per_node >= 1,
              f"launch.nodes={la.nodes} and launch.procs_per_node={la.procs_per_node} must be >= 1")
     _require(la.mode != "local" or la.nodes == 1, f"launch=local runs one node, got launch.nodes={la.nodes}; "
              f"use launch=torchrun (on every node) or launch=slurm")
     _require(la.signal_before_end_s > 0, f"launch.signal_before_end_s must be > 0, got {la.signal_before_end_s}")
-    c = cfg.cluster
     _require(c.gpus >= 0 and c.gpus_per_node >= 1, f"cluster.gpus={c.gpus} must be >= 0 (0: launch.nodes x "
              f"launch.procs_per_node) and cluster.gpus_per_node={c.gpus_per_node} >= 1")
     _require(0 < c.gemm_efficiency <= 1 and 0 < c.link_efficiency <= 1,
              f"cluster.gemm_efficiency={c.gemm_efficiency} and cluster.link_efficiency={c.link_efficiency} "
              f"must lie in (0, 1]")
+
+
+def _validate_checkpoint_log(cfg: RunConfig) -> None:
     _require(cfg.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}")
     _require(not (cfg.checkpoint.init_from or "").startswith("<"), f"checkpoint.init_from is a placeholder: "
              f"{cfg.checkpoint.init_from}")
     _require(cfg.checkpoint.every >= 0, f"checkpoint.every must be >= 0, got {cfg.checkpoint.every}")
     _require(cfg.log.every >= 1, f"log.every must be >= 1, got {cfg.log.every}")
+
+
+def _validate_parallel(cfg: RunConfig) -> None:
     p = cfg.parallel
     for key in ("dp_replicate", "tp", "ep", "pp", "pp_stages_per_rank", "cp"):
         _require(getattr(p, key) >= 1, f"parallel.{key} must be >= 1, got {getattr(p, key)}")

@@ -27,13 +27,14 @@ from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from model import Transformer
+from model.config import TORCH_DTYPES
 from model.hf import ShardWriter, check_exportable, exported_names, hf_items
 
 from .config import ConfigError
 from .runfiles import checkpoint_of, main_guard, parse_args, run_config, run_tokenizer
 
 log = logging.getLogger("train.export")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = TORCH_DTYPES
 
 
 @dataclass

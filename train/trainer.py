@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from model import Transformer
+from model.config import TORCH_DTYPES
 from model.moe import active_balance_terms
 from model.transformer import lm_and_mtp_loss
 from model.analysis import param_counts, training_flops_per_token
@@ -347,7 +348,7 @@ class Trainer:
     def autocast(self):
         dtype = self.cfg.precision.param_dtype
         if dtype != "float32" and self.mesh is None:  # FSDP casts by its policy instead
-            return torch.autocast(self.env.device.type, dtype=getattr(torch, dtype))
+            return torch.autocast(self.env.device.type, dtype=TORCH_DTYPES[dtype])
         return contextlib.nullcontext()
 
     def loss(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
