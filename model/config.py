@@ -111,6 +111,10 @@ class ModelConfig:
     def is_moe_layer(self, layer_idx: int) -> bool:
         return layer_idx >= self.first_k_dense_replace and self.n_routed_experts > 0
 
+    def moe_layer_ids(self) -> list[int]:
+        """Global indices of every MoE layer (the MTP depths follow the last decoder layer)."""
+        return [i for i in range(self.num_hidden_layers + self.num_nextn_predict_layers) if self.is_moe_layer(i)]
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -23,7 +23,6 @@ import torch.nn.functional as F
 
 from model import Transformer
 from model.config import TORCH_DTYPES
-from model.moe import active_balance_terms
 from model.transformer import lm_and_mtp_loss
 from model.analysis import param_counts, training_flops_per_token
 from parallel import LayoutError, clip_grad_norm_, end_of_step, micro_batch_sync, parallelize, tp_loss
@@ -41,7 +40,8 @@ from .data.builtin import builtin_dataset
 from .hf_load import check_hf_dir, is_hf_dir, load_hf_weights
 from .data.loader import TokenDataset, TokenLoader
 from .data.megatron import megatron_loaders
-from .metrics import MetricsWriter, format_progress, max_vio
+from .metrics import MetricsWriter, format_progress
+from .moe_stats import MoEStats, StatsGroups, gathered_expert_bias
 from .optim import PartOptimizers
 from .precision import Bf16GemmEmulation
 from .resume import check_resume, record_config
@@ -120,6 +120,8 @@ class Trainer:
         self.token_world = self.dims.dp * self.dims.cp
         self.cp_part = (self.mesh["cp"].get_local_rank(), self.dims.cp) if self.mesh is not None else (0, 1)
         self.pp_group = self.mesh["pp"].get_group() if self.mesh is not None and self.dims.pp > 1 else None
+        self.stats_groups = StatsGroups(self.env.device, self.pp_group, self.token_group, self.token_world)
+        self.moe_stats: MoEStats | None = None  # the last step's routing statistics
         self.pipeline = None  # the pipeline schedule when pp > 1
         self.pipeline_microbatches = 0  # ... and the microbatches it runs per step
         self.batches = BatchSchedule.of(cfg.train, cfg.data.seq_len)  # sequences per step (DeepSeek's ramp-up)
@@ -432,51 +434,12 @@ class Trainer:
         copies = [part.embed_tokens.weight for part in self.parts if tied_embedding_copy(part)]  # count once
         return clip_grad_norm_(params, max_norm, self.pp_group, copies)
 
-    def _moe_ids(self) -> list[int]:
-        """Global indices of every MoE layer of the model (MTP depths follow the last layer)."""
-        mcfg = self.cfg.model
-        return [i for i in range(mcfg.num_hidden_layers + mcfg.num_nextn_predict_layers) if mcfg.is_moe_layer(i)]
-
-    def _gather_layers(self, rows: dict[int, torch.Tensor], width: int) -> torch.Tensor:
-        """(all MoE layers, width): this rank's rows in place, summed over pipeline ranks (each layer lives
-        on one stage)."""
-        ids = self._moe_ids()
-        full = torch.zeros(len(ids), width, device=self.env.device)
-        for i, row in rows.items():
-            full[ids.index(i)] = row.float()
-        if self.pp_group is not None:
-            dist.all_reduce(full, group=self.pp_group)
-        return full
-
-    @torch.no_grad()
     def _moe_step(self) -> dict:
-        """Global expert loads (summed over data-parallel ranks) -> bias update, balance metrics; reset."""
-        layers = self.moe_layers()
-        ids = self._moe_ids()
-        if not ids:
-            return {}
-        names = active_balance_terms(self.cfg.model)
-        e = self.cfg.model.n_routed_experts
-        rows = {i: torch.cat([m.tokens_per_expert, m.dropped,
-                              *[m.aux_values.get(n, m.dropped.new_zeros(())).float().view(1) for n in names]])
-                for i, m in layers.items()}
-        full = self._gather_layers(rows, e + 2 + len(names))
-        if self.token_world > 1:  # every data- and context-parallel rank routed different tokens: loads summed;
-            # each rank's balance losses use its own tokens' mean affinity P (and, for the sequence-wise loss, its
-            # own sequences): the loss the averaged gradients follow is their mean
-            dist.all_reduce(full, group=self.token_group)
-            full[:, e + 2:] /= self.token_world
-        stats = full[:, : e + 2]
-        counts, dropped = stats[:, :e], stats[:, e:].sum(0)
-        update_bias = self.position.bias_updates(self.step, self.cfg.train)
-        for i, m in layers.items():
-            if update_bias:
-                m.update_expert_bias(counts[ids.index(i)])
-            m.reset_stats()
-        aux = {f"aux/{n}": float(full[:, e + 2 + k].sum()) for k, n in enumerate(names)}
-        loads = counts / counts.sum(-1, keepdim=True).clamp_min(1)
-        self._last_loads = (loads.cpu(), ids)
-        return {"max_vio": max_vio(loads), "dropped_fraction": float(dropped[0] / dropped[1].clamp_min(1)), **aux}
+        """The step's routing statistics (train/moe_stats.py): bias update, balance metrics; counters reset."""
+        stats = MoEStats.collect(self.moe_layers(), self.cfg.model, self.stats_groups,
+                                 self.position.bias_updates(self.step, self.cfg.train))
+        self.moe_stats = stats
+        return {} if stats is None else stats.metrics()
 
     # ------------------------------------------------------------------------------------------ the loop
     def run(self) -> int:
@@ -574,13 +537,11 @@ class Trainer:
                   "tokens": self.batches.sequences_before(self.step) * self.cfg.data.seq_len}
         record.update({k: v for k, v in result.items() if k not in record})
         self.metrics.log(self.step, record)
-        if self.step % self.cfg.log.moe_every == 0 and hasattr(self, "_last_loads"):
-            loads, ids = self._last_loads
+        if self.step % self.cfg.log.moe_every == 0 and self.moe_stats is not None:
             bias = None
             if self.cfg.model.aux_loss_free_bias:
-                local = {i: m.gate.expert_bias for i, m in self.moe_layers().items()}
-                bias = self._gather_layers(local, self.cfg.model.n_routed_experts).cpu()
-            self.metrics.log_moe(self.step, loads, ids, bias)
+                bias = gathered_expert_bias(self.moe_layers(), self.cfg.model, self.stats_groups)
+            self.metrics.log_moe(self.step, self.moe_stats.loads, self.moe_stats.layer_ids, bias)
         if self.env.rank == 0:
             print(format_progress(self.step, self.cfg.train.steps, result["loss"], tps, mfu,
                                   self.batches.seconds_left(start, self.step, self.cfg.train.steps,
