@@ -2,7 +2,7 @@
 
 Directories are written by transformers from random tiny DeepseekV2 / DeepseekV3 models (V3: sigmoid scores,
 noaux_tc, a non-zero e_score_correction_bias). The run's first loss, under one process and under 2-process
-layouts (ep, tp, pp), equals the cross-entropy transformers computes on the same batch.
+layouts (ep, tp, pp, cp, HSDP), equals the cross-entropy transformers computes on the same batch.
 """
 
 import json
@@ -90,7 +90,8 @@ def first_loss(dataset, out, src, nproc=1, **over) -> float:
 @pytest.mark.parametrize("kind,layout,nproc", [
     ("v2", {}, 1),
     ("v2", {"parallel.ep": 2}, 2), ("v2", {"parallel.tp": 2}, 2), ("v3", {"parallel.pp": 2}, 2),
-])
+    ("v3", {"parallel.cp": 2}, 2), ("v2", {"parallel.dp_replicate": 2}, 2),
+], ids=["one", "ep2", "tp2", "v3_pp2", "v3_cp2", "hsdp2"])
 def test_init_from_hf_gives_transformers_first_loss(dataset, dirs, tmp_path, kind, layout, nproc):
     src, want = dirs[kind]
     got = first_loss(dataset, tmp_path / "run", src, nproc, **layout, **(V3_RUN if kind == "v3" else {}))
