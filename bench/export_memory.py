@@ -17,13 +17,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 from model import Transformer
 from model.config import load_preset
 from train.config import RunConfig, to_dict
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import describe  # noqa: E402  (bench/, beside this file)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,6 +56,7 @@ def child_peak_mib(args: list[str]) -> tuple[float, float]:
 
 
 def main(layers: int = 2, shard_mib: int = 1024) -> None:
+    print(describe(), flush=True)
     cfg = load_preset("deepseek_v2_lite").replace(num_hidden_layers=layers)
     work = Path(tempfile.mkdtemp(prefix="export_bench_"))
     try:

@@ -23,11 +23,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from model import Transformer, load_preset  # noqa: E402
 from train.config import DataConfig  # noqa: E402
 from train.data.megatron import megatron_loaders  # noqa: E402
 from train.schedule import BatchSchedule  # noqa: E402
+from machine import describe  # noqa: E402  (bench/, beside this file)
 
 
 def write_corpus(prefix: Path, tokens: int, lo: int, hi: int, seed: int) -> str:
@@ -84,6 +86,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--tokens", type=int, default=4_000_000, help="tokens of the larger corpus")
     args = ap.parse_args()
+    print(describe(), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         prefixes = [write_corpus(tmp / "web", args.tokens, 0, 30000, 1),

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from model_step import _proc_status_kib  # noqa: E402
+from machine import describe  # noqa: E402  (bench/, beside this file)
 
 VARIANTS = ("fused", "unfused", "transformers")
 
@@ -102,6 +103,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--hidden", type=int, default=256)
     args = ap.parse_args()
+    print(describe(), flush=True)
     first = None
     print(f"{'vocab':>7} {'tokens':>7} " + " ".join(f"{v:>13}" for v in VARIANTS) + "   MiB, whole step's peak")
     for vocab in args.vocab:

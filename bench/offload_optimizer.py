@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from model_step import others_cpu_share  # noqa: E402
+from machine import describe  # noqa: E402  (bench/, beside this file)
 
 SIDE = 4096
 
@@ -67,6 +68,7 @@ def main() -> int:
     ap.add_argument("--params", type=float, nargs="+", default=[60e6, 1e9])
     ap.add_argument("--steps", type=int, default=5)
     args = ap.parse_args()
+    print(describe(), flush=True)
     t = time.perf_counter()
     from train.cpu_adam import cpu_adam_problem
     problem = cpu_adam_problem()
