@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from model import Transformer, load_preset
 from parallel import ParallelDims, parallelize
-from test_parallel_ep import free_port
+from conftest import free_port
 
 WORLD = 2
 

@@ -66,7 +66,7 @@ def test_state_dicts_interchange_with_torch_adamw(offload_first):
 
 # ------------------------------------------------------------------------------------------ runs
 from test_parallel_layouts import BALANCE, assert_same_run  # noqa: E402
-from test_train import base_args, dataset, metrics, train  # noqa: E402, F401  (dataset is a fixture)
+from conftest import base_args, metrics, train  # noqa: E402
 
 OFFLOAD = {**BALANCE, "train.micro_batch_size": 1, "parallel.cpu_offload": "true", "checkpoint.every": 2}
 

@@ -12,7 +12,7 @@ from parallel.fp8 import (E4M3, E5M2, GROUP_ALIGN, RECIPES, ROW, TENSOR, Fp8Mm, 
                           blockwise_grouped_kernels_missing, check_fp8, convert_to_fp8, fake_quantize,
                           fake_quantize_blocks, fake_quantize_segments, fp8_grouped_gemm, fp8_linear, pow2_scale,
                           quantize_along)
-from test_train import base_args, dataset, metrics, train  # noqa: F401  (dataset is a fixture)
+from conftest import base_args, metrics, train
 from train.optim import AdamWLowPrecisionMoments
 
 HALF_ULP = {E4M3: 2.0 ** -4, E5M2: 2.0 ** -3}  # relative rounding bound of normal numbers (3 / 2 mantissa bits)

@@ -33,7 +33,7 @@ import yaml
 from model import Transformer
 
 from test_parallel_layouts import final_params, run
-from test_train import dataset, metrics  # noqa: F401  (dataset is a fixture)
+from conftest import metrics
 from train.config import build_config
 
 LOSS_RTOL, GRAD_NORM_RTOL, UPDATE_REL_L2 = 2e-4, 2e-3, 3e-2

@@ -13,7 +13,7 @@ from model.config import load_preset
 from model.transformer import lm_and_mtp_loss
 from parallel.deepspeed_ops import fused_lm_loss
 from test_parallel_layouts import BALANCE, assert_same_run
-from test_train import base_args, dataset, metrics, train  # noqa: F401  (dataset is a fixture)
+from conftest import base_args, metrics, train
 
 
 def lm_loss(logits, labels):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from model import Transformer, load_preset
 from parallel import ParallelDims, end_of_step, micro_batch_sync, parallelize
-from test_parallel_ep import free_port
+from conftest import free_port
 
 WORLD, MICRO = 4, 3
 COLLECTIVES = ("all_reduce", "all_gather_single", "reduce_scatter_single")

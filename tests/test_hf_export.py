@@ -15,7 +15,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from test_train import ROOT, base_args, dataset, metrics, train  # noqa: E402,F401  (dataset is a fixture)
+from conftest import ROOT, base_args, metrics, train  # noqa: E402
 from torch.distributed.checkpoint import FileSystemReader  # noqa: E402
 from train.export import _row_ranges  # noqa: E402
 from train.runfiles import checkpoint_of, load_model, run_config  # noqa: E402

@@ -21,7 +21,7 @@ from transformers import (DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Con
 from model import Transformer  # noqa: E402
 from model.config import load_preset  # noqa: E402
 from model.hf import config_to_hf  # noqa: E402
-from test_train import base_args, dataset, metrics, train  # noqa: E402,F401  (dataset is a fixture)
+from conftest import base_args, metrics, train  # noqa: E402
 from train.data.loader import TokenDataset, TokenLoader  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from train.hf_load import HFReader, check_hf_dir, load_hf_weights  # noqa: E402

@@ -5,7 +5,6 @@ import json
 import os
 import re
 import signal
-import socket
 import stat
 import subprocess
 import time
@@ -14,13 +13,8 @@ from pathlib import Path
 import pytest
 
 from train.env import first_host, torch_env_from_slurm
-from test_train import PY, ROOT, base_args, dataset, metrics, train  # noqa: F401  (dataset is a fixture)
+from conftest import PY, ROOT, base_args, free_port, metrics, train
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(*args: str, env_extra=None, **kw) -> subprocess.CompletedProcess:

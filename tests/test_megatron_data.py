@@ -119,13 +119,13 @@ def test_ranks_read_disjoint_parts_of_the_same_global_batch(corpora, tmp_path):
 
 # ------------------------------------------------------------------------------------------ end to end
 def megatron_args(corpora, out: Path, steps: int, **extra) -> dict:
-    from test_train import base_args
+    from conftest import base_args
     return base_args("unused", out, steps, **{"data": "megatron", "data.prefixes": f"[{corpora['a']},{corpora['b']}]",
                                                 "data.weights": "[0.7,0.3]", "data.split": "90/10/0", **extra})
 
 
 def test_sigkill_and_resume_on_a_blend_is_bit_exact(corpora, tmp_path):
-    from test_train import metrics, train
+    from conftest import metrics, train
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     train(megatron_args(corpora, straight, 6))
     args = megatron_args(corpora, killed, 6, **{"checkpoint.every": 3})
@@ -144,7 +144,7 @@ def test_sigkill_and_resume_on_a_blend_is_bit_exact(corpora, tmp_path):
 def blend_reference(corpora, tmp_path_factory) -> Path:
     """One process, micro-batch 2: what both layouts below must reproduce (each micro-step is 2 sequences)."""
     from test_parallel_layouts import BALANCE
-    from test_train import train
+    from conftest import train
     ref = tmp_path_factory.mktemp("blend_ref") / "ref"
     train(megatron_args(corpora, ref, 3, **{**BALANCE, "train.micro_batch_size": 2}))
     return ref
@@ -153,7 +153,7 @@ def blend_reference(corpora, tmp_path_factory) -> Path:
 @pytest.mark.parametrize("layout", [{"parallel.ep": 2}, {"parallel.pp": 2}], ids=["ep2", "pp2"])
 def test_layout_on_a_blend_equals_single_process(corpora, blend_reference, tmp_path, layout):
     from test_parallel_layouts import BALANCE, assert_same_run
-    from test_train import train
+    from conftest import train
     mb = 1 if "parallel.ep" in layout else 2  # ep=2 is two data-parallel ranks; pp=2 one
     out = tmp_path / "run"
     train(megatron_args(corpora, out, 3, **{**BALANCE, "train.micro_batch_size": mb, **layout}), 2)
@@ -165,7 +165,7 @@ def test_prepare_megatron_is_the_same_for_any_number_of_workers(tmp_path):
     import subprocess
     import sys
     import sysconfig
-    from test_train import ROOT
+    from conftest import ROOT
     from train.data.prepare_megatron import parts, prepare_megatron
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     files = [str(stdlib / f"{name}.py") for name in ("bisect", "csv", "shlex", "string")]
@@ -186,7 +186,7 @@ def test_prepare_megatron_is_the_same_for_any_number_of_workers(tmp_path):
 
 # ------------------------------------------------------------------------------------------ bad input
 def run_megatron(corpora, tmp_path, **over):
-    from test_train import train
+    from conftest import train
     return train(megatron_args(corpora, tmp_path / "run", 1, **over), check=False)
 
 

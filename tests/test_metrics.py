@@ -193,7 +193,7 @@ def test_logged_peak_memory_is_the_fullest_ranks(tmp_path):
     """memory/peak_gb is the largest peak of any rank (pipeline stages differ), the same on every rank."""
     import torch.multiprocessing as mp
 
-    from test_parallel_ep import free_port
+    from conftest import free_port
 
     mp.spawn(_peak_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     assert [float((tmp_path / f"rank{r}").read_text()) for r in (0, 1)] == [3.5, 3.5]

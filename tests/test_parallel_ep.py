@@ -3,13 +3,13 @@ rank get zero tokens must neither hang nor produce NaN, and outputs and gradient
 
 import dataclasses
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import free_port
 from model.config import load_preset
 from model.moe import MoE
 
@@ -65,11 +65,6 @@ def worker(rank: int, port: int, result_dir: str) -> None:
     torch.save({"out": out.detach(), "x_grad": x.grad, **grads}, f"{result_dir}/rank{rank}.pt")
     dist.destroy_process_group()
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_zero_token_experts_and_ranks_match_one_process(tmp_path):

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from test_train import base_args, dataset, metrics, train  # noqa: F401  (dataset is a fixture)
+from conftest import base_args, metrics, train
 
 STEPS = 3
 BALANCE = {"model.aux_loss_free_bias": "true", "model.seq_aux_loss_alpha": 0.001, "data.seq_len": 32,

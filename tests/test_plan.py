@@ -18,7 +18,7 @@ from launch.plan.cost import bubble_fraction, collectives, step_cost
 from launch.plan.memory import rank_layers
 from model.analysis import param_counts
 from parallel.inventory import rank_parameters
-from test_train import PY, ROOT, dataset  # noqa: F401  (dataset is a fixture)
+from conftest import PY, ROOT
 from train.config import compose_config
 
 

@@ -11,7 +11,7 @@ from model.config import config_from_dict
 from test_parallel_layouts import assert_same_run, final_params, run
 from train.data.loader import TokenDataset, TokenLoader
 from train.trainer import lm_loss
-from test_train import base_args, dataset, metrics, train  # noqa: F401  (dataset is a fixture)
+from conftest import base_args, metrics, train
 
 STEPS = 6
 # 4 -> 12 sequences by 4 over 500 tokens of 32-token sequences (one increase per 250 tokens): two steps of 4

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_train import PY, ROOT, base_args, dataset, metrics, train  # noqa: F401  (dataset is a fixture)
+from conftest import PY, ROOT, base_args, metrics, train
 from train.data.loader import TokenDataset, TokenLoader
 from train.optim import lr_factor
 from train.config import compose_config

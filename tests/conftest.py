@@ -1,0 +1,70 @@
+"""Shared test fixtures and helpers: the small real-text dataset, runs of the real entry point (`python -m train`,
+one process or torchrun) and their metrics, and a free port for multi-process gloo tests."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+
+def corpus_files(directory: Path) -> Path:
+    """About 110 KB of real text: standard-library sources, so editing this package never changes the data
+    (the layout tests compare runs at tolerances an edited corpus can cross)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    sources = [stdlib / f"{name}.py" for name in ("bisect", "csv", "shlex", "string", "textwrap")]
+    sources += sorted((stdlib / "json").glob("*.py"))
+    for i, src in enumerate(sources):
+        shutil.copy(src, directory / f"doc{i:03d}.txt")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("data")
+    out = base / "shards"
+    subprocess.run([PY, "-m", "train.data.prepare", "--input", str(corpus_files(base / "corpus")), "--output", str(out),
+                    "--chunk-len", "129", "--samples-per-shard", "64", "--val-fraction", "0.05"],
+                   cwd=ROOT, check=True, capture_output=True)
+    return out
+
+
+def base_args(dataset: Path, out: Path, steps: int, **extra) -> list[str]:
+    args = {"model": "tiny", "data.path": str(dataset), "data.seq_len": 64, "train.steps": steps,
+            "train.global_batch_size": 4, "train.micro_batch_size": 2, "train.val_every": 0, "log.every": 1,
+            "checkpoint.every": 0, "output_dir": str(out), "optim.warmup_steps": 2}
+    args.update(extra)
+    return [f"{k}={v}" for k, v in args.items()]
+
+
+def train(args, nproc: int = 1, env_extra=None, check=True, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    if nproc == 1:
+        cmd = [PY, "-m", "train", *args]
+    else:
+        cmd = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "train", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"rc={proc.returncode}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def metrics(out: Path, key: str = "loss") -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r[key] for r in rows if key in r}
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (for a multi-process test's MASTER_PORT)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
