@@ -10,12 +10,14 @@ The loss given to a schedule is each microbatch's mean but back-propagates 1/n_m
 layer's balance losses are scaled alike: gradients equal single-process accumulation (schedules are built with
 scale_grads=False). Balance losses travel in backward (AuxLossInjector), so stages exchange hidden states only.
 Stage shapes are static (`_stage_io`): torch's shape inference would run an extra forward into the MoE load
-counters. Call these before FSDP/EP wrap each part.
+counters. `build_pipeline` returns this rank's `Pipeline` (stage modules, placement, microbatch shape, loss,
+schedule), which runs `step` and `evaluate`; build it before FSDP/EP wrap the stage modules (in place).
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from functools import partial
 from typing import Callable
 
@@ -33,9 +35,8 @@ from torch.distributed.pipelining import (
 
 from model.transformer import Transformer, lm_and_mtp_loss
 
-__all__ = ["SCHEDULES", "stage_ids", "split_layers", "build_stage_modules", "build_pipeline",
-           "pipeline_schedule", "pipeline_step", "canonical_schedule", "tied_embedding_copy",
-           "ends_share_rank"]
+__all__ = ["SCHEDULES", "Pipeline", "stage_ids", "split_layers", "build_stage_modules", "build_pipeline",
+           "canonical_schedule", "ends_share_rank"]
 
 SCHEDULES = ("1F1B", "Interleaved1F1B", "ZBVZeroBubble", "DualPipeV")
 _CLASSES = {
@@ -137,7 +138,6 @@ def build_stage_modules(model: Transformer, stage: int, n_stages: int) -> Transf
     part = copy.deepcopy(model, memo)
     for name in [name for name, block in part.layers.items() if block is None]:
         del part.layers[name]
-    part.stage_index, part.n_stages = stage, n_stages
     part.output_hidden = bool(last and model.mtp)  # heads run in the loss (`heads_from_labels`)
     return part
 
@@ -152,11 +152,6 @@ def rank_stage_modules(model: Transformer, schedule: str, pp_rank: int, pp: int,
 def ends_share_rank(schedule: str) -> bool:
     """Whether one rank holds both the first and the last stage (V placement)."""
     return canonical_schedule(schedule) in _V_STYLE
-
-
-def tied_embedding_copy(part: Transformer) -> bool:
-    """True for the last stage's copy of the embedding (MTP), whose gradient the trainer adds to stage 0's."""
-    return part.embed_tokens is not None and getattr(part, "stage_index", 0) != 0
 
 
 # --------------------------------------------------------------------------------------------- loss scale
@@ -177,15 +172,6 @@ def _microbatch_loss(loss_fn: Callable, scale: float, output: torch.Tensor, targ
     return _MeanOverMicrobatches.apply(loss_fn(output, target), scale)
 
 
-def _with_mtp(loss_fn: Callable, part: Transformer) -> Callable:
-    """The last stage's loss when it emits hidden states: main head + MTP heads, as the trainer's single-stage
-    loss (depth k predicts labels[:, k:], weighted mtp_loss_weight / depth)."""
-    def loss(h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits, mtp = part.heads_from_labels(h, labels)
-        return lm_and_mtp_loss(loss_fn, logits, mtp, labels, part.mtp_loss_weight, part.sequence_shard[1])
-    return loss
-
-
 # --------------------------------------------------------------------------------------------- pipeline
 def _group_of(pp_mesh_or_group) -> dist.ProcessGroup | None:
     """A 1-D DeviceMesh's process group, a ProcessGroup as is; None means the default (world) group."""
@@ -202,14 +188,14 @@ def check_microbatches(schedule: str, n_microbatches: int, pp: int, n_stages: in
                          f"n_microbatches >= {need}, got {n_microbatches}")
 
 
-def _stage_io(part: Transformer, microbatch_size: int, seq_len: int, dtype: torch.dtype):
-    """Example (meta) input and output of a stage, for PipelineStage's static metadata."""
+def _stage_io(part: Transformer, stage: int, microbatch_size: int, seq_len: int, dtype: torch.dtype):
+    """Example (meta) input and output of stage `stage` (module `part`), for PipelineStage's static metadata."""
     cfg = part.cfg
     # requires_grad marks what carries a gradient back (torch derives the gradient metadata from it)
     hidden = torch.empty(microbatch_size, seq_len, cfg.hidden_size, dtype=dtype, device="meta", requires_grad=True)
     tokens = torch.empty(microbatch_size, seq_len, dtype=torch.long, device="meta")
     logits = torch.empty(microbatch_size, seq_len, cfg.vocab_size, dtype=dtype, device="meta", requires_grad=True)
-    inputs = tokens if part.stage_index == 0 else hidden
+    inputs = tokens if stage == 0 else hidden
     outputs = logits if part.lm_head is not None and not (part.output_hidden or part.return_head_input) else hidden
     return inputs, outputs
 
@@ -223,125 +209,157 @@ def _check_output(expected: torch.Tensor, module: nn.Module, args, output: torch
                          f"given to build_pipeline must match the data and the compute dtype")
 
 
+@dataclass(eq=False)
+class Pipeline:
+    """This rank's side of a pipeline: its stage modules, where every stage lives, the shape of a microbatch,
+    the last stage's loss and the torch schedule that runs them. `build_pipeline` makes one; the stage
+    modules themselves carry no pipeline state.
+
+    The last stage's loss reads `mtp_loss_weight` at every microbatch: set it before a step to change it
+    (train.mtp_loss_weight_after). A step of another number of microbatches (a batch-size ramp-up) builds
+    a schedule of its own: torch prepares a stage's buffers for one microbatch count."""
+
+    parts: list[Transformer]  # this rank's stage modules, one per entry of `stages`
+    stages: list[int]  # their global stage indices
+    owners: list[list[int]]  # the stage indices of every pipeline rank
+    schedule_name: str  # canonical (`canonical_schedule`)
+    group: dist.ProcessGroup | None  # the pipeline ranks; None: the world
+    microbatch_size: int
+    seq_len: int
+    activation_dtype: torch.dtype  # of the hidden states and logits a stage emits
+    device: torch.device
+    head_loss: Callable  # loss(logits or head input, labels) of one microbatch, the mean over its tokens
+    mtp_loss_weight: float = 0.0
+    n_microbatches: int = 0  # of `schedule`
+    schedule: object = None  # the torch schedule, built by `use_microbatches`
+
+    @property
+    def n_stages(self) -> int:
+        return sum(len(stages) for stages in self.owners)
+
+    @property
+    def has_first(self) -> bool:
+        return 0 in self.stages
+
+    @property
+    def has_last(self) -> bool:
+        return self.n_stages - 1 in self.stages
+
+    def tied_embedding_copies(self) -> list[nn.Parameter]:
+        """The last stage's copy of the embedding (MTP), whose gradient the trainer adds to stage 0's."""
+        return [part.embed_tokens.weight for stage, part in zip(self.stages, self.parts)
+                if stage != 0 and part.embed_tokens is not None]
+
+    def loss(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The last stage's loss of one microbatch; with MTP its output is hidden states and the heads run here
+        (depth k predicts labels[:, k:], weighted mtp_loss_weight / depth, as one process does)."""
+        part = self.parts[self.stages.index(self.n_stages - 1)]
+        if not part.output_hidden:
+            return self.head_loss(output, labels)
+        logits, mtp = part.heads_from_labels(output, labels)
+        return lm_and_mtp_loss(self.head_loss, logits, mtp, labels, self.mtp_loss_weight, part.sequence_shard[1])
+
+    def use_microbatches(self, n_microbatches: int) -> None:
+        """A torch schedule running `n_microbatches` microbatches a step (kept while the count stays), fresh
+        stages over the same modules; every MoE layer's balance-loss scale becomes 1/n_microbatches. Call it on
+        every pipeline rank for the same step."""
+        if n_microbatches == self.n_microbatches:
+            return
+        pp = dist.get_world_size(self.group)
+        check_microbatches(self.schedule_name, n_microbatches, pp, self.n_stages)
+        stages = []
+        for stage, part in zip(self.stages, self.parts):
+            part.set_aux_loss_scale(1.0 / n_microbatches)
+            inputs, outputs = _stage_io(part, stage, self.microbatch_size, self.seq_len, self.activation_dtype)
+            stages.append(PipelineStage(part, stage, self.n_stages, self.device, input_args=inputs,
+                                        output_args=outputs, group=self.group))
+        loss = partial(_microbatch_loss, self.loss, 1.0 / n_microbatches)
+        runner = _CLASSES[self.schedule_name]
+        self.schedule = runner(stages[0] if self.schedule_name in _SINGLE_STAGE else stages, n_microbatches,
+                               loss_fn=loss, scale_grads=False)
+        self.n_microbatches = n_microbatches
+
+    def step(self, tokens: torch.Tensor | None, labels: torch.Tensor | None,
+             n_microbatches: int | None = None) -> torch.Tensor | None:
+        """One forward+backward of the batch over its microbatches (n_microbatches: the current count when None);
+        tokens and labels are read only where this rank needs them. Returns the step's loss (the mean over
+        microbatches, detached) on the rank holding the last stage, else None."""
+        self.use_microbatches(n_microbatches or self.n_microbatches)
+        args = (tokens,) if self.has_first else ()
+        losses: list[torch.Tensor] = []
+        kwargs = {"target": labels, "losses": losses} if self.has_last else {}
+        self.schedule.step(*args, return_outputs=False, **kwargs)
+        return torch.stack([loss.detach() for loss in losses]).mean() if self.has_last else None
+
+    def evaluate(self, tokens: torch.Tensor | None, labels: torch.Tensor | None) -> torch.Tensor | None:
+        """Forward only (validation), microbatch after microbatch and stage after stage, with point-to-point
+        sends between the ranks of consecutive stages. Not the schedule's own `eval`: torch 2.13's fails for
+        the V schedules (ZBV, DualPipeV). Returns the mean loss on the rank holding the last stage, else None."""
+        batch = tokens if tokens is not None else labels  # None on ranks with neither end stage
+        n = self._broadcast_count(0 if batch is None else batch.shape[0] // self.microbatch_size)
+        losses = []
+        for i in range(n):
+            rows = slice(i * self.microbatch_size, (i + 1) * self.microbatch_size)
+            loss = self._eval_microbatch(None if tokens is None else tokens[rows],
+                                         None if labels is None else labels[rows])
+            if loss is not None:
+                losses.append(loss)
+        return torch.stack(losses).mean() if losses else None
+
+    def _broadcast_count(self, n: int) -> int:
+        """Microbatches in this evaluation batch, known on the first/last stage's ranks, sent to all."""
+        t = torch.tensor([n], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return int(t.item())
+
+    def _eval_microbatch(self, tokens, labels) -> torch.Tensor | None:
+        owner = {stage: rank for rank, stages in enumerate(self.owners) for stage in stages}
+        mine = dict(zip(self.stages, self.parts))
+        me = dist.get_rank(self.group)
+        x, loss = tokens, None
+        for stage in range(self.n_stages):
+            if owner[stage] != me:
+                continue
+            if stage > 0 and owner[stage - 1] != me:
+                x = _recv(self.group, owner[stage - 1], self.activation_dtype, self.device)
+            x = mine[stage](x)
+            if stage == self.n_stages - 1:
+                loss = self.loss(x, labels).detach()
+            elif owner[stage + 1] != me:
+                _send(self.group, owner[stage + 1], x)
+        return loss
+
+
 def build_pipeline(model: Transformer, pp_mesh_or_group, schedule: str, n_microbatches: int,
                    stages_per_rank: int, loss_fn: Callable, device, *, microbatch_size: int, seq_len: int,
-                   activation_dtype: torch.dtype | None = None, loss_for: Callable | None = None):
-    """This rank's stage modules and the torch schedule that runs them -> (schedule, model_parts).
+                   activation_dtype: torch.dtype | None = None, loss_for: Callable | None = None) -> Pipeline:
+    """This rank's `Pipeline`: its stage modules (`pipeline.parts`) and the torch schedule that runs them.
 
     model: the whole model (same weights on every pp rank), before FSDP/EP; it is not modified.
     pp_mesh_or_group: the 1-D "pp" DeviceMesh, a ProcessGroup, or None for the world group.
     loss_fn(logits, labels): per-microbatch mean loss. microbatch_size, seq_len: the shape of one
     microbatch of token ids (local batch = n_microbatches * microbatch_size). activation_dtype: dtype of
     the hidden states and logits a stage emits (default: the model's parameter dtype; bf16 under an FSDP
-    param_dtype of bfloat16). loss_for(part) -> loss_fn: a loss of the stage module itself (a fused head's loss reads
-    its weight), used instead of loss_fn where given.
-    Run a step with `pipeline_step` (or schedule.step(tokens) on the first-stage rank, step(target=labels,
-    losses=list) on the last, step() elsewhere). A step of another number of microbatches (a batch-size
-    ramp-up) needs a schedule of its own: `pipeline_schedule(model_parts, n, device)`.
+    param_dtype of bfloat16). loss_for(part) -> loss_fn: a loss of the last stage's module itself (a fused
+    head's loss reads its weight), used instead of loss_fn where given. The stage modules may be wrapped in
+    place (FSDP, EP) before the first step.
     """
     schedule = canonical_schedule(schedule)
     group = _group_of(pp_mesh_or_group)
     pp, pp_rank = dist.get_world_size(group), dist.get_rank(group)
-    n_stages = pp * stages_per_rank
-    check_microbatches(schedule, n_microbatches, pp, n_stages)
+    check_microbatches(schedule, n_microbatches, pp, pp * stages_per_rank)
     dtype = activation_dtype or next(model.parameters()).dtype
     parts = rank_stage_modules(model, schedule, pp_rank, pp, stages_per_rank)
-    for part in parts:
-        part.pp_group, part.pp_schedule, part.microbatch_size, part.seq_len = group, schedule, microbatch_size, seq_len
-        part.activation_dtype = dtype
-        part.stage_owners = [stage_ids(schedule, r, pp, stages_per_rank) for r in range(pp)]  # for `pipeline_eval`
-        part.register_forward_hook(partial(_check_output, _stage_io(part, microbatch_size, seq_len, dtype)[1]))
-        part_loss = loss_fn if loss_for is None or part.lm_head is None else loss_for(part)
-        part.stage_loss = part_loss
-        if part.lm_head is not None and part.output_hidden:
-            part.mtp_loss_weight = part.cfg.mtp_loss_weight  # the trainer may change it as the run goes
-            part.stage_loss = _with_mtp(part_loss, part)
-    return pipeline_schedule(parts, n_microbatches, device), parts
-
-
-def pipeline_schedule(model_parts: list[Transformer], n_microbatches: int, device):
-    """A torch schedule running `build_pipeline`'s stage modules `n_microbatches` microbatches a step (fresh
-    stages over the same modules: torch prepares a stage's buffers for one microbatch count). Sets every MoE
-    layer's balance-loss scale to 1/n_microbatches. Call it on every pp rank for the same step."""
-    part0 = model_parts[0]
-    schedule, group = part0.pp_schedule, part0.pp_group
-    check_microbatches(schedule, n_microbatches, dist.get_world_size(group), part0.n_stages)
-    stages = []
-    for part in model_parts:
-        part.set_aux_loss_scale(1.0 / n_microbatches)
-        inputs, outputs = _stage_io(part, part.microbatch_size, part.seq_len, part.activation_dtype)
-        stages.append(PipelineStage(part, part.stage_index, part.n_stages, torch.device(device), input_args=inputs,
-                                    output_args=outputs, group=group))
-    loss_fn = next((part.stage_loss for part in model_parts if part.lm_head is not None), part0.stage_loss)
-    loss = partial(_microbatch_loss, loss_fn, 1.0 / n_microbatches)
-    return _CLASSES[schedule](stages[0] if schedule in _SINGLE_STAGE else stages, n_microbatches, loss_fn=loss,
-                              scale_grads=False)
-
-
-def pipeline_step(schedule, model_parts: list[Transformer], tokens: torch.Tensor | None,
-                  labels: torch.Tensor | None, backward: bool = True) -> torch.Tensor | None:
-    """One forward+backward over all microbatches (forward only with backward=False); passes tokens/labels
-    only where this rank needs them. Returns the step loss (mean over microbatches, detached) on the rank
-    holding the last stage, else None."""
-    has_first = any(part.stage_index == 0 for part in model_parts)
-    has_last = any(part.stage_index == part.n_stages - 1 for part in model_parts)
-    args = (tokens,) if has_first else ()
-    losses: list[torch.Tensor] = []
-    kwargs = {"target": labels, "losses": losses} if has_last else {}
-    if backward:
-        schedule.step(*args, return_outputs=False, **kwargs)
-    else:
-        schedule.eval(*args, return_outputs=False, **kwargs)
-    return torch.stack([loss.detach() for loss in losses]).mean() if has_last else None
-
-
-def pipeline_eval(schedule, model_parts: list[Transformer], tokens: torch.Tensor | None,
-                  labels: torch.Tensor | None) -> torch.Tensor | None:
-    """Forward only (validation), microbatch after microbatch and stage after stage, with point-to-point
-    sends between the ranks of consecutive stages. Not the schedule's own `eval`: torch 2.13's fails for
-    the V schedules (ZBV, DualPipeV). Returns the mean loss on the rank holding the last stage, else None."""
-    part0 = model_parts[0]
-    batch = tokens if tokens is not None else labels  # None on ranks with neither end stage
-    n = _broadcast_count(part0, 0 if batch is None else batch.shape[0] // part0.microbatch_size)
-    losses = []
-    for i in range(n):
-        rows = slice(i * part0.microbatch_size, (i + 1) * part0.microbatch_size)
-        loss = _eval_microbatch(model_parts, None if tokens is None else tokens[rows],
-                                None if labels is None else labels[rows])
-        if loss is not None:
-            losses.append(loss)
-    return torch.stack(losses).mean() if losses else None
-
-
-def _device(part: Transformer) -> torch.device:
-    return next(part.parameters()).device
-
-
-def _broadcast_count(part: Transformer, n: int) -> int:
-    """Microbatches in this evaluation batch, known on the first/last stage's ranks, sent to all."""
-    t = torch.tensor([n], dtype=torch.int64, device=_device(part))
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=part.pp_group)
-    return int(t.item())
-
-
-def _eval_microbatch(model_parts: list[Transformer], tokens, labels) -> torch.Tensor | None:
-    part0 = model_parts[0]
-    group, owners = part0.pp_group, part0.stage_owners
-    owner = {stage: rank for rank, stages in enumerate(owners) for stage in stages}
-    mine = {part.stage_index: part for part in model_parts}
-    me = dist.get_rank(group)
-    x, loss = tokens, None
-    for stage in range(part0.n_stages):
-        if owner[stage] != me:
-            continue
-        if stage > 0 and owner[stage - 1] != me:
-            x = _recv(group, owner[stage - 1], part0.activation_dtype, _device(part0))
-        x = mine[stage](x)
-        if stage == part0.n_stages - 1:
-            loss = mine[stage].stage_loss(x, labels).detach()
-        elif owner[stage + 1] != me:
-            _send(group, owner[stage + 1], x)
-    return loss
+    stages = stage_ids(schedule, pp_rank, pp, stages_per_rank)
+    for stage, part in zip(stages, parts):
+        part.register_forward_hook(partial(_check_output, _stage_io(part, stage, microbatch_size, seq_len, dtype)[1]))
+    last = next((part for part in parts if part.lm_head is not None), None)
+    head_loss = loss_for(last) if loss_for is not None and last is not None else loss_fn
+    pipeline = Pipeline(parts, stages, [stage_ids(schedule, r, pp, stages_per_rank) for r in range(pp)], schedule,
+                        group, microbatch_size, seq_len, dtype, torch.device(device), head_loss,
+                        mtp_loss_weight=model.cfg.mtp_loss_weight)
+    pipeline.use_microbatches(n_microbatches)
+    return pipeline
 
 
 def _send(group, dst: int, x: torch.Tensor) -> None:

@@ -96,15 +96,15 @@ def run_cp(variant: str) -> dict:
 
 
 def run_pp(variant: str) -> dict:
-    from parallel.pipeline import build_pipeline, pipeline_step
+    from parallel.pipeline import build_pipeline
 
     model = build(variant)
     tokens, labels = fixed_batch(model.cfg.vocab_size)
-    runner, parts = build_pipeline(model, None, "1F1B", 2, 1, cross_entropy, torch.device("cpu"),
-                                   microbatch_size=B // 2, seq_len=T)
-    loss = pipeline_step(runner, parts, tokens, labels)
+    pipeline = build_pipeline(model, None, "1F1B", 2, 1, cross_entropy, torch.device("cpu"),
+                              microbatch_size=B // 2, seq_len=T)
+    loss = pipeline.step(tokens, labels)
     return {"loss": None if loss is None else loss.item(),
-            "grads": {n: p.grad.clone() for part in parts for n, p in part.named_parameters()}}
+            "grads": {n: p.grad.clone() for part in pipeline.parts for n, p in part.named_parameters()}}
 
 
 def worker_main(rank: int, store: str, out_dir: str) -> None:

@@ -24,8 +24,7 @@ import torch.nn.functional as F
 from model.config import load_preset
 from model.transformer import Transformer
 from parallel.pipeline import (
-    SCHEDULES, check_microbatches, _check_output, build_pipeline, build_stage_modules, pipeline_step, split_layers,
-    stage_ids,
+    SCHEDULES, check_microbatches, _check_output, build_pipeline, build_stage_modules, split_layers, stage_ids,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,14 +110,17 @@ def run_case(schedule: str, stages_per_rank: int, n_microbatches: int) -> dict:
     """This rank's side of one pipeline run: losses (last-stage rank only), loads, parameters of its parts."""
     model = tiny_model()
     tokens, labels = fixed_batch(model.cfg.vocab_size)
-    runner, parts = build_pipeline(model, None, schedule, n_microbatches, stages_per_rank, cross_entropy,
-                                   torch.device("cpu"), microbatch_size=B // n_microbatches, seq_len=T)
+    pipeline = build_pipeline(model, None, schedule, n_microbatches, stages_per_rank, cross_entropy,
+                              torch.device("cpu"), microbatch_size=B // n_microbatches, seq_len=T)
+    parts = pipeline.parts
+    # the stage modules carry no pipeline state: their attributes are a fresh model's
+    assert all(vars(part).keys() == vars(model).keys() for part in parts)
     del model
     opt = adamw([p for part in parts for p in part.parameters()])
     losses, loads = [], []
     for _ in range(STEPS):
         opt.zero_grad()
-        loss = pipeline_step(runner, parts, tokens, labels)
+        loss = pipeline.step(tokens, labels)
         opt.step()
         losses.append(None if loss is None else loss.item())
         loads.append(take_loads(parts))

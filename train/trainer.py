@@ -29,8 +29,7 @@ from parallel import LayoutError, clip_grad_norm_, end_of_step, micro_batch_sync
 from parallel.deepspeed_ops import deepspeed_problem, fused_lm_loss
 from parallel.inventory import rank_parameters
 from parallel.fp8 import Fp8Recipe, after_optimizer_step, check_fp8
-from parallel.pipeline import (build_pipeline, ends_share_rank, pipeline_eval, pipeline_schedule, pipeline_step,
-                               tied_embedding_copy)
+from parallel.pipeline import Pipeline, build_pipeline, ends_share_rank
 
 from .checkpoint import Checkpointer, load_model_weights
 from .config import ConfigError, RunConfig, fused_loss_on, parallel_dims, pipeline_microbatches, to_dict
@@ -122,8 +121,7 @@ class Trainer:
         self.pp_group = self.mesh["pp"].get_group() if self.mesh is not None and self.dims.pp > 1 else None
         self.stats_groups = StatsGroups(self.env.device, self.pp_group, self.token_group, self.token_world)
         self.moe_stats: MoEStats | None = None  # the last step's routing statistics
-        self.pipeline = None  # the pipeline schedule when pp > 1
-        self.pipeline_microbatches = 0  # ... and the microbatches it runs per step
+        self.pipeline: Pipeline | None = None  # this rank's pipeline stages when pp > 1
         self.batches = BatchSchedule.of(cfg.train, cfg.data.seq_len)  # sequences per step (DeepSeek's ramp-up)
         self.position = RunPosition(self.batches, cfg.train.steps)  # steps as fractions of the run's tokens
         check_batch_split(cfg.train, self.dp_world)
@@ -204,7 +202,8 @@ class Trainer:
             model.to(env.device)
         parts = [model]
         if self.dims.pp > 1:
-            self.pipeline, parts = self._build_pipeline(model)
+            self.pipeline = self._build_pipeline(model)
+            parts = self.pipeline.parts
         parts = [parallelize(part, self.mesh, self.dims, cfg.precision.param_dtype, cfg.precision.reduce_dtype,
                              cfg.parallel.cpu_offload, cfg.parallel.activation_checkpoint,
                              cfg.parallel.compile, self.fp8) for part in parts]
@@ -227,7 +226,7 @@ class Trainer:
             raise ConfigError(f"precision={precision.name}: {e}") from None
         return recipe
 
-    def _build_pipeline(self, model: Transformer):
+    def _build_pipeline(self, model: Transformer) -> Pipeline:
         cfg = self.cfg
         local_batch = self.batches.size(0) // self.dp_world
         n_micro = pipeline_microbatches(cfg, local_batch)
@@ -236,20 +235,12 @@ class Trainer:
                               f"global_batch_size/dp = {cfg.train.global_batch_size}/{self.dp_world} = {local_batch}")
         dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.precision.param_dtype, torch.float32)
         try:
-            self.pipeline_microbatches = n_micro
             return build_pipeline(model, self.mesh["pp"], cfg.parallel.pp_schedule, n_micro,
                                   cfg.parallel.pp_stages_per_rank, self.loss_fn, self.env.device,
                                   microbatch_size=local_batch // n_micro, seq_len=cfg.data.seq_len // self.dims.cp,
                                   activation_dtype=dtype, loss_for=self._loss_for)
         except ValueError as e:
             raise ConfigError(f"pipeline: {e}") from None
-
-    def _pipeline_for(self, micro_batches) -> None:
-        """A schedule for this step's microbatch count (it changes under a batch-size ramp-up; the first, the
-        smallest, was checked against the schedule's minimum at set-up)."""
-        n = pipeline_microbatches(self.cfg, sum(x.shape[0] for x, _ in micro_batches))
-        if n != self.pipeline_microbatches:
-            self.pipeline, self.pipeline_microbatches = pipeline_schedule(self.parts, n, self.env.device), n
 
     def _embedding_group(self):
         """Under pp with MTP, the embedding lives on the first and (a copy) on the last stage: the process
@@ -372,12 +363,9 @@ class Trainer:
 
     def train_step(self, micro_batches) -> dict:
         if self.pipeline is not None:
-            self._pipeline_for(micro_batches)
-            for part in self.parts:  # the last stage's loss reads it (parallel/pipeline.py)
-                if hasattr(part, "mtp_loss_weight"):
-                    part.mtp_loss_weight = self.mtp_loss_weight()
+            self.pipeline.mtp_loss_weight = self.mtp_loss_weight()  # the last stage's loss reads it
         with self.gemm_mode():
-            total = self._pipeline_loss(micro_batches) if self.pipeline else self._accumulate(micro_batches)
+            total = self._pipeline_loss(micro_batches) if self.pipeline is not None else self._accumulate(micro_batches)
         moe = self._moe_step()
         grad_norm = self._clip()
         self.optimizers.step()
@@ -406,11 +394,12 @@ class Trainer:
         inputs = torch.cat([x for x, _ in micro_batches]).to(self.env.device)
         labels = torch.cat([y for _, y in micro_batches]).to(self.env.device)
         with self.autocast():
-            if train:
-                loss = pipeline_step(self.pipeline, self.parts, inputs, labels)
+            if train:  # the microbatch count changes under a batch-size ramp-up (the first, the smallest, was
+                # checked against the schedule's minimum at set-up)
+                loss = self.pipeline.step(inputs, labels, pipeline_microbatches(self.cfg, inputs.shape[0]))
                 self._sync_tied_embedding()
             else:
-                loss = pipeline_eval(self.pipeline, self.parts, inputs, labels)
+                loss = self.pipeline.evaluate(inputs, labels)
         total = torch.zeros((), device=self.env.device) if loss is None else loss.float()
         dist.all_reduce(total, group=self.pp_group)  # only the last stage's rank holds the loss
         return total
@@ -431,7 +420,7 @@ class Trainer:
     def _clip(self) -> float:
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         params = [p for part in self.parts for p in part.parameters()]
-        copies = [part.embed_tokens.weight for part in self.parts if tied_embedding_copy(part)]  # count once
+        copies = self.pipeline.tied_embedding_copies() if self.pipeline is not None else []  # count once
         return clip_grad_norm_(params, max_norm, self.pp_group, copies)
 
     def _moe_step(self) -> dict:
