@@ -297,39 +297,38 @@ class Trainer:
                               f"{cfg.model.vocab_size}")
 
     def _resume(self) -> int | None:
-        self._check_same_model()  # before loading: a different model would otherwise look like corruption
-        forced = self._check_same_config()
+        forced = self._check_resumable()  # before loading: a different model would otherwise look like corruption
         state = self.checkpointer.load_latest(self.parts, self.optimizers.optimizers)
         if state is None:
             return None
-        self.step = state["step"]
-        self.optimizers.load_scheduler_state(state["scheduler"])
-        self.optimizers.apply_config(self.cfg.optim)  # what the config says, not what the checkpoint held
-        self.spike.load_state_dict(state.get("spike"))
+        self._restore(state)
         for key, before, after in forced:
             log.warning("resumed with %s = %r (the checkpoint's run had %r), from step %d on", key, after, before,
                         self.step)
-        self.loader.load_state_dict(state["loader"])
         log.info("resuming at step %d", self.step)
         return self.step
 
-    def _check_same_model(self) -> None:
-        saved = self.checkpointer.newest_train_state()
-        if saved is None:
-            return
-        saved_model, now = saved["config"]["model"], to_dict(self.cfg)["model"]
-        diff = sorted(k for k in now if saved_model.get(k) != now[k])
-        if diff:
-            raise ConfigError(f"checkpoints in {self.out / 'checkpoints'} are for a different model (keys {diff}); "
-                              f"use another output_dir")
+    def _restore(self, state: dict) -> None:
+        """The loaded checkpoint's step, lr schedule, spike guard and data position; optimizer settings are what
+        the config says, not what the checkpoint held."""
+        self.step = state["step"]
+        self.optimizers.load_scheduler_state(state["scheduler"])
+        self.optimizers.apply_config(self.cfg.optim)
+        self.spike.load_state_dict(state.get("spike"))
+        self.loader.load_state_dict(state["loader"])
 
-    def _check_same_config(self) -> list:
-        """The changes of guarded fields that checkpoint.allow_changes forces (train/resume.py)."""
+    def _check_resumable(self) -> list:
+        """Against the newest checkpoint's config: the same model (else a config error), and the changes of
+        guarded fields that checkpoint.allow_changes forces (train/resume.py)."""
         saved = self.checkpointer.newest_train_state()
         if saved is None:
             return []
-        return check_resume(saved["config"], to_dict(self.cfg), self.cfg.checkpoint.allow_changes, str(self.out),
-                            saved["step"])
+        now = to_dict(self.cfg)
+        diff = sorted(k for k in now["model"] if saved["config"]["model"].get(k) != now["model"][k])
+        if diff:
+            raise ConfigError(f"checkpoints in {self.out / 'checkpoints'} are for a different model (keys {diff}); "
+                              f"use another output_dir")
+        return check_resume(saved["config"], now, self.cfg.checkpoint.allow_changes, str(self.out), saved["step"])
 
     def _install_signal_handlers(self) -> None:
         def handler(signum, _frame):
@@ -485,11 +484,7 @@ class Trainer:
         state = self.checkpointer.load_latest(self.parts, self.optimizers.optimizers)
         if state is None:
             raise TrainingError(f"{problem} at step {spike_step}, and no checkpoint loads to roll back to")
-        self.step = state["step"]
-        self.optimizers.load_scheduler_state(state["scheduler"])
-        self.optimizers.apply_config(self.cfg.optim)
-        self.loader.load_state_dict(state["loader"])
-        self.spike.load_state_dict(state.get("spike"))
+        self._restore(state)
         skip = self.cfg.train.spike.skip_batches
         for _ in range(skip):  # the batches after the checkpoint's position, as any loader yields them
             self.loader.next_batch()
