@@ -17,7 +17,6 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 from conftest import ROOT, base_args, metrics, train  # noqa: E402
 from torch.distributed.checkpoint import FileSystemReader  # noqa: E402
-from train.export import _row_ranges  # noqa: E402
 from train.runfiles import checkpoint_of, load_model, run_config  # noqa: E402
 from train.sample import SampleConfig, sample  # noqa: E402
 from train.data.tokenizer import ByteTokenizer  # noqa: E402
@@ -57,7 +56,8 @@ def test_export_loads_into_transformers_with_equal_logits(run_dir, exported):
     assert len(set(index["weight_map"].values())) > 2  # sharded
     ckpt = checkpoint_of(run_dir, None)
     stack = FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata["model.layers.1.mlp.experts.gate_up_proj"]
-    assert _row_ranges(stack) == [(0, 4), (4, 4)]  # each ep rank's experts stored and exported as a piece
+    pieces = sorted((int(c.offsets[0]), int(c.sizes[0])) for c in stack.chunks)
+    assert pieces == [(0, 4), (4, 4)]  # each ep rank's experts stored as a piece: the export reads across both
     ours = load_model(ckpt, run_config(ckpt), torch.device("cpu"))
     assert any(float(m.gate.expert_bias.abs().sum()) > 0 for m in ours.moe_layers().values())  # the bias moved
     ref = AutoModelForCausalLM.from_pretrained(exported, attn_implementation="eager").eval()
@@ -169,3 +169,39 @@ def test_export_saves_the_datas_tokenizer_for_transformers(tmp_path):
     theirs = AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert theirs(text, add_special_tokens=False)["input_ids"] == ours.encode(text)
     assert theirs.eos_token_id == ours.eos_id and len(ours.encode(text)) < len(text)
+
+
+def _rchar() -> int:
+    """Bytes this process has read through read syscalls so far (/proc/self/io)."""
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("rchar:")).split()[1])
+
+
+def test_rows_reader_reads_only_the_rows_asked_for(tmp_path, monkeypatch):
+    import torch.distributed.checkpoint as dcp
+    import train.export as export
+
+    gen = torch.Generator().manual_seed(0)
+    stack = torch.randn(64, 160, 96, generator=gen)  # 3.75 MiB, one stored piece
+    tensors = {"layers.1.mlp.experts.w": stack, "norm": torch.randn(7, 5, generator=gen).to(torch.bfloat16),
+               "lm_head": torch.randn(5, 9, generator=gen).t(), "scale": torch.tensor(2.5)}  # lm_head: a view
+    dcp.save({"model": tensors}, checkpoint_id=str(tmp_path))
+    monkeypatch.setattr(export, "EXPERT_READ_BYTES", 3 * 160 * 96 * 4 - 1)  # 2 experts a read
+    got = list(export.checkpoint_tensors(tmp_path, ["layers.1.mlp.experts.w", "norm", "lm_head"]))
+    assert [(n, first, tuple(t.shape)) for n, first, t in got[:2]] == [("layers.1.mlp.experts.w", 0, (2, 160, 96)),
+                                                                       ("layers.1.mlp.experts.w", 2, (2, 160, 96))]
+    assert len(got) == 32 + 2
+    assert torch.equal(torch.cat([t for _, _, t in got[:32]]), stack)
+    assert torch.equal(got[32][2], tensors["norm"]) and got[32][2].dtype == torch.bfloat16
+    assert torch.equal(got[33][2], tensors["lm_head"])
+    one = {"scale": torch.zeros(())}
+    dcp.load({"model": one}, storage_reader=export.RowsReader(str(tmp_path)))
+    assert float(one["scale"]) == 2.5
+    reader = export.RowsReader(str(tmp_path))
+    reader.read_metadata()
+    rows = torch.empty(2, 160, 96)
+    before = _rchar()
+    dcp.load({"model": {"layers.1.mlp.experts.w": rows}}, storage_reader=reader, planner=export._RowsPlanner(37))
+    read = _rchar() - before
+    assert torch.equal(rows, stack[37:39])
+    assert 2 * 160 * 96 * 4 <= read < 2 * 160 * 96 * 4 + 64 * 1024  # the two rows and the piece's zip records

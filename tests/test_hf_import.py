@@ -2,7 +2,9 @@
 
 Directories are written by transformers from random tiny DeepseekV2 / DeepseekV3 models (V3: sigmoid scores,
 noaux_tc, a non-zero e_score_correction_bias). The run's first loss, under one process and under 2-process
-layouts (ep, tp, pp, cp, HSDP), equals the cross-entropy transformers computes on the same batch.
+layouts (ep, tp, pp, cp, HSDP), equals the cross-entropy transformers computes on the same batch; under the
+emulated FP8 recipes the loaded master weights equal the directory's tensors and the first loss is the FP8
+model's.
 """
 
 import json
@@ -20,8 +22,9 @@ from transformers import (DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Con
 
 from model import Transformer  # noqa: E402
 from model.config import load_preset  # noqa: E402
-from model.hf import config_to_hf  # noqa: E402
+from model.hf import config_to_hf, hf_items  # noqa: E402
 from conftest import base_args, metrics, train  # noqa: E402
+from parallel.fp8 import Fp8Recipe, convert_to_fp8  # noqa: E402
 from train.data.loader import TokenDataset, TokenLoader  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from train.hf_load import HFReader, check_hf_dir, load_hf_weights  # noqa: E402
@@ -141,6 +144,73 @@ def test_v3_mtp_layer_and_fp8_blocks_map_onto_ours(tmp_path):
         piece = (slice(2, 5), slice(7, 300), slice(20, 45))  # experts 2..4, inputs 7..299, gate 20..31 + up 0..12
         got = reader.read("layers.2.mlp.experts.gate_up_proj", piece)
     assert torch.equal(got, p["layers.2.mlp.experts.gate_up_proj"][piece])
+
+
+# ------------------------------------------------------------------------------------------ FP8 recipes
+FP8_CASES = [("tensorwise", False), ("rowwise", False), ("blockwise", False), ("tensorwise", True)]
+
+
+def to_fp8(model: Transformer, granularity: str, all_gather: bool = False) -> Transformer:
+    """The model converted to an emulated FP8 recipe (parallel/fp8.py)."""
+    convert_to_fp8(model, Fp8Recipe(granularity, emulate=True, fsdp_all_gather=all_gather))
+    return model
+
+
+def bf16_loss(model, batches) -> float:
+    """The mean first-step loss as a one-process bf16-autocast run computes it (train/trainer.py)."""
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = [F.cross_entropy(model(x).float().flatten(0, 1), y.flatten()) for x, y in batches]
+    return float(torch.stack(losses).mean())
+
+
+@pytest.mark.parametrize("granularity,all_gather", FP8_CASES,
+                         ids=["tensorwise", "rowwise", "blockwise", "tensorwise_fp8_all_gather"])
+def test_fp8_model_loads_the_hf_tensors_exactly(dirs, granularity, all_gather):
+    """Into a model already converted to FP8 (torchao's Float8Linear, the blockwise forward, or weights wrapped
+    for FP8 all-gather), every high-precision master weight equals the directory's tensor bit for bit, and the
+    FP8 forward equals that of a model loaded unconverted and converted afterwards."""
+    d = dirs["v2"][0]
+    cfg, want = tiny(), {}
+    for f in sorted(d.glob("*.safetensors")):  # the Hub's per-expert layout, as the directory holds it
+        with safe_open(str(f), framework="pt") as h:
+            want |= {k: h.get_tensor(k) for k in h.keys()}
+    model = Transformer(cfg)
+    model.init_weights(seed=1)
+    to_fp8(model, granularity, all_gather)  # before loading, as parallelize converts a run's model
+    wrapped = type(model.layers["1"].mlp.shared_experts.up_proj.weight).__name__
+    assert wrapped == ("WeightWithDynamicFloat8CastTensor" if all_gather else "Parameter")
+    load_hf_weights(d, [model], cfg)
+    checked = 0
+    for name, p in model.named_parameters():
+        for hf, t in hf_items(cfg, name, p.detach()):
+            assert torch.equal(t, want[hf]), hf
+            checked += 1
+    assert checked == len(want)
+    after = Transformer(cfg)
+    load_hf_weights(d, [after], cfg)
+    to_fp8(after, granularity, all_gather)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(tokens), after(tokens))
+
+
+@pytest.mark.parametrize("precision", ["fp8_rowwise", "fp8_blockwise"])
+def test_init_from_hf_under_fp8_gives_the_fp8_models_first_loss(dataset, dirs, tmp_path, precision):
+    """A run under an emulated FP8 recipe started from the directory takes the first loss of the FP8 model
+    holding the directory's weights (to 1e-5; FP8 rounding moves the loss 2e-4 to 6e-4 off the bf16 run's, so a
+    run that computed in bf16, or loaded other weights, fails), and differs from the bf16 run's by under 1%."""
+    d = dirs["v2"][0]
+    cfg = tiny()
+    batches = first_batch(dataset)
+    ours = Transformer(cfg)
+    load_hf_weights(d, [ours], cfg)
+    want16 = bf16_loss(ours, batches)
+    want8 = bf16_loss(to_fp8(ours, precision[4:]), batches)
+    got8 = first_loss(dataset, tmp_path / "fp8", d, **{"precision": precision, "precision.fp8_emulate": "true"})
+    got16 = first_loss(dataset, tmp_path / "bf16", d, precision="bf16")
+    assert math.isclose(got8, want8, rel_tol=1e-5), (got8, want8)
+    assert math.isclose(got16, want16, rel_tol=1e-5), (got16, want16)
+    assert got8 != got16 and abs(got8 / got16 - 1) < 0.01, (got8, got16)
 
 
 # ------------------------------------------------------------------------------------------ bad input

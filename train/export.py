@@ -2,8 +2,9 @@
 [export.overwrite=true]`: a run's checkpoint as a Hugging Face directory.
 
 Whatever layout wrote the checkpoint, DCP reads it back here on one process one tensor at a time (a
-partial load of a single key; expert stacks one stored piece at a time), and each tensor goes to the output
-shard being filled, so host memory stays about one shard plus the largest tensor (or stored expert piece). The directory loads with transformers'
+partial load of a single key; expert stacks a few experts at a time), through a reader that reads from the
+files only the rows it is asked for, and each tensor goes to the output shard being filled, so host memory
+stays about one shard plus the largest non-expert tensor. The directory loads with transformers'
 `AutoModelForCausalLM.from_pretrained`: DeepseekV3ForCausalLM for sigmoid + noaux_tc routing (with the MTP
 layers as layers num_hidden_layers + k), else DeepseekV2ForCausalLM. It is written to `<dir>.tmp-<pid>`
 and renamed; the run's tokenizer.json (when its data had one) is saved beside the weights.
@@ -23,8 +24,9 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
-from torch.distributed.checkpoint.planner import LoadPlan
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+from torch.futures import Future
 
 from model import Transformer
 from model.config import TORCH_DTYPES
@@ -46,6 +48,10 @@ class ExportConfig:
     max_shard_bytes: int = 5 * 2**30
 
 
+# expert stacks are read this many bytes of experts (at least one expert) at a time
+EXPERT_READ_BYTES = 64 * 2**20
+
+
 class _RowsPlanner(DefaultLoadPlanner):
     """Loads rows [start, start + len) of dim 0 of the state dict's one tensor (experts of a stack)."""
 
@@ -62,30 +68,99 @@ class _RowsPlanner(DefaultLoadPlanner):
         return self.state_dict[index.fqn]  # the read items name the chunk by its offset in the whole stack
 
 
-def _row_ranges(md) -> list[tuple[int, int]]:
-    """(start, length) of dim 0 of the pieces the checkpoint stored the tensor in (an expert stack saved under
-    ep / FSDP: each rank's experts), when they tile dim 0 whole; else the whole tensor."""
-    rows = sorted({(int(c.offsets[0]), int(c.sizes[0])) for c in md.chunks})
-    whole_rows = all(tuple(c.sizes[1:]) == tuple(md.size[1:]) for c in md.chunks)
-    tiled = all(a[0] + a[1] == b[0] for a, b in zip(rows, rows[1:])) and rows[0][0] == 0
-    return rows if whole_rows and tiled else [(0, int(md.size[0]))]
+class RowsReader(FileSystemReader):
+    """DCP's file reader, except that a tensor read item reads from the file only the dim-0 rows of the stored
+    piece it covers, straight into the destination where it can, where DCP's own reader `torch.load`s the
+    whole piece and copies it (about 3 x the piece in memory at once). The metadata is read once."""
+
+    def __init__(self, path: str):
+        super().__init__(path)
+        self._meta = None
+
+    def read_metadata(self, *args, **kwargs):
+        if self._meta is None:
+            self._meta = super().read_metadata(*args, **kwargs)
+        return self._meta
+
+    def read_data(self, plan: LoadPlan, planner):
+        infos = [self.storage_data[r.storage_index] for r in plan.items]
+        if any(r.type != LoadItemType.TENSOR or i.transform_descriptors for r, i in zip(plan.items, infos)):
+            return super().read_data(plan, planner)  # bytes or transformed (e.g. compressed) pieces
+        for req, info in zip(plan.items, infos):
+            with self.fs.create_stream(self.fs.concat_path(self.path, info.relative_path), "rb") as f:
+                # the piece is a torch.save zip at info.offset; a meta load gives its shape, strides and the
+                # offset of its data in the zip without reading the data
+                src = torch.load(self._slice_file(f, info), map_location="meta", weights_only=True)
+                at = src.untyped_storage()._checkpoint_offset
+                if at is None:
+                    raise ValueError(f"{info.relative_path}: tensor {req.storage_index.fqn} has no data offset "
+                                     f"(not a zip-format torch.save piece)")
+                target = planner.resolve_tensor(req).detach()
+                _copy_region(f, info.offset + at, src, req, target)
+                planner.commit_tensor(req, target)
+        fut: Future = Future()
+        fut.set_result(None)
+        return fut
+
+
+def _narrow(t: torch.Tensor, offsets, lengths) -> torch.Tensor:
+    for d, (o, n) in enumerate(zip(offsets, lengths)):
+        t = t.narrow(d, o, n)
+    return t
+
+
+def _read_into(f, t: torch.Tensor) -> None:
+    """Fill the contiguous tensor `t` with the next bytes of `f`."""
+    view = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            raise ValueError(f"checkpoint file {getattr(f, 'name', f)} ends early (truncated?)")
+        got += n
+
+
+def _copy_region(f, data_at: int, src: torch.Tensor, req, target: torch.Tensor) -> None:
+    """Copy the region (req.storage_offsets, req.lengths) of the stored tensor `src` (meta; its storage's data
+    starts at byte `data_at` of `f`) into `target`: from a contiguous piece only the rows of dim 0 it spans."""
+    size = src.element_size()
+    if src.dim() == 0 or not src.is_contiguous():  # the whole stored storage, then the view torch.save kept
+        raw = torch.empty(src.untyped_storage().nbytes(), dtype=torch.uint8)
+        f.seek(data_at)
+        _read_into(f, raw)
+        whole = torch.empty(0, dtype=src.dtype).set_(raw.untyped_storage(), src.storage_offset(), src.shape,
+                                                     src.stride())
+        target.copy_(_narrow(whole, req.storage_offsets, req.lengths))
+        return
+    first, rows = int(req.storage_offsets[0]), int(req.lengths[0])
+    f.seek(data_at + (src.storage_offset() + first * src.stride(0)) * size)
+    if target.is_contiguous() and target.dtype == src.dtype and tuple(req.lengths[1:]) == tuple(src.shape[1:]):
+        _read_into(f, target)
+        return
+    buf = torch.empty((rows, *src.shape[1:]), dtype=src.dtype)
+    _read_into(f, buf)
+    target.copy_(_narrow(buf, [0, *req.storage_offsets[1:]], req.lengths))
 
 
 def checkpoint_tensors(ckpt: Path, names: list[str], before_load=lambda nbytes: None):
     """(name, first expert index, tensor) of the checkpoint's model: one tensor in memory at a time, and of an
-    expert stack, one stored piece (the experts one rank saved) at a time. (DCP's file reader reads a stored
-    piece whole, so reading less than a piece would not save memory.)"""
-    meta = FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    expert stack, EXPERT_READ_BYTES of experts at a time, whatever pieces the saving layout stored."""
+    reader = RowsReader(str(ckpt))
+    meta = reader.read_metadata().state_dict_metadata
     for name in names:
         key = "model." + name
         if key not in meta:
             raise ValueError(f"{ckpt}: no tensor {key!r} in the checkpoint (a different model?)")
         md = meta[key]
-        ranges = _row_ranges(md) if ".mlp.experts." in name else [(0, int(md.size[0]))]
-        for start, length in ranges:
-            t = torch.empty((length, *md.size[1:]), dtype=md.properties.dtype)
+        n = int(md.size[0])
+        step = n
+        if ".mlp.experts." in name:
+            row_bytes = md.size.numel() // n * md.properties.dtype.itemsize
+            step = max(1, EXPERT_READ_BYTES // row_bytes)
+        for start in range(0, n, step):
+            t = torch.empty((min(step, n - start), *md.size[1:]), dtype=md.properties.dtype)
             before_load(t.numel() * t.element_size())
-            dcp.load({"model": {name: t}}, checkpoint_id=str(ckpt), planner=_RowsPlanner(start))
+            dcp.load({"model": {name: t}}, storage_reader=reader, planner=_RowsPlanner(start))
             yield name, start, t
             del t
 
@@ -97,8 +172,7 @@ def export(ckpt: Path, cfg, out: Path, dtype: str, max_shard_bytes: int) -> None
     names = [n for n, _ in exported_names(model)]
     out.mkdir(parents=True)
     writer = ShardWriter(out, max_shard_bytes)
-    # DCP reads a stored piece into a tensor of its own, then copies it into ours: 2 x the piece for a moment, so
-    # the shard being filled is written out first when it and the piece would not fit in one shard
+    # the shard being filled is written out first when it and the next tensor read would not fit in one shard
     for name, first, t in checkpoint_tensors(ckpt, names, writer.make_room):
         for hf, piece in hf_items(cfg.model, name, t, first):
             writer.add(hf, piece if hf.endswith("e_score_correction_bias") else piece.to(DTYPES[dtype]))
