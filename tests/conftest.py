@@ -41,7 +41,10 @@ def dataset(tmp_path_factory) -> Path:
 def base_args(dataset: Path, out: Path, steps: int, **extra) -> list[str]:
     args = {"model": "tiny", "data.path": str(dataset), "data.seq_len": 64, "train.steps": steps,
             "train.global_batch_size": 4, "train.micro_batch_size": 2, "train.val_every": 0, "log.every": 1,
-            "checkpoint.every": 0, "output_dir": str(out), "optim.warmup_steps": 2}
+            "checkpoint.every": 0, "output_dir": str(out), "optim.warmup_steps": 2,
+            # a fixed MFU denominator: without it every run first times CPU GEMMs (test_train.py's default run
+            # still does)
+            "train.peak_tflops": 1.0}
     args.update(extra)
     return [f"{k}={v}" for k, v in args.items()]
 
