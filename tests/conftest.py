@@ -1,6 +1,8 @@
 """Shared test fixtures and helpers: the small real-text dataset, runs of the real entry point (`python -m train`,
-one process or torchrun) and their metrics, and a free port for multi-process gloo tests."""
+one process or torchrun) and their metrics, reference runs computed once per session, and a free port for
+multi-process gloo tests."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -11,6 +13,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -29,12 +32,24 @@ def corpus_files(directory: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def dataset(tmp_path_factory) -> Path:
-    base = tmp_path_factory.mktemp("data")
+def shared_dir(tmp_path_factory) -> Path:
+    """A directory of this session that every pytest-xdist worker sees (its own base directory without xdist)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if "PYTEST_XDIST_WORKER" in os.environ else base
+
+
+@pytest.fixture(scope="session")
+def dataset(shared_dir) -> Path:
+    """The shards, prepared once per session by whichever worker asks first (the others wait on its lock)."""
+    base = shared_dir / "data"
     out = base / "shards"
-    subprocess.run([PY, "-m", "train.data.prepare", "--input", str(corpus_files(base / "corpus")), "--output", str(out),
-                    "--chunk-len", "129", "--samples-per-shard", "64", "--val-fraction", "0.05"],
-                   cwd=ROOT, check=True, capture_output=True)
+    with FileLock(f"{base}.lock"):
+        if not (base / "done").exists():
+            shutil.rmtree(base, ignore_errors=True)  # what a failed attempt left
+            subprocess.run([PY, "-m", "train.data.prepare", "--input", str(corpus_files(base / "corpus")),
+                            "--output", str(out), "--chunk-len", "129", "--samples-per-shard", "64",
+                            "--val-fraction", "0.05"], cwd=ROOT, check=True, capture_output=True)
+            (base / "done").touch()
     return out
 
 
@@ -71,3 +86,25 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def reference_run(dataset, shared_dir):
+    """`reference_run(steps, nproc=1, **overrides)`: the output directory of `train(base_args(dataset, <dir>, steps,
+    **overrides), nproc)`, run once per session for each distinct set of arguments, by whichever pytest-xdist
+    worker asks first (the others wait on its file lock). Tests read it and never write into it."""
+    root = shared_dir / "references"
+    root.mkdir(exist_ok=True)
+
+    def run(steps: int, nproc: int = 1, **overrides) -> Path:
+        key = json.dumps([steps, nproc, sorted((k, str(v)) for k, v in overrides.items())])
+        out = root / hashlib.sha1(key.encode()).hexdigest()[:16]
+        with FileLock(f"{out}.lock"):
+            if not (out / "done").exists():
+                shutil.rmtree(out, ignore_errors=True)  # what a failed attempt left
+                train(base_args(dataset, out, steps, **overrides), nproc)
+                (out / "done").write_text(key)
+        return out
+
+    return run
+
