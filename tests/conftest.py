@@ -108,3 +108,42 @@ def reference_run(dataset, shared_dir):
 
     return run
 
+
+# The tests that ran longest on 2 cores (20 to 150 s each), longest first. pytest-xdist's worksteal hands each
+# worker a contiguous share of the collection and moves tests from the end of the fullest queue, so collecting
+# these first starts them early instead of leaving one to finish alone at the end.
+SLOWEST_FIRST = (
+    "test_fp8.py::test_fp8_recipes_train_like_bf16",
+    "test_parallel_layouts.py::test_layout_equals_single_process[ep2_compiled]",
+    "test_parallel_layouts.py::test_layout_equals_single_process[tp2_compiled]",
+    "test_cpu_adam.py::test_offload_trains_like_one_process_and_resumes",
+    "test_train.py::test_default_run_learns_well_below_unigram_entropy",
+    "test_megatron_data.py::test_sigkill_and_resume_on_a_blend_is_bit_exact",
+    "test_resume_guard.py::test_poisoned_batch_is_rolled_back_and_skipped",
+    "test_fp8_layouts.py::test_bf16_gemm_emulation_under_tp_with_torchao_fp8",
+    "test_fp8_layouts.py::test_fp8_bf16_moments_resume_under_ep2_is_exact",
+    "test_parallel_layouts.py::test_resume_under_a_different_layout",
+    "test_launch.py::test_time_limit_signal_checkpoints_requeues_and_resumes",
+    "test_launch.py::test_dry_run_builds_what_real_ranks_hold",
+    "test_train.py::test_sigkill_and_resume_is_bit_exact",
+    "test_parallel_layouts.py::test_resume_from_context_parallel_in_one_process",
+    "test_fp8_layouts.py::test_fp8_layout_equals_single_process",
+    "test_fp8_layouts.py::test_fp8_all_gather_equals_gathering_then_casting",
+    "test_recipe_runs.py::test_killed_mid_ramp_resumes_bit_exact_under_pipelining",
+    "test_parallel_tp.py::test_tp_matches_single_process",
+    "test_launch.py::test_two_nodes_on_one_machine_equal_one_node",
+    "test_launch.py::test_srun_tasks_train_like_torchrun",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The files of SLOWEST_FIRST's tests first, in its order, and in each file its listed tests first; every
+    file's tests stay together, so a module-scoped fixture is built once per worker."""
+    def rank(item) -> int:
+        name = item.nodeid.rpartition("/")[2]
+        return next((i for i, slow in enumerate(SLOWEST_FIRST) if name.startswith(slow)), len(SLOWEST_FIRST))
+
+    file_rank = {}
+    for item in items:
+        file_rank[item.path] = min(file_rank.get(item.path, len(SLOWEST_FIRST)), rank(item))
+    items.sort(key=lambda item: (file_rank[item.path], rank(item)))
