@@ -10,9 +10,14 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,6 +112,50 @@ def reference_run(dataset, shared_dir):
         return out
 
     return run
+
+
+
+def run_ranks(fn, world: int, tmp: Path, *args, timeout: float = 240) -> list:
+    """`fn(rank, world, *args)` on `world` spawned processes joined in one gloo group (a file store under `tmp`,
+    so no port is shared with other tests): each rank's return value, by rank. A rank's exception fails the test
+    with its traceback; a run past `timeout` seconds is killed and fails it."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    ctx = mp.start_processes(_rank_main, args=(fn, world, str(tmp), args), nprocs=world, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=max(0.0, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail(f"{fn.__name__} on {world} ranks ran past {timeout} s")
+    return [torch.load(tmp / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
+
+
+def _rank_main(rank: int, fn, world: int, tmp: str, args: tuple) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        torch.save(fn(rank, world, *args), f"{tmp}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+
+# ------------------------------------------------------------------------------ in-process model helpers
+def fixed_batch(vocab: int, batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, labels) of `batch` random sequences of `seq` tokens, the same on every rank and in every test."""
+    tokens = torch.randint(0, vocab, (batch, seq + 1), generator=torch.Generator().manual_seed(1))
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of a (B, T, V) batch, computed in fp32."""
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """A detached copy of the whole tensor (a collective for DTensors: every rank must call it)."""
+    return t.full_tensor().detach().clone() if hasattr(t, "full_tensor") else t.detach().clone()
 
 
 # The tests that ran longest on 2 cores (20 to 150 s each), longest first. pytest-xdist's worksteal hands each

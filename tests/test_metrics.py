@@ -2,8 +2,6 @@
 
 import io
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -175,25 +173,14 @@ def test_progress_line():
         "step 1/10001 | loss 10.0000 | 1,234,567 tok/s | mfu 50.00% | eta 10:00:00"
 
 
-def _peak_worker(rank: int, port: int, out: str) -> None:
-    import torch.distributed as dist
-
+def _peak_of_rank(rank: int, world: int) -> float:
     from train.trainer import max_over_ranks
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        value = max_over_ranks([1.25, 3.5][rank], torch.device("cpu"), 2)
-        Path(out, f"rank{rank}").write_text(repr(value))
-    finally:
-        dist.destroy_process_group()
+    return max_over_ranks([1.25, 3.5][rank], torch.device("cpu"), world)
 
 
 def test_logged_peak_memory_is_the_fullest_ranks(tmp_path):
     """memory/peak_gb is the largest peak of any rank (pipeline stages differ), the same on every rank."""
-    import torch.multiprocessing as mp
+    from conftest import run_ranks
 
-    from conftest import free_port
-
-    mp.spawn(_peak_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
-    assert [float((tmp_path / f"rank{r}").read_text()) for r in (0, 1)] == [3.5, 3.5]
+    assert run_ranks(_peak_of_rank, 2, tmp_path) == [3.5, 3.5]
