@@ -272,7 +272,7 @@ def test_fsdp_tp_matches_single_process(results, references):
 
 
 @pytest.mark.slow
-def test_layout_on_meta(results):
+def test_tp_layout_keeps_every_name_with_its_placement_and_local_shape(results):
     rank0, rank1 = _ok(results["layout"])
     layout = rank0["layout"]
     with torch.device("meta"):
@@ -324,7 +324,7 @@ def test_check_tp_names_every_bad_size():
 
 
 @pytest.mark.slow
-def test_pipeline_stage_parts(results, references):
+def test_tp_stage_parts_send_sequence_shards_and_equal_one_process(results, references):
     ref = references["base"]
     for r in _ok(results["stages"]):
         assert r["sent"] == ("Tensor", (B, T // 2, tiny_cfg().hidden_size))  # this rank's sequence shard
