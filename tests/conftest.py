@@ -1,6 +1,7 @@
 """Shared test fixtures and helpers: the small real-text dataset, runs of the real entry point (`python -m train`,
-one process or torchrun) and their metrics, reference runs computed once per session, and a free port for
-multi-process gloo tests."""
+one process or torchrun) and their metrics, reference runs computed once per session, the gloo multi-process
+harness (run_ranks), a fixed batch and the loss of in-process model tests, a free port for launcher tests, and
+the collection order (slowest tests first)."""
 
 import hashlib
 import json
