@@ -115,7 +115,6 @@ def reference_run(dataset, shared_dir):
     return run
 
 
-
 def run_ranks(fn, world: int, tmp: Path, *args, timeout: float = 240) -> list:
     """`fn(rank, world, *args)` on `world` spawned processes joined in one gloo group (a file store under `tmp`,
     so no port is shared with other tests): each rank's return value, by rank. A rank's exception fails the test
@@ -139,7 +138,6 @@ def _rank_main(rank: int, fn, world: int, tmp: str, args: tuple) -> None:
         torch.save(fn(rank, world, *args), f"{tmp}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
-
 
 
 # ------------------------------------------------------------------------------ in-process model helpers
