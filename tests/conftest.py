@@ -1,6 +1,9 @@
 """Shared test fixtures and helpers: the small real-text dataset, runs of the real entry point (`python -m train`,
-one process or torchrun) and their metrics, and a free port for multi-process gloo tests."""
+one process or torchrun) and their metrics, reference runs computed once per session, the gloo multi-process
+harness (run_ranks), a fixed batch and the loss of in-process model tests, a free port for launcher tests, and
+the collection order (slowest tests first)."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -8,9 +11,15 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -29,19 +38,34 @@ def corpus_files(directory: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def dataset(tmp_path_factory) -> Path:
-    base = tmp_path_factory.mktemp("data")
+def shared_dir(tmp_path_factory) -> Path:
+    """A directory of this session that every pytest-xdist worker sees (its own base directory without xdist)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if "PYTEST_XDIST_WORKER" in os.environ else base
+
+
+@pytest.fixture(scope="session")
+def dataset(shared_dir) -> Path:
+    """The shards, prepared once per session by whichever worker asks first (the others wait on its lock)."""
+    base = shared_dir / "data"
     out = base / "shards"
-    subprocess.run([PY, "-m", "train.data.prepare", "--input", str(corpus_files(base / "corpus")), "--output", str(out),
-                    "--chunk-len", "129", "--samples-per-shard", "64", "--val-fraction", "0.05"],
-                   cwd=ROOT, check=True, capture_output=True)
+    with FileLock(f"{base}.lock"):
+        if not (base / "done").exists():
+            shutil.rmtree(base, ignore_errors=True)  # what a failed attempt left
+            subprocess.run([PY, "-m", "train.data.prepare", "--input", str(corpus_files(base / "corpus")),
+                            "--output", str(out), "--chunk-len", "129", "--samples-per-shard", "64",
+                            "--val-fraction", "0.05"], cwd=ROOT, check=True, capture_output=True)
+            (base / "done").touch()
     return out
 
 
 def base_args(dataset: Path, out: Path, steps: int, **extra) -> list[str]:
     args = {"model": "tiny", "data.path": str(dataset), "data.seq_len": 64, "train.steps": steps,
             "train.global_batch_size": 4, "train.micro_batch_size": 2, "train.val_every": 0, "log.every": 1,
-            "checkpoint.every": 0, "output_dir": str(out), "optim.warmup_steps": 2}
+            "checkpoint.every": 0, "output_dir": str(out), "optim.warmup_steps": 2,
+            # a fixed MFU denominator: without it every run first times CPU GEMMs (test_train.py's default run
+            # still does)
+            "train.peak_tflops": 1.0}
     args.update(extra)
     return [f"{k}={v}" for k, v in args.items()]
 
@@ -68,3 +92,106 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def reference_run(dataset, shared_dir):
+    """`reference_run(steps, nproc=1, **overrides)`: the output directory of `train(base_args(dataset, <dir>, steps,
+    **overrides), nproc)`, run once per session for each distinct set of arguments, by whichever pytest-xdist
+    worker asks first (the others wait on its file lock). Tests read it and never write into it."""
+    root = shared_dir / "references"
+    root.mkdir(exist_ok=True)
+
+    def run(steps: int, nproc: int = 1, **overrides) -> Path:
+        key = json.dumps([steps, nproc, sorted((k, str(v)) for k, v in overrides.items())])
+        out = root / hashlib.sha1(key.encode()).hexdigest()[:16]
+        with FileLock(f"{out}.lock"):
+            if not (out / "done").exists():
+                shutil.rmtree(out, ignore_errors=True)  # what a failed attempt left
+                train(base_args(dataset, out, steps, **overrides), nproc)
+                (out / "done").write_text(key)
+        return out
+
+    return run
+
+
+def run_ranks(fn, world: int, tmp: Path, *args, timeout: float = 240) -> list:
+    """`fn(rank, world, *args)` on `world` spawned processes joined in one gloo group (a file store under `tmp`,
+    so no port is shared with other tests): each rank's return value, by rank. A rank's exception fails the test
+    with its traceback; a run past `timeout` seconds is killed and fails it."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    ctx = mp.start_processes(_rank_main, args=(fn, world, str(tmp), args), nprocs=world, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=max(0.0, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail(f"{fn.__name__} on {world} ranks ran past {timeout} s")
+    return [torch.load(tmp / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
+
+
+def _rank_main(rank: int, fn, world: int, tmp: str, args: tuple) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        torch.save(fn(rank, world, *args), f"{tmp}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------ in-process model helpers
+def fixed_batch(vocab: int, batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, labels) of `batch` random sequences of `seq` tokens, the same on every rank and in every test."""
+    tokens = torch.randint(0, vocab, (batch, seq + 1), generator=torch.Generator().manual_seed(1))
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of a (B, T, V) batch, computed in fp32."""
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """A detached copy of the whole tensor (a collective for DTensors: every rank must call it)."""
+    return t.full_tensor().detach().clone() if hasattr(t, "full_tensor") else t.detach().clone()
+
+
+# The tests that ran longest on 2 cores (20 to 150 s each), longest first. pytest-xdist's worksteal hands each
+# worker a contiguous share of the collection and moves tests from the end of the fullest queue, so collecting
+# these first starts them early instead of leaving one to finish alone at the end.
+SLOWEST_FIRST = (
+    "test_fp8.py::test_fp8_recipes_train_like_bf16",
+    "test_parallel_layouts.py::test_layout_equals_single_process[ep2_compiled]",
+    "test_parallel_layouts.py::test_layout_equals_single_process[tp2_compiled]",
+    "test_cpu_adam.py::test_offload_trains_like_one_process_and_resumes",
+    "test_train.py::test_default_run_learns_well_below_unigram_entropy",
+    "test_megatron_data.py::test_sigkill_and_resume_on_a_blend_is_bit_exact",
+    "test_resume_guard.py::test_poisoned_batch_is_rolled_back_and_skipped",
+    "test_fp8_layouts.py::test_bf16_gemm_emulation_under_tp_with_torchao_fp8",
+    "test_fp8_layouts.py::test_fp8_bf16_moments_resume_under_ep2_is_exact",
+    "test_parallel_layouts.py::test_resume_under_a_different_layout",
+    "test_launch.py::test_time_limit_signal_checkpoints_requeues_and_resumes",
+    "test_launch.py::test_dry_run_builds_what_real_ranks_hold",
+    "test_train.py::test_sigkill_and_resume_is_bit_exact",
+    "test_parallel_layouts.py::test_resume_from_context_parallel_in_one_process",
+    "test_fp8_layouts.py::test_fp8_layout_equals_single_process",
+    "test_fp8_layouts.py::test_fp8_all_gather_equals_gathering_then_casting",
+    "test_recipe_runs.py::test_killed_mid_ramp_resumes_bit_exact_under_pipelining",
+    "test_parallel_tp.py::test_tp_matches_single_process",
+    "test_launch.py::test_two_nodes_on_one_machine_equal_one_node",
+    "test_launch.py::test_srun_tasks_train_like_torchrun",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The files of SLOWEST_FIRST's tests first, in its order, and in each file its listed tests first; every
+    file's tests stay together, so a module-scoped fixture is built once per worker."""
+    def rank(item) -> int:
+        name = item.nodeid.rpartition("/")[2]
+        return next((i for i, slow in enumerate(SLOWEST_FIRST) if name.startswith(slow)), len(SLOWEST_FIRST))
+
+    file_rank = {}
+    for item in items:
+        file_rank[item.path] = min(file_rank.get(item.path, len(SLOWEST_FIRST)), rank(item))
+    items.sort(key=lambda item: (file_rank[item.path], rank(item)))

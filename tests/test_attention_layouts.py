@@ -1,7 +1,7 @@
 """MHA and GQA under tensor (tp=2), context (cp=2, Ulysses) and pipeline (pp=2, 1F1B) parallelism against one
 process, on CPU with gloo.
 
-One 2-process job (this file run as a script, once per rank) runs every case in one gloo group: the `tiny`
+One 2-process job (tests/conftest.py's run_ranks) runs every case in one gloo group: the `tiny`
 preset cut to 2 layers (one dense, one MoE; balance losses off, so the loss is a mean over tokens whatever
 the split), one forward and backward on a fixed batch. Each case's loss and every gradient it holds equal
 the whole model's in this process. GQA has 2 K/V heads for 4 query heads, so each tp/cp rank holds one K/V
@@ -10,22 +10,17 @@ head and the two query heads that read it.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import traceback
 from dataclasses import replace
-from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
+import torch.distributed as dist
 
+from conftest import cross_entropy, fixed_batch, full, run_ranks
 from model.config import load_preset
 from model.transformer import Transformer
 
-ROOT = Path(__file__).resolve().parent.parent
 WORLD, B, T = 2, 4, 32
 VARIANTS = {"mha": {"attention": "mha"}, "gqa": {"attention": "gqa", "num_key_value_heads": 2}}
 CASES = [f"{layout}_{variant}" for layout in ("tp2", "cp2", "pp2") for variant in VARIANTS]
@@ -39,22 +34,9 @@ def build(variant: str) -> Transformer:
     return model
 
 
-def fixed_batch(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-    seq = torch.randint(0, vocab, (B, T + 1), generator=torch.Generator().manual_seed(1))
-    return seq[:, :-1], seq[:, 1:]
-
-
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
-
-
-def full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor().detach().clone() if hasattr(t, "full_tensor") else t.detach().clone()
-
-
 def reference(variant: str) -> dict:
     model = build(variant)
-    tokens, labels = fixed_batch(model.cfg.vocab_size)
+    tokens, labels = fixed_batch(model.cfg.vocab_size, B, T)
     loss = cross_entropy(model(tokens), labels)
     loss.backward()
     return {"loss": loss.item(), "grads": {n: p.grad.clone() for n, p in model.named_parameters()}}
@@ -67,7 +49,7 @@ def run_tp(variant: str) -> dict:
 
     model = build(variant)
     apply_tp(model, init_device_mesh("cpu", (WORLD,), mesh_dim_names=("tp",)))
-    tokens, labels = fixed_batch(model.cfg.vocab_size)
+    tokens, labels = fixed_batch(model.cfg.vocab_size, B, T)
     loss = tp_loss(model(tokens), labels)
     loss.backward()
     heads = model.layers["0"].self_attn.k_proj.weight.to_local().shape[0]
@@ -76,14 +58,13 @@ def run_tp(variant: str) -> dict:
 
 def run_cp(variant: str) -> dict:
     """Each rank its half of every sequence; the loss and gradients averaged over the two halves."""
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from parallel.context import apply_cp
 
     mesh = init_device_mesh("cpu", (WORLD,), mesh_dim_names=("cp",))
     model = build(variant)
     apply_cp(model, mesh)
-    tokens, labels = fixed_batch(model.cfg.vocab_size)
+    tokens, labels = fixed_batch(model.cfg.vocab_size, B, T)
     part = slice(mesh.get_local_rank() * T // WORLD, (mesh.get_local_rank() + 1) * T // WORLD)
     loss = cross_entropy(model(tokens[:, part]), labels[:, part])
     loss.backward()
@@ -99,7 +80,7 @@ def run_pp(variant: str) -> dict:
     from parallel.pipeline import build_pipeline
 
     model = build(variant)
-    tokens, labels = fixed_batch(model.cfg.vocab_size)
+    tokens, labels = fixed_batch(model.cfg.vocab_size, B, T)
     pipeline = build_pipeline(model, None, "1F1B", 2, 1, cross_entropy, torch.device("cpu"),
                               microbatch_size=B // 2, seq_len=T)
     loss = pipeline.step(tokens, labels)
@@ -107,40 +88,26 @@ def run_pp(variant: str) -> dict:
             "grads": {n: p.grad.clone() for part in pipeline.parts for n, p in part.named_parameters()}}
 
 
-def worker_main(rank: int, store: str, out_dir: str) -> None:
-    import torch.distributed as dist
-
+def rank_results(rank: int, world: int) -> dict[str, dict]:
+    """Every case in this rank's gloo group; a failing case's result is its traceback (its test reports it) and
+    the other cases still run."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=60))
+    results = {}
     for name in CASES:
         layout, variant = name.split("_")
         try:
-            result = {"tp2": run_tp, "cp2": run_cp, "pp2": run_pp}[layout](variant)
-        except Exception:  # reported by that case's test; the other cases still run
-            result = {"error": traceback.format_exc()}
-        torch.save(result, Path(out_dir) / f"{name}.rank{rank}.pt")
+            results[name] = {"tp2": run_tp, "cp2": run_cp, "pp2": run_pp}[layout](variant)
+        except Exception:
+            results[name] = {"error": traceback.format_exc()}
         dist.barrier()
-    dist.destroy_process_group()
+    return results
 
 
 # --------------------------------------------------------------------------------------------- test side
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict[str, list[dict]]:
-    out = tmp_path_factory.mktemp("attn_layouts")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    procs = [subprocess.Popen([sys.executable, __file__, str(rank), str(out / "store"), str(out)], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(WORLD)]
-    logs = []
-    for proc in procs:
-        try:
-            logs.append(proc.communicate(timeout=240)[0])
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            pytest.fail("attention layout worker job timed out")
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-6000:]
-    return {name: [torch.load(out / f"{name}.rank{r}.pt", weights_only=False) for r in range(WORLD)] for name in CASES}
+    ranks = run_ranks(rank_results, WORLD, tmp_path_factory.mktemp("attn_layouts"))
+    return {name: [r[name] for r in ranks] for name in CASES}
 
 
 @pytest.fixture(scope="module")
@@ -180,6 +147,3 @@ def test_heads_that_do_not_divide_are_one_line_errors():
         check_cp(replace(load_preset("tiny"), attention="gqa", num_key_value_heads=2), 4)
     check_tp(replace(load_preset("tiny"), attention="gqa", num_key_value_heads=2), 2)  # divides: no error
 
-
-if __name__ == "__main__":  # the worker: rank, file-store path, output folder
-    worker_main(int(sys.argv[1]), sys.argv[2], sys.argv[3])

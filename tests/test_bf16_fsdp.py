@@ -7,16 +7,13 @@ the loss compute in fp32. The balance losses are off: with them each rank's loss
 token counts (that coupling is tested in fp32 elsewhere). Losses and gradients agree to the bit."""
 
 import copy
-import os
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from model import Transformer, load_preset
 from parallel import ParallelDims, parallelize
-from conftest import free_port
+from conftest import run_ranks
 
 WORLD = 2
 
@@ -37,20 +34,15 @@ def loss_of(model, tokens):
     return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
 
 
-def worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        model, batches = model_and_batches()
-        dims = ParallelDims.resolve(WORLD)
-        model = parallelize(model, dims.build_mesh("cpu"), dims, param_dtype="bfloat16", reduce_dtype="float32")
-        loss = loss_of(model, batches[rank])
-        loss.backward()
-        params = dict(model.named_parameters())
-        torch.save({"loss": loss.detach(), "grads": {n: p.grad.full_tensor() for n, p in params.items()},
-                    "dtypes": {(p.dtype, p.grad.dtype) for p in params.values()}}, f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def rank_result(rank: int, world: int) -> dict:
+    model, batches = model_and_batches()
+    dims = ParallelDims.resolve(world)
+    model = parallelize(model, dims.build_mesh("cpu"), dims, param_dtype="bfloat16", reduce_dtype="float32")
+    loss = loss_of(model, batches[rank])
+    loss.backward()
+    params = dict(model.named_parameters())
+    return {"loss": loss.detach(), "grads": {n: p.grad.full_tensor() for n, p in params.items()},
+            "dtypes": {(p.dtype, p.grad.dtype) for p in params.values()}}
 
 
 def cast_block_inputs_to_bf16(block):
@@ -87,8 +79,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_bf16_fsdp_equals_the_policy_by_hand_in_one_process(tmp_path):
-    mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    ranks = run_ranks(rank_result, WORLD, tmp_path)
     losses, grads = by_hand(torch.bfloat16)
     fp32_losses, fp32_grads = by_hand(torch.float32)
     for r, result in enumerate(ranks):

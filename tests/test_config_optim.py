@@ -92,6 +92,14 @@ def test_device_limited_routing_needs_groups_aligned_with_ep_ranks():
     with pytest.raises(LayoutError, match="n_group=4 and ep=6: one must divide the other"):
         ParallelDims.resolve(world_size=6, ep=6).validate_model(cfg)
     ParallelDims.resolve(world_size=2, ep=2).validate_model(cfg)  # 2 groups per rank: fine
+    for n_group, ep, ok in [(4, 2, True), (2, 4, True), (4, 8, True), (3, 2, False)]:  # 24 experts
+        cfg = dataclasses.replace(load_preset("tiny"), n_routed_experts=24, n_group=n_group, topk_group=1)
+        dims = ParallelDims.resolve(world_size=ep, ep=ep)
+        if ok:
+            dims.validate_model(cfg)
+        else:
+            with pytest.raises(LayoutError, match=f"n_group={n_group} and ep={ep}"):
+                dims.validate_model(cfg)
 
 
 def test_weight_decay_skips_norms_and_embedding():
@@ -106,7 +114,7 @@ def test_weight_decay_skips_norms_and_embedding():
     assert len(groups[0]["params"]) + len(groups[1]["params"]) == n_all
 
 
-def test_deepseek_step_schedule():
+def test_deepseek_step_schedule_decays_at_60_and_90_percent():
     cfg = OptimConfig(schedule="deepseek_step", warmup_steps=10, step_decay_at=(0.6, 0.9), step_decay_factor=0.316)
     assert lr_factor(0, 100, cfg) == pytest.approx(0.1)
     assert lr_factor(9, 100, cfg) == 1.0

@@ -101,7 +101,7 @@ def test_prepare_cli_writes_the_packed_stream(tmp_path):
     assert not list(tmp_path.glob("ds.tmp-*"))  # the temporary directory was renamed, not left behind
 
 
-def test_shards_are_webdataset_tars_with_exact_payload_offsets(tmp_path):
+def test_shards_are_webdataset_tars_with_exact_payload_offsets_and_the_index_has_the_entropy(tmp_path):
     docs = write_corpus(tmp_path)
     index = prepare([str(tmp_path / "docs"), str(tmp_path / "extra.jsonl")], tmp_path / "ds", chunk_len=50,
                     samples_per_shard=4, val_fraction=0.0, progress=False)
@@ -117,6 +117,9 @@ def test_shards_are_webdataset_tars_with_exact_payload_offsets(tmp_path):
             assert raw[offset:offset + length] == samples[k].astype("<u2").tobytes()  # little-endian uint16
             k += 1
     assert k == len(samples)
+    counts = np.bincount(samples.ravel(), minlength=257)  # every sample is in train (no validation split)
+    p = counts[counts > 0] / counts.sum()
+    assert index["unigram_entropy_nats"] == pytest.approx(float(-(p * np.log(p)).sum()))
 
 
 def test_validation_split_depends_on_seed_and_exists_for_two_samples(tmp_path):
@@ -144,6 +147,7 @@ def test_prepare_cli_refuses_a_non_empty_output(tmp_path):
 
 @pytest.mark.parametrize("case,fragment", [
     ("nomatch", "no input files matched"),
+    ("chunklen", "chunk_len >= 2"),
     ("empty", "fewer than chunk_len=4097 tokens"),
     ("badjson", "bad.jsonl:3"),
     ("missingkey", "bad.jsonl:2: expected a JSON object with a string field 'text'"),
@@ -152,8 +156,11 @@ def test_prepare_cli_bad_input_is_one_line_and_exit_2(tmp_path, case, fragment):
     (tmp_path / "short.txt").write_text("too short for one sample")
     lines = {"badjson": ['{"text": "a"}', '{"text": "b"}', '{"text": '], "missingkey": ['{"text": "a"}', '{"txt": 1}']}
     (tmp_path / "bad.jsonl").write_text("\n".join(lines.get(case, [])) + "\n")
-    inputs = {"nomatch": str(tmp_path / "nothing*.txt"), "empty": str(tmp_path / "short.txt")}
-    proc = run_prepare("--input", inputs.get(case, str(tmp_path / "bad.jsonl")), "--output", str(tmp_path / "out"))
+    inputs = {"nomatch": str(tmp_path / "nothing*.txt"), "chunklen": str(tmp_path),
+              "empty": str(tmp_path / "short.txt")}
+    chunk_len = ["--chunk-len", "1"] if case == "chunklen" else []
+    proc = run_prepare("--input", inputs.get(case, str(tmp_path / "bad.jsonl")), *chunk_len, "--output",
+                       str(tmp_path / "out"))
     assert proc.returncode == 2, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and fragment in proc.stderr, proc.stderr
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.tmp-*"))

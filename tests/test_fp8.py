@@ -484,7 +484,7 @@ def test_compiled_blocks_run_the_same_fp8_step(recipe):
 
 
 # ------------------------------------------------------------------------------------------------ optim
-def test_bf16_moments_adamw():
+def test_bf16_moments_adamw_equals_adamw_within_bf16_rounding():
     """fp32 moments: exactly torch's AdamW; bf16 moments: state in bf16 (half the bytes), weights within bf16
     rounding of AdamW's after 5 steps."""
     torch.manual_seed(0)

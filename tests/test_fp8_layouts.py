@@ -32,7 +32,7 @@ import yaml
 
 from model import Transformer
 
-from test_parallel_layouts import final_params, run
+from test_parallel_layouts import final_params, run, single_process
 from conftest import metrics
 from train.config import build_config
 
@@ -50,11 +50,10 @@ LAYOUTS = {
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_fp8_layout_equals_single_process(dataset, tmp_path, layout):
+def test_fp8_layout_equals_single_process(dataset, reference_run, tmp_path, layout):
     recipe, nproc, mb, ref_mb, over = LAYOUTS[layout]
     fp8 = {**FP8, "precision": f"fp8_{recipe}"}
-    ref, got = tmp_path / "ref", tmp_path / layout
-    run(dataset, ref, 1, **fp8, **{"train.micro_batch_size": ref_mb})
+    ref, got = single_process(reference_run, **fp8, **{"train.micro_batch_size": ref_mb}), tmp_path / layout
     run(dataset, got, nproc, **fp8, **{"train.micro_batch_size": mb, **over})
     assert_fp8_run_close(ref, got, tmp_path)
 

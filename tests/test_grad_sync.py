@@ -5,16 +5,14 @@ ways, with the same gradients (the first is what tests/test_parallel_layouts.py 
   unsharded  parallel.accumulate_unsharded: blocks stay gathered, gradients unsharded; one all-gather,
              one reduce-scatter and one all-reduce per FSDP unit and step."""
 
-import os
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from model import Transformer, load_preset
 from parallel import ParallelDims, end_of_step, micro_batch_sync, parallelize
-from conftest import free_port
+from conftest import run_ranks
 
 WORLD, MICRO = 4, 3
 COLLECTIVES = ("all_reduce", "all_gather_single", "reduce_scatter_single")
@@ -57,18 +55,12 @@ def accumulate(mode: str, rank: int) -> tuple[dict[str, torch.Tensor], dict[str,
     return {n: p.grad.full_tensor() for n, p in model.named_parameters()}, calls
 
 
-def worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        torch.save({mode: accumulate(mode, rank) for mode in MODES}, f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def rank_result(rank: int, world: int) -> dict:
+    return {mode: accumulate(mode, rank) for mode in MODES}
 
 
 def test_gradient_sync_per_step_not_per_micro_batch(tmp_path):
-    mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    results = run_ranks(rank_result, WORLD, tmp_path)
     cfg = load_preset("tiny")
     # FSDP units: every block and the root shard dense weights over dp_shard=2; every MoE layer's experts over
     # efsdp = dp_shard / ep = 1 (nothing to gather or scatter); all of them all-reduce over dp_replicate=2

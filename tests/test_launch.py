@@ -41,11 +41,10 @@ def test_ranks_from_slurm_variables():
         torch_env_from_slurm({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0"})
 
 
-def test_srun_tasks_train_like_torchrun(dataset, tmp_path):
+def test_srun_tasks_train_like_torchrun(dataset, reference_run, tmp_path):
     """Two tasks started as `srun python -m train` would start them (only SLURM_* set): the same run as
     torchrun with two processes."""
-    ref, got = tmp_path / "torchrun", tmp_path / "srun"
-    train(base_args(dataset, ref, 3), 2)
+    ref, got = reference_run(3, 2), tmp_path / "srun"
     port = str(free_port())
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     procs = [subprocess.Popen([PY, "-m", "train", *base_args(dataset, got, 3)], cwd=ROOT, stdout=subprocess.PIPE,
@@ -88,11 +87,10 @@ def test_launch_config_errors_exit_2():
     assert proc.returncode == 2 and "launch.nodes=2" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_two_nodes_on_one_machine_equal_one_node(dataset, tmp_path):
+def test_two_nodes_on_one_machine_equal_one_node(dataset, reference_run, tmp_path):
     """Two `launch=torchrun` launches (nnodes 2, c10d rendezvous on localhost), one process each: the same
     losses as one node with two processes."""
-    ref, got = tmp_path / "one_node", tmp_path / "two_nodes"
-    train(base_args(dataset, ref, 3), 2)
+    ref, got = reference_run(3, 2), tmp_path / "two_nodes"
     port = str(free_port())
     args = [*base_args(dataset, got, 3), "launch=torchrun", "launch.nodes=2", "launch.procs_per_node=1",
             f"launch.master_port={port}", "launch.job_name=two_nodes"]

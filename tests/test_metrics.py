@@ -2,8 +2,6 @@
 
 import io
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -67,7 +65,7 @@ def test_every_scalar_tag_has_the_values_and_steps_written(run):
     assert tags == set(TAGS.values()) | {"loss/val"} | per_layer  # no misc/step, nothing for the string "note"
 
 
-def test_moe_histograms_and_heatmap(run):
+def test_moe_histograms_hold_each_layers_loads_and_the_bias(run):
     out, acc, loads, bias = run
     hists = acc.Tags()["histograms"]
     assert {"moe/layer_1/load", "moe/layer_2/load", "moe/layer_4/load", "moe/expert_bias"} == set(hists)
@@ -125,7 +123,7 @@ def test_jsonl_keeps_the_callers_keys(run):
     assert rows == [record(1), record(2), {"step": 2, "val_loss": 2.5}, record(3)]
 
 
-def test_max_vio_hand_examples():
+def test_max_vio_equals_hand_examples_and_rejects_a_vector():
     assert max_vio(torch.tensor([[0.5, 0.25, 0.25, 0.0]])) == pytest.approx(0.5 / 0.25 - 1)
     two_layers = torch.tensor([[0.25, 0.25, 0.25, 0.25], [0.4, 0.2, 0.2, 0.2], [0.3, 0.3, 0.2, 0.2]])
     assert max_vio(two_layers) == pytest.approx(0.6)  # layer 2: 0.4 / 0.25 - 1
@@ -168,32 +166,21 @@ def test_log_moe_rejects_mismatched_layer_ids(tmp_path):
         w.log_moe(1, torch.full((3, 4), 0.25), [1, 2])
 
 
-def test_progress_line():
+def test_progress_line_rounds_loss_throughput_mfu_and_eta():
     assert format_progress(120, 1000, 2.34567, 12345.4, 0.03214, 440.0) == \
         "step 120/1000 | loss 2.3457 | 12,345 tok/s | mfu 3.21% | eta 00:07:20"
     assert format_progress(1, 10001, 10.0, 1234567.0, 0.5, 36000.4) == \
         "step 1/10001 | loss 10.0000 | 1,234,567 tok/s | mfu 50.00% | eta 10:00:00"
 
 
-def _peak_worker(rank: int, port: int, out: str) -> None:
-    import torch.distributed as dist
-
+def _peak_of_rank(rank: int, world: int) -> float:
     from train.trainer import max_over_ranks
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        value = max_over_ranks([1.25, 3.5][rank], torch.device("cpu"), 2)
-        Path(out, f"rank{rank}").write_text(repr(value))
-    finally:
-        dist.destroy_process_group()
+    return max_over_ranks([1.25, 3.5][rank], torch.device("cpu"), world)
 
 
 def test_logged_peak_memory_is_the_fullest_ranks(tmp_path):
     """memory/peak_gb is the largest peak of any rank (pipeline stages differ), the same on every rank."""
-    import torch.multiprocessing as mp
+    from conftest import run_ranks
 
-    from conftest import free_port
-
-    mp.spawn(_peak_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
-    assert [float((tmp_path / f"rank{r}").read_text()) for r in (0, 1)] == [3.5, 3.5]
+    assert run_ranks(_peak_of_rank, 2, tmp_path) == [3.5, 3.5]

@@ -61,7 +61,7 @@ def test_sampled_generate_is_reproducible_and_respects_top_k():
     assert torch.equal(b1, b2)
 
 
-def test_kv_cache_elements_deepseek_v2():
+def test_deepseek_v2_mla_caches_57x_fewer_elements_than_mha():
     mla, mha = kv_cache_elements_per_token(load_preset("deepseek_v2"))
     assert (mla, mha) == (576, 32768)
     assert round(mha / mla, 1) == 56.9  # the "57x" of the paper

@@ -36,6 +36,11 @@ def run(dataset, out: Path, nproc: int, steps: int = STEPS, **over):
     train(base_args(dataset, out, steps, **{**BALANCE, **over}), nproc)
 
 
+def single_process(reference_run, steps: int = STEPS, **over) -> Path:
+    """`run(dataset, <dir>, 1, steps, **over)`, shared by every test of the session that asks for it."""
+    return reference_run(steps, **{**BALANCE, **over})
+
+
 def assert_same_run(ref: Path, got: Path, tmp: Path, steps=range(1, STEPS + 1)):
     a, b = metrics(ref), metrics(got)
     for s in steps:
@@ -89,26 +94,15 @@ LAYOUTS = {
 }
 
 
-@pytest.fixture(scope="module")
-def references(dataset, tmp_path_factory):
-    """Single-process runs, one per reference micro-batch size (shared by the layouts)."""
-    base = tmp_path_factory.mktemp("ref")
-    refs = {}
-    for mb in sorted({ref for _, _, ref, _ in LAYOUTS.values()}):
-        refs[mb] = base / f"mb{mb}"
-        run(dataset, refs[mb], 1, **{"train.micro_batch_size": mb})
-    return refs
-
-
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_layout_equals_single_process(dataset, references, tmp_path, layout, monkeypatch):
+def test_layout_equals_single_process(dataset, reference_run, tmp_path, layout, monkeypatch):
     nproc, mb, ref_mb, over = LAYOUTS[layout]
     out = tmp_path / layout
     if over.get("parallel.compile") == "true":  # compile afresh: kernels cached by other runs on this machine
         # once gave tp2_compiled another summation order (its step-2 loss 1e-4 away, past this test's bound)
         monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     run(dataset, out, nproc, **{"train.micro_batch_size": mb, **over})
-    assert_same_run(references[ref_mb], out, tmp_path)
+    assert_same_run(single_process(reference_run, **{"train.micro_batch_size": ref_mb}), out, tmp_path)
 
 
 def test_resume_under_a_different_layout(dataset, tmp_path):
@@ -134,24 +128,21 @@ def test_resume_from_context_parallel_in_one_process(dataset, tmp_path):
 
 
 @pytest.mark.parametrize("schedule", ["1F1B", "DualPipeV"])
-def test_multi_token_prediction_under_pipeline(dataset, tmp_path, schedule):
+def test_multi_token_prediction_under_pipeline(dataset, reference_run, tmp_path, schedule):
     """MTP on the last stage with a tied copy of the embedding (gradients summed across ranks for 1F1B,
     on one rank for the V schedule); validation through the stages too."""
     mtp = {"model.num_nextn_predict_layers": 1, "train.micro_batch_size": 1, "train.val_every": STEPS,
            "data.val_batches": 1}
     stages = {"parallel.pp_stages_per_rank": 2} if schedule == "DualPipeV" else {}
-    ref, got = tmp_path / "ref", tmp_path / "got"
-    run(dataset, ref, 1, **mtp)
+    ref, got = single_process(reference_run, **mtp), tmp_path / "got"
     run(dataset, got, 2, **mtp, **stages, **{"parallel.pp": 2, "parallel.pp_schedule": schedule})
     assert_same_run(ref, got, tmp_path)
     assert metrics(got, "val_loss")[STEPS] == pytest.approx(metrics(ref, "val_loss")[STEPS], rel=1e-5)
 
 
-@pytest.fixture(scope="module")
-def mtp2_reference(dataset, tmp_path_factory):
-    out = tmp_path_factory.mktemp("mtp2") / "ref"
-    run(dataset, out, 1, **MTP2, **{"train.micro_batch_size": 2})
-    return out
+@pytest.fixture
+def mtp2_reference(reference_run):
+    return single_process(reference_run, **MTP2, **{"train.micro_batch_size": 2})
 
 
 MTP2 = {"model.num_nextn_predict_layers": 2, "train.val_every": STEPS, "data.val_batches": 1}
@@ -171,11 +162,10 @@ def test_multi_token_prediction_under_context_parallelism(dataset, mtp2_referenc
     assert metrics(got, "val_loss")[STEPS] == pytest.approx(metrics(mtp2_reference, "val_loss")[STEPS], rel=1e-5)
 
 
-def test_multi_token_prediction_under_fsdp(dataset, tmp_path):
+def test_multi_token_prediction_under_fsdp(dataset, reference_run, tmp_path):
     """MTP with data-parallel FSDP (dp=2, pp=1): each depth's final norm runs outside the depth's forward, so it
     must not live in the depth's resharded FSDP unit (before the fix: 'mixed torch.Tensor and DTensor')."""
     mtp = {"model.num_nextn_predict_layers": 1}
-    ref, got = tmp_path / "ref", tmp_path / "got"
-    run(dataset, ref, 1, **mtp, **{"train.micro_batch_size": 2})
+    ref, got = single_process(reference_run, **mtp, **{"train.micro_batch_size": 2}), tmp_path / "got"
     run(dataset, got, 2, **mtp, **{"train.micro_batch_size": 1})
     assert_same_run(ref, got, tmp_path)

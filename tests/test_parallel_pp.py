@@ -1,6 +1,6 @@
 """Pipeline parallelism (parallel/pipeline.py): the layout helpers, and every schedule against one process.
 
-One 2-process gloo job (this file run as a script, once per module) trains the `tiny` preset (4 layers:
+One 2-process gloo job (tests/conftest.py's run_ranks, once per module) trains the `tiny` preset (4 layers:
 one dense, three MoE; balance losses on) for 3 AdamW steps under each schedule on a fixed batch. The tests
 compare its per-step losses, final parameters and per-step MoE loads (`tokens_per_expert`) with plain
 gradient accumulation over the same microbatches in this process.
@@ -8,26 +8,21 @@ gradient accumulation over the same microbatches in this process.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import traceback
 from dataclasses import replace
-from datetime import timedelta
 from functools import partial
-from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
+import torch.distributed as dist
 
+from conftest import cross_entropy, fixed_batch, run_ranks
 from model.config import load_preset
 from model.transformer import Transformer
 from parallel.pipeline import (
     SCHEDULES, check_microbatches, _check_output, build_pipeline, build_stage_modules, split_layers, stage_ids,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
 WORLD = 2
 B, T, STEPS, LR = 4, 32, 3, 1e-2
 # case: (schedule, stages_per_rank, n_microbatches)
@@ -46,16 +41,6 @@ def tiny_model() -> Transformer:
     model = Transformer(replace(load_preset("tiny"), num_hidden_layers=4))
     model.init_weights(seed=0)
     return model
-
-
-def fixed_batch(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-    seq = torch.randint(0, vocab, (B, T + 1), generator=torch.Generator().manual_seed(1))
-    return seq[:, :-1], seq[:, 1:]
-
-
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of one microbatch."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
 
 
 def adamw(params) -> torch.optim.Optimizer:
@@ -88,7 +73,7 @@ def grads_of(parts) -> dict[str, torch.Tensor]:
 def reference_run(n_microbatches: int) -> dict:
     """One process, the whole model, gradient accumulation: loss/n per microbatch, balance losses at 1/n."""
     model = tiny_model()
-    tokens, labels = fixed_batch(model.cfg.vocab_size)
+    tokens, labels = fixed_batch(model.cfg.vocab_size, B, T)
     opt = adamw(model.parameters())
     model.set_aux_loss_scale(1.0 / n_microbatches)
     losses, loads = [], []
@@ -109,7 +94,7 @@ def reference_run(n_microbatches: int) -> dict:
 def run_case(schedule: str, stages_per_rank: int, n_microbatches: int) -> dict:
     """This rank's side of one pipeline run: losses (last-stage rank only), loads, parameters of its parts."""
     model = tiny_model()
-    tokens, labels = fixed_batch(model.cfg.vocab_size)
+    tokens, labels = fixed_batch(model.cfg.vocab_size, B, T)
     pipeline = build_pipeline(model, None, schedule, n_microbatches, stages_per_rank, cross_entropy,
                               torch.device("cpu"), microbatch_size=B // n_microbatches, seq_len=T)
     parts = pipeline.parts
@@ -127,40 +112,25 @@ def run_case(schedule: str, stages_per_rank: int, n_microbatches: int) -> dict:
     return {"losses": losses, "loads": loads, "params": params_of(parts), "grads": grads_of(parts)}
 
 
-def worker_main(rank: int, store: str, out_dir: str) -> None:
-    """Run every case on a 2-rank gloo group; each case's result (or its traceback) goes to a file."""
-    import torch.distributed as dist
-
+def rank_results(rank: int, world: int) -> dict[str, dict]:
+    """Every case on this rank's gloo group; a failing case's result is its traceback (its test reports it) and
+    the other cases still run."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=30))
+    results = {}
     for name, case in CASES.items():
         try:
-            result = run_case(*case)
-        except Exception:  # reported by that case's test; the other cases still run
-            result = {"error": traceback.format_exc()}
-        torch.save(result, Path(out_dir) / f"{name}.rank{rank}.pt")
+            results[name] = run_case(*case)
+        except Exception:
+            results[name] = {"error": traceback.format_exc()}
         dist.barrier()
-    dist.destroy_process_group()
+    return results
 
 
 @pytest.fixture(scope="module")
-def pp_results(tmp_path_factory) -> dict[str, list[dict] | str]:
-    """Launch the 2-process job once: per case one result dict per rank, or the job's log if it has none."""
-    out = tmp_path_factory.mktemp("pp")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    procs = [subprocess.Popen([sys.executable, __file__, str(rank), str(out / "store"), str(out)], cwd=ROOT,
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for rank in range(WORLD)]
-    try:
-        log = "\n".join(proc.communicate(timeout=300)[0] for proc in procs)
-    except subprocess.TimeoutExpired:
-        for proc in procs:
-            proc.kill()
-        log = "pipeline worker job timed out (a schedule deadlocked?)"
-    files = {name: [out / f"{name}.rank{r}.pt" for r in range(WORLD)] for name in CASES}
-    return {name: [torch.load(f, weights_only=False) for f in paths] if all(f.exists() for f in paths)
-            else log[-6000:] for name, paths in files.items()}
+def pp_results(tmp_path_factory) -> dict[str, list[dict]]:
+    """The 2-process job, run once: per case one result dict per rank."""
+    ranks = run_ranks(rank_results, WORLD, tmp_path_factory.mktemp("pp"), timeout=300)
+    return {name: [r[name] for r in ranks] for name in CASES}
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +147,6 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
 @pytest.mark.parametrize("name", list(CASES))
 def test_schedule_matches_single_process(name, pp_results, references):
     ranks = pp_results[name]
-    assert not isinstance(ranks, str), ranks  # no result: the job's log
     errors = [r["error"] for r in ranks if "error" in r]
     assert not errors, errors[0]
     ref = references[CASES[name][2]]
@@ -289,6 +258,3 @@ def test_build_stage_modules_mtp_tied_and_bad_stage():
     with pytest.raises(ValueError, match=r"stage=2 must lie in \[0, n_stages=2\)"):
         build_stage_modules(tied, 2, 2)
 
-
-if __name__ == "__main__":  # the pipeline worker: rank, file-store path, output folder
-    worker_main(int(sys.argv[1]), sys.argv[2], sys.argv[3])

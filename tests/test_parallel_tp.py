@@ -1,6 +1,6 @@
 """Tensor + sequence parallelism (parallel/tensor.py) against one process, on CPU with gloo.
 
-Two multi-process jobs (this file run as a script, once per rank) train the `tiny` preset cut to 2 layers
+Two multi-process jobs (tests/conftest.py's run_ranks) train the `tiny` preset cut to 2 layers
 (one dense, one MoE; balance losses on) in fp32 for 3 AdamW steps on one fixed batch: the 2-rank job with
 tp=2 with and without sequence and loss parallelism (once with an MTP depth, once with uncompressed queries),
 plus layout checks on meta and a pipeline-style split into two stage parts; the 4-rank job with tp=4, and
@@ -18,24 +18,19 @@ balance loss counted twice moves gradients by up to 100% (checked by hand when t
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 import traceback
 from dataclasses import replace
-from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
+import torch.distributed as dist
 from torch.distributed.tensor import Replicate, Shard
 
+from conftest import cross_entropy, fixed_batch, full, run_ranks
 from model.config import load_preset
 from model.transformer import Transformer
 from parallel.tensor import apply_tp, check_tp, tp_loss
 
-ROOT = Path(__file__).resolve().parent.parent
 B, T, STEPS, LR, EPS = 4, 32, 3, 1e-2, 1e-3
 # model variants (changes to tiny): with an MTP depth; with uncompressed queries (q_proj, as V2-Lite)
 VARIANTS = {"base": {}, "mtp": {"num_nextn_predict_layers": 1}, "q_proj": {"q_lora_rank": None}}
@@ -54,16 +49,6 @@ def build(cfg) -> Transformer:
     model = Transformer(cfg)
     model.init_weights(seed=0)
     return model
-
-
-def fixed_batch(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-    seq = torch.randint(0, vocab, (B, T + 1), generator=torch.Generator().manual_seed(1))
-    return seq[:, :-1], seq[:, 1:]
-
-
-def full(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor (a collective for DTensors: every rank must call it)."""
-    return t.full_tensor().detach().clone() if hasattr(t, "full_tensor") else t.detach().clone()
 
 
 def model_loss(model: Transformer, tokens, labels, ce) -> torch.Tensor:
@@ -96,13 +81,9 @@ def train(model: Transformer, tokens, labels, ce) -> dict:
     return out
 
 
-def reference_ce(logits, labels) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
-
-
 def reference_run(variant: str) -> dict:
     cfg = tiny_cfg(**VARIANTS[variant])
-    return train(build(cfg), *fixed_batch(cfg.vocab_size), reference_ce)
+    return train(build(cfg), *fixed_batch(cfg.vocab_size, B, T), cross_entropy)
 
 
 # --------------------------------------------------------------------------------------------- worker side
@@ -113,7 +94,7 @@ def run_tp(world: int, sequence_parallel: bool, loss_parallel: bool, variant: st
     cfg = tiny_cfg(**VARIANTS[variant])
     model = build(cfg)
     apply_tp(model, mesh, sequence_parallel=sequence_parallel, loss_parallel=loss_parallel)
-    tokens, labels = fixed_batch(cfg.vocab_size)
+    tokens, labels = fixed_batch(cfg.vocab_size, B, T)
     with torch.no_grad():
         logits = model(tokens)
     layout = (type(logits).__name__, tuple(getattr(logits, "placements", ())), tuple(_local(logits).shape))
@@ -124,7 +105,6 @@ def run_tp(world: int, sequence_parallel: bool, loss_parallel: bool, variant: st
 
 def run_fsdp_tp(world: int) -> dict:
     """(dp_shard=2, tp=world/2): TP first, then FSDP2 per block and the root; each dp rank takes half the batch."""
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -146,7 +126,7 @@ def run_fsdp_tp(world: int) -> dict:
     fully_shard(model, mesh=mesh["dp_shard"])
     meshes = {n: p.device_mesh.mesh_dim_names for n, p in model.named_parameters()}
     dp, half = mesh["dp_shard"].get_local_rank(), B // 2
-    tokens, labels = fixed_batch(cfg.vocab_size)
+    tokens, labels = fixed_batch(cfg.vocab_size, B, T)
     rows = slice(dp * half, (dp + 1) * half)
     return {**train(model, tokens[rows], labels[rows], tp_loss), "meshes": meshes, "dp": dp}
 
@@ -181,7 +161,7 @@ def run_stages(world: int) -> dict:
     first.norm = first.lm_head = second.embed_tokens = None
     apply_tp(first, mesh)
     apply_tp(second, mesh)
-    tokens, labels = fixed_batch(cfg.vocab_size)
+    tokens, labels = fixed_batch(cfg.vocab_size, B, T)
     sent = first(tokens)
     received = sent.detach().requires_grad_()  # what a pipeline's send/recv does
     loss = tp_loss(second(received), labels)
@@ -201,40 +181,24 @@ def run_case(name: str, world: int) -> dict:
     return {"fsdp_tp": run_fsdp_tp, "layout": run_layout, "stages": run_stages}[name](world)
 
 
-def worker_main(world: int, rank: int, store: str, out_dir: str) -> None:
-    """Run this world size's cases in one gloo group; each case's result (or its traceback) goes to a file."""
-    import torch.distributed as dist
-
+def rank_results(rank: int, world: int) -> dict[str, dict]:
+    """This world size's cases in one gloo group; a failing case's result is its traceback (its test reports it)
+    and the other cases still run."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
+    results = {}
     for name in JOBS[world]:
         try:
-            result = run_case(name, world)
-        except Exception:  # reported by that case's test; the other cases still run
-            result = {"error": traceback.format_exc()}
-        torch.save(result, Path(out_dir) / f"{name}.rank{rank}.pt")
+            results[name] = run_case(name, world)
+        except Exception:
+            results[name] = {"error": traceback.format_exc()}
         dist.barrier()
-    dist.destroy_process_group()
+    return results
 
 
 # --------------------------------------------------------------------------------------------- test side
-def launch(world: int, out: Path) -> dict[str, list[dict]]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    procs = [subprocess.Popen([sys.executable, __file__, str(world), str(rank), str(out / "store"), str(out)],
-                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for rank in range(world)]
-    logs = []
-    for proc in procs:
-        try:
-            logs.append(proc.communicate(timeout=240)[0])
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            pytest.fail(f"tensor-parallel worker job (world {world}) timed out")
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-6000:]
-    return {name: [torch.load(out / f"{name}.rank{r}.pt", weights_only=False) for r in range(world)]
-            for name in JOBS[world]}
+def launch(world: int, out) -> dict[str, list[dict]]:
+    ranks = run_ranks(rank_results, world, out)
+    return {name: [r[name] for r in ranks] for name in JOBS[world]}
 
 
 @pytest.fixture(scope="module")
@@ -308,7 +272,7 @@ def test_fsdp_tp_matches_single_process(results, references):
 
 
 @pytest.mark.slow
-def test_layout_on_meta(results):
+def test_tp_layout_keeps_every_name_with_its_placement_and_local_shape(results):
     rank0, rank1 = _ok(results["layout"])
     layout = rank0["layout"]
     with torch.device("meta"):
@@ -360,7 +324,7 @@ def test_check_tp_names_every_bad_size():
 
 
 @pytest.mark.slow
-def test_pipeline_stage_parts(results, references):
+def test_tp_stage_parts_send_sequence_shards_and_equal_one_process(results, references):
     ref = references["base"]
     for r in _ok(results["stages"]):
         assert r["sent"] == ("Tensor", (B, T // 2, tiny_cfg().hidden_size))  # this rank's sequence shard
@@ -368,6 +332,3 @@ def test_pipeline_stage_parts(results, references):
         assert sorted(r["grads"]) == sorted(ref["grads"])
         for n, g in ref["grads"].items():
             _close(r["grads"][n], g, f"grad {n}")
-
-if __name__ == "__main__":  # a worker: world size, rank, file-store path, output folder
-    worker_main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])

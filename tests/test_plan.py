@@ -137,7 +137,7 @@ def test_search_ranks_fitting_layouts_fastest_first():
 
 
 # ------------------------------------------------------------------------------------------ hand computations
-def test_bubble_fractions():
+def test_bubble_fraction_is_p_minus_1_over_n_plus_p_minus_1_and_v_times_less_interleaved():
     cfg = compose_config(["model=tiny", "parallel.pp=4", "train.global_batch_size=8", "train.micro_batch_size=1"])
     layout = layout_of(cfg, 4)
     assert layout.n_micro == 8
@@ -148,7 +148,7 @@ def test_bubble_fractions():
     assert bubble_fraction(inter, cfg.model, cfg.data.seq_len) == pytest.approx(0.5 / 8.5)  # (p-1)/v / (n + ...)
 
 
-def test_communication_volumes():
+def test_fsdp_and_expert_parallel_volumes_equal_hand_counts():
     """FSDP over 4 (fp32): per micro-batch 2 all-gathers + 1 reduce-scatter, 3/4 of the unsharded bytes;
     expert parallelism over 2: 4 all-to-alls per MoE layer and micro-batch, half the rows leave the GPU."""
     cfg = compose_config(["model=tiny", "train.global_batch_size=16", "train.micro_batch_size=2"])
@@ -189,7 +189,7 @@ def test_step_cost_takes_the_pipeline_rank_with_the_most_traffic():
     assert rank0.bytes_per_step == 0
 
 
-def test_context_parallel_volumes():
+def test_context_parallel_volumes_equal_hand_counts():
     """cp=2: per attention layer and micro-batch one all-to-all of q, k, v and one of the output, forward and
     backward, half of it leaving the GPU; FSDP shards over cp too (dp_shard x cp = 4 ranks); each rank's
     micro-batch holds half of each sequence."""
@@ -259,6 +259,6 @@ def test_plan_rejects_an_unknown_gpu(capsys):
     ("NVIDIA H20", 148.0),  # not the H200's peak, which a substring match would give
     ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA L40S", None),
 ])
-def test_mfu_peak_of_a_device_name(device_name, tflops):
+def test_mfu_peak_of_a_device_comes_from_the_planners_gpu_table(device_name, tflops):
     """The trainer's MFU denominator comes from the planner's GPU table (one source of the datasheet numbers)."""
     assert device_bf16_tflops(device_name) == tflops
