@@ -145,7 +145,7 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
-def test_schedule_matches_single_process(name, pp_results, references):
+def test_every_schedule_gives_the_single_process_losses_weights_grads_and_loads(name, pp_results, references):
     ranks = pp_results[name]
     errors = [r["error"] for r in ranks if "error" in r]
     assert not errors, errors[0]
@@ -170,7 +170,7 @@ def test_schedule_matches_single_process(name, pp_results, references):
             assert v.sum() == B * T * 2  # every token routed to num_experts_per_tok=2 experts
 
 
-def test_split_layers_known_cases():
+def test_split_layers_is_contiguous_sizes_within_one_end_stages_smaller():
     assert split_layers(27, 4) == [list(range(0, 7)), list(range(7, 14)), list(range(14, 21)), list(range(21, 27))]
     assert [len(s) for s in split_layers(6, 4)] == [1, 2, 2, 1]
     assert [len(s) for s in split_layers(5, 4)] == [1, 2, 1, 1]
@@ -188,7 +188,7 @@ def test_split_layers_known_cases():
         split_layers(3, 0)
 
 
-def test_stage_ids_known_cases_and_errors():
+def test_stage_ids_place_loop_and_v_styles_and_reject_bad_counts():
     assert SCHEDULES == ("1F1B", "Interleaved1F1B", "ZBVZeroBubble", "DualPipeV")
     assert [stage_ids("1F1B", r, 4, 1) for r in range(4)] == [[0], [1], [2], [3]]
     assert stage_ids("GPipe", 1, 2, 1) == [1]
@@ -204,7 +204,7 @@ def test_stage_ids_known_cases_and_errors():
             stage_ids(schedule, rank, pp, spr)
 
 
-def test_microbatch_count_checks():
+def test_microbatch_counts_below_the_schedules_minimum_are_rejected():
     check_microbatches("Interleaved1F1B", 1, 2, 4)  # torch's flexible interleaving allows fewer
     check_microbatches("ZBVZeroBubble", 2, 2, 4)
     check_microbatches("GPipe", 1, 4, 4)
@@ -216,7 +216,7 @@ def test_microbatch_count_checks():
         check_microbatches("GPipe", 0, 2, 2)
 
 
-def test_build_stage_modules_keeps_names_and_ends():
+def test_stage_modules_hold_each_parameter_once_under_the_models_name():
     model = tiny_model()
     full = dict(model.named_parameters())
     parts = [build_stage_modules(model, s, 3) for s in range(3)]
@@ -234,7 +234,7 @@ def test_build_stage_modules_keeps_names_and_ends():
     assert parts[1](h).shape == h.shape  # a middle stage maps hidden states to hidden states
 
 
-def test_stage_output_guard():
+def test_a_stage_output_of_another_shape_fails_loudly():
     """A stage whose output does not match the declared metadata fails loudly, not by a corrupt receive."""
     part = build_stage_modules(tiny_model(), 0, 2)
     declared = torch.empty(1, 8, part.cfg.hidden_size, device="meta")
@@ -244,7 +244,7 @@ def test_stage_output_guard():
         part(torch.zeros(2, 8, dtype=torch.long))
 
 
-def test_build_stage_modules_mtp_tied_and_bad_stage():
+def test_last_stage_keeps_mtp_and_an_embedding_copy_tied_or_bad_stages_fail():
     cfg = replace(load_preset("tiny"), num_hidden_layers=2, num_nextn_predict_layers=1)
     with torch.device("meta"):
         mtp, tied = Transformer(cfg), Transformer(replace(cfg, num_nextn_predict_layers=0, tie_word_embeddings=True))
