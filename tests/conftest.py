@@ -1,7 +1,7 @@
 """Shared test fixtures and helpers: the small real-text dataset, runs of the real entry point (`python -m train`,
 one process or torchrun) and their metrics, reference runs computed once per session, the gloo multi-process
-harness (run_ranks), a fixed batch and the loss of in-process model tests, a free port for launcher tests, and
-the collection order (slowest tests first)."""
+harness (run_ranks), the tiny model, a fixed batch, the loss and the tolerance helpers of in-process model tests, a
+free port for launcher tests, and the collection order (slowest tests first)."""
 
 import hashlib
 import json
@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from filelock import FileLock
+
+from model import ModelConfig, Transformer, load_preset
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -141,6 +143,28 @@ def _rank_main(rank: int, fn, world: int, tmp: str, args: tuple) -> None:
 
 
 # ------------------------------------------------------------------------------ in-process model helpers
+def tiny(**changes) -> ModelConfig:
+    """The `tiny` preset with `changes`."""
+    return load_preset("tiny").replace(**changes)
+
+
+def tiny_model(cfg: ModelConfig | None = None, seed: int = 0) -> Transformer:
+    """A model of `cfg` (default: the `tiny` preset) with `init_weights(seed)`: the same weights in every process."""
+    model = Transformer(cfg or tiny())
+    model.init_weights(seed=seed)
+    return model
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative L2 distance |a - b| / |b|."""
+    return float((a - b).detach().norm() / b.detach().norm())
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor, what: str, rtol: float = 1e-4, atol: float = 1e-6) -> None:
+    """torch.testing.assert_close, its message naming `what`."""
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
 def fixed_batch(vocab: int, batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs, labels) of `batch` random sequences of `seq` tokens, the same on every rank and in every test."""
     tokens = torch.randint(0, vocab, (batch, seq + 1), generator=torch.Generator().manual_seed(1))

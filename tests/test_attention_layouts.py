@@ -11,14 +11,12 @@ head and the two query heads that read it.
 from __future__ import annotations
 
 import traceback
-from dataclasses import replace
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import cross_entropy, fixed_batch, full, run_ranks
-from model.config import load_preset
+from conftest import close, cross_entropy, fixed_batch, full, run_ranks, tiny, tiny_model
 from model.transformer import Transformer
 
 WORLD, B, T = 2, 4, 32
@@ -27,11 +25,8 @@ CASES = [f"{layout}_{variant}" for layout in ("tp2", "cp2", "pp2") for variant i
 
 
 def build(variant: str) -> Transformer:
-    cfg = replace(load_preset("tiny"), num_hidden_layers=2, aux_loss_alpha=0.0, device_aux_loss_alpha=0.0,
-                  comm_aux_loss_alpha=0.0, **VARIANTS[variant])
-    model = Transformer(cfg)
-    model.init_weights(seed=0)
-    return model
+    return tiny_model(tiny(num_hidden_layers=2, aux_loss_alpha=0.0, device_aux_loss_alpha=0.0, comm_aux_loss_alpha=0.0,
+                           **VARIANTS[variant]))
 
 
 def reference(variant: str) -> dict:
@@ -128,7 +123,7 @@ def test_layout_equals_one_process(name, results, references):
     held = set()
     for r in ranks:
         for n, g in r["grads"].items():
-            torch.testing.assert_close(g, ref["grads"][n], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name} {n}: {m}")
+            close(g, ref["grads"][n], f"{name} {n}")
         held |= set(r["grads"])
     assert held == set(ref["grads"])  # every parameter checked (pp: between the two stages)
     assert any("k_proj" in n for n in held)
@@ -140,10 +135,10 @@ def test_heads_that_do_not_divide_are_one_line_errors():
     from parallel.context import check_cp
     from parallel.tensor import check_tp
 
-    mqa = replace(load_preset("tiny"), attention="mqa")
+    mqa = tiny(attention="mqa")
     with pytest.raises(ValueError, match=r"tp=2 must divide model.num_key_value_heads=1"):
         check_tp(mqa, 2)
     with pytest.raises(ValueError, match=r"model.attention=gqa has 2 K/V heads, not divisible by cp=4"):
-        check_cp(replace(load_preset("tiny"), attention="gqa", num_key_value_heads=2), 4)
-    check_tp(replace(load_preset("tiny"), attention="gqa", num_key_value_heads=2), 2)  # divides: no error
+        check_cp(tiny(attention="gqa", num_key_value_heads=2), 4)
+    check_tp(tiny(attention="gqa", num_key_value_heads=2), 2)  # divides: no error
 

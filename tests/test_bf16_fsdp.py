@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from model import Transformer, load_preset
 from parallel import ParallelDims, parallelize
-from conftest import run_ranks
+from conftest import rel, run_ranks
 
 WORLD = 2
 
@@ -72,10 +72,6 @@ def by_hand(dtype: torch.dtype):
         for n, p in copy_.named_parameters():
             grads[n] = grads.get(n, 0) + p.grad.float() / len(batches)
     return losses, grads
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 def test_bf16_fsdp_equals_the_policy_by_hand_in_one_process(tmp_path):

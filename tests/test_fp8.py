@@ -7,19 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-from model import Transformer, load_preset
 from parallel.fp8 import (E4M3, E5M2, GROUP_ALIGN, RECIPES, ROW, TENSOR, Fp8Mm, Fp8Recipe, aligned_token_groups,
                           blockwise_grouped_kernels_missing, check_fp8, convert_to_fp8, fake_quantize,
                           fake_quantize_blocks, fake_quantize_segments, fp8_grouped_gemm, fp8_linear, pow2_scale,
                           quantize_along)
-from conftest import base_args, metrics, train
+from conftest import base_args, metrics, rel, tiny_model, train
 from train.optim import AdamWLowPrecisionMoments
 
 HALF_ULP = {E4M3: 2.0 ** -4, E5M2: 2.0 ** -3}  # relative rounding bound of normal numbers (3 / 2 mantissa bits)
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).detach().norm() / b.detach().norm())
 
 
 # ------------------------------------------------------------------------------------------ quantization
@@ -432,9 +427,7 @@ def test_blockwise_refuses_a_gpu_where_torchao_would_emulate_the_expert_gemms():
 # ------------------------------------------------------------------------------------------------ model
 def _tiny():
     torch.manual_seed(0)
-    model = Transformer(load_preset("tiny"))
-    model.init_weights(seed=0)
-    return model
+    return tiny_model()
 
 
 def _loss_and_grads(model, tokens):

@@ -21,9 +21,8 @@ from transformers import (DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Con
                           DeepseekV3ForCausalLM)
 
 from model import Transformer  # noqa: E402
-from model.config import load_preset  # noqa: E402
 from model.hf import config_to_hf, hf_items  # noqa: E402
-from conftest import base_args, metrics, train  # noqa: E402
+from conftest import base_args, metrics, tiny, train  # noqa: E402
 from parallel.fp8 import Fp8Recipe, convert_to_fp8  # noqa: E402
 from train.data.loader import TokenDataset, TokenLoader  # noqa: E402
 from safetensors import safe_open  # noqa: E402
@@ -32,10 +31,6 @@ from train.hf_load import HFReader, check_hf_dir, load_hf_weights  # noqa: E402
 SEQ = 32
 V3_RUN = {"model.scoring_func": "sigmoid", "model.topk_method": "noaux_tc", "model.aux_loss_free_bias": "true",
           "model.norm_topk_prob": "true", "model.routed_scaling_factor": 2.5}
-
-
-def tiny(**over):
-    return load_preset("tiny").replace(**over)
 
 
 def hf_dict(cfg) -> dict:

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
-from model import ModelConfig, Transformer, load_preset
+from conftest import tiny
+from model import Transformer, load_preset
 from model.analysis import kv_cache_elements_per_token, param_counts, training_flops_per_token, \
     forward_flops_per_token
 from model.generate import generate
@@ -17,10 +18,6 @@ from model.moe import MoE, Routing, capacity_keep_mask, comm_balance_loss, devic
 
 YARN = {"type": "yarn", "factor": 8.0, "beta_fast": 32, "beta_slow": 1, "mscale": 0.707,
         "mscale_all_dim": 0.707, "original_max_position_embeddings": 16}
-
-
-def tiny(**over) -> ModelConfig:
-    return load_preset("tiny").replace(**over)
 
 
 # ------------------------------------------------------------------------------------------ generation

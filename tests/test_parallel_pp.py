@@ -16,8 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import cross_entropy, fixed_batch, run_ranks
-from model.config import load_preset
+from conftest import close, cross_entropy, fixed_batch, run_ranks, tiny, tiny_model
 from model.transformer import Transformer
 from parallel.pipeline import (
     SCHEDULES, check_microbatches, _check_output, build_pipeline, build_stage_modules, split_layers, stage_ids,
@@ -37,10 +36,9 @@ CASES = {
 
 
 # --------------------------------------------------------------------------------------------- shared setup
-def tiny_model() -> Transformer:
-    model = Transformer(replace(load_preset("tiny"), num_hidden_layers=4))
-    model.init_weights(seed=0)
-    return model
+def four_layers() -> Transformer:
+    """The tiny preset with 4 layers: one dense, three MoE."""
+    return tiny_model(tiny(num_hidden_layers=4))
 
 
 def adamw(params) -> torch.optim.Optimizer:
@@ -72,7 +70,7 @@ def grads_of(parts) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------------------------- reference
 def reference_run(n_microbatches: int) -> dict:
     """One process, the whole model, gradient accumulation: loss/n per microbatch, balance losses at 1/n."""
-    model = tiny_model()
+    model = four_layers()
     tokens, labels = fixed_batch(model.cfg.vocab_size, B, T)
     opt = adamw(model.parameters())
     model.set_aux_loss_scale(1.0 / n_microbatches)
@@ -93,7 +91,7 @@ def reference_run(n_microbatches: int) -> dict:
 # --------------------------------------------------------------------------------------------- pp worker
 def run_case(schedule: str, stages_per_rank: int, n_microbatches: int) -> dict:
     """This rank's side of one pipeline run: losses (last-stage rank only), loads, parameters of its parts."""
-    model = tiny_model()
+    model = four_layers()
     tokens, labels = fixed_batch(model.cfg.vocab_size, B, T)
     pipeline = build_pipeline(model, None, schedule, n_microbatches, stages_per_rank, cross_entropy,
                               torch.device("cpu"), microbatch_size=B // n_microbatches, seq_len=T)
@@ -139,10 +137,6 @@ def references() -> dict[int, dict]:
 
 
 # --------------------------------------------------------------------------------------------- tests
-def _close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-6, msg=lambda m: f"{what}: {m}")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_every_schedule_gives_the_single_process_losses_weights_grads_and_loads(name, pp_results, references):
@@ -153,14 +147,14 @@ def test_every_schedule_gives_the_single_process_losses_weights_grads_and_loads(
     # losses: exactly one rank holds the last stage
     with_loss = [r["losses"] for r in ranks if r["losses"][0] is not None]
     assert len(with_loss) == 1
-    _close(torch.tensor(with_loss[0], dtype=torch.float64), torch.tensor(ref["losses"], dtype=torch.float64), "losses")
+    close(torch.tensor(with_loss[0], dtype=torch.float64), torch.tensor(ref["losses"], dtype=torch.float64), "losses")
     # parameters and last gradients: the ranks' parts cover the model exactly once, with the model's names
     names = [n for r in ranks for n in r["params"]]
     assert sorted(names) == sorted(ref["params"])
     for r in ranks:
         for n, p in r["params"].items():
-            _close(p, ref["params"][n], n)
-            _close(r["grads"][n], ref["grads"][n], f"{n}.grad")
+            close(p, ref["params"][n], n)
+            close(r["grads"][n], ref["grads"][n], f"{n}.grad")
     # MoE loads, per step and layer, accumulated over the microbatches
     for step in range(STEPS):
         loads = {i: v for r in ranks for i, v in r["loads"][step].items()}
@@ -217,7 +211,7 @@ def test_microbatch_counts_below_the_schedules_minimum_are_rejected():
 
 
 def test_stage_modules_hold_each_parameter_once_under_the_models_name():
-    model = tiny_model()
+    model = four_layers()
     full = dict(model.named_parameters())
     parts = [build_stage_modules(model, s, 3) for s in range(3)]
     assert [list(p.layers) for p in parts] == [["0"], ["1", "2"], ["3"]]
@@ -236,7 +230,7 @@ def test_stage_modules_hold_each_parameter_once_under_the_models_name():
 
 def test_a_stage_output_of_another_shape_fails_loudly():
     """A stage whose output does not match the declared metadata fails loudly, not by a corrupt receive."""
-    part = build_stage_modules(tiny_model(), 0, 2)
+    part = build_stage_modules(four_layers(), 0, 2)
     declared = torch.empty(1, 8, part.cfg.hidden_size, device="meta")
     part.register_forward_hook(partial(_check_output, declared))
     part(torch.zeros(1, 8, dtype=torch.long))
@@ -245,7 +239,7 @@ def test_a_stage_output_of_another_shape_fails_loudly():
 
 
 def test_last_stage_keeps_mtp_and_an_embedding_copy_tied_or_bad_stages_fail():
-    cfg = replace(load_preset("tiny"), num_hidden_layers=2, num_nextn_predict_layers=1)
+    cfg = tiny(num_hidden_layers=2, num_nextn_predict_layers=1)
     with torch.device("meta"):
         mtp, tied = Transformer(cfg), Transformer(replace(cfg, num_nextn_predict_layers=0, tie_word_embeddings=True))
     first, last = build_stage_modules(mtp, 0, 2), build_stage_modules(mtp, 1, 2)

@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import copy
 import traceback
-from dataclasses import replace
 
 import pytest
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import Replicate, Shard
 
-from conftest import cross_entropy, fixed_batch, full, run_ranks
-from model.config import load_preset
+from conftest import close, cross_entropy, fixed_batch, full, run_ranks, tiny, tiny_model
+from model.config import ModelConfig
 from model.transformer import Transformer
 from parallel.tensor import apply_tp, check_tp, tp_loss
 
@@ -41,14 +40,8 @@ JOBS = {2: ["sp", "no_sp", "no_sp_no_lp+q_proj", "sp+mtp", "layout", "stages"], 
 
 
 # --------------------------------------------------------------------------------------------- shared setup
-def tiny_cfg(**changes):
-    return replace(load_preset("tiny"), num_hidden_layers=2, **changes)
-
-
-def build(cfg) -> Transformer:
-    model = Transformer(cfg)
-    model.init_weights(seed=0)
-    return model
+def tiny_cfg(**changes) -> ModelConfig:
+    return tiny(num_hidden_layers=2, **changes)
 
 
 def model_loss(model: Transformer, tokens, labels, ce) -> torch.Tensor:
@@ -83,7 +76,7 @@ def train(model: Transformer, tokens, labels, ce) -> dict:
 
 def reference_run(variant: str) -> dict:
     cfg = tiny_cfg(**VARIANTS[variant])
-    return train(build(cfg), *fixed_batch(cfg.vocab_size, B, T), cross_entropy)
+    return train(tiny_model(cfg), *fixed_batch(cfg.vocab_size, B, T), cross_entropy)
 
 
 # --------------------------------------------------------------------------------------------- worker side
@@ -92,7 +85,7 @@ def run_tp(world: int, sequence_parallel: bool, loss_parallel: bool, variant: st
 
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
     cfg = tiny_cfg(**VARIANTS[variant])
-    model = build(cfg)
+    model = tiny_model(cfg)
     apply_tp(model, mesh, sequence_parallel=sequence_parallel, loss_parallel=loss_parallel)
     tokens, labels = fixed_batch(cfg.vocab_size, B, T)
     with torch.no_grad():
@@ -110,7 +103,7 @@ def run_fsdp_tp(world: int) -> dict:
 
     mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp_shard", "tp"))
     cfg = tiny_cfg()
-    model = build(cfg)
+    model = tiny_model(cfg)
     apply_tp(model, mesh["tp"])
     group = mesh["dp_shard"].get_group()
 
@@ -155,7 +148,7 @@ def run_stages(world: int) -> dict:
 
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
     cfg = tiny_cfg()
-    whole = build(cfg)
+    whole = tiny_model(cfg)
     first, second = copy.deepcopy(whole), copy.deepcopy(whole)
     del first.layers["1"], second.layers["0"]
     first.norm = first.lm_head = second.embed_tokens = None
@@ -218,19 +211,15 @@ def _ok(ranks: list[dict]) -> list[dict]:
     return ranks
 
 
-def _close(actual, expected, what: str, rtol: float = 1e-4, atol: float = 1e-6) -> None:
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
-
-
 def _same_run(run: dict, ref: dict, losses: list[float]) -> None:
     """Losses, first-step gradients, final parameters and per-step MoE loads equal the reference run."""
-    _close(torch.tensor(losses, dtype=torch.float64), torch.tensor(ref["losses"], dtype=torch.float64), "losses",
+    close(torch.tensor(losses, dtype=torch.float64), torch.tensor(ref["losses"], dtype=torch.float64), "losses",
            rtol=1e-5)
     assert sorted(run["grads"]) == sorted(ref["grads"])  # same parameter names
     for n, g in ref["grads"].items():
-        _close(run["grads"][n], g, f"grad {n}")
+        close(run["grads"][n], g, f"grad {n}")
     for n, p in ref["params"].items():
-        _close(run["params"][n], p, f"param {n}")
+        close(run["params"][n], p, f"param {n}")
 
 
 @pytest.mark.slow
@@ -328,7 +317,7 @@ def test_tp_stage_parts_send_sequence_shards_and_equal_one_process(results, refe
     ref = references["base"]
     for r in _ok(results["stages"]):
         assert r["sent"] == ("Tensor", (B, T // 2, tiny_cfg().hidden_size))  # this rank's sequence shard
-        _close(torch.tensor(r["loss"]), torch.tensor(ref["losses"][0]), "loss", rtol=1e-5)
+        close(torch.tensor(r["loss"]), torch.tensor(ref["losses"][0]), "loss", rtol=1e-5)
         assert sorted(r["grads"]) == sorted(ref["grads"])
         for n, g in ref["grads"].items():
-            _close(r["grads"][n], g, f"grad {n}")
+            close(r["grads"][n], g, f"grad {n}")
