@@ -208,6 +208,22 @@ def test_init_from_hf_under_fp8_gives_the_fp8_models_first_loss(dataset, dirs, t
     assert got8 != got16 and abs(got8 / got16 - 1) < 0.01, (got8, got16)
 
 
+def test_init_from_hf_under_fsdp_with_fp8_all_gather_equals_one_process(dataset, dirs, tmp_path):
+    """fp8_tensorwise with FSDP2 all-gathering the dense weights in FP8 (dp=2, the weights sharded and wrapped
+    before the directory's tensors go in) takes the one-process FP8 run's first loss: one micro-batch of one
+    sequence per FP8 cast, as in the one-process run, and fp32 compute, so only the order of fp32 sums differs
+    (1e-5 is ~80x fp32's unit roundoff over a loss of ~6). A run that left the weights at their initialisation
+    or skipped the FP8 cast would differ: the same run without FP8 is asserted to be further off."""
+    d = dirs["v2"][0]
+    fp8 = {"precision": "fp8_tensorwise", "precision.fp8_emulate": "true", "precision.param_dtype": "float32",
+           "train.micro_batch_size": 1}
+    one = first_loss(dataset, tmp_path / "one", d, **fp8)
+    gathered = first_loss(dataset, tmp_path / "fsdp", d, 2, **fp8, **{"precision.fp8_fsdp_all_gather": "true"})
+    plain = first_loss(dataset, tmp_path / "fp32", d, **{"precision": "fp32", "train.micro_batch_size": 1})
+    assert math.isclose(gathered, one, rel_tol=1e-5), (gathered, one)
+    assert abs(one - plain) > 10 * abs(gathered - one), (one, gathered, plain)
+
+
 # ------------------------------------------------------------------------------------------ bad input
 def _copy(src: Path, dst: Path) -> Path:
     import shutil
