@@ -13,8 +13,6 @@ and renamed; the run's tokenizer.json (when its data had one) is saved beside th
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +31,7 @@ from model.config import TORCH_DTYPES
 from model.hf import ShardWriter, check_exportable, exported_names, hf_items
 
 from .config import ConfigError
+from .data.prepare import staged_dir
 from .runfiles import checkpoint_of, main_guard, parse_args, run_config, run_tokenizer
 
 log = logging.getLogger("train.export")
@@ -209,17 +208,8 @@ def run(argv: list[str]) -> int:
         check_exportable(cfg.model)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    tmp = dest.parent / f"{dest.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with staged_dir(dest) as tmp:
         export(ckpt, cfg, tmp, ecfg.dtype, ecfg.max_shard_bytes)
-        old = dest.parent / f"{dest.name}.old-{os.getpid()}"
-        if dest.exists():
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     print(f"exported {ckpt} to {dest}", flush=True)
     return 0
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -15,7 +14,7 @@ import torch
 from model import Transformer
 
 from .checkpoint import CheckpointError, load_model_weights, published
-from .config import ConfigError, RunConfig, build_config
+from .config import ConfigError, RunConfig, build_config, one_line
 
 log = logging.getLogger(__name__)
 
@@ -121,12 +120,8 @@ def main_guard(fn, argv: list[str] | None) -> int:
     try:
         return fn(argv)
     except (ConfigError, LayoutError) as e:
-        print(f"config error: {_one_line(e)}", file=sys.stderr)
+        print(f"config error: {one_line(e)}", file=sys.stderr)
         return 2
     except (CheckpointError, ValueError, OSError) as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
-
-
-def _one_line(e: BaseException) -> str:
-    return re.sub(r"\s+", " ", str(e)).strip() or type(e).__name__

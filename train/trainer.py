@@ -233,12 +233,12 @@ class Trainer:
         if local_batch % n_micro:
             raise ConfigError(f"parallel.pp_microbatches={n_micro} must divide the per-rank batch "
                               f"global_batch_size/dp = {cfg.train.global_batch_size}/{self.dp_world} = {local_batch}")
-        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.precision.param_dtype, torch.float32)
         try:
             return build_pipeline(model, self.mesh["pp"], cfg.parallel.pp_schedule, n_micro,
                                   cfg.parallel.pp_stages_per_rank, self.loss_fn, self.env.device,
                                   microbatch_size=local_batch // n_micro, seq_len=cfg.data.seq_len // self.dims.cp,
-                                  activation_dtype=dtype, loss_for=self._loss_for)
+                                  activation_dtype=TORCH_DTYPES[cfg.precision.param_dtype],
+                                  loss_for=self._loss_for)
         except ValueError as e:
             raise ConfigError(f"pipeline: {e}") from None
 

@@ -20,6 +20,7 @@ import sys
 import tarfile
 import zlib
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -145,17 +146,11 @@ def prepare(inputs: list[str], output: str | Path, tokenizer: str = "byte", chun
                            f"chunk_len={chunk_len}, samples_per_shard={samples_per_shard}, val_fraction={val_fraction}")
     _check_output(output, overwrite)
     files = expand_inputs(inputs)
-    tmp = output.parent / f"{output.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_dir(output) as tmp:
+        tmp.mkdir(parents=True)
         settings = dict(tokenizer=tokenizer, chunk_len=chunk_len, samples_per_shard=samples_per_shard,
                         val_fraction=val_fraction, text_key=text_key, eos_token=eos_token, seed=seed)
-        index = write_dataset(files, tmp, progress=progress, **settings)
-        _publish(tmp, output)
-        return index
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        return write_dataset(files, tmp, progress=progress, **settings)
 
 
 def _check_output(output: Path, overwrite: bool) -> None:
@@ -165,13 +160,22 @@ def _check_output(output: Path, overwrite: bool) -> None:
         raise PrepareError(f"{output} exists and is not empty (pass --overwrite to replace it)")
 
 
-def _publish(tmp: Path, output: Path) -> None:
-    """Move the finished dataset into place; a replaced one is moved aside first, then deleted."""
-    old = output.parent / f"{output.name}.old-{os.getpid()}"
-    if output.exists():
-        os.replace(output, old)
-    os.replace(tmp, output)
-    shutil.rmtree(old, ignore_errors=True)
+@contextmanager
+def staged_dir(output: Path) -> Iterator[Path]:
+    """`<output>.tmp-<pid>` (not yet created) to write a directory into. When the block ends normally it is moved
+    into place as `output` (a replaced one is moved aside first, then deleted); whatever happens it is gone
+    afterwards, and `output` is untouched unless the block succeeded."""
+    tmp = output.parent / f"{output.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield tmp
+        old = output.parent / f"{output.name}.old-{os.getpid()}"
+        if output.exists():
+            os.replace(output, old)
+        os.replace(tmp, output)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_dataset(files: list[Path], out: Path, tokenizer: str, chunk_len: int, samples_per_shard: int,
