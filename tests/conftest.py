@@ -155,6 +155,17 @@ def tiny_model(cfg: ModelConfig | None = None, seed: int = 0) -> Transformer:
     return model
 
 
+def counted_training_flops(model: Transformer, tokens: torch.Tensor) -> int:
+    """The FLOPs torch's counter sees in one forward and backward of `model` on `tokens` (cross-entropy against the
+    tokens themselves). The math SDPA backend runs as counted matmuls (the CPU flash kernel has no flop formula)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH):
+        torch.nn.functional.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten()).backward()
+    return fc.get_total_flops()
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     """Relative L2 distance |a - b| / |b|."""
     return float((a - b).detach().norm() / b.detach().norm())
