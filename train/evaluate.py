@@ -51,7 +51,7 @@ def evaluate(trainer, ckpt: Path, ecfg: EvalConfig) -> dict:
 
     cfg = trainer.cfg
     trainer.build_parts()
-    load_model_weights(ckpt, trainer.parts)
+    load_model_weights(ckpt, trainer.parts, check=False)  # checkpoint_of verified it
     loader = TokenLoader(TokenDataset(Path(ecfg.data), ecfg.split), seq_len=cfg.data.seq_len,
                          global_batch_size=cfg.train.global_batch_size, micro_batch_size=cfg.train.micro_batch_size,
                          dp_rank=trainer.dp_rank, dp_world=trainer.dp_world, seed=cfg.train.seed)

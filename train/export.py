@@ -32,7 +32,8 @@ from model.hf import ShardWriter, check_exportable, exported_names, hf_items
 
 from .config import ConfigError
 from .data.prepare import staged_dir
-from .runfiles import checkpoint_of, main_guard, parse_args, run_config, run_tokenizer
+from .runfiles import checkpoint_of, main_guard, parse_args, run_config, run_data, run_tokenizer
+from .targets import unsafe_target
 
 log = logging.getLogger("train.export")
 DTYPES = TORCH_DTYPES
@@ -200,10 +201,13 @@ def run(argv: list[str]) -> int:
     if ecfg.dtype not in DTYPES:
         raise ConfigError(f"export.dtype must be one of {sorted(DTYPES)}, got {ecfg.dtype!r}")
     dest = Path(ecfg.dir)
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not ecfg.overwrite:
-        raise ConfigError(f"export.dir={dest} exists and is not empty; pass export.overwrite=true to replace it")
     ckpt = checkpoint_of(run_dir, ecfg.step)
     cfg = run_config(ckpt)
+    unsafe = unsafe_target(dest, [run_dir, *run_data(cfg)])
+    if unsafe:
+        raise ConfigError(f"export.dir={dest} {unsafe}; export to a directory of its own")
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not ecfg.overwrite:
+        raise ConfigError(f"export.dir={dest} exists and is not empty; pass export.overwrite=true to replace it")
     try:
         check_exportable(cfg.model)
     except ValueError as e:

@@ -13,7 +13,7 @@ import torch
 
 from model import Transformer
 
-from .checkpoint import CheckpointError, load_model_weights, published
+from .checkpoint import CheckpointError, load_model_weights, select
 from .config import ConfigError, RunConfig, build_config, one_line
 
 log = logging.getLogger(__name__)
@@ -52,16 +52,8 @@ def _value(text: str, tp) -> object:
 
 
 def checkpoint_of(run: Path, step: int | None) -> Path:
-    """The run's newest published checkpoint, or the one of `step`."""
-    found = published(run / "checkpoints")
-    if not found:
-        raise CheckpointError(f"{run} has no published checkpoint under checkpoints/ (is it a run's output_dir?)")
-    if step is None:
-        return found[0]
-    for path in found:
-        if int(path.name.split("_")[-1]) == step:
-            return path
-    raise CheckpointError(f"{run} has no checkpoint of step {step}; it has {[p.name for p in found]}")
+    """The run's newest published checkpoint that verifies, or the one of `step` (train/checkpoint.py)."""
+    return select(run / "checkpoints", step)
 
 
 def run_config(ckpt: Path, overrides: list[str] = ()) -> RunConfig:
@@ -83,8 +75,17 @@ def run_config(ckpt: Path, overrides: list[str] = ()) -> RunConfig:
 def load_model(ckpt: Path, cfg: RunConfig, device: torch.device) -> Transformer:
     """The checkpoint's model, whole, on one device, in eval mode."""
     model = Transformer(cfg.model)
-    load_model_weights(ckpt, [model])
+    load_model_weights(ckpt, [model], check=False)  # checkpoint_of verified it
     return model.to(device).eval()
+
+
+def run_data(cfg: RunConfig) -> list[Path]:
+    """The data a run read: its dataset directory, or its Megatron corpora's .bin/.idx files."""
+    from .data.builtin import builtin_dataset
+
+    if cfg.data.format == "megatron":
+        return [Path(prefix + ext) for prefix in cfg.data.prefixes for ext in (".bin", ".idx")]
+    return [Path(cfg.data.path) if cfg.data.path else builtin_dataset()]
 
 
 @dataclass

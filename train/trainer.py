@@ -468,7 +468,7 @@ class Trainer:
             self._roll_back(problem)
             return False
         if problem is not None and not all(math.isfinite(v) for v in losses.values()):
-            last = self.checkpointer.last_published()
+            last = self.checkpointer.last_good()
             raise TrainingError(f"{problem} at step {self.step}; last good checkpoint: {last or 'none'} (nothing "
                                 f"saved; train.spike.max_rollbacks > 0 rolls back and skips data instead)")
         if problem is not None:
