@@ -3,7 +3,7 @@
     python -m launch.memcheck model=small train.micro_batch_size=4            # one process
     torchrun --standalone --nproc-per-node 4 -m launch.memcheck parallel.ep=2 # a layout, every rank
 
-Builds the trainer as `python -m train` would (in a temporary output_dir unless one is given; no checkpoint,
+Builds the runtime as `python -m train` does (train/runtime.py) (in a temporary output_dir unless one is given; no checkpoint,
 no validation), runs `--steps` (default 3) optimizer steps under torch's profiler memory accounting,
 and prints one line per rank: the peak of live tensor bytes allocated through torch's CPU allocator since
 the process began building the model (weights, gradients, optimizer states, activations, communication
@@ -50,17 +50,21 @@ def peak_allocated(prof) -> int:
 
 def measure(cfg, steps: int) -> tuple[int, int]:
     """(rank, peak bytes) of `steps` training steps of `cfg` on this process."""
-    from train.trainer import Trainer
+    import torch.distributed as dist
+
+    from train.runtime import build_runtime
+    from train.step import Step
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        trainer = Trainer(cfg)
         try:
-            trainer.setup()
-            for _ in range(steps):
-                trainer.train_step(trainer.next_batch())
-            rank = trainer.env.rank
+            rt = build_runtime(cfg)
+            step = Step(rt)
+            for i in range(steps):
+                step(step.sequence_part(rt.loader.next_batch()), i)
+            rank = rt.env.rank
         finally:
-            trainer.close()
+            if dist.is_initialized():
+                dist.destroy_process_group()
     return rank, peak_allocated(prof)
 
 

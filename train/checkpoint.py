@@ -204,10 +204,14 @@ def published(root: Path) -> list[Path]:
 
 
 class Checkpointer:
-    def __init__(self, root: Path, keep: int, async_save: bool = False):
+    """Saves, publishes, prunes and loads the checkpoints under `root`; `every` and `steps` (the run's length)
+    give its cadence (`should_save`)."""
+
+    def __init__(self, root: Path, keep: int, async_save: bool = False, every: int = 0, steps: int = 0):
         self.root = root
         self.keep = keep
         self.async_save = async_save
+        self.every, self.steps = every, steps
         self._pending: tuple[Future, Path, Path] | None = None
         self._hasher: ThreadPoolExecutor | None = None  # checksums an async save's files once they are written
         if async_save and _single():  # DCP's writer thread warns on every save, outside any call's context
@@ -215,6 +219,11 @@ class Checkpointer:
         self.last_step: int | None = None  # the step of the newest save (or load) of this run
 
     # ------------------------------------------------------------------------------------------ save
+    def should_save(self, step: int) -> bool:
+        """Whether the run saves after `step` steps on its cadence (every `every`; the end of the run saves
+        anyway), and has not saved that step already."""
+        return bool(self.every) and step % self.every == 0 and step < self.steps and self.last_step != step
+
     def save(self, step: int, parts, optimizers, train_state: dict[str, Any]) -> None:
         """Write checkpoint `step`; publish it now (sync) or once its background write finished (async)."""
         self.wait()

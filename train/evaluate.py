@@ -45,29 +45,27 @@ def token_bytes(tok, ids: torch.Tensor) -> int:
     return sum(len(tok.decode(row).encode("utf-8")) for row in ids.tolist())
 
 
-def evaluate(trainer, ckpt: Path, ecfg: EvalConfig) -> dict:
-    """{"loss", "perplexity", "bits_per_byte"} of the checkpoint on the split, over every rank."""
+def evaluate(rt, ckpt: Path, ecfg: EvalConfig) -> dict:
+    """{"loss", "perplexity", "bits_per_byte"} of the checkpoint on the split, over every rank of the runtime
+    `rt` (its model parts built)."""
     from .data.loader import TokenDataset, TokenLoader
+    from .step import Step
 
-    cfg = trainer.cfg
-    trainer.build_parts()
-    load_model_weights(ckpt, trainer.parts, check=False)  # checkpoint_of verified it
+    cfg, g = rt.cfg, rt.groups
+    load_model_weights(ckpt, rt.parts, check=False)  # checkpoint_of verified it
     loader = TokenLoader(TokenDataset(Path(ecfg.data), ecfg.split), seq_len=cfg.data.seq_len,
                          global_batch_size=cfg.train.global_batch_size, micro_batch_size=cfg.train.micro_batch_size,
-                         dp_rank=trainer.dp_rank, dp_world=trainer.dp_world, seed=cfg.train.seed)
-    whole = loader.val_batches(ecfg.batches or cfg.data.val_batches, cfg.train.global_batch_size // trainer.dp_world)
-    for part in trainer.parts:
-        part.eval()
-    with torch.no_grad(), trainer.gemm_mode():
-        losses = trainer._val_losses(trainer.sequence_part(whole))
-    loss = torch.stack(losses).mean()
+                         dp_rank=g.dp_rank, dp_world=g.dp_world, seed=cfg.train.seed)
+    whole = loader.val_batches(ecfg.batches or cfg.data.val_batches, cfg.train.global_batch_size // g.dp_world)
+    step = Step(rt)
+    loss = torch.stack(step.losses(step.sequence_part(whole), int(ckpt.name.split("_")[-1]))).mean()
     tok = run_tokenizer(cfg, Path(ecfg.data)).tok
     counts = torch.tensor([sum(y.numel() for _, y in whole), sum(token_bytes(tok, y) for _, y in whole)],
                           dtype=torch.float64)
-    if trainer.token_world > 1:
-        dist.all_reduce(loss, group=trainer.token_group)
-        loss /= trainer.token_world
-        dist.all_reduce(counts, group=trainer.mesh["dp"].get_group())
+    if g.token_world > 1:
+        dist.all_reduce(loss, group=g.token_group)
+        loss /= g.token_world
+        dist.all_reduce(counts, group=rt.mesh["dp"].get_group())
     value = float(loss)
     tokens, nbytes = float(counts[0]), float(counts[1])
     bpb = value * tokens / (math.log(2) * nbytes) if nbytes else float("nan")
@@ -75,7 +73,7 @@ def evaluate(trainer, ckpt: Path, ecfg: EvalConfig) -> dict:
 
 
 def run(argv: list[str]) -> int:
-    from .trainer import Trainer
+    from .runtime import build_runtime
 
     run_dir, ecfg, rest = parse_args(argv, EvalConfig, "eval")
     if not ecfg.data or not Path(ecfg.data).is_dir():
@@ -83,18 +81,19 @@ def run(argv: list[str]) -> int:
     ckpt = checkpoint_of(run_dir, ecfg.step)
     one_process = [] if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ONE_PROCESS  # else the run's layout
     cfg = run_config(ckpt, one_process + rest + [f"output_dir={run_dir}", "checkpoint.init_from=null"])
-    trainer = Trainer(cfg)
+    rt = build_runtime(cfg, data=False, optimizers=False)
     try:
-        result = evaluate(trainer, ckpt, ecfg)
+        result = evaluate(rt, ckpt, ecfg)
         step = int(ckpt.name.split("_")[-1])
-        if trainer.env.rank == 0:
+        if rt.env.rank == 0:
             record = {"step": step, **{f"eval/{k}": v for k, v in result.items()}, "eval/data": str(ecfg.data)}
             with open(run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             print(f"step {step} | eval loss {result['loss']:.4f} | perplexity {result['perplexity']:.3f} | "
                   f"bits/byte {result['bits_per_byte']:.4f}", flush=True)
     finally:
-        trainer.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 
