@@ -31,7 +31,7 @@ from parallel.inventory import rank_parameters
 from parallel.fp8 import Fp8Recipe, after_optimizer_step, check_fp8
 from parallel.pipeline import Pipeline, build_pipeline, ends_share_rank
 
-from .checkpoint import Checkpointer, load_model_weights
+from .checkpoint import CheckpointError, Checkpointer, load_model_weights
 from .config import ConfigError, RunConfig, fused_loss_on, parallel_dims, pipeline_microbatches, to_dict
 from .env import init_distributed
 from .hardware import device_bf16_tflops
@@ -133,7 +133,7 @@ class Trainer:
                               f"it must divide")
         self.fp8 = self._fp8_recipe()  # checked before set-up writes anything to output_dir
         if cfg.checkpoint.init_from and not Path(cfg.checkpoint.init_from).exists():
-            raise ConfigError(f"checkpoint.init_from={cfg.checkpoint.init_from} does not exist (expected a run's "
+            raise CheckpointError(f"checkpoint.init_from={cfg.checkpoint.init_from} does not exist (expected a run's "
                               f"output_dir, one of its checkpoints/step_N or a Hugging Face model directory)")
         self.hf_init = None  # a Hugging Face directory to start from: checked before anything is written
         if cfg.checkpoint.init_from and is_hf_dir(Path(cfg.checkpoint.init_from)):
@@ -445,6 +445,8 @@ class Trainer:
                 elapsed = time.perf_counter() - window_t
                 self._log(result, elapsed / window_steps, window_tokens / elapsed, start, t0)
                 window_t, window_steps, window_tokens = time.perf_counter(), 0, 0
+            if self.step % cfg.log.moe_every == 0:  # its own cadence, whatever log.every is
+                self._log_moe()
             if cfg.train.val_every and (self.step % cfg.train.val_every == 0 or self.step == cfg.train.steps):
                 self._validate()
             if self._should_stop():
@@ -521,15 +523,19 @@ class Trainer:
                   "tokens": self.batches.sequences_before(self.step) * self.cfg.data.seq_len}
         record.update({k: v for k, v in result.items() if k not in record})
         self.metrics.log(self.step, record)
-        if self.step % self.cfg.log.moe_every == 0 and self.moe_stats is not None:
-            bias = None
-            if self.cfg.model.aux_loss_free_bias:
-                bias = gathered_expert_bias(self.moe_layers(), self.cfg.model, self.stats_groups)
-            self.metrics.log_moe(self.step, self.moe_stats.loads, self.moe_stats.layer_ids, bias)
         if self.env.rank == 0:
             print(format_progress(self.step, self.cfg.train.steps, result["loss"], tps, mfu,
                                   self.batches.seconds_left(start, self.step, self.cfg.train.steps,
                                                             time.perf_counter() - t0)), flush=True)
+
+    def _log_moe(self) -> None:
+        """The last step's per-layer expert loads (histograms, heatmap) and expert biases (every log.moe_every steps)."""
+        if self.moe_stats is None:
+            return
+        bias = None
+        if self.cfg.model.aux_loss_free_bias:
+            bias = gathered_expert_bias(self.moe_layers(), self.cfg.model, self.stats_groups)
+        self.metrics.log_moe(self.step, self.moe_stats.loads, self.moe_stats.layer_ids, bias)
 
     @torch.no_grad()
     def _validate(self) -> None:
