@@ -62,9 +62,11 @@ def test_out_of_range_tool_values_are_refused(module, args, fragment, tmp_path, 
     ({"WORLD_SIZE": "4", "RANK": "4"}, "RANK=4 and WORLD_SIZE=4"),
     ({"WORLD_SIZE": "2", "LOCAL_RANK": "one"}, "LOCAL_RANK='one'"),
     ({"SLURM_NTASKS": "2", "SLURM_PROCID": "-1", "SLURM_LOCALID": "0", "SLURM_JOB_NODELIST": "n1"}, "SLURM_PROCID='-1'"),
+    ({"SLURM_NTASKS": "2", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_JOB_NODELIST": "[n1]"},
+     "SLURM_JOB_NODELIST='[n1]'"),
 ])
 def test_rank_environment_is_checked_before_any_work(env, fragment, tmp_path, capsys, monkeypatch):
-    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "SLURM_NTASKS", "SLURM_PROCID"):
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "SLURM_NTASKS", "SLURM_PROCID", "MASTER_ADDR"):
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)

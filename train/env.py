@@ -19,7 +19,7 @@ def first_host(nodelist: str) -> str:
     """The first host of a SLURM node list: "gpu[003-005,9],cpu1" -> "gpu003"; "a,b" -> "a"."""
     m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
     if not m:
-        raise ValueError(f"cannot read a host from SLURM node list {nodelist!r}")
+        raise ConfigError(f"SLURM_JOB_NODELIST={nodelist!r} in the environment: cannot read a host from it")
     prefix, ranges = m.groups()
     return prefix + (ranges.split(",")[0].split("-")[0] if ranges else "")
 

@@ -25,6 +25,7 @@ from model.config import require
 
 from .checkpoint import load_model_weights
 from .config import ConfigError
+from .env import rank_env
 from .runfiles import checkpoint_of, main_guard, parse_args, run_config, run_tokenizer
 
 
@@ -95,7 +96,7 @@ def run(argv: list[str]) -> int:
     if not Path(ecfg.data).is_dir():
         raise DataError(f"eval.data={ecfg.data}: no such dataset directory (python -m train.data.prepare writes one)")
     ckpt = checkpoint_of(run_dir, ecfg.step)
-    one_process = [] if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ONE_PROCESS  # else the run's layout
+    one_process = [] if rank_env(os.environ).world > 1 else ONE_PROCESS  # else the run's layout
     cfg = run_config(ckpt, one_process + rest + [f"output_dir={run_dir}", "checkpoint.init_from=null"])
     trainer = Trainer(cfg)
     try:
