@@ -61,7 +61,8 @@ def test_out_of_range_tool_values_are_refused(module, args, fragment, tmp_path, 
 @pytest.mark.parametrize("env,fragment", [
     ({"WORLD_SIZE": "4", "RANK": "4"}, "RANK=4 and WORLD_SIZE=4"),
     ({"WORLD_SIZE": "2", "LOCAL_RANK": "one"}, "LOCAL_RANK='one'"),
-    ({"SLURM_NTASKS": "2", "SLURM_PROCID": "-1", "SLURM_LOCALID": "0", "SLURM_JOB_NODELIST": "n1"}, "SLURM_PROCID='-1'"),
+    ({"SLURM_NTASKS": "2", "SLURM_PROCID": "-1", "SLURM_LOCALID": "0", "SLURM_JOB_NODELIST": "n1"},
+     "SLURM_PROCID='-1'"),
     ({"SLURM_NTASKS": "2", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_JOB_NODELIST": "[n1]"},
      "SLURM_JOB_NODELIST='[n1]'"),
 ])

@@ -66,7 +66,8 @@ def evaluate(trainer, ckpt: Path, ecfg: EvalConfig) -> dict:
     loader = TokenLoader(TokenDataset(Path(ecfg.data), ecfg.split), seq_len=cfg.data.seq_len,
                          global_batch_size=cfg.train.global_batch_size, micro_batch_size=cfg.train.micro_batch_size,
                          dp_rank=trainer.dp_rank, dp_world=trainer.dp_world, seed=cfg.train.seed)
-    whole = loader.val_batches(cfg.data.val_batches if ecfg.batches is None else ecfg.batches, cfg.train.global_batch_size // trainer.dp_world)
+    batches = cfg.data.val_batches if ecfg.batches is None else ecfg.batches
+    whole = loader.val_batches(batches, cfg.train.global_batch_size // trainer.dp_world)
     for part in trainer.parts:
         part.eval()
     with torch.no_grad(), trainer.gemm_mode():
@@ -86,11 +87,10 @@ def evaluate(trainer, ckpt: Path, ecfg: EvalConfig) -> dict:
 
 
 def run(argv: list[str]) -> int:
+    from .data.loader import DataError
     from .trainer import Trainer
 
     run_dir, ecfg, rest = parse_args(argv, EvalConfig, "eval")
-    from .data.loader import DataError
-
     if not ecfg.data:
         raise ConfigError("eval.data=<a prepared dataset directory> is required")
     if not Path(ecfg.data).is_dir():

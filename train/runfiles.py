@@ -46,8 +46,8 @@ def parse_args(argv: list[str], section: type, name: str) -> tuple[Path, object,
 
 
 def _read(arg: str, tp) -> object:
-    """The value of `key=value` for a field of type `tp`: a text field (str, Optional[str]) takes the text as
-    given (null: None where it is optional), any other field Hydra's override grammar's reading."""
+    """The value of `key=value` for a field of type `tp`: for a text field (str, Optional[str]) the text as given
+    (null: None where it is optional), for any other field what Hydra's override grammar reads."""
     text = arg.partition("=")[2]
     if tp is str:
         return text

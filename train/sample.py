@@ -16,9 +16,8 @@ from typing import Optional
 
 import torch
 
-from model.generate import generate
-
 from model.config import require
+from model.generate import generate
 
 from .config import ConfigError
 from .runfiles import checkpoint_of, load_model, main_guard, parse_args, run_config, run_tokenizer

@@ -529,7 +529,7 @@ class Trainer:
                                                             time.perf_counter() - t0)), flush=True)
 
     def _log_moe(self) -> None:
-        """The last step's per-layer expert loads (histograms, heatmap) and expert biases (every log.moe_every steps)."""
+        """The last step's per-layer expert loads (histograms, heatmap) and expert biases, every log.moe_every steps."""
         if self.moe_stats is None:
             return
         bias = None
