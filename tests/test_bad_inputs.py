@@ -141,7 +141,9 @@ def test_a_damaged_tokenizer_or_index_is_one_line_naming_it(dataset, tmp_path, c
 # ------------------------------------------------------------------------------------------ missing inputs
 def test_a_missing_input_is_exit_1_in_every_tool(dataset, tmp_path, capsys):
     gone = tmp_path / "gone"
+    (tmp_path / "mine").mkdir()  # the user's own empty directory: a failed run leaves it where it was
     runs = [("train", base_args(dataset, tmp_path / "a", 1, **{"data.path": gone})),
+            ("train", base_args(dataset, tmp_path / "mine", 1, **{"data.path": gone})),
             ("train", base_args(dataset, tmp_path / "b", 1, **{"checkpoint.init_from": gone})),
             ("train.evaluate", [f"output_dir={tmp_path}", f"eval.data={gone}"]),
             ("train.sample", [f"output_dir={tmp_path}", f"sample.prompt_file={gone}"]),
@@ -149,7 +151,7 @@ def test_a_missing_input_is_exit_1_in_every_tool(dataset, tmp_path, capsys):
     for module, args in runs:
         rc, lines = tool(module, *args, capsys=capsys)
         one_line(rc, lines, 1, str(gone))
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and (tmp_path / "mine").is_dir()
 
 
 def test_an_output_dir_that_cannot_be_made_is_one_config_line(dataset, tmp_path, capsys):
