@@ -22,6 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from train.config import compose_config
 from train.config import ConfigError
+from train.env import rank_env
 
 
 def peak_allocated(prof) -> int:
@@ -80,10 +81,10 @@ def main(argv: list[str]) -> int:
             # a stated peak skips the trainer's CPU GEMM benchmark (an MFU denominator, not training memory)
             cfg = compose_config(["train.peak_tflops=1.0", *argv, "checkpoint.load=false"]
                                  + ([] if given else [f"output_dir={tmp}"]))
+            world = rank_env(os.environ).world
         except ConfigError as e:
             print(f"config error: {e}", file=sys.stderr)
             return 2
-        world = int(os.environ.get("WORLD_SIZE", "1"))
         rank, peak = measure(cfg, steps)
     planned = rank_memory(cfg, world, rank)
     row = json.dumps({"rank": rank, "measured_bytes": peak, "planned_bytes": planned.total,

@@ -241,6 +241,26 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def build_section(cls: type, data: dict, prefix: str) -> Any:
+    """The dataclass `cls` from the plain dict `data`, each value type-checked as `python -m train` checks its
+    config (unknown keys, wrong types: ConfigError naming `prefix` + the key); `cls.__post_init__` checks ranges."""
+    return _build(cls, data, prefix)
+
+
+def parse_override(arg: str) -> tuple[str, Any]:
+    """One `key=value` argument -> (key, value), the value read by Hydra's override grammar, as `python -m train`
+    reads its command line (numbers, true/false, null, [lists]; other text stays a string)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        (override,) = OverridesParser.create().parse_overrides([arg])
+        if override.is_sweep_override():
+            raise ValueError(f"{arg!r} is a sweep; give one value")
+        return override.key_or_group, override.value()
+    except Exception as e:  # noqa: BLE001 — Hydra's parser raises its own types; all are a bad argument here
+        raise ConfigError(f"cannot read {arg!r}: {one_line(e)}") from None
+
+
 def build_config(data: dict) -> RunConfig:
     """Plain dict (Hydra's composed config, resolved) -> validated RunConfig, its defaults filled in."""
     cfg = _build(RunConfig, data, "")
@@ -342,7 +362,8 @@ def _validate_checkpoint_log(cfg: RunConfig) -> None:
     _require(not (cfg.checkpoint.init_from or "").startswith("<"), f"checkpoint.init_from is a placeholder: "
              f"{cfg.checkpoint.init_from}")
     _require(cfg.checkpoint.every >= 0, f"checkpoint.every must be >= 0, got {cfg.checkpoint.every}")
-    _require(cfg.log.every >= 1, f"log.every must be >= 1, got {cfg.log.every}")
+    _require(cfg.log.every >= 1 and cfg.log.moe_every >= 1,
+             f"log.every={cfg.log.every} and log.moe_every={cfg.log.moe_every} must be >= 1")
 
 
 def _validate_parallel(cfg: RunConfig) -> None:

@@ -21,11 +21,15 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from model.config import require
+
 from .checkpoint import load_model_weights
 from .config import ConfigError
+from .env import rank_env
 from .runfiles import checkpoint_of, main_guard, parse_args, run_config, run_tokenizer
 
 
+SPLITS = ("train", "val")  # the splits train.data.prepare writes
 ONE_PROCESS = ["parallel.dp_replicate=1", "parallel.dp_shard=-1", "parallel.tp=1", "parallel.ep=1", "parallel.pp=1",
                "parallel.cp=1", "parallel.pp_stages_per_rank=1"]
 
@@ -36,6 +40,13 @@ class EvalConfig:
     split: str = "val"
     step: Optional[int] = None  # None: the newest checkpoint
     batches: Optional[int] = None  # None: the run's data.val_batches
+
+    def __post_init__(self) -> None:
+        require(self.split in SPLITS, f"eval.split must be one of {', '.join(SPLITS)}, got {self.split!r}", ConfigError)
+        require(self.batches is None or self.batches >= 1,
+                f"eval.batches must be >= 1 (or null: the run's data.val_batches), got {self.batches}", ConfigError)
+        require(self.step is None or self.step >= 0, f"eval.step must be >= 0 (or null: newest), got {self.step}",
+                ConfigError)
 
 
 def token_bytes(tok, ids: torch.Tensor) -> int:
@@ -56,7 +67,8 @@ def evaluate(rt, ckpt: Path, ecfg: EvalConfig) -> dict:
     loader = TokenLoader(TokenDataset(Path(ecfg.data), ecfg.split), seq_len=cfg.data.seq_len,
                          global_batch_size=cfg.train.global_batch_size, micro_batch_size=cfg.train.micro_batch_size,
                          dp_rank=g.dp_rank, dp_world=g.dp_world, seed=cfg.train.seed)
-    whole = loader.val_batches(ecfg.batches or cfg.data.val_batches, cfg.train.global_batch_size // g.dp_world)
+    batches = cfg.data.val_batches if ecfg.batches is None else ecfg.batches
+    whole = loader.val_batches(batches, cfg.train.global_batch_size // g.dp_world)
     step = Step(rt)
     loss = torch.stack(step.losses(step.sequence_part(whole), int(ckpt.name.split("_")[-1]))).mean()
     tok = run_tokenizer(cfg, Path(ecfg.data)).tok
@@ -73,13 +85,16 @@ def evaluate(rt, ckpt: Path, ecfg: EvalConfig) -> dict:
 
 
 def run(argv: list[str]) -> int:
+    from .data.loader import DataError
     from .runtime import build_runtime
 
     run_dir, ecfg, rest = parse_args(argv, EvalConfig, "eval")
-    if not ecfg.data or not Path(ecfg.data).is_dir():
-        raise ConfigError(f"eval.data=<a prepared dataset directory> is required, got {ecfg.data!r}")
+    if not ecfg.data:
+        raise ConfigError("eval.data=<a prepared dataset directory> is required")
+    if not Path(ecfg.data).is_dir():
+        raise DataError(f"eval.data={ecfg.data}: no such dataset directory (python -m train.data.prepare writes one)")
     ckpt = checkpoint_of(run_dir, ecfg.step)
-    one_process = [] if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ONE_PROCESS  # else the run's layout
+    one_process = [] if rank_env(os.environ).world > 1 else ONE_PROCESS  # else the run's layout
     cfg = run_config(ckpt, one_process + rest + [f"output_dir={run_dir}", "checkpoint.init_from=null"])
     rt = build_runtime(cfg, data=False, optimizers=False)
     try:

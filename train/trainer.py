@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from model.analysis import training_flops_per_token
 
-from .checkpoint import Checkpointer, load_model_weights
+from .checkpoint import CheckpointError, Checkpointer, load_model_weights
 from .components import ProgressLog, TrainState, Validator
 from .config import ConfigError, RunConfig, to_dict
 from .hardware import device_bf16_tflops
@@ -69,8 +69,8 @@ class Trainer:
         self.rt = start_runtime(cfg)  # environment, mesh, groups, layout checks: nothing written yet
         self.env = self.rt.env
         if cfg.checkpoint.init_from and not Path(cfg.checkpoint.init_from).exists():
-            raise ConfigError(f"checkpoint.init_from={cfg.checkpoint.init_from} does not exist (expected a run's "
-                              f"output_dir, one of its checkpoints/step_N or a Hugging Face model directory)")
+            raise CheckpointError(f"checkpoint.init_from={cfg.checkpoint.init_from} does not exist (expected a run's "
+                                  f"output_dir, one of its checkpoints/step_N or a Hugging Face model directory)")
         self.hf_init = None  # a Hugging Face directory to start from: checked before anything is written
         if cfg.checkpoint.init_from and is_hf_dir(Path(cfg.checkpoint.init_from)):
             self.hf_init = check_hf_dir(Path(cfg.checkpoint.init_from), cfg.model)
