@@ -1,6 +1,6 @@
-"""The packages import one way, launch -> train -> parallel -> model (DESIGN.md), read from the source's import
-statements: model/ imports none of the others, parallel/ not train/ or launch/, train/ not launch/. And no function
-in them runs over 60 lines (STYLE.md)."""
+"""The packages import one way, launch -> train -> parallel -> model (docs/ARCHITECTURE.md), read from the source's
+import statements: model/ imports none of the others, parallel/ not train/ or launch/, train/ not launch/. And no
+function in them runs over 60 lines."""
 
 import ast
 from pathlib import Path

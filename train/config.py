@@ -165,7 +165,7 @@ class LaunchConfig:
 @dataclass
 class ClusterConfig:
     """The machines `python -m launch.plan` sizes a layout for (conf/cluster/); the trainer ignores it."""
-    gpu: str = "h800"  # h800 | h100 | h200: the constants in launch/hardware.py
+    gpu: str = "h800"  # h800 | h100 | h200: the constants in train/hardware.py
     gpus: int = 0  # GPUs of the job; 0: launch.nodes x launch.procs_per_node
     gpus_per_node: int = 8  # GPUs that share NVLink; traffic between nodes goes over InfiniBand
     gemm_efficiency: float = 0.6  # achieved fraction of the GPU's peak FLOPS in the model's GEMMs and attention

@@ -1,7 +1,7 @@
 """Run metrics, written on rank 0 only (a disabled writer does nothing and creates no files).
 
 - `<output_dir>/metrics.jsonl`: one JSON object per `log` call, keys exactly as the caller gave them.
-- `<output_dir>/tb/`: TensorBoard scalars under the tags of DESIGN.md "Metrics" (`tag_for`), per-layer
+- `<output_dir>/tb/`: TensorBoard scalars under the tags of `tag_for`, per-layer
   expert-load histograms, the expert-bias histogram and a layers x experts load heatmap image.
 - `format_progress`: the console progress line; `max_vio`: the routing-imbalance number.
 

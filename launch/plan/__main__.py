@@ -12,7 +12,7 @@ candidate layouts (pp, tp, ep, cp for long sequences, schedule, recomputation) o
 count that fit in memory by estimated tokens/s/GPU (`--top N` first, default 10; `--top 0` skips the search).
 A configured layout that cannot run (the batch does not split over its data-parallel ranks, say) is one line on
 stderr, and the search still runs (exit 0; exit 2 with `--top 0`).
-Every constant is in launch/hardware.py or the cluster config; the method is in launch/plan/*.py.
+Every constant is in train/hardware.py or the cluster config; the method is in launch/plan/*.py.
 """
 
 from __future__ import annotations
