@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from parallel.dims import LayoutError
-from train.config import ConfigError, compose_config, one_line, parallel_dims
+from train.config import ConfigError, compose_config, one_line, validate_layout
 
 from .slurm import render_sbatch, torchrun_args
 
@@ -43,7 +43,7 @@ def main(argv: list[str]) -> int:
     try:  # the layout against the processes the launch starts, before any of them starts
         cfg = compose_config(argv)
         world = f"launch.nodes={cfg.launch.nodes} x launch.procs_per_node={cfg.launch.procs_per_node}"
-        parallel_dims(cfg, cfg.launch.nodes * cfg.launch.procs_per_node)
+        validate_layout(cfg, cfg.launch.nodes * cfg.launch.procs_per_node)
     except ConfigError as e:
         print(f"config error: {one_line(e)}", file=sys.stderr)
         return 2

@@ -250,7 +250,7 @@ def test_plan_rejects_an_unknown_gpu(capsys):
     from launch.plan.__main__ import main
 
     assert main(["cluster.gpu=a100", "cluster.gpus=8"]) == 2
-    assert capsys.readouterr().err.strip() == "config error: cluster.gpu='a100' is unknown; known: h800, h100, h200"
+    assert capsys.readouterr().err.strip() == "config error: cluster.gpu must be one of h800, h100, h200, got 'a100'"
 
 
 # ------------------------------------------------------------------------------------------ MFU peaks

@@ -59,13 +59,13 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr)
     if any(a.startswith("-") or a.startswith("hydra/") for a in argv):
         return _hydra_main(argv)
-    from .config import parallel_dims
+    from .config import validate_layout
     from .env import rank_env, reports_for_job
     from .errors import report
 
     try:  # what every rank finds alike, before any process group: printed once, by rank 0 (README "torchrun")
         cfg = compose_config(argv)
-        parallel_dims(cfg, rank_env(os.environ).world)
+        validate_layout(cfg, rank_env(os.environ).world)
     except ValueError as e:
         code = report(e, show=reports_for_job(os.environ))
         if code is None:

@@ -21,16 +21,16 @@ import torch.nn.functional as F
 from model import Transformer
 from model.analysis import param_counts
 from model.config import TORCH_DTYPES
-from parallel import LayoutError, ParallelDims, parallelize, tp_loss
+from parallel import ParallelDims, parallelize, tp_loss
 from parallel.deepspeed_ops import deepspeed_problem, fused_lm_loss
 from parallel.fp8 import Fp8Recipe, check_fp8
 from parallel.inventory import rank_parameters
 from parallel.pipeline import Pipeline, build_pipeline, ends_share_rank, rank_stage_modules
 
-from .config import ConfigError, RunConfig, fused_loss_on, parallel_dims, pipeline_microbatches
+from .config import ConfigError, RunConfig, fused_loss_on, pipeline_microbatches, validate_layout
 from .env import Env, init_distributed
 from .moe_stats import StatsGroups
-from .schedule import BatchSchedule, RunPosition, check_batch_split
+from .schedule import BatchSchedule, RunPosition
 
 log = logging.getLogger("train")
 META_INIT_PARAMS = 2e9  # above this, build on the meta device and initialise shards in place
@@ -105,13 +105,9 @@ class Runtime:
         return {i: m for part in self.parts for i, m in part.moe_layers().items()}
 
 
-def check_runtime(cfg: RunConfig, dims: ParallelDims, device: Optional[torch.device]) -> tuple[Optional[Fp8Recipe],
-                                                                                              bool]:
-    """The checks that need the layout and the device (None: not checked for FP8), before anything is built:
-    (the FP8 recipe, fused loss)."""
-    if cfg.data.seq_len % dims.tp:
-        raise LayoutError(f"sequence parallelism splits data.seq_len={cfg.data.seq_len} over tp={dims.tp}: "
-                          f"it must divide")
+def check_runtime(cfg: RunConfig, device: Optional[torch.device]) -> tuple[Optional[Fp8Recipe], bool]:
+    """The checks that need the device (None: not checked for FP8) and the installed libraries, before
+    anything is built: (the FP8 recipe, whether the loss is fused)."""
     return _fp8_recipe(cfg, device), _check_fused_loss(cfg)
 
 
@@ -145,12 +141,10 @@ def start_runtime(cfg: RunConfig, env: Optional[Env] = None, meta: bool = False)
     """Environment (the process group: `env`, or torchrun's / SLURM's), mesh, groups and checks; nothing built.
     `meta` (the dry run, on a CPU for a GPU job): the batch split and the device's FP8 support go unchecked."""
     env = env or init_distributed()
-    dims = parallel_dims(cfg, env.world)
+    dims = validate_layout(cfg, env.world, check_batch=not meta)
     mesh = dims.build_mesh(env.device.type) if env.world > 1 else None
     batches = BatchSchedule.of(cfg.train, cfg.data.seq_len)
-    if not meta:
-        check_batch_split(cfg.train, dims.dp)
-    fp8, fused = check_runtime(cfg, dims, None if meta else env.device)
+    fp8, fused = check_runtime(cfg, None if meta else env.device)
     return Runtime(cfg=cfg, env=env, dims=dims, mesh=mesh, groups=Groups.of(cfg, env, dims, mesh), batches=batches,
                    position=RunPosition(batches, cfg.train.steps), fp8=fp8, fused_loss=fused,
                    loss_fn=tp_loss if dims.tp > 1 else lm_loss)
@@ -240,10 +234,7 @@ def build_parts(rt: Runtime, meta: bool = False) -> None:
 def _build_pipeline(rt: Runtime, model: Transformer) -> Pipeline:
     cfg = rt.cfg
     local_batch = rt.batches.size(0) // rt.groups.dp_world
-    n_micro = pipeline_microbatches(cfg, local_batch)
-    if local_batch % n_micro:
-        raise ConfigError(f"parallel.pp_microbatches={n_micro} must divide the per-rank batch "
-                          f"global_batch_size/dp = {cfg.train.global_batch_size}/{rt.groups.dp_world} = {local_batch}")
+    n_micro = pipeline_microbatches(cfg, local_batch)  # it divides local_batch (validate_layout)
     try:
         return build_pipeline(model, rt.mesh["pp"], cfg.parallel.pp_schedule, n_micro,
                               cfg.parallel.pp_stages_per_rank, rt.loss_fn, rt.env.device,
