@@ -63,7 +63,8 @@ def test_srun_tasks_train_like_torchrun(dataset, reference_run, tmp_path):
 def test_dry_run_prints_a_valid_sbatch_script(tmp_path):
     out = tmp_path / "run"
     proc = launch("launch=slurm", "launch.dry_run=true", "launch.nodes=4", "launch.partition=h800",
-                  "launch.account=proj", "launch.time=12:00:00", "model=small", f"output_dir={out}")
+                  "launch.account=proj", "launch.time=12:00:00", "model=small", "train.global_batch_size=256",
+                  f"output_dir={out}")
     assert proc.returncode == 0, proc.stderr
     script, _, cmd = proc.stdout.rstrip().rpartition("\n")
     assert cmd == f"sbatch {out}/slurm/dsv2.sbatch"
