@@ -80,7 +80,7 @@ def test_dry_run_prints_a_valid_sbatch_script(tmp_path):
     assert ("-m launch.torchrun --nproc-per-node=8 --nnodes=4 --rdzv-backend=c10d "
             '--rdzv-endpoint="$HEAD":29500 --rdzv-id="$SLURM_JOB_ID" '
             "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1") in srun
-    assert srun.endswith(f"-m train model=small output_dir={out} &")
+    assert srun.endswith(f"-m train model=small train.global_batch_size=256 output_dir={out} &")
 
 
 def test_launch_config_errors_exit_2():
