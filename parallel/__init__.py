@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from torch.distributed.tensor import DTensor
+
 from model.config import TORCH_DTYPES
 
 from .context import apply_cp
@@ -169,7 +171,7 @@ def clip_grad_norm_(parameters, max_norm: float, pp_group=None, duplicates=()) -
     norms = []
     for group in groups.values():
         norm = torch.nn.utils.get_total_norm([p.grad for p in group], 2.0)
-        norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
     total = torch.stack([n.float() for n in norms]).norm() if norms else torch.zeros((), device=_device(groups))
     if pp_group is not None:
         total = total.pow(2)
