@@ -81,7 +81,8 @@ def worker(args) -> None:
         mcfg = cfg.model
         tokens_per_rank = args.global_batch // rt.dims.dp * args.seq_len
         n_moe = len(rt.moe_layers())
-        analytic = 4 * n_moe * tokens_per_rank * mcfg.num_experts_per_tok * (args.ep - 1) / args.ep * mcfg.hidden_size * 4
+        routed = tokens_per_rank * mcfg.num_experts_per_tok * (args.ep - 1) / args.ep
+        analytic = 4 * n_moe * routed * mcfg.hidden_size * 4
         result = {"procs": rt.env.world, "ep": args.ep,
                   "tokens_per_sec": args.global_batch * args.seq_len * args.steps / wall,
                   "step_s": wall / args.steps, "comm_fraction": clock["comm"] / wall,

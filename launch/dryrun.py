@@ -1,7 +1,8 @@
 """Dry run of a full-size layout on this one CPU: the real mesh and the real sharded model of chosen ranks,
 built with torch's fake process-group backend (collectives are no-ops) on the meta device (no memory).
 
-    python -m launch.dryrun model=deepseek_v2 parallel.pp=16 parallel.ep=8 launch=slurm launch.nodes=256 launch.procs_per_node=8
+    python -m launch.dryrun model=deepseek_v2 parallel.pp=16 parallel.ep=8 launch=slurm launch.nodes=256 \
+        launch.procs_per_node=8
 
 World size = launch.nodes x launch.procs_per_node. For the first rank of every pipeline stage (or the ranks
 given by `--ranks 0,5,...` before the overrides) it prints the parameters this rank holds, split by the mesh
@@ -64,7 +65,8 @@ def main(argv: list[str]) -> int:
     moment = 2 if cfg.precision.moment_dtype == "bfloat16" else 4
     shapes = StageShapes(meta_model(cfg.model))
     print(f"dry run: world={world} "
-          f"parallel=(pp={cfg.parallel.pp}, dp_replicate={cfg.parallel.dp_replicate}, dp_shard={cfg.parallel.dp_shard}, "
+          f"parallel=(pp={cfg.parallel.pp}, dp_replicate={cfg.parallel.dp_replicate}, "
+          f"dp_shard={cfg.parallel.dp_shard}, "
           f"tp={cfg.parallel.tp}, ep={cfg.parallel.ep})")
     for rank in ranks:
         t = time.perf_counter()

@@ -3,8 +3,8 @@
     python -m launch.memcheck model=small train.micro_batch_size=4            # one process
     torchrun --standalone --nproc-per-node 4 -m launch.memcheck parallel.ep=2 # a layout, every rank
 
-Builds the runtime as `python -m train` does (train/runtime.py) (in a temporary output_dir unless one is given; no checkpoint,
-no validation), runs `--steps` (default 3) optimizer steps under torch's profiler memory accounting,
+Builds the runtime as `python -m train` does (train/runtime.py), in a temporary output_dir unless one is given
+(no checkpoint, no validation), runs `--steps` (default 3) optimizer steps under torch's profiler memory accounting,
 and prints one line per rank: the peak of live tensor bytes allocated through torch's CPU allocator since
 the process began building the model (weights, gradients, optimizer states, activations, communication
 buffers), the planner's estimate for that rank, and their ratio. This is how the planner is checked against

@@ -17,7 +17,8 @@ def torchrun_args(launch, endpoint: str, run_id: str) -> list[str]:
     if launch.mode == "local":  # one node (the config checks it)
         where = ["--standalone"]
     else:
-        where = [f"--nnodes={launch.nodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", f"--rdzv-id={run_id}"]
+        where = [f"--nnodes={launch.nodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
+                 f"--rdzv-id={run_id}"]
     # launch.torchrun: torchrun, but a configuration error (exit 2) ends the job with only rank 0's line
     return ["-m", "launch.torchrun", f"--nproc-per-node={launch.procs_per_node}", *where,
             f"--signals-to-handle={FORWARDED_SIGNALS}", f"--shutdown-timeout={launch.shutdown_timeout_s}"]

@@ -77,7 +77,8 @@ def parallelize(model: nn.Module, mesh, dims: ParallelDims, param_dtype: str = "
 def _fully_shard(model, mesh, dims, param_dtype, reduce_dtype, cpu_offload) -> None:
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-    kwargs = {"mp_policy": MixedPrecisionPolicy(param_dtype=TORCH_DTYPES[param_dtype], reduce_dtype=TORCH_DTYPES[reduce_dtype])}
+    policy = MixedPrecisionPolicy(param_dtype=TORCH_DTYPES[param_dtype], reduce_dtype=TORCH_DTYPES[reduce_dtype])
+    kwargs = {"mp_policy": policy}
     if cpu_offload:
         # pinned host memory for the copies to and from the GPU; a CPU-only mesh (tests) has nothing to pin for
         kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=mesh.device_type != "cpu")

@@ -58,7 +58,8 @@ class Fp8Recipe:
         if self.granularity not in RECIPES:
             raise ValueError(f"FP8 recipe must be one of {RECIPES}, got {self.granularity!r}")
         if self.fsdp_all_gather and self.granularity != "tensorwise":
-            raise ValueError(f"FP8 all-gather needs one scale per weight tensor (fp8_tensorwise), not {self.granularity}")
+            raise ValueError(f"FP8 all-gather needs one scale per weight tensor (fp8_tensorwise), "
+                             f"not {self.granularity}")
 
     @property
     def grad_dtype(self) -> torch.dtype:

@@ -73,7 +73,8 @@ def test_checksums_are_the_files_crc32(tmp_path):
     _saved(tmp_path)
     newest = tmp_path / "step_00000002"
     entries = json.loads((newest / "checksums.json").read_text())["files"]
-    on_disk = sorted(str(p.relative_to(newest)) for p in newest.rglob("*") if p.is_file() and p.name != "checksums.json")
+    on_disk = sorted(str(p.relative_to(newest)) for p in newest.rglob("*")
+                     if p.is_file() and p.name != "checksums.json")
     assert sorted(entries) == on_disk  # every file, the manifest excepted
     for rel, (size, crc) in entries.items():
         data = (newest / rel).read_bytes()
@@ -95,7 +96,7 @@ def test_ranks_share_the_checking_and_all_hear_of_a_damaged_file(tmp_path):
     assert problems[0] == problems[1] and str(victim) in problems[0]
 
 
-# ------------------------------------------------------------------------------------------ no tool deletes what it reads
+# ------------------------------------------------------------------------------ no tool deletes what it reads
 def _run_tree(root):
     """A run directory with a published checkpoint, and a dataset directory."""
     (root / "run" / "checkpoints" / "step_00000003").mkdir(parents=True)

@@ -47,7 +47,8 @@ def run_dir(dataset, tmp_path_factory):
 @pytest.fixture(scope="module")
 def exported(run_dir):
     dest = run_dir.parent / "hf"
-    assert tool("train.export", f"output_dir={run_dir}", f"export.dir={dest}", "export.max_shard_bytes=200000") == (0, "", "")
+    rc = tool("train.export", f"output_dir={run_dir}", f"export.dir={dest}", "export.max_shard_bytes=200000")
+    assert rc == (0, "", "")
     return dest
 
 

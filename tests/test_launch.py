@@ -111,8 +111,10 @@ def test_submitit_sweep_runs_each_job_like_a_direct_run(dataset, tmp_path):
     sweep = tmp_path / "sweep"
     args = [a for a in base_args(dataset, tmp_path, 2) if not a.startswith("output_dir=")]
     proc = subprocess.run([PY, "-m", "train", "-m", "hydra/launcher=submitit_local", *args,
-                           f"output_dir={sweep}/lr${{optim.lr}}", "optim.lr=0.001,0.004", f"hydra.sweep.dir={sweep}/hydra"],
-                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+                           f"output_dir={sweep}/lr${{optim.lr}}", "optim.lr=0.001,0.004",
+                           f"hydra.sweep.dir={sweep}/hydra"],
+                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     direct = tmp_path / "direct"
     train(base_args(dataset, direct, 2, **{"optim.lr": 0.004}))

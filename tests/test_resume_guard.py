@@ -118,4 +118,5 @@ def test_poisoned_batch_is_rolled_back_and_skipped(poisoned, tmp_path):
     assert proc.returncode != 0
     train(base_args(poisoned, killed, steps, **SPIKE))
     assert metrics(killed) == got
-    assert [r for r in map(json.loads, (killed / "metrics.jsonl").read_text().splitlines()) if "rollbacks" in r] == events
+    rows = map(json.loads, (killed / "metrics.jsonl").read_text().splitlines())
+    assert [r for r in rows if "rollbacks" in r] == events

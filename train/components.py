@@ -117,7 +117,8 @@ class ProgressLog:
                   "grad_norm": result["grad_norm"], "tokens_per_sec": tps, "mfu": mfu,
                   "step_time": elapsed / self.window_steps,
                   "peak_mem_gb": max_over_ranks(peak_memory_gb(rt.env.device), rt.env.device, rt.env.world),
-                  "batch_size": rt.batches.size(step - 1), "tokens": rt.batches.sequences_before(step) * cfg.data.seq_len}
+                  "batch_size": rt.batches.size(step - 1),
+                  "tokens": rt.batches.sequences_before(step) * cfg.data.seq_len}
         record.update({k: v for k, v in result.items() if k not in record})
         self.metrics.log(step, record)
         if rt.env.rank == 0:

@@ -63,7 +63,8 @@ class OptimConfig:
     schedule: LrSchedule = "cosine"
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
-    step_decay_at: tuple = (0.6, 0.9)  # deepseek_step, deepseek_v3: fractions of the run's tokens where lr is multiplied
+    # deepseek_step, deepseek_v3: the fractions of the run's tokens where lr is multiplied by step_decay_factor
+    step_decay_at: tuple = (0.6, 0.9)
     step_decay_factor: float = 0.316
     cosine_span: tuple = (0.0, 1.0)  # deepseek_v3: the fractions of the run's tokens the cosine decay spans
 
@@ -320,9 +321,11 @@ def _validate_train(cfg: RunConfig) -> None:
     t = cfg.train
     _require(t.steps > 0, f"train.steps must be > 0, got {t.steps}")
     _require(t.global_batch_size > 0 and t.micro_batch_size > 0,
-             f"train.global_batch_size={t.global_batch_size} and train.micro_batch_size={t.micro_batch_size} must be > 0")
+             f"train.global_batch_size={t.global_batch_size} and train.micro_batch_size={t.micro_batch_size} "
+             f"must be > 0")
     _require(t.global_batch_size % t.micro_batch_size == 0,
-             f"train.global_batch_size={t.global_batch_size} must be divisible by train.micro_batch_size={t.micro_batch_size}")
+             f"train.global_batch_size={t.global_batch_size} must be divisible by "
+             f"train.micro_batch_size={t.micro_batch_size}")
     _validate_recipe_schedules(t)
     _validate_spike(cfg)
 
@@ -338,7 +341,8 @@ def _validate_optim(o: OptimConfig) -> None:
     _require(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
     _require(len(o.cosine_span) == 2 and 0 <= o.cosine_span[0] <= o.cosine_span[1] <= 1,
              f"optim.cosine_span must be two fractions 0 <= start <= end <= 1, got {list(o.cosine_span)}")
-    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas must be two numbers in [0, 1), got {o.betas}")
+    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+             f"optim.betas must be two numbers in [0, 1), got {o.betas}")
     _require(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
     _require(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must lie in [0, 1], got {o.min_lr_ratio}")
 

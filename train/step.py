@@ -144,7 +144,7 @@ class Step:
         self.moe_stats = stats
         return {} if stats is None else stats.metrics()
 
-    # ------------------------------------------------------------------------------------------ data and held-out losses
+    # -------------------------------------------------------------------------------- data and held-out losses
     def sequence_part(self, batches: list) -> list:
         """This rank's part of every sequence of (inputs, labels) batches under context parallelism; with MTP
         of depth D the labels run D positions into the next part (depth k predicts the label k positions on)."""

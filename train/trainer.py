@@ -107,7 +107,8 @@ class Trainer:
             record_config(self.out, to_dict(cfg), resumed)
         self.metrics = MetricsWriter(self.out, enabled=self.env.rank == 0, resume_step=resumed)
         self.validator = Validator(rt, self.step_fn, self.metrics)
-        self.progress = ProgressLog(rt, self.step_fn, self.metrics, training_flops_per_token(cfg.model, cfg.data.seq_len),
+        self.progress = ProgressLog(rt, self.step_fn, self.metrics,
+                                    training_flops_per_token(cfg.model, cfg.data.seq_len),
                                     peak_tflops(cfg, self.env.device) * 1e12, start=self.step)
         self._install_signal_handlers()
 

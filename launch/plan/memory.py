@@ -334,8 +334,8 @@ def memory_of(shapes: StageShapes, layout: Layout, rank: int, device: str = "cud
         kept = sum(layer_activation_bytes(m, i, a, d.tp, d.ep, mode) for i in ids)
         grads = sum(weight_grad_bytes(m, i, a, d.tp) for i in ids)
         if stage == last or d.pp == 1:
-            kept += head_activation_bytes(m, a, d.tp, mode, d.pp > 1, fused) + mtp_activation_bytes(m, a, d.tp, d.ep, mode,
-                                                                                                    fused)
+            kept += head_activation_bytes(m, a, d.tp, mode, d.pp > 1, fused)
+            kept += mtp_activation_bytes(m, a, d.tp, d.ep, mode, fused)
             grads += weight_grad_bytes(m, None, a, d.tp, fused)
         else:  # a pipeline stage keeps its output hidden states until the micro-batch's backward
             kept += a * m.hidden_size / d.tp
