@@ -443,7 +443,7 @@ def test_mtp_loss_equals_cross_entropy_on_labels_shifted_by_depth():
     position i predict token i + k + 1 (the labels shifted by k), each CE a mean over its own T - k positions.
     D = 2 depths, lambda = 0.3; the cross-entropies are written out (log-softmax at the target), in fp64."""
     from model.transformer import lm_and_mtp_loss
-    from train.trainer import lm_loss
+    from train.runtime import lm_loss
 
     torch.manual_seed(0)
     model = Transformer(tiny(num_nextn_predict_layers=2, initializer_range=0.05))

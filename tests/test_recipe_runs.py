@@ -10,7 +10,7 @@ from model import Transformer
 from model.config import config_from_dict
 from test_parallel_layouts import assert_same_run, final_params, run
 from train.data.loader import TokenDataset, TokenLoader
-from train.trainer import lm_loss
+from train.runtime import lm_loss
 from conftest import base_args, metrics, train
 
 STEPS = 6
