@@ -10,7 +10,10 @@ differ), at `cluster.link_efficiency` of NVLink (one way) when the group lies in
 InfiniBand NIC (the mesh is laid out pp, dp_replicate, efsdp, cp, ep, tp from slowest to fastest, so a group's
 ranks are `stride` apart):
   ep   all-to-all dispatch + combine per MoE layer and micro-batch, forward and backward (and once more in a
-       full recomputation): tokens x top-k rows of D, the (ep-1)/ep that leave the GPU. In the critical path.
+       full recomputation): tokens x top-k rows of D, the (ep-1)/ep that leave the GPU. In the critical path,
+       less, with parallel.ep_overlap, the compute it hides under (parallel/expert.py): the shared experts and,
+       of the routed experts' GEMMs, all but one chunk's ((C-1)/C with C = parallel.ep_chunks), in each pass;
+       only what outlasts that compute shows.
   cp   Ulysses all-to-alls per attention layer and micro-batch, forward and backward (and once more in a full
        recomputation): q, k, v to whole sequences and the output back, (cp-1)/cp of the micro-batch's
        H x (2 (N+R) + 2 V) elements per token. In the critical path.
@@ -44,6 +47,7 @@ class Collective:
     link: str  # nvlink | ib
     seconds: float
     exposed: float  # seconds on the critical path
+    prefetched: bool = False  # runs beside the whole step's compute (FSDP); shows where it outlasts it
 
 
 @dataclass
@@ -134,10 +138,14 @@ def collectives(shapes: StageShapes, layout: Layout, seq_len: int, gpu: GPU, clu
     layers = layers + [m.num_hidden_layers + k for k in range(m.num_nextn_predict_layers if head else 0)]  # MTP
     n_moe = sum(m.is_moe_layer(i) for i in layers)
     out: list[tuple[str, float, str, bool]] = []  # name, bytes, link, overlapped with compute
+    hide = {}  # seconds of compute a collective hides under, where it is not prefetched
     if d.ep > 1:
         passes = 6 if layout.activation_checkpoint == "full" else 4
         rows = passes * n * n_moe * tokens * m.num_experts_per_tok * m.hidden_size * a
         out.append(("ep all-to-all", rows * (d.ep - 1) / d.ep, _group_link(d.tp, d.ep, per_node), False))
+        if layout.ep_overlap:
+            hide["ep all-to-all"] = _expert_overlap_flops(m, layout) * n * n_moe * tokens / (
+                gpu.bf16_tflops * 1e12 * cluster.gemm_efficiency)
     if d.cp > 1:  # Ulysses: q, k, v to whole sequences and the output back, per attention layer
         passes = 3 if layout.activation_checkpoint == "full" else 2
         qk, v = attention_core_widths(m)  # q and the output over all heads, k and v over the K/V heads
@@ -175,10 +183,22 @@ def collectives(shapes: StageShapes, layout: Layout, seq_len: int, gpu: GPU, clu
         out.append(("hsdp all-reduce", 2 * shard * (d.dp_replicate - 1) / d.dp_replicate,
                     _group_link(shards * d.tp, d.dp_replicate, per_node), True))
     result = []
-    for name, nbytes, link, overlapped in out:
+    for name, nbytes, link, prefetched in out:
         bw = (gpu.nvlink_one_way_gbps if link == "nvlink" else gpu.ib_gbps) * 1e9 * cluster.link_efficiency
-        result.append(Collective(name, nbytes, link, nbytes / bw, 0.0 if overlapped else nbytes / bw))
+        seconds = nbytes / bw
+        exposed = 0.0 if prefetched else max(0.0, seconds - hide.get(name, 0.0))
+        result.append(Collective(name, nbytes, link, seconds, exposed, prefetched))
     return result
+
+
+def _expert_overlap_flops(m: ModelConfig, layout: Layout) -> float:
+    """FLOPs per token and MoE layer that the expert all-to-alls hide under with parallel.ep_overlap, over the
+    step's passes: the shared experts and (C-1)/C of the routed experts' GEMMs (C chunks), forward and backward
+    (and the forward once more under full recomputation)."""
+    passes = 4 if layout.activation_checkpoint == "full" else 3  # in forward-GEMM units: forward 1, backward 2
+    shared = 2 * 3 * m.hidden_size * m.moe_intermediate_size * m.n_shared_experts
+    routed = 2 * 3 * m.hidden_size * m.moe_intermediate_size * m.num_experts_per_tok
+    return passes * (shared + routed * (layout.ep_chunks - 1) / layout.ep_chunks)
 
 
 def step_cost(shapes: StageShapes, layout: Layout, seq_len: int, global_batch: int, gpu: GPU, cluster) -> StepCost:
@@ -192,9 +212,9 @@ def step_cost(shapes: StageShapes, layout: Layout, seq_len: int, global_batch: i
                 key=lambda cs: (sum(c.exposed for c in cs), sum(c.seconds for c in cs)))
     bubble = bubble_fraction(layout, m, seq_len)
     busy = compute + sum(c.exposed for c in comms)
-    hidden = sum(c.seconds for c in comms if c.exposed == 0.0)
-    for c in comms:  # overlapped traffic shows where it outlasts the compute it hides behind
-        if c.exposed == 0.0:
+    hidden = sum(c.seconds for c in comms if c.prefetched)
+    for c in comms:  # prefetched traffic shows where it outlasts the compute it hides behind
+        if c.prefetched:
             c.exposed = max(0.0, hidden - compute) * c.seconds / hidden if hidden else 0.0
     step = busy / (1 - bubble) + max(0.0, hidden - compute)
     tps = global_batch * seq_len / step / d.world_size

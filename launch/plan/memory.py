@@ -50,6 +50,8 @@ class Layout:
     fp8_all_gather: bool
     accumulate_unsharded: bool = False  # parallel.accumulate_unsharded (no pp)
     fused_loss: bool = False  # train.fused_loss: the head + cross-entropy fused, no logits kept
+    ep_overlap: bool = False  # parallel.ep_overlap: the expert all-to-alls hidden under expert compute
+    ep_chunks: int = 1  # parallel.ep_chunks
 
     @property
     def gathered_through_step(self) -> bool:
@@ -77,7 +79,7 @@ def layout_of(cfg, world: int, check_batch: bool = True) -> Layout:
     """The layout `cfg` (a RunConfig) describes on `world` ranks; LayoutError for an impossible one
     (train.config.validate_layout). `check_batch=False`: for parameter counts only (the batch need not split
     over this many ranks)."""
-    from train.config import fused_loss_on, pipeline_microbatches, validate_layout
+    from train.config import ep_overlap_on, fused_loss_on, pipeline_microbatches, validate_layout
 
     p, t, pr = cfg.parallel, cfg.train, cfg.precision
     dims = validate_layout(cfg, world, check_batch)
@@ -86,7 +88,7 @@ def layout_of(cfg, world: int, check_batch: bool = True) -> Layout:
     return Layout(dims, canonical_schedule(p.pp_schedule), n_micro, local // n_micro * cfg.data.seq_len // dims.cp,
                   p.activation_checkpoint, DTYPE_BYTES[pr.param_dtype], DTYPE_BYTES[pr.reduce_dtype],
                   DTYPE_BYTES[pr.moment_dtype], pr.fp8_recipe, pr.fp8_fsdp_all_gather, p.accumulate_unsharded,
-                  fused_loss_on(cfg))
+                  fused_loss_on(cfg), ep_overlap=ep_overlap_on(cfg), ep_chunks=p.ep_chunks)
 
 
 # --------------------------------------------------------------------------------------------- parameters
