@@ -1,7 +1,8 @@
 """Shared test fixtures and helpers: the small real-text dataset, runs of the real entry point (`python -m train`,
 one process or torchrun) and their metrics, reference runs computed once per session, the gloo multi-process
-harness (run_ranks), the tiny model, a fixed batch, the loss and the tolerance helpers of in-process model tests, a
-free port for launcher tests, and the collection order (slowest tests first)."""
+harness (run_ranks), a cluster of network namespaces (local_cluster), the tiny model, a fixed batch, the loss and
+the tolerance helpers of in-process model tests, a free port for launcher tests, and the collection order (slowest
+tests first)."""
 
 import hashlib
 import json
@@ -115,6 +116,26 @@ def reference_run(dataset, shared_dir):
         return out
 
     return run
+
+
+@pytest.fixture
+def local_cluster():
+    """`local_cluster(hosts, rate=None)`: a LocalCluster (launch/localcluster.py) of network namespaces, torn down
+    when the test ends, however it ends. Skips, saying why, where namespaces cannot be made."""
+    from launch.localcluster import LocalCluster, namespaces_problem
+
+    problem = namespaces_problem()
+    if problem:
+        pytest.skip(f"no local cluster: {problem}")
+    made = []
+
+    def make(hosts: int, rate: str | None = None) -> LocalCluster:
+        made.append(LocalCluster(hosts, rate))
+        return made[-1]
+
+    yield make
+    for cluster in made:
+        cluster.close()
 
 
 def run_ranks(fn, world: int, tmp: Path, *args, timeout: float = 240) -> list:

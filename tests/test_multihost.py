@@ -1,0 +1,52 @@
+"""Several hosts on one machine (launch/localcluster.py: network namespaces on a bridge, tbf-limited links): the
+cluster itself, and multi-host runs through the real launchers, whose losses equal the same layout on one host."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import PY, ROOT, base_args, metrics
+
+# a TCP sink on port 5001: once the sender closes, prints the bytes received and the seconds from the first to the last
+SINK = ("import socket, time\ns = socket.create_server(('0.0.0.0', 5001))\nc, _ = s.accept()\nn = len(c.recv(1 << 20))\n"
+        "t = time.time()\nwhile d := c.recv(1 << 20):\n    n += len(d)\nprint(n, time.time() - t, flush=True)")
+
+
+def send(cluster, host: int, to: str, megabytes: int, timeout: float = 2.0) -> subprocess.CompletedProcess:
+    """`megabytes` MB from `host` to port 5001 of `to`."""
+    code = (f"import socket\ns = socket.create_connection(('{to}', 5001), timeout={timeout})\n"
+            f"s.sendall(b'x' * {megabytes << 20})\ns.close()")
+    return cluster.run(host, [sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+
+
+def test_hosts_resolve_each_other_links_are_limited_and_cables_cut(local_cluster):
+    t0 = time.monotonic()
+    cluster = local_cluster(2, rate="100mbit")
+    setup = time.monotonic() - t0
+    assert setup < 5, f"set-up took {setup:.1f} s"
+    me = cluster.run(1, ["sh", "-c", "hostname; getent hosts $(hostname) node0"], capture_output=True, text=True)
+    assert me.stdout.split() == ["node1", "10.77.0.2", "node1", "10.77.0.1", "node0"]
+    sink = cluster.popen(0, [sys.executable, "-c", SINK], stdout=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    sent = send(cluster, 1, "node0", 8)
+    assert sent.returncode == 0, sent.stderr
+    received, seconds = sink.communicate(timeout=30)[0].split()
+    rate = int(received) / float(seconds) / 1e6  # MB/s through a 100 Mbit/s (12.5 MB/s) link
+    assert int(received) == 8 << 20 and 9 < rate < 13, rate
+    cluster.cut(1)
+    assert send(cluster, 1, "node0", 1, timeout=1).returncode != 0, "a cut cable carried a connection"
+    cluster.restore(1)
+    sleeper = cluster.popen(1, ["sleep", "60"])
+    assert cluster.pause(1) == [sleeper.pid]
+    assert open(f"/proc/{sleeper.pid}/stat").read().split()[2] == "T"  # stopped
+    cluster.resume(1)
+    cluster.kill(1)
+    assert sleeper.wait(timeout=5) == -signal.SIGKILL
+    namespaces = [h.ns for h in cluster.hosts]
+    cluster.close()
+    left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not [ns for ns in namespaces if ns in left.split()]
