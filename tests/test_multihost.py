@@ -50,3 +50,32 @@ def test_hosts_resolve_each_other_links_are_limited_and_cables_cut(local_cluster
     cluster.close()
     left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert not [ns for ns in namespaces if ns in left.split()]
+
+
+def launch_on_hosts(cluster, args: list[str], port: int = 29400) -> list[subprocess.Popen]:
+    """`python -m launch launch=torchrun ...` on every host of `cluster`, c10d rendezvous at host 0, 2 ranks each,
+    gloo on each host's cable (launch.env names the interface)."""
+    args = [*args, "launch=torchrun", f"launch.nodes={len(cluster.hosts)}", "launch.procs_per_node=2",
+            f"launch.master_addr={cluster.hosts[0].name}", f"launch.master_port={port}",
+            "++launch.env.GLOO_SOCKET_IFNAME=eth0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return [cluster.popen(h.index, [PY, "-m", "launch", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True) for h in cluster.hosts]
+
+
+EP4 = {"parallel.ep": 4, "train.micro_batch_size": 1}
+
+
+@pytest.mark.slow
+def test_experts_on_two_hosts_train_like_one_host(dataset, reference_run, local_cluster, tmp_path):
+    """2 hosts x 2 ranks, ep=4 (each host holds half the experts; every all-to-all and FSDP collective crosses the
+    bridge): the losses and gradient norms of the same layout on one host, bit for bit."""
+    cluster, out = local_cluster(2), tmp_path / "run"
+    nodes = launch_on_hosts(cluster, base_args(dataset, out, 3, **EP4))
+    for node in nodes:
+        stdout, stderr = node.communicate(timeout=300)
+        assert node.returncode == 0, stderr[-3000:]
+        assert f"--rdzv-endpoint=node0:29400" in stdout.splitlines()[0]
+    ref = reference_run(3, 4, **EP4)
+    assert metrics(out) == metrics(ref)
+    assert metrics(out, "grad_norm") == metrics(ref, "grad_norm")
