@@ -29,8 +29,8 @@ class _AllToAll(torch.autograd.Function):
     """Rows of x split by `send` sizes to each rank; returns rows received, `recv` sizes from each rank."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, recv: list[int], send: list[int], group) -> torch.Tensor:
-        ctx.sizes, ctx.group = (recv, send), group
+    def forward(ctx, x: torch.Tensor, recv: list[int], send: list[int], group, label: str) -> torch.Tensor:
+        ctx.sizes, ctx.group, ctx.label = (recv, send), group, label  # label: a failure report names it
         out = x.new_empty(sum(recv), *x.shape[1:])
         dist.all_to_all_single(out, x.contiguous(), recv, send, group=group)
         return out
@@ -40,11 +40,11 @@ class _AllToAll(torch.autograd.Function):
         recv, send = ctx.sizes
         dx = grad.new_empty(sum(send), *grad.shape[1:])
         dist.all_to_all_single(dx, grad.contiguous(), send, recv, group=ctx.group)
-        return dx, None, None, None
+        return dx, None, None, None, None
 
 
-def all_to_all(x: torch.Tensor, recv: list[int], send: list[int], group) -> torch.Tensor:
-    return _AllToAll.apply(x, recv, send, group)
+def all_to_all(x: torch.Tensor, recv: list[int], send: list[int], group, label: str = "") -> torch.Tensor:
+    return _AllToAll.apply(x, recv, send, group, label)
 
 
 class ExpertDispatch:
@@ -54,8 +54,9 @@ class ExpertDispatch:
     forward is never re-entered, and activation-checkpoint recomputation reruns pre before post.
     """
 
-    def __init__(self, group, n_experts: int):
+    def __init__(self, group, n_experts: int, label: str = ""):
         self.group = group
+        self.label = label  # "MoE layer 3": what a report of a failed all-to-all names (train/watch.py)
         self.ep = dist.get_world_size(group)
         self.n_local = n_experts // self.ep
         self._pending: tuple[list[int], list[int], torch.Tensor] | None = None
@@ -69,7 +70,7 @@ class ExpertDispatch:
         send = counts.view(self.ep, -1).sum(1).tolist()
         recv_by_src = recv_counts.view(self.ep, self.n_local)
         recv = recv_by_src.sum(1).tolist()
-        rows = all_to_all(x, recv, send, self.group)
+        rows = all_to_all(x, recv, send, self.group, self.label)
         local_expert = torch.arange(self.n_local, device=x.device).repeat(self.ep)
         order = torch.repeat_interleave(local_expert, recv_counts).argsort(stable=True)
         self._pending = (recv, send, order)
@@ -81,7 +82,7 @@ class ExpertDispatch:
         recv, send, order = self._pending
         self._pending = None
         by_source = torch.empty_like(out).index_copy(0, order, out)  # back to source-rank-major order
-        return all_to_all(by_source, send, recv, self.group)
+        return all_to_all(by_source, send, recv, self.group, self.label)
 
 
 def apply_ep(model: nn.Module, ep_mesh) -> list[ExpertDispatch]:
@@ -91,14 +92,15 @@ def apply_ep(model: nn.Module, ep_mesh) -> list[ExpertDispatch]:
     from model.moe import MoE
 
     dispatchers = []
-    for module in model.modules():
+    for path, module in model.named_modules():
         if not isinstance(module, MoE):
             continue
+        label = f"MoE layer {path.split('.')[1]}" if path.startswith("layers.") else f"MoE {path}"
         experts = module.experts
         for name, param in list(experts.named_parameters(recurse=False)):
             sharded = distribute_tensor(param.data, ep_mesh, [Shard(0)])
             experts.register_parameter(name, nn.Parameter(sharded, requires_grad=param.requires_grad))
-        dispatch = ExpertDispatch(ep_mesh.get_group(), module.cfg.n_routed_experts)
+        dispatch = ExpertDispatch(ep_mesh.get_group(), module.cfg.n_routed_experts, label)
         experts.register_forward_pre_hook(dispatch.pre)
         experts.register_forward_hook(dispatch.post)
         dispatchers.append(dispatch)

@@ -76,8 +76,8 @@ def test_dry_run_prints_a_valid_sbatch_script(tmp_path):
                  "#SBATCH --signal=B:USR1@300", "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1"):
         assert line in script.splitlines(), line
     srun = next(line for line in script.splitlines() if line.startswith("srun "))
-    assert ("-m torch.distributed.run --nproc-per-node=8 --nnodes=4 --rdzv-backend=c10d "
-            '--rdzv-endpoint="$HEAD":29500 --rdzv-id="$SLURM_JOB_ID" '
+    assert ("-m launch.agent --nproc-per-node=8 --nnodes=4 --rdzv-backend=c10d "
+            '--rdzv-endpoint="$HEAD":29500 --rdzv-id="$SLURM_JOB_ID" --max-restarts=0 '
             "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1") in srun
     assert srun.endswith(f"-m train model=small output_dir={out} &")
 

@@ -2,10 +2,12 @@
 cluster itself, and multi-host runs through the real launchers, whose losses equal the same layout on one host."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -64,18 +66,82 @@ def launch_on_hosts(cluster, args: list[str], port: int = 29400) -> list[subproc
 
 
 EP4 = {"parallel.ep": 4, "train.micro_batch_size": 1}
+STEPS = 8
+
+
+def workers(cluster, host: int) -> list[int]:
+    """The training processes (torchrun's workers) running on `host`."""
+    def module(pid: int) -> str:  # what `python [-u] -m <module>` runs
+        argv = Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+        return argv[argv.index("-m") + 1] if "-m" in argv else ""
+    return [pid for pid in cluster.pids(host) if module(pid) == "train"]
+
+
+def wait_for_step(out: Path, step: int, deadline: float) -> dict[int, float]:
+    while time.monotonic() < deadline:
+        if (out / "metrics.jsonl").exists() and max(metrics(out), default=0) >= step:
+            return metrics(out)
+        time.sleep(0.05)
+    raise AssertionError(f"no step {step} in {out}/metrics.jsonl in time")
 
 
 @pytest.mark.slow
-def test_experts_on_two_hosts_train_like_one_host(dataset, reference_run, local_cluster, tmp_path):
+def test_experts_on_two_hosts_survive_a_killed_worker(dataset, reference_run, local_cluster, tmp_path):
     """2 hosts x 2 ranks, ep=4 (each host holds half the experts; every all-to-all and FSDP collective crosses the
-    bridge): the losses and gradient norms of the same layout on one host, bit for bit."""
+    bridge), launch=torchrun with the c10d rendezvous at host 0 and launch.max_restarts=1. A rank of host 1 is
+    SIGKILLed from outside after step 4: every worker restarts and resumes the step-3 checkpoint, and the run's
+    losses and gradient norms equal the same layout on one host, uninterrupted, bit for bit."""
     cluster, out = local_cluster(2), tmp_path / "run"
-    nodes = launch_on_hosts(cluster, base_args(dataset, out, 3, **EP4))
+    nodes = launch_on_hosts(cluster, [*base_args(dataset, out, STEPS, **EP4, **{"checkpoint.every": 3}),
+                                      "launch.max_restarts=1"])
+    deadline = time.monotonic() + 180
+    wait_for_step(out, 4, deadline)
+    victim = workers(cluster, 1)[0]
+    os.kill(victim, signal.SIGKILL)
+    killed = time.monotonic()
+    before = metrics(out)
+    rows = len(before)
+    while len(metrics(out)) >= rows and time.monotonic() < deadline:  # the resumed run rewinds metrics.jsonl
+        time.sleep(0.05)
+    resumed_at = max(metrics(out), default=0)
+    wait_for_step(out, resumed_at + 1, deadline)
+    recovered = time.monotonic() - killed
     for node in nodes:
         stdout, stderr = node.communicate(timeout=300)
         assert node.returncode == 0, stderr[-3000:]
-        assert f"--rdzv-endpoint=node0:29400" in stdout.splitlines()[0]
-    ref = reference_run(3, 4, **EP4)
+        assert "--rdzv-endpoint=node0:29400" in stdout.splitlines()[0] and "--max-restarts=1" in stdout
+    ref = reference_run(STEPS, 4, **EP4)
     assert metrics(out) == metrics(ref)
     assert metrics(out, "grad_norm") == metrics(ref, "grad_norm")
+    recomputed = max(before) - resumed_at
+    print(f"killed rank pid {victim} after step {max(before)}: first new step {recovered:.1f} s later, "
+          f"resumed from step {resumed_at}, {recomputed} step(s) recomputed")
+    assert resumed_at == 3
+
+
+@pytest.mark.slow
+def test_a_paused_host_ends_the_job_with_one_line(dataset, local_cluster, tmp_path):
+    """Host 1 frozen (SIGSTOP, every process) after step 3, parallel.collective_timeout_s=4: host 0's ranks stop
+    within the timeout plus the probe, and host 0's output ends with one report naming the step, the collective
+    and the ranks and host that did not answer, then torchrun's one-line summary; no traceback."""
+    cluster, out = local_cluster(2), tmp_path / "run"
+    nodes = launch_on_hosts(cluster, [*base_args(dataset, out, 40, **EP4, **{"checkpoint.every": 2}),
+                                      "parallel.collective_timeout_s=4"])
+    wait_for_step(out, 3, time.monotonic() + 300)
+    cluster.pause(1)
+    paused = time.monotonic()
+    _, stderr = nodes[0].communicate(timeout=120)
+    stopped = time.monotonic() - paused
+    assert nodes[0].returncode == 1
+    reports = [line for line in stderr.splitlines() if line.startswith("collective error:")]
+    last = max(metrics(out))
+    assert len(reports) == 1, stderr[-3000:]
+    assert reports[0].startswith(f"collective error: step {last + 1}: the "), reports[0]
+    # the collective when the stack names it; a failure inside autograd's backward names the phase
+    assert re.search(r": (the (FSDP all-gather|FSDP reduce-scatter|expert all-to-all) of (MoE )?layer \d|"
+                     r"forward/backward) ", reports[0]), reports[0]
+    assert reports[0].endswith("did not answer: ranks 2, 3 on node1"), reports[0]
+    assert "Traceback" not in stderr
+    assert stderr.rstrip().splitlines()[-1].startswith("launch: train failed on node0: first rank ")
+    assert stopped < 4 + 3 + 10, stopped
+    print(f"host 1 paused after step {last}: host 0 stopped {stopped:.1f} s later: {reports[0]}")

@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .data.loader import DataError
     from .spike import TrainingError
+    from .watch import CollectiveFailure
 
     try:
         cfg = compose_config(argv)
@@ -70,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except TrainingError as e:
         print(f"training error: {one_line(e)}", file=sys.stderr)
+        return 1
+    except CollectiveFailure:  # one rank has printed the report (train/watch.py); the others stop quietly
         return 1
 
 

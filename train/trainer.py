@@ -46,6 +46,7 @@ from .precision import Bf16GemmEmulation
 from .resume import check_resume, record_config
 from .schedule import BatchSchedule, RunPosition, check_batch_split
 from .spike import SpikeGuard, TrainingError
+from .watch import Watch, is_collective_failure
 
 log = logging.getLogger("train")
 META_INIT_PARAMS = 2e9  # above this, build on the meta device and initialise shards in place
@@ -109,7 +110,11 @@ class Trainer:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
-        self.env = init_distributed()
+        self.env = init_distributed(cfg.parallel.collective_timeout_s)
+        # a failed collective's report (train/watch.py): the loop's phase names the operation the stack does not
+        self.watch = Watch(self.env.rank, self.env.world, cfg.parallel.collective_timeout_s) if self.env.world > 1 else None
+        self.phase = "set-up"
+        self.collective_failed = False
         self.dims = parallel_dims(cfg, self.env.world)
         self.mesh = self.dims.build_mesh(self.env.device.type) if self.env.world > 1 else None
         self.dp_rank = self.mesh["dp"].get_local_rank() if self.mesh is not None else 0
@@ -363,13 +368,18 @@ class Trainer:
     def train_step(self, micro_batches) -> dict:
         if self.pipeline is not None:
             self.pipeline.mtp_loss_weight = self.mtp_loss_weight()  # the last stage's loss reads it
+        self.phase = "forward/backward"
         with self.gemm_mode():
             total = self._pipeline_loss(micro_batches) if self.pipeline is not None else self._accumulate(micro_batches)
+        self.phase = "the routing-statistics all-reduce"
         moe = self._moe_step()
+        self.phase = "gradient clipping"
         grad_norm = self._clip()
+        self.phase = "the optimizer step"
         self.optimizers.step()
         after_optimizer_step(self.parts, self.fp8)
         self.optimizers.zero_grad()
+        self.phase = "the loss all-reduce"
         return {"loss": all_mean(total, self.token_world, self.token_group).item(), "grad_norm": grad_norm, **moe}
 
     def _accumulate(self, micro_batches) -> torch.Tensor:
@@ -431,6 +441,16 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ the loop
     def run(self) -> int:
+        """Train to train.steps; a collective that fails (a peer hung, died, cut off) raises CollectiveFailure."""
+        try:
+            return self._loop()
+        except RuntimeError as e:
+            if self.watch is None or not is_collective_failure(e):
+                raise
+            self.collective_failed = True
+            raise self.watch.report(self.step, e, self.phase) from None
+
+    def _loop(self) -> int:
         cfg = self.cfg
         start, t0 = self.step, time.perf_counter()
         window_t, window_steps, window_tokens = time.perf_counter(), 0, 0
@@ -447,11 +467,14 @@ class Trainer:
                 window_t, window_steps, window_tokens = time.perf_counter(), 0, 0
             if cfg.train.val_every and (self.step % cfg.train.val_every == 0 or self.step == cfg.train.steps):
                 self._validate()
+            self.phase = "the end-of-step signal check (all-reduce)"
             if self._should_stop():
+                self.phase = "the checkpoint save"
                 self._save()
                 log.info("signal %s: checkpoint at step %d written, exiting", self._stop_signal, self.step)
                 return 0
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.train.steps:
+                self.phase = "the checkpoint save"
                 self._save()
             if self.step == self._kill_at:  # fault injection for the resume tests: die like a lost node
                 self.checkpointer.wait()
@@ -561,5 +584,7 @@ class Trainer:
     def close(self) -> None:
         if hasattr(self, "metrics"):
             self.metrics.close()
-        if dist.is_initialized():
+        if self.watch is not None:
+            self.watch.close()
+        if dist.is_initialized() and not self.collective_failed:  # a group with a lost peer cannot be torn down
             dist.destroy_process_group()
