@@ -5,6 +5,7 @@ failed collective's report, train/watch.py) comes before it.
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 
@@ -28,6 +29,10 @@ def summary(error: ChildFailedError) -> str:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    if args.max_restarts > 0:
+        # torchrun's workers otherwise share the rendezvous store across restarts without a per-round prefix, and
+        # the restarted process group reads the previous round's peer addresses (gloo: "Connection refused")
+        os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     try:
         run(args)
     except ChildFailedError as e:
