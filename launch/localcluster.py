@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -171,6 +172,23 @@ class LocalCluster:
     def run(self, host: int, argv: list[str], **kw) -> subprocess.CompletedProcess:
         """subprocess.run of `argv` inside `host`."""
         return subprocess.run(self.command(host, argv), **kw)
+
+    def srun_script(self) -> str:
+        """A bash stand-in for SLURM's `srun CMD...` in a batch script: one task per host, started inside it with the
+        SLURM_* variables srun sets (SLURM_JOB_NODELIST, SLURM_JOB_ID come from the batch environment); SIGUSR1 and
+        SIGTERM are passed on to every task; the exit status is the first non-zero task's."""
+        n, tasks = len(self.hosts), []
+        for h in self.hosts:
+            env = (f"SLURM_PROCID={h.index} SLURM_NODEID={h.index} SLURM_LOCALID=0 SLURM_NTASKS={n} SLURM_NNODES={n} "
+                   f"SLURM_STEP_NUM_TASKS={n} SLURM_STEP_NODELIST=$SLURM_JOB_NODELIST SLURMD_NODENAME={h.name}")
+            cmd = " ".join(shlex.quote(a) for a in self.command(h.index, ["env"]))
+            tasks.append(f'{cmd} {env} "$@" &\nPIDS="$PIDS $!"')
+        return "\n".join([
+            "#!/bin/bash", 'while [[ "$1" == --* ]]; do shift; done  # srun options: one task per host regardless',
+            'PIDS=""', *tasks, "trap 'kill -USR1 $PIDS' USR1", "trap 'kill -TERM $PIDS' TERM", "STATUS=0",
+            "for pid in $PIDS; do",
+            '    while true; do wait "$pid"; rc=$?; kill -0 "$pid" 2>/dev/null || break; done  # a trap interrupts wait',
+            '    [ "$STATUS" = 0 ] && STATUS=$rc', "done", 'exit "$STATUS"', ""])
 
     # ---------------------------------------------------------------------------------------------- faults
     def set_rate(self, host: int, rate: str | None) -> None:

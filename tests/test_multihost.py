@@ -145,3 +145,47 @@ def test_a_paused_host_ends_the_job_with_one_line(dataset, local_cluster, tmp_pa
     assert stderr.rstrip().splitlines()[-1].startswith("launch: train failed on node0: first rank ")
     assert stopped < 4 + 3 + 10, stopped
     print(f"host 1 paused after step {last}: host 0 stopped {stopped:.1f} s later: {reports[0]}")
+
+
+PP2 = {"parallel.pp": 2, "parallel.ep": 2, "train.micro_batch_size": 1}
+
+
+@pytest.mark.slow
+def test_sbatch_script_on_two_hosts_is_preempted_requeued_and_resumed(dataset, reference_run, local_cluster,
+                                                                      tmp_path):
+    """The rendered SLURM batch script with an srun stand-in that starts one task inside each host (the cluster's
+    srun_script): torchrun on 2 hosts x 2 ranks, pp=2 (a pipeline stage per host) x ep=2. SIGUSR1 to the batch
+    shell after step 2 -> every rank checkpoints at one step -> the script requeues the job -> running it again
+    resumes, and the losses equal the same layout on one host, uninterrupted, bit for bit."""
+    steps, cluster, out = 6, local_cluster(2), tmp_path / "run"
+    bin_dir, requeued = tmp_path / "bin", tmp_path / "requeued"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(cluster.srun_script())
+    (bin_dir / "scontrol").write_text(f'#!/bin/bash\nif [ "$1" = show ]; then printf "node0\\nnode1\\n"; '
+                                      f'else echo "$@" >> {requeued}; fi\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    submit = subprocess.run([PY, "-m", "launch", *base_args(dataset, out, steps, **PP2), "launch=slurm",
+                             "launch.nodes=2", "launch.procs_per_node=2", "launch.master_port=29400",
+                             "launch.env.OMP_NUM_THREADS=1", "++launch.env.GLOO_SOCKET_IFNAME=eth0"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert submit.returncode == 2 and "sbatch not found on PATH" in submit.stderr, submit.stderr[-2000:]
+    script = out / "slurm" / "dsv2.sbatch"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "78",
+           "SLURM_JOB_NODELIST": "node[0-1]", "PYTHONPATH": str(ROOT)}
+    job = subprocess.Popen(["bash", str(script)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    wait_for_step(out, 2, time.monotonic() + 300)
+    job.send_signal(signal.SIGUSR1)
+    stdout, stderr = job.communicate(timeout=300)
+    assert job.returncode == 0, stderr[-3000:]
+    assert "rendezvous on node0:29400, 2 node(s) x 2 process(es)" in stdout
+    assert requeued.read_text().split() == ["requeue", "78"]
+    saved = [int(p.name.split("_")[1]) for p in (out / "checkpoints").iterdir()]
+    assert len(saved) == 1 and 2 <= saved[0] < steps and max(metrics(out)) == saved[0]
+    again = subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert requeued.read_text().split() == ["requeue", "78"], "a run that finishes is not requeued"
+    ref = reference_run(steps, 4, **PP2)
+    assert metrics(out) == metrics(ref)
+    assert metrics(out, "grad_norm") == metrics(ref, "grad_norm")
