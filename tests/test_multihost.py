@@ -44,7 +44,10 @@ def test_hosts_resolve_each_other_links_are_limited_and_cables_cut(local_cluster
     cluster.restore(1)
     sleeper = cluster.popen(1, ["sleep", "60"])
     assert cluster.pause(1) == [sleeper.pid]
-    assert open(f"/proc/{sleeper.pid}/stat").read().split()[2] == "T"  # stopped
+    deadline = time.monotonic() + 2  # SIGSTOP takes effect asynchronously
+    while Path(f"/proc/{sleeper.pid}/stat").read_text().split()[2] != "T" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert Path(f"/proc/{sleeper.pid}/stat").read_text().split()[2] == "T"  # stopped
     cluster.resume(1)
     cluster.kill(1)
     assert sleeper.wait(timeout=5) == -signal.SIGKILL
@@ -66,7 +69,7 @@ def launch_on_hosts(cluster, args: list[str], port: int = 29400) -> list[subproc
 
 
 EP4 = {"parallel.ep": 4, "train.micro_batch_size": 1}
-STEPS = 8
+STEPS = 6
 
 
 def workers(cluster, host: int) -> list[int]:
@@ -157,7 +160,7 @@ def test_sbatch_script_on_two_hosts_is_preempted_requeued_and_resumed(dataset, r
     srun_script): torchrun on 2 hosts x 2 ranks, pp=2 (a pipeline stage per host) x ep=2. SIGUSR1 to the batch
     shell after step 2 -> every rank checkpoints at one step -> the script requeues the job -> running it again
     resumes, and the losses equal the same layout on one host, uninterrupted, bit for bit."""
-    steps, cluster, out = 6, local_cluster(2), tmp_path / "run"
+    steps, cluster, out = 5, local_cluster(2), tmp_path / "run"
     bin_dir, requeued = tmp_path / "bin", tmp_path / "requeued"
     bin_dir.mkdir()
     (bin_dir / "srun").write_text(cluster.srun_script())

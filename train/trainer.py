@@ -112,7 +112,7 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         self.env = init_distributed(cfg.parallel.collective_timeout_s)
         # a failed collective's report (train/watch.py): the loop's phase names the operation the stack does not
-        self.watch = Watch(self.env.rank, self.env.world, cfg.parallel.collective_timeout_s) if self.env.world > 1 else None
+        self.watch = Watch.of_job(self.env.rank, self.env.world, cfg.parallel.collective_timeout_s)
         self.phase = "set-up"
         self.collective_failed = False
         self.dims = parallel_dims(cfg, self.env.world)

@@ -79,6 +79,13 @@ def failed_operation(error: BaseException, phase: str) -> str:
 class Watch:
     """One rank's part: its host in the store, the probe-answering thread, and the report of a failed collective."""
 
+    @classmethod
+    def of_job(cls, rank: int, world: int, timeout_s: float) -> "Watch | None":
+        """The watch of a multi-rank job whose store is at MASTER_ADDR:MASTER_PORT (torchrun, srun); else None."""
+        if world == 1 or not {"MASTER_ADDR", "MASTER_PORT"} <= os.environ.keys():
+            return None
+        return cls(rank, world, timeout_s)
+
     def __init__(self, rank: int, world: int, timeout_s: float):
         self.rank, self.world, self.host, self.timeout_s = rank, world, socket.gethostname(), timeout_s
         self.where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
@@ -155,5 +162,6 @@ class Watch:
 
 
 def _first_line(error: BaseException) -> str:
+    """The first sentence of `error`'s message, without gloo's "[file.cc:line] " prefix."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return text.split("] ", 1)[-1]  # gloo's messages start with "[file.cc:line] "
+    return text.split("] ", 1)[-1].split(". ")[0]
