@@ -3,8 +3,8 @@ bridge, tbf on both ends of each host's cable): gloo all-gather and all-to-all b
 rate set. Needs root (network namespaces).
 
 Per rank and call, `--mbytes` MB of fp32 in: all-gather receives the other rank's whole tensor over the link;
-all-to-all keeps half and sends half. Link MB/s = bytes that cross the link in one direction / seconds per call;
-the same one for a raw TCP stream (the sink in each host's namespace) is the ceiling the link itself allows.
+all-to-all keeps half and sends half. Link MB/s = bytes that cross the link in one direction / seconds per call
+(both directions carry that much at once, each through its own tbf).
 
     python bench/link_collectives.py [--mbytes 8] [--calls 3] [--rates unlimited,1gbit,100mbit]
 """
