@@ -57,10 +57,10 @@ def test_hosts_resolve_each_other_links_are_limited_and_cables_cut(local_cluster
     assert not [ns for ns in namespaces if ns in left.split()]
 
 
-def launch_on_hosts(cluster, args: list[str], port: int = 29400) -> list[subprocess.Popen]:
-    """`python -m launch launch=torchrun ...` on every host of `cluster`, c10d rendezvous at host 0, 2 ranks each,
-    gloo on each host's cable (launch.env names the interface)."""
-    args = [*args, "launch=torchrun", f"launch.nodes={len(cluster.hosts)}", "launch.procs_per_node=2",
+def launch_on_hosts(cluster, args: list[str], port: int = 29400, procs: int = 2) -> list[subprocess.Popen]:
+    """`python -m launch launch=torchrun ...` on every host of `cluster`, c10d rendezvous at host 0, `procs` ranks
+    each, gloo on each host's cable (launch.env names the interface)."""
+    args = [*args, "launch=torchrun", f"launch.nodes={len(cluster.hosts)}", f"launch.procs_per_node={procs}",
             f"launch.master_addr={cluster.hosts[0].name}", f"launch.master_port={port}",
             "++launch.env.GLOO_SOCKET_IFNAME=eth0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -148,6 +148,22 @@ def test_a_paused_host_ends_the_job_with_one_line(dataset, local_cluster, tmp_pa
     assert stderr.rstrip().splitlines()[-1].startswith("launch: train failed on node0: first rank ")
     assert stopped < 4 + 3 + 10, stopped
     print(f"host 1 paused after step {last}: host 0 stopped {stopped:.1f} s later: {reports[0]}")
+
+
+@pytest.mark.slow
+def test_a_replica_per_host_trains_like_one_host(dataset, reference_run, local_cluster, tmp_path):
+    """HSDP with parallel.dp_replicate=2 on 2 hosts x 1 rank (a replica per host; the gradient all-reduce crosses
+    the bridge): the losses of the 2-process run on one host (FSDP over both ranks; with two ranks every gradient
+    sum adds the same two numbers), bit for bit. The gradient norms agree to 1e-6: FSDP sums squares per shard
+    first, replication over whole tensors."""
+    cluster, out = local_cluster(2), tmp_path / "run"
+    nodes = launch_on_hosts(cluster, base_args(dataset, out, 3, **{"parallel.dp_replicate": 2}), procs=1)
+    for node in nodes:
+        _, stderr = node.communicate(timeout=300)
+        assert node.returncode == 0, stderr[-3000:]
+    ref = reference_run(3, 2)
+    assert metrics(out) == metrics(ref)
+    assert metrics(out, "grad_norm") == pytest.approx(metrics(ref, "grad_norm"), rel=1e-6)
 
 
 PP2 = {"parallel.pp": 2}
