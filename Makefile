@@ -20,7 +20,9 @@ $(STAMP): pyproject.toml
 train: $(STAMP)
 	$(BIN)/python -m train
 
-# one pytest worker per core, at most 4 (each multi-process test spawns 2-4 ranks of its own); steal work so
+# the linter first (pyproject.toml's [tool.ruff]); then one pytest worker per core, at most 4 (each multi-process
+# test spawns 2-4 ranks of its own); steal work so
 # the longest tests do not leave a core idle at the end
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest tests -q -n auto --maxprocesses 4 --dist worksteal

@@ -71,10 +71,10 @@ def train_one(variant: str, seed: int, args, out: Path) -> float:
                           f"train.micro_batch_size={args.batch}", f"data.seq_len={args.seq_len}", f"train.seed={seed}",
                           "checkpoint.every=0", "checkpoint.load=false", f"output_dir={out}", *precision])
     trainer = Trainer(cfg)
-    if variant.startswith("gemm"):
-        trainer.gemm_mode = lambda: GemmRounding(outputs=variant == "gemm_inout")
     try:
         trainer.setup()
+        if variant.startswith("gemm"):  # the GEMM mode every step and validation of the run enters
+            trainer.step_fn.gemm_mode = lambda: GemmRounding(outputs=variant == "gemm_inout")
         trainer.run()
     finally:
         trainer.close()

@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 from model import Transformer
 from model.config import load_preset
+from train.checkpoint import seal
 from train.config import RunConfig, to_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -68,6 +69,7 @@ def main(layers: int = 2, shard_mib: int = 1024) -> None:
         biggest = max(p.numel() * p.element_size() for p in model.parameters())
         dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=str(ckpt))
         (ckpt / "train_state.json").write_text(json.dumps({"step": 1, "config": to_dict(RunConfig(model=cfg))}))
+        seal(ckpt)  # the checksums a published checkpoint carries
         del model
         base, _ = child_peak_mib(["-"])
         peak, secs = child_peak_mib(["train.export", f"output_dir={run}", f"export.dir={work / 'hf'}",

@@ -89,7 +89,8 @@ def compare(name: str, recipe: str, make, args: tuple, device, repeat: int, wors
         real = make(recipe, False)
         got = real(*args)
     except Exception as e:  # noqa: BLE001  (a missing kernel: say which and go on)
-        print(f"{recipe:10s} {name:8s} real kernel unavailable here: {type(e).__name__}: {str(e).splitlines()[0][:140]}")
+        why = f"{type(e).__name__}: {str(e).splitlines()[0][:140]}"
+        print(f"{recipe:10s} {name:8s} real kernel unavailable here: {why}")
         return
     want, ref = make(recipe, True)(*args), reference(*args)
     diffs = [rel(a, b) for a, b in zip(got, want)]

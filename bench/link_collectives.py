@@ -78,7 +78,8 @@ def main() -> None:
     if problem:
         sys.exit(f"link_collectives: {problem}")
     print(describe())
-    print(f"gloo, 2 hosts x 1 rank, {args.mbytes:g} MB per rank per call, {args.calls} calls; link MB/s (one direction)")
+    print(f"gloo, 2 hosts x 1 rank, {args.mbytes:g} MB per rank per call, {args.calls} calls; "
+          f"link MB/s (one direction)")
     print("| link rate | allows MB/s | all-gather MB/s | all-to-all MB/s |")
     print("|---|---|---|---|")
     for rate in args.rates.split(","):

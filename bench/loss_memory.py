@@ -4,7 +4,8 @@ and F.cross_entropy, and transformers' DeepseekV2ForCausalLM on the same config 
 
 The model is `tiny` (4 layers) with the vocabulary and hidden size replaced (--hidden, default 256), so the loss
 dominates the step as it does on a pipeline's last stage. (DeepSpeed sizes its logits blocks like the hidden
-states, so at tiny's own hidden size of 64 the fused loss runs ~1,600 blocks a pass, slow in Python on 2 cores.) Memory is bench/model_step.py's measure: the RSS high-water mark over two steps minus
+states, so at tiny's own hidden size of 64 the fused loss runs ~1,600 blocks a pass, slow in Python on 2 cores.)
+Memory is bench/model_step.py's measure: the RSS high-water mark over two steps minus
 the RSS of the built model, in a fresh child process per case, with glibc mapping every tensor above 64 KiB on
 its own (so RSS follows live tensors). A case whose fp32 logits, kept about four times over (logits, their
 softmax and gradient, transformers' upcast), would not fit the memory the machine has free is skipped and says so.

@@ -68,7 +68,8 @@ def bf16_gemms_fast() -> bool:
 def describe() -> str:
     """One line: the device, and on CPU the model, cores, bf16 units and measured bf16 / fp32 GEMM speed."""
     model, flags = cpu()
-    line = f"machine: {model}, {os.cpu_count()} cores, {torch.get_num_threads()} threads; bf16 units: {bf16_units(flags)}"
+    line = (f"machine: {model}, {os.cpu_count()} cores, {torch.get_num_threads()} threads; "
+            f"bf16 units: {bf16_units(flags)}")
     bf16, fp32 = gemm_speeds()
     line += f"; 1024^2 GEMM bf16 {bf16:,.0f} / fp32 {fp32:,.0f} GFLOP/s (x{bf16 / fp32:.2f})"
     if torch.cuda.is_available():

@@ -219,7 +219,7 @@ def measure(args: argparse.Namespace) -> dict:
         steps = {n: make_step(*build(n, args.preset, weights_dir), tokens) for n in names}
         timed, contention = others_cpu_share(lambda: time_alternating(steps, args.warmup, args.steps))
         times, first, last = timed
-        del steps  # free the timed models before the memory pass
+        steps.clear()  # free the timed models before the memory pass
         memory = peak_step_memory_mib(names, args.preset, weights_dir, args.batch, args.seq_len)
     return dict(default=default, ours=ours, variants=variants, times=times, first=first, last=last,
                 contention=contention, memory=memory)

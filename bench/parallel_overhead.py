@@ -57,7 +57,10 @@ def worker(args) -> None:
     """One rank: build the trainer for the layout, time `steps` steps after one warm-up step."""
     sys.path.insert(0, str(ROOT))
     from train.config import compose_config
-    from train.trainer import Trainer
+    import torch.distributed as dist
+
+    from train.runtime import build_runtime
+    from train.step import Step
 
     clock = {"comm": 0.0}
     time_collectives(clock)
@@ -65,32 +68,33 @@ def worker(args) -> None:
                           f"train.global_batch_size={args.global_batch}", f"train.micro_batch_size={args.micro_batch}",
                           f"output_dir={args.out}", "checkpoint.load=false", "train.val_every=0",
                           f"train.steps={args.steps + 1}"])
-    trainer = Trainer(cfg)
-    trainer.setup()
-    trainer.train_step(trainer.next_batch())  # warm-up
-    sent = _sent_rows(trainer)
+    rt = build_runtime(cfg)
+    step = Step(rt)
+    step(step.sequence_part(rt.loader.next_batch()), 0)  # warm-up
+    sent = _sent_rows(rt)
     clock["comm"], t0 = 0.0, time.perf_counter()
-    for _ in range(args.steps):
-        trainer.train_step(trainer.next_batch())
+    for i in range(args.steps):
+        step(step.sequence_part(rt.loader.next_batch()), i + 1)
     wall = time.perf_counter() - t0
-    rows = (_sent_rows(trainer) - sent) / args.steps
-    if trainer.env.rank == 0:
+    rows = (_sent_rows(rt) - sent) / args.steps
+    if rt.env.rank == 0:
         mcfg = cfg.model
-        tokens_per_rank = args.global_batch // trainer.dims.dp * args.seq_len
-        n_moe = len(trainer.moe_layers())
-        analytic = 4 * n_moe * tokens_per_rank * mcfg.num_experts_per_tok * (args.ep - 1) / args.ep * mcfg.hidden_size * 4
-        result = {"procs": trainer.env.world, "ep": args.ep,
+        tokens_per_rank = args.global_batch // rt.dims.dp * args.seq_len
+        n_moe = len(rt.moe_layers())
+        routed = tokens_per_rank * mcfg.num_experts_per_tok * (args.ep - 1) / args.ep
+        analytic = 4 * n_moe * routed * mcfg.hidden_size * 4
+        result = {"procs": rt.env.world, "ep": args.ep,
                   "tokens_per_sec": args.global_batch * args.seq_len * args.steps / wall,
                   "step_s": wall / args.steps, "comm_fraction": clock["comm"] / wall,
                   "a2a_bytes_measured": 4 * rows * mcfg.hidden_size * 4, "a2a_bytes_analytic": analytic}
         Path(args.result).write_text(json.dumps(result))
-    trainer.close()
+    dist.destroy_process_group()
 
 
-def _sent_rows(trainer) -> int:
+def _sent_rows(rt) -> int:
     """Rows this rank's expert dispatch sent to other ranks so far (0 without expert parallelism)."""
     total = 0
-    for moe in trainer.moe_layers().values():
+    for moe in rt.moe_layers().values():
         for hook in moe.experts._forward_pre_hooks.values():
             total += getattr(getattr(hook, "__self__", None), "sent_rows", 0)
     return total

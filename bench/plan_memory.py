@@ -50,7 +50,8 @@ LAYOUTS = {
     # weights dominate: the unsharded gradients FSDP accumulates over the pipeline's micro-batches show
     "small pp 2 x FSDP 2 (mb 1, seq 64)": (4, ["model=small", "parallel.pp=2", "train.micro_batch_size=1",
                                               "train.global_batch_size=8", "data.seq_len=64"]),
-    "tiny pp 2 1F1B, bf16, selective": (2, ["parallel.pp=2", "precision=bf16", "parallel.activation_checkpoint=selective"]),
+    "tiny pp 2 1F1B, bf16, selective": (2, ["parallel.pp=2", "precision=bf16",
+                                            "parallel.activation_checkpoint=selective"]),
     "tiny pp 2 Interleaved1F1B x2": (2, ["parallel.pp=2", "parallel.pp_schedule=Interleaved1F1B",
                                          "parallel.pp_stages_per_rank=2", "train.micro_batch_size=4"]),
     "tiny pp 2 ZBVZeroBubble": (2, ["parallel.pp=2", "parallel.pp_schedule=ZBVZeroBubble",

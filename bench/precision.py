@@ -4,7 +4,8 @@ Each recipe trains the same model on the same data from the same seed through th
 (`python -m train`, one fresh process per recipe, so peak memory is that recipe's own). Printed per recipe:
 median step time after the first `--skip` steps, tokens/s, peak memory (GPU: max allocated; CPU: peak RSS of
 the process), the final training loss (mean of the last 10 steps), the mean training loss of the second half
-of the run, the final validation loss, and the ratios against bf16 (fp32 when bf16 is not run). Last line: worst_fp8_val_loss_vs_bf16=<max over FP8 recipes of
+of the run, the final validation loss, and the ratios against bf16 (fp32 when bf16 is not run).
+Last line: worst_fp8_val_loss_vs_bf16=<max over FP8 recipes of
 |val / bf16 val - 1|>.
 
 With several `--seeds` every recipe runs once per seed (the seed sets the initial weights and the data order)
@@ -63,7 +64,8 @@ def run_recipe(recipe: str, args, out: Path) -> list[dict] | None:
     cmd = [sys.executable, "-m", "train", f"precision={recipe}", f"model={args.preset}", f"train.steps={args.steps}",
            f"train.global_batch_size={args.batch}", f"train.micro_batch_size={args.batch}",
            f"data.seq_len={args.seq_len}", f"train.val_every={args.val_every}", "log.every=1",
-           "checkpoint.every=0", f"output_dir={out}", f"checkpoint.load={args.init_from is not None}".lower(), *args.set]
+           "checkpoint.every=0", f"output_dir={out}", f"checkpoint.load={args.init_from is not None}".lower(),
+           *args.set]
     if args.init_from is not None:  # every recipe continues the same trained model (and data position)
         shutil.copytree(args.init_from / "checkpoints", out / "checkpoints")
         cmd.append("checkpoint.allow_changes=[precision]")  # a resume in another precision is the point here
@@ -96,10 +98,12 @@ def summarize(rows: list[dict], skip: int) -> dict:
     steps = [r for r in rows if "loss" in r]
     timed_rows = steps[skip:] or steps
     vals = [r["val_loss"] for r in rows if "val_loss" in r]
-    return {"step_s": statistics.median(r["step_time"] for r in timed_rows), "tok_s": statistics.median(r["tokens_per_sec"] for r in timed_rows),
+    return {"step_s": statistics.median(r["step_time"] for r in timed_rows),
+            "tok_s": statistics.median(r["tokens_per_sec"] for r in timed_rows),
             "mfu": statistics.median(r["mfu"] for r in timed_rows),
             "peak_gb": max(r["peak_mem_gb"] for r in steps), "loss": statistics.fmean(r["loss"] for r in steps[-10:]),
-            "half": statistics.fmean(r["loss"] for r in steps[len(steps) // 2:]), "val": vals[-1] if vals else float("nan")}
+            "half": statistics.fmean(r["loss"] for r in steps[len(steps) // 2:]),
+            "val": vals[-1] if vals else float("nan")}
 
 
 def main() -> None:
@@ -117,10 +121,11 @@ def main() -> None:
     p.add_argument("--native-bf16-gemms", action="store_true",
                    help="on CPU, run bf16 GEMMs with torch's bf16 kernels (slow without bf16 units) instead of in fp32")
     p.add_argument("--init-from", type=Path, default=None,
-                   help="a run's output_dir: every run resumes from its newest checkpoint (the model, optimizer, schedule "
-                        "and data position) and trains on to --steps; with one seed only")
+                   help="a run's output_dir: every run resumes from its newest checkpoint (the model, optimizer, "
+                        "schedule and data position) and trains on to --steps; with one seed only")
     p.add_argument("--keep", type=Path, default=None,
-                   help="keep every run's output_dir (metrics.jsonl, TensorBoard) under this folder instead of a temporary one")
+                   help="keep every run's output_dir (metrics.jsonl, TensorBoard) under this folder instead of a "
+                        "temporary one")
     p.add_argument("--jobs", type=int, default=1,
                    help="runs at once, each with cores/jobs threads (CPU convergence runs; timings then mean less)")
     args = p.parse_args()

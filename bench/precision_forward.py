@@ -58,11 +58,12 @@ def batch_gradients(trainer: Trainer, n: int) -> list[dict[str, torch.Tensor]]:
     """fp32 copies of every parameter's gradient, for each of the next `n` training batches; weights unchanged."""
     grads = []
     for _ in range(n):
-        with trainer.gemm_mode():
-            trainer._accumulate(trainer.next_batch())
-        grads.append({name: p.grad.detach().float().clone() for name, p in trainer.parts[0].named_parameters()
+        step = trainer.step_fn
+        with step.gemm_mode():
+            step.accumulate(step.sequence_part(trainer.rt.loader.next_batch()), trainer.step)
+        grads.append({name: p.grad.detach().float().clone() for name, p in trainer.rt.parts[0].named_parameters()
                       if p.grad is not None})
-        trainer.optimizers.zero_grad()
+        trainer.rt.optimizers.zero_grad()
     return grads
 
 
@@ -86,7 +87,7 @@ def measure(run_dir: Path, recipe: str, overrides: list[str], scratch: Path, gra
         trainer.setup()
         if trainer.step != cfg.train.steps:
             raise SystemExit(f"the checkpoint is at step {trainer.step}; pass train.steps={trainer.step}")
-        trainer._validate()
+        trainer.validator(trainer.step)
         grads = batch_gradients(trainer, grad_batches)
     finally:
         trainer.close()

@@ -18,8 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from train.config import compose_config
-from train.config import ConfigError
+from parallel.dims import LayoutError
+from train.config import ConfigError, compose_config, one_line, validate_layout
 
 from .slurm import render_sbatch, torchrun_args
 
@@ -40,10 +40,15 @@ def command(cfg, overrides: list[str]) -> tuple[list[str], str | None]:
 
 
 def main(argv: list[str]) -> int:
-    try:
+    try:  # the layout against the processes the launch starts, before any of them starts
         cfg = compose_config(argv)
+        world = f"launch.nodes={cfg.launch.nodes} x launch.procs_per_node={cfg.launch.procs_per_node}"
+        validate_layout(cfg, cfg.launch.nodes * cfg.launch.procs_per_node)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        print(f"config error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except LayoutError as e:
+        print(f"config error: {one_line(e)} (world: {world})", file=sys.stderr)
         return 2
     argv_run, script = command(cfg, argv)
     if script is not None:

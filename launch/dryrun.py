@@ -1,7 +1,8 @@
 """Dry run of a full-size layout on this one CPU: the real mesh and the real sharded model of chosen ranks,
 built with torch's fake process-group backend (collectives are no-ops) on the meta device (no memory).
 
-    python -m launch.dryrun model=deepseek_v2 parallel.pp=16 parallel.ep=8 launch=slurm launch.nodes=256 launch.procs_per_node=8
+    python -m launch.dryrun model=deepseek_v2 parallel.pp=16 parallel.ep=8 launch=slurm launch.nodes=256 \
+        launch.procs_per_node=8
 
 World size = launch.nodes x launch.procs_per_node. For the first rank of every pipeline stage (or the ranks
 given by `--ranks 0,5,...` before the overrides) it prints the parameters this rank holds, split by the mesh
@@ -22,14 +23,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from model import Transformer
-from parallel import parallelize
 from launch.plan.memory import StageShapes, layout_of, meta_model, rank_parameter_elements
 from parallel.inventory import rank_parameters
-from parallel.pipeline import rank_stage_modules
-from train.config import compose_config
-from train.config import ConfigError
-from train.config import parallel_dims
+from train.config import ConfigError, compose_config
+from train.env import Env
+from train.runtime import build_runtime
 
 
 def memory_bytes(counts: dict[str, int], moment_bytes: int) -> dict[str, int]:
@@ -39,22 +37,14 @@ def memory_bytes(counts: dict[str, int], moment_bytes: int) -> dict[str, int]:
 
 
 def build_rank(cfg, world: int, rank: int) -> list[nn.Module]:
-    """This rank's sharded model parts, on meta, under a fake process group of `world` ranks."""
+    """This rank's sharded model parts, on meta, under a fake process group of `world` ranks: the runtime's own
+    model build (train/runtime.py), FP8, offload, recomputation and compile included."""
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    p = cfg.parallel
-    dims = parallel_dims(cfg, world)
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
     try:
-        mesh = dims.build_mesh("cpu")
-        with torch.device("meta"):
-            model = Transformer(cfg.model)
-        parts = [model]
-        if dims.pp > 1:
-            parts = rank_stage_modules(model, p.pp_schedule, mesh["pp"].get_local_rank(), dims.pp,
-                                       p.pp_stages_per_rank)
-        return [parallelize(part, mesh, dims, cfg.precision.param_dtype, cfg.precision.reduce_dtype,
-                            activation_checkpoint=p.activation_checkpoint) for part in parts]
+        env = Env(rank=rank, world=world, local_rank=0, device=torch.device("cpu"))
+        return build_runtime(cfg, env, data=False, optimizers=False, meta=True).parts
     finally:
         dist.destroy_process_group()
 
@@ -75,7 +65,8 @@ def main(argv: list[str]) -> int:
     moment = 2 if cfg.precision.moment_dtype == "bfloat16" else 4
     shapes = StageShapes(meta_model(cfg.model))
     print(f"dry run: world={world} "
-          f"parallel=(pp={cfg.parallel.pp}, dp_replicate={cfg.parallel.dp_replicate}, dp_shard={cfg.parallel.dp_shard}, "
+          f"parallel=(pp={cfg.parallel.pp}, dp_replicate={cfg.parallel.dp_replicate}, "
+          f"dp_shard={cfg.parallel.dp_shard}, "
           f"tp={cfg.parallel.tp}, ep={cfg.parallel.ep})")
     for rank in ranks:
         t = time.perf_counter()

@@ -187,7 +187,7 @@ class LocalCluster:
             "#!/bin/bash", 'while [[ "$1" == --* ]]; do shift; done  # srun options: one task per host regardless',
             'PIDS=""', *tasks, "trap 'kill -USR1 $PIDS' USR1", "trap 'kill -TERM $PIDS' TERM", "STATUS=0",
             "for pid in $PIDS; do",
-            '    while true; do wait "$pid"; rc=$?; kill -0 "$pid" 2>/dev/null || break; done  # a trap interrupts wait',
+            '    while true; do wait "$pid"; rc=$?; kill -0 "$pid" 2>/dev/null || break; done  # trap ends wait',
             '    [ "$STATUS" = 0 ] && STATUS=$rc', "done", 'exit "$STATUS"', ""])
 
     # ---------------------------------------------------------------------------------------------- faults

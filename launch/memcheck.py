@@ -3,8 +3,8 @@
     python -m launch.memcheck model=small train.micro_batch_size=4            # one process
     torchrun --standalone --nproc-per-node 4 -m launch.memcheck parallel.ep=2 # a layout, every rank
 
-Builds the trainer as `python -m train` would (in a temporary output_dir unless one is given; no checkpoint,
-no validation), runs `--steps` (default 3) optimizer steps under torch's profiler memory accounting,
+Builds the runtime as `python -m train` does (train/runtime.py), in a temporary output_dir unless one is given
+(no checkpoint, no validation), runs `--steps` (default 3) optimizer steps under torch's profiler memory accounting,
 and prints one line per rank: the peak of live tensor bytes allocated through torch's CPU allocator since
 the process began building the model (weights, gradients, optimizer states, activations, communication
 buffers), the planner's estimate for that rank, and their ratio. This is how the planner is checked against
@@ -22,6 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from train.config import compose_config
 from train.config import ConfigError
+from train.env import rank_env
 
 
 def peak_allocated(prof) -> int:
@@ -50,17 +51,21 @@ def peak_allocated(prof) -> int:
 
 def measure(cfg, steps: int) -> tuple[int, int]:
     """(rank, peak bytes) of `steps` training steps of `cfg` on this process."""
-    from train.trainer import Trainer
+    import torch.distributed as dist
+
+    from train.runtime import build_runtime
+    from train.step import Step
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        trainer = Trainer(cfg)
         try:
-            trainer.setup()
-            for _ in range(steps):
-                trainer.train_step(trainer.next_batch())
-            rank = trainer.env.rank
+            rt = build_runtime(cfg)
+            step = Step(rt)
+            for i in range(steps):
+                step(step.sequence_part(rt.loader.next_batch()), i)
+            rank = rt.env.rank
         finally:
-            trainer.close()
+            if dist.is_initialized():
+                dist.destroy_process_group()
     return rank, peak_allocated(prof)
 
 
@@ -76,10 +81,10 @@ def main(argv: list[str]) -> int:
             # a stated peak skips the trainer's CPU GEMM benchmark (an MFU denominator, not training memory)
             cfg = compose_config(["train.peak_tflops=1.0", *argv, "checkpoint.load=false"]
                                  + ([] if given else [f"output_dir={tmp}"]))
+            world = rank_env(os.environ).world
         except ConfigError as e:
             print(f"config error: {e}", file=sys.stderr)
             return 2
-        world = int(os.environ.get("WORLD_SIZE", "1"))
         rank, peak = measure(cfg, steps)
     planned = rank_memory(cfg, world, rank)
     row = json.dumps({"rank": rank, "measured_bytes": peak, "planned_bytes": planned.total,

@@ -13,14 +13,15 @@ FORWARDED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 
 
 def torchrun_args(launch, endpoint: str, run_id: str) -> list[str]:
-    """torchrun's arguments for `launch.nodes` nodes rendezvousing at `endpoint` (c10d), run through launch.agent
-    (torchrun with a one-line failure summary). A failed worker restarts all of them up to launch.max_restarts
-    times; they resume from the newest checkpoint."""
+    """torchrun's arguments for `launch.nodes` nodes rendezvousing at `endpoint` (c10d)."""
     if launch.mode == "local":  # one node (the config checks it)
         where = ["--standalone"]
     else:
-        where = [f"--nnodes={launch.nodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", f"--rdzv-id={run_id}"]
-    return ["-m", "launch.agent", f"--nproc-per-node={launch.procs_per_node}", *where,
+        where = [f"--nnodes={launch.nodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
+                 f"--rdzv-id={run_id}"]
+    # launch.torchrun: torchrun, but a configuration error (exit 2) ends the job with only rank 0's line
+    # a failed worker restarts all of them up to launch.max_restarts times; they resume from the newest checkpoint
+    return ["-m", "launch.torchrun", f"--nproc-per-node={launch.procs_per_node}", *where,
             f"--max-restarts={launch.max_restarts}", f"--signals-to-handle={FORWARDED_SIGNALS}",
             f"--shutdown-timeout={launch.shutdown_timeout_s}"]
 

@@ -129,6 +129,10 @@ class MLA(nn.Module):
         # runs it on whole sequences for a share of the heads
         self.attend: Callable[..., torch.Tensor] = causal_attention
 
+    def up_projections(self) -> list[nn.Linear]:
+        """The projections whose outputs are per head (large, cheap to recompute): query and KV up-projections."""
+        return [self.q_proj if self.cfg.q_lora_rank is None else self.q_b_proj, self.kv_b_proj]
+
     def _queries(self, x: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
         """q_nope [B, T, H, N], rotated q_rope [B, T, H, R]."""
         if self.cfg.q_lora_rank is None:
@@ -196,6 +200,10 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(h * hd, d, bias=False)
         self.scale = softmax_scale(cfg)
         self.attend: Callable[..., torch.Tensor] = causal_attention  # the extension slot of MLA.attend
+
+    def up_projections(self) -> list[nn.Linear]:
+        """The projections whose outputs are per head: query, key and value."""
+        return [self.q_proj, self.k_proj, self.v_proj]
 
     def _qkv(self, x: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rotated q [B, T, H, D], rotated k [B, T, K, D], v [B, T, K, D]."""

@@ -148,7 +148,8 @@ def _validate(c: ModelConfig) -> None:
     _require(0 <= c.first_k_dense_replace <= c.num_hidden_layers,
              f"model.first_k_dense_replace={c.first_k_dense_replace} must lie in [0, num_hidden_layers="
              f"{c.num_hidden_layers}]")
-    _require(c.scoring_func in SCORING_FUNCS, f"model.scoring_func must be one of {SCORING_FUNCS}, got {c.scoring_func!r}")
+    _require(c.scoring_func in SCORING_FUNCS,
+             f"model.scoring_func must be one of {SCORING_FUNCS}, got {c.scoring_func!r}")
     _require(c.topk_method in TOPK_METHODS, f"model.topk_method must be one of {TOPK_METHODS}, got {c.topk_method!r}")
     if c.n_routed_experts > 0:
         _validate_moe(c)
@@ -156,7 +157,8 @@ def _validate(c: ModelConfig) -> None:
     for name in ("aux_loss_alpha", "device_aux_loss_alpha", "comm_aux_loss_alpha", "seq_aux_loss_alpha",
                  "bias_update_speed", "mtp_loss_weight", "initializer_range"):
         _require(getattr(c, name) >= 0, f"model.{name} must be >= 0, got {getattr(c, name)}")
-    _require(c.num_nextn_predict_layers >= 0, f"model.num_nextn_predict_layers must be >= 0, got {c.num_nextn_predict_layers}")
+    _require(c.num_nextn_predict_layers >= 0,
+             f"model.num_nextn_predict_layers must be >= 0, got {c.num_nextn_predict_layers}")
 
 
 def _validate_attention(c: ModelConfig) -> None:

@@ -252,8 +252,12 @@ class ShardWriter:
     def flush(self) -> None:
         self.count += 1
         fname = f"model-{self.count:05d}.safetensors"
-        save_file(self.shard, str(self.directory / (fname + ".tmp")), metadata={"format": "pt"})
-        os.replace(self.directory / (fname + ".tmp"), self.directory / fname)
+        tmp = self.directory / (fname + ".tmp")
+        tmp.touch()  # the mode the umask gives a new file (0644 under 022): safetensors writes its files 0600
+        mode = tmp.stat().st_mode & 0o777
+        save_file(self.shard, str(tmp), metadata={"format": "pt"})
+        tmp.chmod(mode)
+        os.replace(tmp, self.directory / fname)
         self.weight_map.update({k: fname for k in self.shard})
         self.shard, self.shard_bytes = {}, 0
 

@@ -336,7 +336,8 @@ class MoE(nn.Module):
     def _balance_loss(self, routing: Routing, batch: int) -> torch.Tensor | None:
         cfg, s, idx = self.cfg, routing.scores, routing.indices
         d = cfg.balance_groups
-        max_devices = cfg.topk_group if (cfg.topk_method != "greedy" and cfg.n_group == d) else min(cfg.num_experts_per_tok, d)
+        group_limited = cfg.topk_method != "greedy" and cfg.n_group == d
+        max_devices = cfg.topk_group if group_limited else min(cfg.num_experts_per_tok, d)
         active = active_balance_terms(cfg)
         counts = None
         if set(active) - {"seq"}:  # the load-based losses: f from (optionally all-reduced) counts

@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from torch.distributed.tensor import DTensor
+
 from model.config import TORCH_DTYPES
 
 from .context import apply_cp
@@ -75,7 +77,8 @@ def parallelize(model: nn.Module, mesh, dims: ParallelDims, param_dtype: str = "
 def _fully_shard(model, mesh, dims, param_dtype, reduce_dtype, cpu_offload) -> None:
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-    kwargs = {"mp_policy": MixedPrecisionPolicy(param_dtype=TORCH_DTYPES[param_dtype], reduce_dtype=TORCH_DTYPES[reduce_dtype])}
+    policy = MixedPrecisionPolicy(param_dtype=TORCH_DTYPES[param_dtype], reduce_dtype=TORCH_DTYPES[reduce_dtype])
+    kwargs = {"mp_policy": policy}
     if cpu_offload:
         # pinned host memory for the copies to and from the GPU; a CPU-only mesh (tests) has nothing to pin for
         kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=mesh.device_type != "cpu")
@@ -169,7 +172,7 @@ def clip_grad_norm_(parameters, max_norm: float, pp_group=None, duplicates=()) -
     norms = []
     for group in groups.values():
         norm = torch.nn.utils.get_total_norm([p.grad for p in group], 2.0)
-        norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
     total = torch.stack([n.float() for n in norms]).norm() if norms else torch.zeros((), device=_device(groups))
     if pp_group is not None:
         total = total.pow(2)

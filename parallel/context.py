@@ -22,7 +22,8 @@ which reads whole sequences); depth k covers positions i < T - k, so the last pa
 there, and that depth's attention pads it back to equal parts for the all-to-all (the padding lies after every
 real position of the sequence, which causal attention never reads) and drops the padding after.
 
-Requires num_attention_heads % cp == 0 (and K/V heads % cp == 0) and seq_len / cp > the MTP depth; no tensor parallelism with it yet
+Requires num_attention_heads % cp == 0 (and K/V heads % cp == 0) and seq_len / cp > the MTP depth; no tensor
+parallelism with it yet
 (checked by ParallelDims).
 """
 

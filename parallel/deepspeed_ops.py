@@ -83,6 +83,7 @@ def fused_lm_loss(part: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], tor
     def loss(hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         weight, group = _local_head(part.lm_head.weight)
         with warnings.catch_warnings():  # DeepSpeed checks the vocabulary shards with a collective torch deprecates
-            warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+            warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated",
+                                    category=FutureWarning)
             return linear_ce(_whole_tokens(hidden), weight, labels, tp_group=group)
     return loss

@@ -37,6 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
+from model.moe import GroupedExperts
+
 log = logging.getLogger(__name__)
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 FP8_MAX = {E4M3: torch.finfo(E4M3).max, E5M2: torch.finfo(E5M2).max}  # 448, 57344
@@ -56,7 +58,8 @@ class Fp8Recipe:
         if self.granularity not in RECIPES:
             raise ValueError(f"FP8 recipe must be one of {RECIPES}, got {self.granularity!r}")
         if self.fsdp_all_gather and self.granularity != "tensorwise":
-            raise ValueError(f"FP8 all-gather needs one scale per weight tensor (fp8_tensorwise), not {self.granularity}")
+            raise ValueError(f"FP8 all-gather needs one scale per weight tensor (fp8_tensorwise), "
+                             f"not {self.granularity}")
 
     @property
     def grad_dtype(self) -> torch.dtype:
@@ -346,7 +349,7 @@ def convert_to_fp8(model: nn.Module, recipe: Fp8Recipe) -> dict[str, int]:
             _blockwise_forward(mod, recipe)
     else:
         _torchao_linears(model, recipe, {name for name, _ in linears})
-    experts = [m for m in model.modules() if type(m).__name__ == "GroupedExperts"]
+    experts = [m for m in model.modules() if isinstance(m, GroupedExperts)]
     for mod in experts:
         mod.gemm = fp8_grouped_gemm(recipe)
     experts_scaling = "rowwise" if recipe.granularity == "tensorwise" and not recipe.emulate else recipe.granularity

@@ -7,6 +7,7 @@ from collections import defaultdict
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 
 def shard_axes(param: torch.Tensor) -> str:
@@ -25,7 +26,7 @@ def rank_parameters(parts: list[nn.Module]) -> dict[str, int]:
     counts: dict[str, int] = defaultdict(int)
     for part in parts:
         for name, p in part.named_parameters():
-            local = p.to_local() if hasattr(p, "to_local") else p
+            local = p.to_local() if isinstance(p, DTensor) else p
             kind = "experts" if ".experts." in name else "dense"
             counts[f"{kind}:{shard_axes(p)}"] += local.numel()
     return dict(sorted(counts.items()))

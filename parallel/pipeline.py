@@ -32,6 +32,7 @@ from torch.distributed.pipelining import (
     ScheduleInterleaved1F1B,
     ScheduleZBVZeroBubble,
 )
+from torch.distributed.tensor import DTensor
 
 from model.transformer import Transformer, lm_and_mtp_loss
 
@@ -363,7 +364,7 @@ def build_pipeline(model: Transformer, pp_mesh_or_group, schedule: str, n_microb
 
 
 def _send(group, dst: int, x: torch.Tensor) -> None:
-    x = x.to_local() if hasattr(x, "to_local") else x
+    x = x.to_local() if isinstance(x, DTensor) else x
     dist.send(torch.tensor(x.shape, dtype=torch.int64, device=x.device), group=group, group_dst=dst)
     dist.send(x.contiguous(), group=group, group_dst=dst)
 

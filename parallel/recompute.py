@@ -40,9 +40,7 @@ def _recompute(module: nn.Module) -> None:
 def _selective_targets(block: nn.Module) -> list[nn.Module]:
     from model.layers import RMSNorm
 
-    attn = block.self_attn
-    ups = [getattr(attn, name) for name in ("q_b_proj", "q_proj", "kv_b_proj", "k_proj", "v_proj") if hasattr(attn, name)]
-    return [m for m in block.modules() if isinstance(m, RMSNorm)] + ups
+    return [m for m in block.modules() if isinstance(m, RMSNorm)] + block.self_attn.up_projections()
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:

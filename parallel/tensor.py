@@ -41,6 +41,7 @@ from torch.distributed.tensor.parallel import (
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
 from model.config import ModelConfig
+from model.attention import MLA
 from model.layers import MLP
 from model.moe import MoE, Routing
 
@@ -186,7 +187,7 @@ def _mla_plan(attn: nn.Module, seq: Placement) -> dict[str, ParallelStyle]:
         "kv_b_proj": ColwiseParallel(use_local_output=False),
         "o_proj": RowwiseParallel(input_layouts=Shard(-1), output_layouts=seq, use_local_output=False),
     }
-    if hasattr(attn, "q_proj"):
+    if attn.cfg.q_lora_rank is None:
         plan["q_proj"] = ColwiseParallel(use_local_output=False)
     else:
         plan.update({"q_a_proj": Replicated(), "q_a_layernorm": Replicated(),
@@ -244,7 +245,7 @@ def _moe_plan(moe: MoE, seq: Placement) -> dict[str, ParallelStyle]:
 
 def _block_plan(block: nn.Module, seq: Placement) -> dict[str, ParallelStyle]:
     plan: dict[str, ParallelStyle] = {"input_layernorm": _norm_style(seq), "post_attention_layernorm": _norm_style(seq)}
-    attn = _qkvo_plan(seq) if hasattr(block.self_attn, "k_proj") else _mla_plan(block.self_attn, seq)
+    attn = _mla_plan(block.self_attn, seq) if isinstance(block.self_attn, MLA) else _qkvo_plan(seq)
     plan.update({f"self_attn.{k}" if k else "self_attn": v for k, v in attn.items()})
     if isinstance(block.mlp, MoE):
         mlp = _moe_plan(block.mlp, seq)

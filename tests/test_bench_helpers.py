@@ -29,7 +29,8 @@ def test_relative_errors_match_a_hand_computation():
 
 def test_machine_line_names_the_cpu_and_its_bf16_units():
     from machine import bf16_units, parse_cpuinfo
-    text = ("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8481C\nflags\t\t: fpu avx2 avx512_bf16 amx_bf16 amx_tile\n\n"
+    text = ("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8481C\n"
+            "flags\t\t: fpu avx2 avx512_bf16 amx_bf16 amx_tile\n\n"
             "processor\t: 1\nmodel name\t: other\nflags\t\t: fpu\n")
     model, flags = parse_cpuinfo(text)
     assert model == "Intel(R) Xeon(R) Platinum 8481C" and "amx_tile" in flags and "fpu" in flags

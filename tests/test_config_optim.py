@@ -20,7 +20,8 @@ def test_compose_defaults_to_tiny_on_builtin_data():
 
 def test_overrides_reach_typed_fields():
     cfg = compose_config(["model=small", "train.steps=7", "optim.lr=1e-3", "precision=bf16", "output_dir=/tmp/x"])
-    assert (cfg.model.hidden_size, cfg.train.steps, cfg.optim.lr, cfg.precision.param_dtype) == (512, 7, 1e-3, "bfloat16")
+    got = (cfg.model.hidden_size, cfg.train.steps, cfg.optim.lr, cfg.precision.param_dtype)
+    assert got == (512, 7, 1e-3, "bfloat16")
     assert cfg.output_dir == "/tmp/x"
 
 
@@ -47,7 +48,8 @@ def test_schedules_pick_their_stage_count(schedule, stages):
     """parallel.pp_stages_per_rank unset: what the schedule needs; recorded resolved (config.yaml shows it)."""
     cfg = compose_config([f"parallel.pp_schedule={schedule}", "parallel.pp=2"])
     assert cfg.parallel.pp_stages_per_rank == stages
-    assert compose_config([f"parallel.pp_schedule={schedule}", "parallel.pp_stages_per_rank=3"]).parallel.pp_stages_per_rank == 3
+    cfg = compose_config([f"parallel.pp_schedule={schedule}", "parallel.pp_stages_per_rank=3"])
+    assert cfg.parallel.pp_stages_per_rank == 3
 
 
 @pytest.mark.parametrize("kw,fragment", [

@@ -246,7 +246,8 @@ def test_resume_is_exact_and_independent_of_the_layout(dataset, caplog):
 
 def test_ramp_up_stream_follows_the_definition_under_any_layout(dataset, caplog):
     """Batch-size ramp-up 4 -> 12 by 4 over 200 tokens of 9-token sequences (one increase per 100 tokens): three
-    steps of 4 (108 tokens), two of 8 (252), then 12; step s takes the next `size(s)` windows of the same stream, split over ranks
+    steps of 4 (108 tokens), two of 8 (252), then 12; step s takes the next `size(s)` windows of the same stream,
+    split over ranks
     as a constant batch is, and a resumed loader (another layout) continues it."""
     batches = BatchSchedule(12, SEQ, start=4, increment=4, ramp_tokens=200)
     assert [batches.size(s) for s in range(7)] == [4, 4, 4, 8, 8, 12, 12]
@@ -264,7 +265,8 @@ def test_ramp_up_stream_follows_the_definition_under_any_layout(dataset, caplog)
     TokenLoader(dataset, SEQ, 12, 2, seed=2).load_state_dict(ranks[0].state_dict())  # resumed without the ramp-up
     assert "rampup" in caplog.text and "changed settings" in caplog.text
     with pytest.raises(ValueError, match="does not split"):  # a first batch of 4 over 4 ranks x 2 sequences
-        TokenLoader(dataset, SEQ, 16, 2, dp_world=4, batches=BatchSchedule(16, SEQ, start=4, increment=4, ramp_tokens=99))
+        TokenLoader(dataset, SEQ, 16, 2, dp_world=4,
+                    batches=BatchSchedule(16, SEQ, start=4, increment=4, ramp_tokens=99))
 
 
 def test_validation_batches_are_fixed_and_sharded(dataset):

@@ -39,7 +39,8 @@ def test_round_trip_within_half_ulp(dtype, tile):
     assert q.dtype == dtype
     assert torch.equal(torch.log2(scale).round(), torch.log2(scale)), "scales are powers of two"
     sc = _per_element(scale, tile, x.shape)
-    top = (x.abs() * sc).amax() if tile is TENSOR else (x.abs() * sc).unflatten(-1, (-1, 384 if tile is ROW else 128)).amax(-1)
+    scaled = x.abs() * sc
+    top = scaled.amax() if tile is TENSOR else scaled.unflatten(-1, (-1, 384 if tile is ROW else 128)).amax(-1)
     fmax = torch.finfo(dtype).max
     assert bool((top <= fmax).all()) and bool((top > fmax / 2).all())
     spacing = torch.finfo(dtype).smallest_normal * 2.0 ** -MANTISSA[dtype]  # subnormal step
@@ -371,7 +372,8 @@ def test_gpu_blockwise_linear_pads_every_dimension_to_the_block(monkeypatch):
         def apply(x, weight, block_size, out_dtype=torch.bfloat16, use_triton=False):
             assert block_size == 128 and out_dtype == x.dtype and not use_triton
             assert x.is_contiguous() and weight.is_contiguous()
-            assert x.shape[0] % 128 == 0 and x.shape[1] % 128 == 0 and weight.shape[0] % 128 == 0, (x.shape, weight.shape)
+            assert x.shape[0] % 128 == 0 and x.shape[1] % 128 == 0 and weight.shape[0] % 128 == 0, \
+                (x.shape, weight.shape)
             calls.append((tuple(x.shape), tuple(weight.shape)))
             return Fp8Mm.apply(x, weight.t().unsqueeze(0), None, emulated)
 
@@ -416,7 +418,8 @@ def test_blockwise_refuses_a_gpu_where_torchao_would_emulate_the_expert_gemms():
     def missing(name):
         raise ImportError(f"No module named {name!r}")
 
-    assert "needs compute capability >= 9.0, this GPU has 8.9" in blockwise_grouped_kernels_missing((8, 9), lambda _: full)
+    old_gpu = blockwise_grouped_kernels_missing((8, 9), lambda _: full)
+    assert "needs compute capability >= 9.0, this GPU has 8.9" in old_gpu
     assert "does not import (No module named 'deep_gemm')" in blockwise_grouped_kernels_missing((9, 0), missing)
     assert blockwise_grouped_kernels_missing((9, 0), lambda _: no_k) == \
         "this deep_gemm has no k_grouped_fp8_gemm_nt_contiguous"
@@ -484,9 +487,11 @@ def test_bf16_moments_adamw_equals_adamw_within_bf16_rounding():
     w0 = torch.randn(64, 32)
     grads = [torch.randn(64, 32) for _ in range(5)]
     results = {}
-    for name, make in {"torch": lambda p: torch.optim.AdamW([p], lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1),
+    for name, make in {"torch": lambda p: torch.optim.AdamW([p], lr=1e-2, betas=(0.9, 0.95), eps=1e-8,
+                                                            weight_decay=0.1),
                        "fp32": lambda p: AdamWLowPrecisionMoments([p], 1e-2, (0.9, 0.95), 1e-8, 0.1, torch.float32),
-                       "bf16": lambda p: AdamWLowPrecisionMoments([p], 1e-2, (0.9, 0.95), 1e-8, 0.1, torch.bfloat16)}.items():
+                       "bf16": lambda p: AdamWLowPrecisionMoments([p], 1e-2, (0.9, 0.95), 1e-8, 0.1,
+                                                                  torch.bfloat16)}.items():
         p = nn.Parameter(w0.clone())
         opt = make(p)
         for g in grads:
@@ -494,7 +499,8 @@ def test_bf16_moments_adamw_equals_adamw_within_bf16_rounding():
             opt.step()
         results[name] = (p.detach(), opt.state[p])
     torch.testing.assert_close(results["fp32"][0], results["torch"][0], rtol=1e-6, atol=1e-7)
-    assert results["bf16"][1]["exp_avg"].dtype == torch.bfloat16 and results["bf16"][1]["exp_avg_sq"].dtype == torch.bfloat16
+    assert results["bf16"][1]["exp_avg"].dtype == torch.bfloat16
+    assert results["bf16"][1]["exp_avg_sq"].dtype == torch.bfloat16
     # each bf16 moment is within 2^-8 relative of fp32's, so an update moves by at most ~2^-8 x 1.5 of its size
     # (the square root halves the second moment's error); 5 steps: < 0.02 x 5 step sizes, on any CPU
     step_size = (results["torch"][0] - w0).abs().mean()

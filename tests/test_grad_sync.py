@@ -74,7 +74,8 @@ def test_gradient_sync_per_step_not_per_micro_batch(tmp_path):
         assert every["all_gather_single"] > MICRO * dense  # gathered again for every forward and backward
         for mode in ("default", "unsharded"):
             for name, g in r["every"][0].items():
-                torch.testing.assert_close(r[mode][0][name], g, rtol=1e-5, atol=1e-7, msg=lambda m: f"{mode} {name}: {m}")
+                torch.testing.assert_close(r[mode][0][name], g, rtol=1e-5, atol=1e-7,
+                                           msg=lambda m: f"{mode} {name}: {m}")
     # replicas (ranks 0 and 2, 1 and 3) end with identical gradients
     for a, b in ((0, 2), (1, 3)):
         for mode in MODES:

@@ -47,7 +47,8 @@ def run_dir(dataset, tmp_path_factory):
 @pytest.fixture(scope="module")
 def exported(run_dir):
     dest = run_dir.parent / "hf"
-    assert tool("train.export", f"output_dir={run_dir}", f"export.dir={dest}", "export.max_shard_bytes=200000") == (0, "", "")
+    rc = tool("train.export", f"output_dir={run_dir}", f"export.dir={dest}", "export.max_shard_bytes=200000")
+    assert rc == (0, "", "")
     return dest
 
 
@@ -88,6 +89,24 @@ def test_export_refuses_a_non_empty_directory_and_a_non_run(run_dir, tmp_path, c
     rc, _, err = tool("train.export", f"output_dir={dest}", f"export.dir={tmp_path / 'new'}", capsys=capsys)
     assert rc == 1 and "no published checkpoint" in err.strip().splitlines()[-1] and str(dest) in err
     assert not (tmp_path / "new").exists()
+
+
+def _tree(root):
+    """{path: (size, mtime)} of every file beneath `root`."""
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("where", ["parent", "checkpoint"])
+def test_export_with_overwrite_never_replaces_the_run_it_reads(run_dir, capsys, where):
+    before = _tree(run_dir)
+    ckpt = checkpoint_of(run_dir, None)
+    dest = {"parent": run_dir.parent, "checkpoint": ckpt}[where]
+    rc, _, err = tool("train.export", f"output_dir={run_dir}", f"export.dir={dest}", "export.overwrite=true",
+                      capsys=capsys)
+    lines = [ln for ln in err.splitlines() if "error" in ln]
+    assert rc == 2 and len(lines) == 1 and f"export.dir={dest} " in lines[0], err
+    assert {"parent": "contains", "checkpoint": "lies inside"}[where] in lines[0]
+    assert _tree(run_dir) == before  # every file of the run as it was
 
 
 def test_greedy_sample_is_the_argmax_of_full_sequence_logits(run_dir):

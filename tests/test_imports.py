@@ -1,6 +1,6 @@
-"""The packages import one way, launch -> train -> parallel -> model (DESIGN.md), read from the source's import
-statements: model/ imports none of the others, parallel/ not train/ or launch/, train/ not launch/. And no function
-in them runs over 60 lines (STYLE.md)."""
+"""The packages import one way, launch -> train -> parallel -> model (docs/ARCHITECTURE.md), read from the source's
+import statements: model/ imports none of the others, parallel/ not train/ or launch/, train/ not launch/. And no
+function in them runs over 60 lines."""
 
 import ast
 from pathlib import Path
@@ -32,7 +32,8 @@ def test_imports_flow_one_way(package):
 
 def test_the_check_sees_an_import(tmp_path):
     source = tmp_path / "x.py"
-    source.write_text("import os\nfrom launch.plan import cost\nfrom .sibling import y\n\ndef f():\n    import train.env\n")
+    source.write_text("import os\nfrom launch.plan import cost\nfrom .sibling import y\n\n"
+                      "def f():\n    import train.env\n")
     assert imported_packages(source) == {"os", "launch", "train"}
 
 

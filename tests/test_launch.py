@@ -63,7 +63,8 @@ def test_srun_tasks_train_like_torchrun(dataset, reference_run, tmp_path):
 def test_dry_run_prints_a_valid_sbatch_script(tmp_path):
     out = tmp_path / "run"
     proc = launch("launch=slurm", "launch.dry_run=true", "launch.nodes=4", "launch.partition=h800",
-                  "launch.account=proj", "launch.time=12:00:00", "model=small", f"output_dir={out}")
+                  "launch.account=proj", "launch.time=12:00:00", "model=small", "train.global_batch_size=256",
+                  f"output_dir={out}")
     assert proc.returncode == 0, proc.stderr
     script, _, cmd = proc.stdout.rstrip().rpartition("\n")
     assert cmd == f"sbatch {out}/slurm/dsv2.sbatch"
@@ -76,10 +77,10 @@ def test_dry_run_prints_a_valid_sbatch_script(tmp_path):
                  "#SBATCH --signal=B:USR1@300", "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1"):
         assert line in script.splitlines(), line
     srun = next(line for line in script.splitlines() if line.startswith("srun "))
-    assert ("-m launch.agent --nproc-per-node=8 --nnodes=4 --rdzv-backend=c10d "
+    assert ("-m launch.torchrun --nproc-per-node=8 --nnodes=4 --rdzv-backend=c10d "
             '--rdzv-endpoint="$HEAD":29500 --rdzv-id="$SLURM_JOB_ID" --max-restarts=0 '
             "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1") in srun
-    assert srun.endswith(f"-m train model=small output_dir={out} &")
+    assert srun.endswith(f"-m train model=small train.global_batch_size=256 output_dir={out} &")
 
 
 def test_launch_config_errors_exit_2():
@@ -110,8 +111,10 @@ def test_submitit_sweep_runs_each_job_like_a_direct_run(dataset, tmp_path):
     sweep = tmp_path / "sweep"
     args = [a for a in base_args(dataset, tmp_path, 2) if not a.startswith("output_dir=")]
     proc = subprocess.run([PY, "-m", "train", "-m", "hydra/launcher=submitit_local", *args,
-                           f"output_dir={sweep}/lr${{optim.lr}}", "optim.lr=0.001,0.004", f"hydra.sweep.dir={sweep}/hydra"],
-                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+                           f"output_dir={sweep}/lr${{optim.lr}}", "optim.lr=0.001,0.004",
+                           f"hydra.sweep.dir={sweep}/hydra"],
+                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     direct = tmp_path / "direct"
     train(base_args(dataset, direct, 2, **{"optim.lr": 0.004}))

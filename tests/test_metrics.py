@@ -174,7 +174,7 @@ def test_progress_line_rounds_loss_throughput_mfu_and_eta():
 
 
 def _peak_of_rank(rank: int, world: int) -> float:
-    from train.trainer import max_over_ranks
+    from train.components import max_over_ranks
 
     return max_over_ranks([1.25, 3.5][rank], torch.device("cpu"), world)
 

@@ -90,9 +90,11 @@ def test_preset_parameter_counts_match_papers(name):
 
 def test_presets_hold_published_hyperparameters():
     v2, v3, lite = load_preset("deepseek_v2"), load_preset("deepseek_v3"), load_preset("deepseek_v2_lite")
-    assert (v2.n_routed_experts, v2.n_shared_experts, v2.num_experts_per_tok, v2.n_group, v2.topk_group) == (160, 2, 6, 8, 3)
+    routing = (v2.n_routed_experts, v2.n_shared_experts, v2.num_experts_per_tok, v2.n_group, v2.topk_group)
+    assert routing == (160, 2, 6, 8, 3)
     assert v2.routed_scaling_factor == 16.0 and v2.rope_scaling["mscale_all_dim"] == 0.707
-    assert (v3.scoring_func, v3.topk_method, v3.routed_scaling_factor, v3.norm_topk_prob) == ("sigmoid", "noaux_tc", 2.5, True)
+    routing = (v3.scoring_func, v3.topk_method, v3.routed_scaling_factor, v3.norm_topk_prob)
+    assert routing == ("sigmoid", "noaux_tc", 2.5, True)
     assert lite.q_lora_rank is None and lite.intermediate_size == 10944 and lite.num_hidden_layers == 27
     assert v2.initializer_range == v3.initializer_range == lite.initializer_range == 0.006  # DeepSeek's init std
 
@@ -393,7 +395,8 @@ def test_mtp_logits_predict_the_right_offsets():
     h = model.hidden_states(tokens)
     m1 = model.mtp[0]
     cos, sin = model._rope(0, 11, h.device)
-    h1 = m1.block(m1.eh_proj(torch.cat([m1.enorm(model.embed_tokens(tokens[:, 1:])), m1.hnorm(h[:, :11])], -1)), cos, sin)
+    joined = torch.cat([m1.enorm(model.embed_tokens(tokens[:, 1:])), m1.hnorm(h[:, :11])], -1)
+    h1 = m1.block(m1.eh_proj(joined), cos, sin)
     torch.testing.assert_close(mtp[0], model.lm_head(m1.norm(h1)))
     sum(m.sum() for m in mtp).backward()
     assert model.mtp[1].eh_proj.weight.grad.abs().sum() > 0
@@ -440,7 +443,7 @@ def test_mtp_loss_equals_cross_entropy_on_labels_shifted_by_depth():
     position i predict token i + k + 1 (the labels shifted by k), each CE a mean over its own T - k positions.
     D = 2 depths, lambda = 0.3; the cross-entropies are written out (log-softmax at the target), in fp64."""
     from model.transformer import lm_and_mtp_loss
-    from train.trainer import lm_loss
+    from train.runtime import lm_loss
 
     torch.manual_seed(0)
     model = Transformer(tiny(num_nextn_predict_layers=2, initializer_range=0.05))

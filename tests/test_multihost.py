@@ -14,8 +14,9 @@ import pytest
 from conftest import PY, ROOT, base_args, metrics
 
 # a TCP sink on port 5001: once the sender closes, prints the bytes received and the seconds from the first to the last
-SINK = ("import socket, time\ns = socket.create_server(('0.0.0.0', 5001))\nc, _ = s.accept()\nn = len(c.recv(1 << 20))\n"
-        "t = time.time()\nwhile d := c.recv(1 << 20):\n    n += len(d)\nprint(n, time.time() - t, flush=True)")
+SINK = ("import socket, time\ns = socket.create_server(('0.0.0.0', 5001))\nc, _ = s.accept()\n"
+        "n = len(c.recv(1 << 20))\nt = time.time()\nwhile d := c.recv(1 << 20):\n    n += len(d)\n"
+        "print(n, time.time() - t, flush=True)")
 
 
 def send(cluster, host: int, to: str, megabytes: int, timeout: float = 2.0) -> subprocess.CompletedProcess:
@@ -142,7 +143,7 @@ def test_a_paused_host_ends_the_job_with_one_line(dataset, local_cluster, tmp_pa
     assert reports[0].startswith(f"collective error: step {last + 1}: the "), reports[0]
     # the collective when the stack names it; a failure inside autograd's backward names the phase
     assert re.search(r": (the (FSDP all-gather|FSDP reduce-scatter|expert all-to-all) of (MoE )?layer \d|"
-                     r"forward/backward) ", reports[0]), reports[0]
+                     r"the training step) ", reports[0]), reports[0]
     assert reports[0].endswith("did not answer: ranks 2, 3 on node1"), reports[0]
     assert "Traceback" not in stderr
     assert stderr.rstrip().splitlines()[-1].startswith("launch: train failed on node0: first rank ")
@@ -208,3 +209,10 @@ def test_sbatch_script_on_two_hosts_is_preempted_requeued_and_resumed(dataset, r
     ref = reference_run(steps, 2, **PP2)
     assert metrics(out) == metrics(ref)
     assert metrics(out, "grad_norm") == metrics(ref, "grad_norm")
+
+
+def test_without_root_the_cluster_says_why(monkeypatch):
+    from launch.localcluster import namespaces_problem
+
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert namespaces_problem() == "network namespaces need root (this process runs as uid 1000)"

@@ -307,7 +307,8 @@ def test_apply_tp_rejects_heads_not_divisible(results):
 def test_check_tp_names_every_bad_size():
     with pytest.raises(ValueError, match=r"tp=4 must divide model.num_attention_heads=6, model.intermediate_size=190$"):
         check_tp(tiny_cfg(num_attention_heads=6, intermediate_size=190), 4)
-    with pytest.raises(ValueError, match=r"tp=3 must divide .*vocab_size=512.*moe_intermediate_size \* n_shared_experts=32"):
+    with pytest.raises(ValueError,
+                       match=r"tp=3 must divide .*vocab_size=512.*moe_intermediate_size \* n_shared_experts=32"):
         check_tp(tiny_cfg(num_attention_heads=3, intermediate_size=192), 3)
     check_tp(tiny_cfg(), 4)  # tiny splits 4 ways
 

@@ -69,7 +69,8 @@ def memcheck(nproc: int, overrides: list[str]) -> list[dict]:
 LAYOUTS = {  # bench/plan_memory.py measures more (every schedule, each axis alone); see bench/RESULTS.md
     "small, one process": (1, ["model=small", "train.micro_batch_size=4", "train.global_batch_size=8"]),
     "tiny, one process, full recomputation": (1, ["parallel.activation_checkpoint=full"]),
-    "tiny gqa, tp=2, selective recomputation": (2, ["model.attention=gqa", "model.num_key_value_heads=2", "parallel.tp=2",
+    "tiny gqa, tp=2, selective recomputation": (2, ["model.attention=gqa", "model.num_key_value_heads=2",
+                                                    "parallel.tp=2",
                                                     "parallel.activation_checkpoint=selective"]),
     # the loss terms of a vocabulary 256 x the hidden size: logits and their gradient, or the fused loss's blocks
     "tiny, vocabulary 16,384, logits": (1, ["model.vocab_size=16384", "train.fused_loss=false"]),
@@ -158,7 +159,8 @@ def test_fsdp_and_expert_parallel_volumes_equal_hand_counts():
     comms = {c.name: c for c in collectives(shapes, layout, cfg.data.seq_len, gpu, cfg.cluster)}
     pc = param_counts(m)
     dense = pc.total - pc.routed_experts
-    assert comms["fsdp all-gather/reduce-scatter (dense)"].bytes_per_step == pytest.approx(2 * (2 * 4 + 4) * dense * 3 / 4)
+    dense_bytes = comms["fsdp all-gather/reduce-scatter (dense)"].bytes_per_step
+    assert dense_bytes == pytest.approx(2 * (2 * 4 + 4) * dense * 3 / 4)
     assert comms["fsdp all-gather/reduce-scatter (dense)"].link == "nvlink"
     ep = layout_of(compose_config(["model=tiny", "parallel.ep=2", "train.global_batch_size=16",
                                    "train.micro_batch_size=2"]), 4)
@@ -250,7 +252,7 @@ def test_plan_rejects_an_unknown_gpu(capsys):
     from launch.plan.__main__ import main
 
     assert main(["cluster.gpu=a100", "cluster.gpus=8"]) == 2
-    assert capsys.readouterr().err.strip() == "config error: cluster.gpu='a100' is unknown; known: h800, h100, h200"
+    assert capsys.readouterr().err.strip() == "config error: cluster.gpu must be one of h800, h100, h200, got 'a100'"
 
 
 # ------------------------------------------------------------------------------------------ MFU peaks

@@ -10,7 +10,7 @@ from model import Transformer
 from model.config import config_from_dict
 from test_parallel_layouts import assert_same_run, final_params, run
 from train.data.loader import TokenDataset, TokenLoader
-from train.trainer import lm_loss
+from train.runtime import lm_loss
 from conftest import base_args, metrics, train
 
 STEPS = 6
@@ -113,7 +113,8 @@ def test_init_from_starts_a_new_run_from_another_runs_weights(dataset, tmp_path)
     here in one process; step, optimizer and data start afresh."""
     src, new = tmp_path / "src", tmp_path / "new"
     run(dataset, src, 1, steps=3, **{"train.micro_batch_size": 4})
-    run(dataset, new, 2, steps=2, **{"train.micro_batch_size": 2, "checkpoint.init_from": src, "model.rope_scaling": YARN})
+    run(dataset, new, 2, steps=2,
+        **{"train.micro_batch_size": 2, "checkpoint.init_from": src, "model.rope_scaling": YARN})
     cfg = yaml.safe_load((new / "config.yaml").read_text())
     model = Transformer(config_from_dict(cfg["model"]))
     assert model.cfg.rope_scaling["factor"] == 4

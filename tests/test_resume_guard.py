@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from conftest import PY, ROOT, base_args, metrics, train
+from train.checkpoint import seal
 from train.data.loader import TokenDataset, TokenLoader
 from train.optim import lr_factor
 from train.config import compose_config
@@ -103,6 +104,8 @@ def test_poisoned_batch_is_rolled_back_and_skipped(poisoned, tmp_path):
     state = json.loads(state_file.read_text())
     state["loader"]["steps"] += 1
     state_file.write_text(json.dumps(state))
+    (state_file.parent / "checksums.json").unlink()
+    seal(state_file.parent)  # the edited checkpoint's checksums, or it no longer verifies
     train(base_args(poisoned, ref, steps, **no_spike))
     want, got = metrics(ref), metrics(rolled)
     assert list(got) == list(range(1, steps + 1))
@@ -115,4 +118,5 @@ def test_poisoned_batch_is_rolled_back_and_skipped(poisoned, tmp_path):
     assert proc.returncode != 0
     train(base_args(poisoned, killed, steps, **SPIKE))
     assert metrics(killed) == got
-    assert [r for r in map(json.loads, (killed / "metrics.jsonl").read_text().splitlines()) if "rollbacks" in r] == events
+    rows = map(json.loads, (killed / "metrics.jsonl").read_text().splitlines())
+    assert [r for r in rows if "rollbacks" in r] == events

@@ -105,7 +105,8 @@ def test_mtp_weight_and_bias_switch_at_token_fractions():
 
 def test_experiments_are_deepseeks_recipes():
     v2 = compose_config(["experiment=deepseek_v2"])
-    assert (v2.model.hidden_size, v2.optim.lr, v2.optim.schedule, v2.precision.name) == (5120, 2.4e-4, "deepseek_step", "bf16")
+    got = (v2.model.hidden_size, v2.optim.lr, v2.optim.schedule, v2.precision.name)
+    assert got == (5120, 2.4e-4, "deepseek_step", "bf16")
     b = BatchSchedule.of(v2.train, v2.data.seq_len)
     assert (b.start, b.final, b.ramp_tokens, v2.data.seq_len) == (2304, 9216, 225e9, 4096)
     assert b.sequences_before(v2.train.steps) * 4096 == pytest.approx(8.1e12, rel=1e-5)
@@ -146,7 +147,8 @@ def test_long_context_experiments_continue_a_run_with_yarn(name, seq_len, batch,
     (["train.rampup_batch_size=16"], "must lie in (0, train.global_batch_size=16)"),
     (["train.rampup_batch_size=8", "train.rampup_increment=3", "train.rampup_tokens=1e4"], "must be > 0 and divide"),
     (["train.rampup_batch_size=8", "train.rampup_increment=8"], "train.rampup_tokens must be > 0"),
-    (["train.rampup_batch_size=4", "train.rampup_increment=4", "train.rampup_tokens=1e4"], "multiples of train.micro_batch_size=8"),
+    (["train.rampup_batch_size=4", "train.rampup_increment=4", "train.rampup_tokens=1e4"],
+     "multiples of train.micro_batch_size=8"),
     (["train.mtp_loss_weight_after=[1.5,0.1]"], "train.mtp_loss_weight_after must be"),
     (["train.bias_update_until=2"], "train.bias_update_until must lie in [0, 1]"),
     (["optim.cosine_span=[0.9,0.5]"], "optim.cosine_span must be two fractions"),
@@ -167,4 +169,5 @@ def test_a_ramp_up_that_does_not_split_over_the_ranks_is_exit_2(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode != 0 and not (tmp_path / "run").exists()
     lines = [line for line in proc.stderr.splitlines() if line.startswith("config error")]
-    assert lines and "train.rampup_batch_size=2 is not divisible by data-parallel ranks x micro_batch_size = 2 x 2" in lines[0]
+    want = "train.rampup_batch_size=2 is not divisible by data-parallel ranks x micro_batch_size = 2 x 2"
+    assert lines and want in lines[0]

@@ -9,20 +9,31 @@ Hydra's own flags (`--multirun`/`-m`, `--cfg`, `--help`, `hydra/launcher=...` sw
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from .config import CONF_DIR, compose_config, one_line, register_model_schema  # noqa: F401
 
 
 def run(cfg) -> int:
+    from pathlib import Path
+
+    from .env import rank_env
+    from .outdir import make_output_dir, remove_if_empty
     from .trainer import Trainer
 
-    trainer = Trainer(cfg)
+    made = make_output_dir(Path(cfg.output_dir)) if rank_env(os.environ).rank == 0 else []
+    trainer = None
     try:
+        trainer = Trainer(cfg)
         trainer.setup()
         return trainer.run()
+    except BaseException:
+        remove_if_empty(made)  # a run that failed on its data or init_from leaves no empty output_dir it made
+        raise
     finally:
-        trainer.close()
+        if trainer is not None:
+            trainer.close()
 
 
 def _hydra_main(argv: list[str]) -> int:
@@ -48,32 +59,29 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr)
     if any(a.startswith("-") or a.startswith("hydra/") for a in argv):
         return _hydra_main(argv)
-    from .config import ConfigError
+    from .config import validate_layout
+    from .env import rank_env, reports_for_job
+    from .errors import INPUT_EXIT, report
 
-    from parallel.dims import LayoutError
-
-    from .checkpoint import CheckpointError
-    from .data.loader import DataError
-    from .spike import TrainingError
+    try:  # what every rank finds alike, before any process group: printed once, by rank 0 (README "torchrun")
+        cfg = compose_config(argv)
+        validate_layout(cfg, rank_env(os.environ).world)
+    except ValueError as e:
+        code = report(e, show=reports_for_job(os.environ))
+        if code is None:
+            raise
+        return code
     from .watch import CollectiveFailure
 
     try:
-        cfg = compose_config(argv)
         return run(cfg)
-    except (ConfigError, LayoutError) as e:
-        print(f"config error: {one_line(e)}", file=sys.stderr)
-        return 2
-    except DataError as e:
-        print(f"data error: {one_line(e)}", file=sys.stderr)
-        return 1
-    except CheckpointError as e:
-        print(f"checkpoint error: {one_line(e)}", file=sys.stderr)
-        return 1
-    except TrainingError as e:
-        print(f"training error: {one_line(e)}", file=sys.stderr)
-        return 1
     except CollectiveFailure:  # one rank has printed the report (train/watch.py); the others stop quietly
-        return 1
+        return INPUT_EXIT
+    except Exception as e:  # noqa: BLE001 — report() picks the input errors; anything else is re-raised
+        code = report(e)
+        if code is None:
+            raise
+        return code
 
 
 if __name__ == "__main__":

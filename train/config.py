@@ -13,14 +13,31 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from model.config import TORCH_DTYPES, ModelConfig, config_from_dict, require
-from parallel.dims import ParallelDims
+from parallel.dims import LayoutError, ParallelDims
+from parallel.pipeline import SCHEDULE_NAMES
+
+from .hardware import GPUS
 
 
 class ConfigError(ValueError):
     """A user configuration mistake; the entry point prints it on one line and exits with code 2."""
+
+
+# the choices of every field that takes one of a few names, each list once: `build_config` checks a value against
+# its field's type
+PRECISIONS = ("fp32", "bf16", "fp8_tensorwise", "fp8_rowwise", "fp8_blockwise")
+LrSchedule = Literal["cosine", "deepseek_step", "deepseek_v3", "constant"]  # train/optim.py lr_factor
+Precision = Literal[PRECISIONS]
+Dtype = Literal[tuple(TORCH_DTYPES)]
+MomentDtype = Literal["float32", "bfloat16"]
+PipelineSchedule = Literal[SCHEDULE_NAMES]  # parallel/pipeline.py
+Recompute = Literal["none", "selective", "full"]  # parallel/recompute.py
+DataFormat = Literal["webdataset", "megatron"]
+LaunchMode = Literal["local", "torchrun", "slurm"]
+Gpu = Literal[tuple(GPUS)]  # train/hardware.py
 
 
 @dataclass
@@ -28,7 +45,7 @@ class DataConfig:
     path: Optional[str] = None  # prepared shards (python -m train.data.prepare); None: the built-in dataset
     seq_len: int = 256
     val_batches: int = 4  # held-out batches per validation pass
-    format: str = "webdataset"  # webdataset (path: prepared shards) | megatron (prefixes: .bin/.idx corpora)
+    format: DataFormat = "webdataset"  # webdataset (path: prepared shards) | megatron (prefixes: .bin/.idx corpora)
     prefixes: tuple = ()  # megatron: each the path of a .bin/.idx pair without the extension
     weights: tuple = ()  # megatron: blend weight per prefix (normalised); empty: by corpus size in tokens
     split: str = "99,1,0"  # megatron: train, validation, test shares of every corpus
@@ -43,27 +60,25 @@ class OptimConfig:
     weight_decay: float = 0.1
     decay_norms_and_embeddings: bool = False  # AdamW decays matrices only unless this is set
     grad_clip: float = 1.0  # 0: no clipping
-    schedule: str = "cosine"  # cosine | deepseek_step | deepseek_v3 | constant (train/optim.py)
+    schedule: LrSchedule = "cosine"
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
-    step_decay_at: tuple = (0.6, 0.9)  # deepseek_step, deepseek_v3: fractions of the run's tokens where lr is multiplied
+    # deepseek_step, deepseek_v3: the fractions of the run's tokens where lr is multiplied by step_decay_factor
+    step_decay_at: tuple = (0.6, 0.9)
     step_decay_factor: float = 0.316
     cosine_span: tuple = (0.0, 1.0)  # deepseek_v3: the fractions of the run's tokens the cosine decay spans
 
 
-PRECISIONS = ("fp32", "bf16", "fp8_tensorwise", "fp8_rowwise", "fp8_blockwise")
-
-
 @dataclass
 class PrecisionConfig:
-    name: str = "fp32"  # fp32 | bf16 | fp8_tensorwise | fp8_rowwise | fp8_blockwise
-    param_dtype: str = "float32"  # dtype of computation (autocast on one process, FSDP's policy when sharded)
-    reduce_dtype: str = "float32"  # gradient reduction dtype
+    name: Precision = "fp32"
+    param_dtype: Dtype = "float32"  # dtype of computation (autocast on one process, FSDP's policy when sharded)
+    reduce_dtype: Dtype = "float32"  # gradient reduction dtype
     fp8_emulate: bool = False  # FP8 recipes: quantize -> dequantize around high-precision GEMMs (CPU, tests)
     bf16_gemm_emulate: bool = False  # bf16 GEMMs computed in fp32 on the bf16 operands (CPUs without bf16 units)
     fp8_block: int = 128  # fp8_blockwise: tile length of activations/gradients and weight block side
     fp8_fsdp_all_gather: bool = False  # fp8_tensorwise: FSDP2 all-gathers the dense weights in FP8 (torchao)
-    moment_dtype: str = "float32"  # AdamW moments; bfloat16 as DeepSeek-V3 (master weights stay fp32)
+    moment_dtype: MomentDtype = "float32"  # AdamW moments; bfloat16 as DeepSeek-V3 (master weights stay fp32)
 
     @property
     def fp8_recipe(self) -> str | None:
@@ -78,7 +93,7 @@ class ParallelConfig:
     tp: int = 1
     ep: int = 1
     pp: int = 1
-    pp_schedule: str = "1F1B"
+    pp_schedule: PipelineSchedule = "1F1B"
     pp_microbatches: int = 0  # 0: one per micro-batch of the step
     pp_stages_per_rank: Optional[int] = None  # None: what the schedule needs (stages_per_rank_for)
     cp: int = 1  # context parallelism: each sequence split over cp ranks, Ulysses attention (parallel/context.py)
@@ -86,7 +101,7 @@ class ParallelConfig:
     # seconds a collective may wait for its peers before the run stops with a report of the step, the operation
     # and the ranks that did not answer (train/watch.py); GPU jobs: long enough for the slowest checkpoint save
     collective_timeout_s: float = 600.0
-    activation_checkpoint: str = "none"  # none | full | selective (RMSNorms + MLA up-projections, as DeepSeek-V3)
+    activation_checkpoint: Recompute = "none"  # full: whole blocks; selective: RMSNorms + MLA up-projections (V3)
     compile: bool = False  # torch.compile each block
     # gradient accumulation without pipelining: keep weights gathered and gradients unsharded over a step's
     # micro-batches (one all-gather and one reduce-scatter per step, for the unsharded weights' and gradients'
@@ -149,7 +164,7 @@ class LogConfig:
 @dataclass
 class LaunchConfig:
     """How `python -m launch` starts the run (conf/launch/); the trainer itself ignores it."""
-    mode: str = "local"  # local | torchrun | slurm
+    mode: LaunchMode = "local"
     nodes: int = 1
     procs_per_node: int = 1  # processes (GPUs) per node
     master_addr: str = "localhost"  # torchrun mode: rendezvous host (any node of the job)
@@ -169,7 +184,7 @@ class LaunchConfig:
 @dataclass
 class ClusterConfig:
     """The machines `python -m launch.plan` sizes a layout for (conf/cluster/); the trainer ignores it."""
-    gpu: str = "h800"  # h800 | h100 | h200: the constants in launch/hardware.py
+    gpu: Gpu = "h800"  # the constants in train/hardware.py
     gpus: int = 0  # GPUs of the job; 0: launch.nodes x launch.procs_per_node
     gpus_per_node: int = 8  # GPUs that share NVLink; traffic between nodes goes over InfiniBand
     gemm_efficiency: float = 0.6  # achieved fraction of the GPU's peak FLOPS in the model's GEMMs and attention
@@ -210,6 +225,11 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
         if value is None:
             return None
         return _check_type(value, args[0], key)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}, got {value!r}")
+        return value
     if tp is tuple or origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} must be a list, got {value!r}")
@@ -243,6 +263,26 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
         else:
             kwargs[name] = _check_type(value, hints[name], key)
     return cls(**kwargs)
+
+
+def build_section(cls: type, data: dict, prefix: str) -> Any:
+    """The dataclass `cls` from the plain dict `data`, each value type-checked as `python -m train` checks its
+    config (unknown keys, wrong types: ConfigError naming `prefix` + the key); `cls.__post_init__` checks ranges."""
+    return _build(cls, data, prefix)
+
+
+def parse_override(arg: str) -> tuple[str, Any]:
+    """One `key=value` argument -> (key, value), the value read by Hydra's override grammar, as `python -m train`
+    reads its command line (numbers, true/false, null, [lists]; other text stays a string)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        (override,) = OverridesParser.create().parse_overrides([arg])
+        if override.is_sweep_override():
+            raise ValueError(f"{arg!r} is a sweep; give one value")
+        return override.key_or_group, override.value()
+    except Exception as e:  # noqa: BLE001 — Hydra's parser raises its own types; all are a bad argument here
+        raise ConfigError(f"cannot read {arg!r}: {one_line(e)}") from None
 
 
 def build_config(data: dict) -> RunConfig:
@@ -285,9 +325,11 @@ def _validate_train(cfg: RunConfig) -> None:
     t = cfg.train
     _require(t.steps > 0, f"train.steps must be > 0, got {t.steps}")
     _require(t.global_batch_size > 0 and t.micro_batch_size > 0,
-             f"train.global_batch_size={t.global_batch_size} and train.micro_batch_size={t.micro_batch_size} must be > 0")
+             f"train.global_batch_size={t.global_batch_size} and train.micro_batch_size={t.micro_batch_size} "
+             f"must be > 0")
     _require(t.global_batch_size % t.micro_batch_size == 0,
-             f"train.global_batch_size={t.global_batch_size} must be divisible by train.micro_batch_size={t.micro_batch_size}")
+             f"train.global_batch_size={t.global_batch_size} must be divisible by "
+             f"train.micro_batch_size={t.micro_batch_size}")
     _validate_recipe_schedules(t)
     _validate_spike(cfg)
 
@@ -301,18 +343,16 @@ def _validate_data_shape(cfg: RunConfig) -> None:
 
 def _validate_optim(o: OptimConfig) -> None:
     _require(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
-    _require(o.schedule in ("cosine", "deepseek_step", "deepseek_v3", "constant"),
-             f"optim.schedule must be cosine, deepseek_step, deepseek_v3 or constant, got {o.schedule!r}")
     _require(len(o.cosine_span) == 2 and 0 <= o.cosine_span[0] <= o.cosine_span[1] <= 1,
              f"optim.cosine_span must be two fractions 0 <= start <= end <= 1, got {list(o.cosine_span)}")
-    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas must be two numbers in [0, 1), got {o.betas}")
+    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+             f"optim.betas must be two numbers in [0, 1), got {o.betas}")
     _require(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
     _require(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must lie in [0, 1], got {o.min_lr_ratio}")
 
 
 def _validate_precision(cfg: RunConfig) -> None:
     pr = cfg.precision
-    _require(pr.name in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {pr.name!r}")
     _require(not pr.fp8_fsdp_all_gather or pr.name == "fp8_tensorwise",
              f"precision.fp8_fsdp_all_gather needs precision=fp8_tensorwise (one scale per weight), got {pr.name}")
     _require(pr.fp8_block >= 1, f"precision.fp8_block must be >= 1, got {pr.fp8_block}")
@@ -320,15 +360,9 @@ def _validate_precision(cfg: RunConfig) -> None:
              f"precision.bf16_gemm_emulate needs precision.param_dtype=bfloat16, got {pr.param_dtype}")
     _require(not (pr.bf16_gemm_emulate and cfg.parallel.compile),
              "precision.bf16_gemm_emulate runs eagerly (a dispatch mode); set parallel.compile=false")
-    _require(pr.moment_dtype in ("float32", "bfloat16"),
-             f"precision.moment_dtype must be float32 or bfloat16, got {pr.moment_dtype!r}")
-    for key in ("param_dtype", "reduce_dtype"):
-        val = getattr(pr, key)
-        _require(val in TORCH_DTYPES, f"precision.{key} must be one of {', '.join(TORCH_DTYPES)}, got {val!r}")
 
 
 def _validate_launch(la: LaunchConfig, c: ClusterConfig) -> None:
-    _require(la.mode in ("local", "torchrun", "slurm"), f"launch.mode must be local, torchrun or slurm, got {la.mode!r}")
     _require(la.nodes >= 1 and la.procs_per_node >= 1,
              f"launch.nodes={la.nodes} and launch.procs_per_node={la.procs_per_node} must be >= 1")
     _require(la.mode != "local" or la.nodes == 1, f"launch=local runs one node, got launch.nodes={la.nodes}; "
@@ -347,7 +381,8 @@ def _validate_checkpoint_log(cfg: RunConfig) -> None:
     _require(not (cfg.checkpoint.init_from or "").startswith("<"), f"checkpoint.init_from is a placeholder: "
              f"{cfg.checkpoint.init_from}")
     _require(cfg.checkpoint.every >= 0, f"checkpoint.every must be >= 0, got {cfg.checkpoint.every}")
-    _require(cfg.log.every >= 1, f"log.every must be >= 1, got {cfg.log.every}")
+    _require(cfg.log.every >= 1 and cfg.log.moe_every >= 1,
+             f"log.every={cfg.log.every} and log.moe_every={cfg.log.moe_every} must be >= 1")
 
 
 def _validate_parallel(cfg: RunConfig) -> None:
@@ -356,14 +391,6 @@ def _validate_parallel(cfg: RunConfig) -> None:
         _require(getattr(p, key) >= 1, f"parallel.{key} must be >= 1, got {getattr(p, key)}")
     _require(p.dp_shard == -1 or p.dp_shard >= 1, f"parallel.dp_shard must be >= 1 or -1 (auto), got {p.dp_shard}")
     _require(p.collective_timeout_s > 0, f"parallel.collective_timeout_s must be > 0, got {p.collective_timeout_s}")
-    _require(p.activation_checkpoint in ("none", "full", "selective"),
-             f"parallel.activation_checkpoint must be none, full or selective, got {p.activation_checkpoint!r}")
-    from parallel.pipeline import SCHEDULE_NAMES, canonical_schedule
-    try:
-        canonical_schedule(p.pp_schedule)
-    except ValueError:
-        raise ConfigError(f"parallel.pp_schedule must be one of {', '.join(SCHEDULE_NAMES)}, got "
-                          f"{p.pp_schedule!r}") from None
     _require(cfg.data.seq_len % p.cp == 0, f"context parallelism splits data.seq_len={cfg.data.seq_len} over "
                                            f"parallel.cp={p.cp}: it must divide")
     _require(p.cp == 1 or cfg.data.seq_len // p.cp > cfg.model.num_nextn_predict_layers,
@@ -389,7 +416,6 @@ def _validate_spike(cfg: RunConfig) -> None:
 
 def _validate_data(d: DataConfig) -> None:
     """data.format and, for megatron corpora, prefixes, weights and split."""
-    _require(d.format in ("webdataset", "megatron"), f"data.format must be webdataset or megatron, got {d.format!r}")
     if d.format != "megatron":
         return
     _require(len(d.prefixes) > 0 and all(isinstance(p, str) and p for p in d.prefixes),
@@ -469,10 +495,47 @@ def compose_config(overrides: list[str]):
 
 
 def parallel_dims(cfg: RunConfig, world: int) -> ParallelDims:
-    """The validated parallel layout of `cfg` on `world` ranks (the trainer's, and the dry run's)."""
+    """The parallel sizes of `cfg` on `world` ranks, checked against the model (LayoutError)."""
     p = cfg.parallel
     dims = ParallelDims.resolve(world, p.dp_replicate, p.dp_shard, p.tp, p.ep, p.pp, p.pp_stages_per_rank, p.cp)
     dims.validate_model(cfg.model)
+    return dims
+
+
+def validate_layout(cfg: RunConfig, world: int, check_batch: bool = True) -> ParallelDims:
+    """The second phase of validation (the first is `validate`, which needs no world size): `cfg` on `world`
+    ranks, as the runtime, `python -m train` and `python -m launch` before any process starts, the planner and
+    the dry run check it. LayoutError naming the numbers. `check_batch=False`: parameter counts only (the batch
+    need not split over this many ranks)."""
+    from parallel.pipeline import canonical_schedule, check_microbatches
+
+    from .schedule import check_batch_split
+
+    dims = parallel_dims(cfg, world)
+    t = cfg.train
+    if cfg.data.seq_len % dims.tp:
+        raise LayoutError(f"sequence parallelism splits data.seq_len={cfg.data.seq_len} over tp={dims.tp}: "
+                          f"it must divide")
+    if not check_batch:
+        return dims
+    try:
+        check_batch_split(t, dims.dp)
+    except ConfigError as e:
+        raise LayoutError(str(e)) from None
+    local = t.global_batch_size // dims.dp
+    n_micro = pipeline_microbatches(cfg, local) if dims.pp > 1 else local // t.micro_batch_size
+    if n_micro < 1 or local % n_micro:
+        raise LayoutError(f"{n_micro} micro-batches do not divide the per-rank batch global_batch_size/dp = {local} "
+                          f"(train.micro_batch_size={t.micro_batch_size}, parallel.pp_microbatches="
+                          f"{cfg.parallel.pp_microbatches})")
+    if t.rampup_batch_size and dims.pp > 1:  # the first, smallest batch has the microbatches the schedule needs
+        try:
+            check_microbatches(canonical_schedule(cfg.parallel.pp_schedule),
+                               t.rampup_batch_size // dims.dp // t.micro_batch_size, dims.pp,
+                               dims.pp * cfg.parallel.pp_stages_per_rank)
+        except ValueError as e:
+            raise LayoutError(f"the ramp-up's first batch (train.rampup_batch_size={t.rampup_batch_size}): {e}") \
+                from None
     return dims
 
 

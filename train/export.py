@@ -27,12 +27,13 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 from torch.futures import Future
 
 from model import Transformer
-from model.config import TORCH_DTYPES
+from model.config import TORCH_DTYPES, require
 from model.hf import ShardWriter, check_exportable, exported_names, hf_items
 
 from .config import ConfigError
 from .data.prepare import staged_dir
-from .runfiles import checkpoint_of, main_guard, parse_args, run_config, run_tokenizer
+from .runfiles import checkpoint_of, main_guard, parse_args, run_config, run_data, run_tokenizer
+from .targets import unsafe_target
 
 log = logging.getLogger("train.export")
 DTYPES = TORCH_DTYPES
@@ -45,6 +46,14 @@ class ExportConfig:
     dtype: str = "float32"  # float32 | bfloat16 | float16
     overwrite: bool = False  # replace a non-empty export.dir
     max_shard_bytes: int = 5 * 2**30
+
+    def __post_init__(self) -> None:
+        require(self.dtype in DTYPES, f"export.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}",
+                ConfigError)
+        require(self.max_shard_bytes >= 1, f"export.max_shard_bytes must be >= 1, got {self.max_shard_bytes}",
+                ConfigError)
+        require(self.step is None or self.step >= 0, f"export.step must be >= 0 (or null: newest), got {self.step}",
+                ConfigError)
 
 
 # expert stacks are read this many bytes of experts (at least one expert) at a time
@@ -181,12 +190,16 @@ def export(ckpt: Path, cfg, out: Path, dtype: str, max_shard_bytes: int) -> None
 
 
 def _save_tokenizer(cfg, out: Path) -> None:
-    tok = run_tokenizer(cfg)
-    if tok.file is None:
-        log.info("the run's data is byte tokenized: no tokenizer is saved beside the weights")
-        return
+    """The run's tokenizer beside the weights as a transformers tokenizer: its data's tokenizer.json, or for
+    byte-tokenized data the byte tokenizer (bytes are ids 0-255, its end-of-document token 256)."""
     from transformers import PreTrainedTokenizerFast
 
+    from .data.tokenizer import BPE_EOS, byte_level_tokenizer
+
+    tok = run_tokenizer(cfg)
+    if tok.file is None:
+        PreTrainedTokenizerFast(tokenizer_object=byte_level_tokenizer(), eos_token=BPE_EOS).save_pretrained(out)
+        return
     eos = tok.tok.tok.id_to_token(tok.tok.eos_id)
     PreTrainedTokenizerFast(tokenizer_file=str(tok.file), eos_token=eos).save_pretrained(out)
 
@@ -200,10 +213,13 @@ def run(argv: list[str]) -> int:
     if ecfg.dtype not in DTYPES:
         raise ConfigError(f"export.dtype must be one of {sorted(DTYPES)}, got {ecfg.dtype!r}")
     dest = Path(ecfg.dir)
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not ecfg.overwrite:
-        raise ConfigError(f"export.dir={dest} exists and is not empty; pass export.overwrite=true to replace it")
     ckpt = checkpoint_of(run_dir, ecfg.step)
     cfg = run_config(ckpt)
+    unsafe = unsafe_target(dest, [run_dir, *run_data(cfg)])
+    if unsafe:
+        raise ConfigError(f"export.dir={dest} {unsafe}; export to a directory of its own")
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not ecfg.overwrite:
+        raise ConfigError(f"export.dir={dest} exists and is not empty; pass export.overwrite=true to replace it")
     try:
         check_exportable(cfg.model)
     except ValueError as e:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch.distributed.checkpoint import DefaultLoadPlanner, StorageReader
 from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadata, TensorProperties,
                                                    TensorStorageMetadata)
@@ -74,9 +74,18 @@ def tensor_files(directory: Path) -> dict[str, Path]:
                              f"model.safetensors.index.json beside config.json")
     files = {}
     for f in shards:
-        with safe_open(str(f), framework="pt") as h:
-            files.update({name: f for name in h.keys()})
+        with ExitStack() as stack:
+            files.update({name: f for name in opened(f, stack).keys()})
     return files
+
+
+def opened(f: Path, stack: ExitStack):
+    """safe_open(f) entered on `stack`; safetensors' own error for a damaged or truncated file becomes one
+    HFWeightsError line naming the file."""
+    try:
+        return stack.enter_context(safe_open(str(f), framework="pt"))
+    except SafetensorError as e:
+        raise HFWeightsError(f"{f}: not a readable safetensors file, damaged or truncated ({e})") from None
 
 
 def check_config(hf: dict, cfg: ModelConfig, where: Path) -> None:
@@ -159,7 +168,7 @@ def _check_headers(sources: dict[str, Source], files: dict[str, Path]) -> None:
             for name, want in zip(src.names, _expected_shapes(src)):
                 f = files[name]
                 if f not in handles:
-                    handles[f] = stack.enter_context(safe_open(str(f), framework="pt"))
+                    handles[f] = opened(f, stack)
                 piece = handles[f].get_slice(name)
                 if piece.get_dtype() not in DTYPES:
                     raise HFWeightsError(f"{f}: tensor {name!r} has dtype {piece.get_dtype()}; expected one of "
@@ -202,7 +211,7 @@ class HFReader(StorageReader):
 
     def read_data(self, plan, planner) -> Future:
         with ExitStack() as stack:
-            self._handles = {f: stack.enter_context(safe_open(str(f), framework="pt"))
+            self._handles = {f: opened(f, stack)
                              for f in {self.files[n] for req in plan.items
                                        for n in self._names(self.sources[req.storage_index.fqn])}}
             for req in plan.items:

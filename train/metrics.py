@@ -1,7 +1,7 @@
 """Run metrics, written on rank 0 only (a disabled writer does nothing and creates no files).
 
 - `<output_dir>/metrics.jsonl`: one JSON object per `log` call, keys exactly as the caller gave them.
-- `<output_dir>/tb/`: TensorBoard scalars under the tags of DESIGN.md "Metrics" (`tag_for`), per-layer
+- `<output_dir>/tb/`: TensorBoard scalars under the tags of `tag_for`, per-layer
   expert-load histograms, the expert-bias histogram and a layers x experts load heatmap image.
 - `format_progress`: the console progress line; `max_vio`: the routing-imbalance number.
 
@@ -56,17 +56,20 @@ def heatmap_figure(loads: torch.Tensor, layer_ids: list[int], step: int):
     load (1 = balanced) with a colour bar, the step and max_vio in the title; about 9 x 20 pixels a cell, so
     DeepSeek-V2's 59 layers x 160 experts stay readable."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     _check_loads(loads)
     rel = (loads.float() / loads.float().mean(-1, keepdim=True).clamp_min(1e-12)).cpu().numpy()
     n_layers, n_experts = rel.shape
+    # constrained layout: the axis labels and the colour bar are fitted inside the figure when it is drawn
     fig = Figure(figsize=(min(max(5.0, 0.09 * n_experts + 2.5), 18.0), min(max(3.0, 0.2 * n_layers + 1.5), 14.0)),
-                 dpi=100)
+                 dpi=100, layout="constrained")
     ax = fig.add_subplot()
     image = ax.imshow(rel, aspect="auto", cmap="viridis", vmin=0.0, vmax=max(2.0, float(rel.max())),
                       interpolation="nearest")
     every = max(1, -(-n_layers // 20))  # at most ~20 layer labels
     ax.set_yticks(range(0, n_layers, every), labels=[str(layer_ids[i]) for i in range(0, n_layers, every)])
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # experts are whole numbers
     ax.set_xlabel("routed expert")
     ax.set_ylabel("MoE layer")
     ax.set_title(f"expert load, step {step}, max_vio {float(layer_max_vio(loads).max()):.3f}")

@@ -8,6 +8,7 @@ run as one left-padded batch.
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from model.config import require
 from model.generate import generate
 
 from .config import ConfigError
@@ -31,6 +33,20 @@ class SampleConfig:
     top_k: Optional[int] = None
     step: Optional[int] = None  # None: the newest checkpoint
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.max_new_tokens >= 1, f"sample.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        _require(math.isfinite(self.temperature) and self.temperature >= 0,
+                 f"sample.temperature must be >= 0 (0: greedy), got {self.temperature}")
+        _require(self.top_p is None or 0 < self.top_p <= 1,
+                 f"sample.top_p must lie in (0, 1] (or null: off), got {self.top_p}")
+        _require(self.top_k is None or self.top_k >= 1, f"sample.top_k must be >= 1 (or null: off), got {self.top_k}")
+        _require(self.step is None or self.step >= 0, f"sample.step must be >= 0 (or null: newest), got {self.step}")
+        _require(self.seed >= 0, f"sample.seed must be >= 0, got {self.seed}")
+
+
+def _require(cond: bool, msg: str) -> None:
+    require(cond, msg, ConfigError)
 
 
 def left_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,7 +12,7 @@ candidate layouts (pp, tp, ep, cp for long sequences, schedule, recomputation) o
 count that fit in memory by estimated tokens/s/GPU (`--top N` first, default 10; `--top 0` skips the search).
 A configured layout that cannot run (the batch does not split over its data-parallel ranks, say) is one line on
 stderr, and the search still runs (exit 0; exit 2 with `--top 0`).
-Every constant is in launch/hardware.py or the cluster config; the method is in launch/plan/*.py.
+Every constant is in train/hardware.py or the cluster config; the method is in launch/plan/*.py.
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import sys
+import typing
 
 from model.analysis import kv_cache_bytes_per_token, kv_cache_elements, kv_cache_elements_per_token, param_counts
 from parallel.dims import LayoutError
-from train.config import compose_config
-from train.config import ConfigError
-
+from train.config import ConfigError, Recompute, compose_config
 from train.hardware import GPU, gpu as find_gpu
+
 from .cost import StepCost, step_cost
 from .memory import Layout, RankMemory, StageShapes, layout_of, memory_of, meta_model
 
@@ -82,7 +82,7 @@ def candidates(cfg, world: int):
     twos = [2**k for k in range(8)]
     schedules = [("1F1B", 1), ("Interleaved1F1B", 2), ("ZBVZeroBubble", 2), ("DualPipeV", 2)]
     for pp, tp, ep, cp, mode in itertools.product(twos, twos[:4], [1] + twos[1:], context_parallel_sizes(cfg),
-                                                  ("none", "selective", "full")):
+                                                  typing.get_args(Recompute)):
         if world % (pp * tp * cp) or tp > cfg.cluster.gpus_per_node or (ep > 1 and m.n_routed_experts % ep) \
                 or (cp > 1 and tp > 1):
             continue
@@ -142,7 +142,7 @@ def print_model(cfg) -> None:
 def print_memory(model, cfg, layout: Layout, gpu: GPU) -> None:
     rows = ["params", "grads", "optimizer", "gathered", "activations", "backward_workspace", "optimizer_workspace"]
     modes = {mode: fullest_rank(model, dataclasses.replace(layout, activation_checkpoint=mode))
-             for mode in ("none", "selective", "full")}
+             for mode in typing.get_args(Recompute)}
     print(f"\nper-GPU memory of the fullest rank, GiB (recomputation: none / selective / full); "
           f"{layout.n_micro} micro-batches of {layout.micro_tokens} tokens per step")
     for row in rows:

@@ -129,5 +129,6 @@ def mtp_activation_bytes(m: ModelConfig, a: int, tp: int = 1, ep: int = 1, mode:
     norms, the projection's concatenated input, one decoder layer, and the depth's own norm, head and loss."""
     d = m.hidden_size
     per_depth = 2 * _norm(d, a, tp, mode == "selective") + 2 * a * d
-    per_depth += layer_activation_bytes(m, m.num_hidden_layers, a, tp, ep, mode) + head_activation_bytes(m, a, tp, mode, fused=fused)
+    per_depth += layer_activation_bytes(m, m.num_hidden_layers, a, tp, ep, mode)
+    per_depth += head_activation_bytes(m, a, tp, mode, fused=fused)
     return m.num_nextn_predict_layers * per_depth

@@ -166,8 +166,9 @@ def collectives(shapes: StageShapes, layout: Layout, seq_len: int, gpu: GPU, clu
                     _group_link(d.tp, shards, per_node), True))
     expert_shards = efsdp * d.cp if d.ep > 1 else shards
     if expert_shards > 1:
-        out.append(("fsdp all-gather/reduce-scatter (experts)", per_elem * experts * (expert_shards - 1) / expert_shards,
-                    _group_link(d.ep * d.tp, expert_shards, per_node), True))
+        moved = per_elem * experts * (expert_shards - 1) / expert_shards
+        link = _group_link(d.ep * d.tp, expert_shards, per_node)
+        out.append(("fsdp all-gather/reduce-scatter (experts)", moved, link, True))
     if d.dp_replicate > 1:
         shard = (dense / shards + experts / expert_shards) * layout.reduce_bytes
         # once per step: the trainer (and, under pipelining, torch's schedule) defers it to the last micro-batch

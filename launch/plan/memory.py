@@ -19,8 +19,8 @@ import torch
 
 from model import Transformer
 from model.config import ModelConfig
-from parallel.dims import LayoutError, ParallelDims
-from parallel.pipeline import canonical_schedule, check_microbatches, rank_stage_modules, split_layers, stage_ids
+from parallel.dims import ParallelDims
+from parallel.pipeline import canonical_schedule, rank_stage_modules, split_layers, stage_ids
 
 from .activations import (FP32, head_activation_bytes, layer_activation_bytes, loss_workspace_bytes,
                           mtp_activation_bytes, weight_grad_bytes)
@@ -74,47 +74,19 @@ class Layout:
 
 
 def layout_of(cfg, world: int, check_batch: bool = True) -> Layout:
-    """The layout `cfg` (a RunConfig) describes on `world` ranks; LayoutError for an impossible one.
-    `check_batch=False`: for parameter counts only (the batch need not split over this many ranks)."""
-    from train.config import fused_loss_on, parallel_dims, pipeline_microbatches
+    """The layout `cfg` (a RunConfig) describes on `world` ranks; LayoutError for an impossible one
+    (train.config.validate_layout). `check_batch=False`: for parameter counts only (the batch need not split
+    over this many ranks)."""
+    from train.config import fused_loss_on, pipeline_microbatches, validate_layout
 
     p, t, pr = cfg.parallel, cfg.train, cfg.precision
-    dims = parallel_dims(cfg, world)
+    dims = validate_layout(cfg, world, check_batch)
     local = max(1, t.global_batch_size // dims.dp)
-    n_micro = pipeline_microbatches(cfg, local) if dims.pp > 1 else local // t.micro_batch_size
-    if check_batch and t.global_batch_size % dims.dp:
-        raise LayoutError(f"train.global_batch_size={t.global_batch_size} is not divisible by the data-parallel "
-                          f"degree dp_replicate*dp_shard={dims.dp}")
-    if check_batch and (n_micro < 1 or local % n_micro):
-        raise LayoutError(f"{n_micro} micro-batches do not divide the per-rank batch global_batch_size/dp = {local} "
-                          f"(train.micro_batch_size={t.micro_batch_size}, parallel.pp_microbatches={p.pp_microbatches})")
-    if check_batch:
-        _check_rampup(cfg, dims)
-    n_micro = max(1, n_micro)
+    n_micro = max(1, pipeline_microbatches(cfg, local) if dims.pp > 1 else local // t.micro_batch_size)
     return Layout(dims, canonical_schedule(p.pp_schedule), n_micro, local // n_micro * cfg.data.seq_len // dims.cp,
                   p.activation_checkpoint, DTYPE_BYTES[pr.param_dtype], DTYPE_BYTES[pr.reduce_dtype],
                   DTYPE_BYTES[pr.moment_dtype], pr.fp8_recipe, pr.fp8_fsdp_all_gather, p.accumulate_unsharded,
                   fused_loss_on(cfg))
-
-
-def _check_rampup(cfg, dims: ParallelDims) -> None:
-    """Every batch of a batch-size ramp-up splits over the data-parallel ranks, and under pipelining its first (the
-    smallest) has the microbatches the schedule needs (the trainer checks the same at start-up)."""
-    from train.config import ConfigError
-    from train.schedule import check_batch_split
-
-    t = cfg.train
-    try:
-        check_batch_split(t, dims.dp)
-    except ConfigError as e:
-        raise LayoutError(str(e)) from None
-    if t.rampup_batch_size and dims.pp > 1:
-        n_micro = t.rampup_batch_size // dims.dp // t.micro_batch_size
-        try:
-            check_microbatches(canonical_schedule(cfg.parallel.pp_schedule), n_micro, dims.pp,
-                               dims.pp * cfg.parallel.pp_stages_per_rank)
-        except ValueError as e:
-            raise LayoutError(f"the ramp-up's first batch (train.rampup_batch_size={t.rampup_batch_size}): {e}") from None
 
 
 # --------------------------------------------------------------------------------------------- parameters
@@ -362,8 +334,8 @@ def memory_of(shapes: StageShapes, layout: Layout, rank: int, device: str = "cud
         kept = sum(layer_activation_bytes(m, i, a, d.tp, d.ep, mode) for i in ids)
         grads = sum(weight_grad_bytes(m, i, a, d.tp) for i in ids)
         if stage == last or d.pp == 1:
-            kept += head_activation_bytes(m, a, d.tp, mode, d.pp > 1, fused) + mtp_activation_bytes(m, a, d.tp, d.ep, mode,
-                                                                                                    fused)
+            kept += head_activation_bytes(m, a, d.tp, mode, d.pp > 1, fused)
+            kept += mtp_activation_bytes(m, a, d.tp, d.ep, mode, fused)
             grads += weight_grad_bytes(m, None, a, d.tp, fused)
         else:  # a pipeline stage keeps its output hidden states until the micro-batch's backward
             kept += a * m.hidden_size / d.tp

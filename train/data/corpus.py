@@ -12,6 +12,8 @@ import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from ..targets import unsafe_target
+
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py"}  # files picked up when a directory is given
 
 
@@ -62,3 +64,14 @@ def _jsonl_text(line: bytes, text_key: str, where: str) -> str:
     if not isinstance(text, str):
         raise PrepareError(f"{where}: expected a JSON object with a string field {text_key!r}")
     return text
+
+
+def check_target(output: Path, inputs: list[str], files: list[Path], tokenizer: str) -> None:
+    """PrepareError when writing `output` could delete what prepare reads (its inputs, their files, the
+    tokenizer file) or a run's checkpoints, with or without --overwrite (train/targets.py)."""
+    reads = [Path(p) for p in inputs if Path(p).exists()] + list(files)
+    if Path(tokenizer).is_file():
+        reads.append(Path(tokenizer))
+    unsafe = unsafe_target(output, reads)
+    if unsafe:
+        raise PrepareError(f"--output {output} {unsafe}; write the data to a directory of its own")

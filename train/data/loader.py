@@ -4,7 +4,8 @@ The stream is defined globally, independent of the parallel layout: every sample
 gives `chunk_len // (seq_len + 1)` windows (kept in order); an epoch visits the samples in a permutation
 seeded by (seed, epoch); optimizer step s consumes global windows [W(s), W(s+1)), continuing into the next
 epoch's permutation without a seam, where W(s) = s*G with a constant global batch G and follows the batch-size
-ramp-up otherwise (`BatchSchedule`: a function of the configuration, so the state stays one integer). A step is a sequence of micro-steps of W*mb windows (W data-parallel
+ramp-up otherwise (`BatchSchedule`: a function of the configuration, so the state stays one integer).
+A step is a sequence of micro-steps of W*mb windows (W data-parallel
 ranks, mb per micro-batch); in micro-step j, rank r takes windows [j*W*mb + r*mb, j*W*mb + (r+1)*mb) of the
 step. So the concatenation over ranks of each micro-step is one contiguous chunk of the global batch: the
 same tokens a single process with micro-batch W*mb sees in its micro-step j (what makes loads summed over

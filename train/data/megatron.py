@@ -174,7 +174,8 @@ def megatron_loaders(data, vocab_size: int, seed: int, batches: BatchSchedule, s
                                 cache_dir)
     root = ",".join(data.prefixes)
     loaders = tuple(MegatronLoader(MegatronSamples(ds, data.seq_len, root, split), seq_len=data.seq_len,
-                                   seed=seed, batches=batches, **common) for ds, split in ((train, "train"), (val, "val")))
+                                   seed=seed, batches=batches, **common)
+                 for ds, split in ((train, "train"), (val, "val")))
     if len(loaders[0].ds) == 0:
         raise DataError(f"data.prefixes={list(data.prefixes)} with data.split={data.split!r} give no training "
                         f"sequence of data.seq_len + 1 = {data.seq_len + 1} tokens")

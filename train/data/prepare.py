@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .corpus import PrepareError, expand_inputs, read_documents
+from .corpus import PrepareError, check_target, expand_inputs, read_documents
 from .tokenizer import build_tokenizer
 
 FORMAT_VERSION = 1
@@ -146,6 +146,7 @@ def prepare(inputs: list[str], output: str | Path, tokenizer: str = "byte", chun
                            f"chunk_len={chunk_len}, samples_per_shard={samples_per_shard}, val_fraction={val_fraction}")
     _check_output(output, overwrite)
     files = expand_inputs(inputs)
+    check_target(output, inputs, files, tokenizer)
     with staged_dir(output) as tmp:
         tmp.mkdir(parents=True)
         settings = dict(tokenizer=tokenizer, chunk_len=chunk_len, samples_per_shard=samples_per_shard,

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .corpus import PrepareError, expand_inputs, read_documents
+from .corpus import PrepareError, check_target, expand_inputs, read_documents
 from .tokenizer import build_tokenizer
 
 PART_BYTES = 16 << 20  # input bytes per part: the unit of work of one worker
@@ -82,6 +82,8 @@ def prepare_megatron(inputs: list[str], output: str | Path, tokenizer: str = "by
     if existing and not overwrite:
         raise PrepareError(f"{' and '.join(existing)} exist (pass --overwrite to replace them)")
     files = expand_inputs(inputs)
+    for target in (output.with_name(output.name + ".bin"), output.with_name(output.name + ".idx")):
+        check_target(target, inputs, files, tokenizer)
     tmp = output.parent / f"{output.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -32,6 +32,22 @@ class ByteTokenizer:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
 
+def byte_level_tokenizer():
+    """ByteTokenizer as a `tokenizers.Tokenizer` (what a Hugging Face export of a byte-tokenized run carries):
+    byte b is id b, BPE_EOS is id 256 (ByteTokenizer.eos_id); a byte-level model without merges, its vocabulary
+    the byte-level alphabet in byte order."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    symbol = bytes_to_unicode()  # byte -> the printable character byte-level tokenizers stand it for
+    tok = Tokenizer(models.BPE(vocab={symbol[b]: b for b in range(256)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(BPE_EOS, special=True)])
+    assert tok.token_to_id(BPE_EOS) == ByteTokenizer.eos_id
+    return tok
+
+
 class HFTokenizer:
     """A `tokenizers.Tokenizer` loaded from a tokenizer.json file; `eos_token` names the end-of-document token
     (default: the first of EOS_CANDIDATES the vocabulary has)."""
