@@ -63,25 +63,23 @@ def main(argv: list[str] | None = None) -> int:
     agent_log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
     hold = _HeldBack()
     agent_log.addFilter(hold)
-    code = 0
+    code, last = 0, None  # last: the job's one summary line, printed after the agent's records
     try:
         run(args)
     except ChildFailedError as e:
         _, first = e.get_first_failure()
         code = CONFIG_EXIT if first.exitcode == CONFIG_EXIT else 1
-        if code != CONFIG_EXIT:
-            print(summary(e), file=sys.stderr, flush=True)
+        last = None if code == CONFIG_EXIT else summary(e)
     except Exception as e:  # noqa: BLE001 — the rendezvous and the agent raise many types; each ends the node's job
-        text = str(e).strip().splitlines()
-        print(f"launch: torchrun on {socket.gethostname()} stopped: {type(e).__name__}: {text[0] if text else ''}",
-              file=sys.stderr, flush=True)
-        code = 1
+        text = (str(e).strip().splitlines() or [""])[0]
+        code, last = 1, f"launch: torchrun on {socket.gethostname()} stopped: {type(e).__name__}: {text}"
     finally:
         agent_log.removeFilter(hold)
         for record in hold.held if code != CONFIG_EXIT else []:
             agent_log.handle(record)
+    if last:
+        print(last, file=sys.stderr, flush=True)
     return code
-
 
 if __name__ == "__main__":
     sys.exit(main())

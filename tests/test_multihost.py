@@ -147,7 +147,7 @@ def test_a_paused_host_ends_the_job_with_one_line(dataset, local_cluster, tmp_pa
     assert reports[0].endswith("did not answer: ranks 2, 3 on node1"), reports[0]
     assert "Traceback" not in stderr
     assert stderr.rstrip().splitlines()[-1].startswith("launch: train failed on node0: first rank ")
-    assert stopped < 4 + 3 + 10, stopped
+    assert stopped < 4 + 3 + 30, stopped  # timeout, probe, torchrun's teardown (slower on loaded cores)
     print(f"host 1 paused after step {last}: host 0 stopped {stopped:.1f} s later: {reports[0]}")
 
 
