@@ -95,8 +95,7 @@ def _sent_rows(rt) -> int:
     """Rows this rank's expert dispatch sent to other ranks so far (0 without expert parallelism)."""
     total = 0
     for moe in rt.moe_layers().values():
-        for hook in moe.experts._forward_pre_hooks.values():
-            total += getattr(getattr(hook, "__self__", None), "sent_rows", 0)
+        total += getattr(moe.dispatcher, "sent_rows", 0)  # the local dispatcher sends nothing
     return total
 
 

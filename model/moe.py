@@ -265,6 +265,27 @@ class AuxLossInjector(torch.autograd.Function):
         return grad, grad.new_full(ctx.aux_shape, ctx.scale, dtype=torch.float32), None
 
 
+# --------------------------------------------------------------------------------------------- dispatch
+class LocalDispatcher:
+    """The token dispatcher of a MoE layer whose experts are all on this process. A dispatcher moves each chunk
+    of expert-sorted rows to the experts' owners (`dispatch`), runs the experts on what arrived (`compute`) and
+    brings the results back (`combine`); expert parallelism installs one that does this by all-to-all
+    (parallel/expert.py). Between `dispatch` and `compute` the layer runs its shared experts."""
+
+    chunks = 1  # the layer splits its tokens into this many chunks, each dispatched on its own
+
+    def dispatch(self, xs: list[torch.Tensor], counts: list[torch.Tensor]) -> list:
+        """Chunks of rows sorted by expert and their rows per expert [E]: what `compute` takes."""
+        return list(zip(xs, counts))
+
+    def compute(self, experts: nn.Module, flights: list) -> list:
+        return [experts(x, c) for x, c in flights]
+
+    def combine(self, flights: list) -> list[torch.Tensor]:
+        """Each chunk's expert outputs, in the chunk's row order."""
+        return flights
+
+
 # --------------------------------------------------------------------------------------------- the layer
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -287,14 +308,18 @@ class MoE(nn.Module):
         # set by parallel/ under context parallelism: sums a tensor over the ranks holding the other parts of
         # this rank's sequences (the sequence-wise loss counts whole sequences)
         self.reduce_sequence: Callable[[torch.Tensor], torch.Tensor] | None = None
+        # moves the routed rows to the experts and back; expert parallelism installs its all-to-all one
+        self.dispatcher = LocalDispatcher()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
         flat = x.reshape(-1, d)
         routing = self.gate(flat)
         keep = self._keep_mask(routing, b, t)
-        routed = self._dispatch(flat, routing, keep).view(b, t, d)
-        out = routed if self.shared_experts is None else routed + self.shared_experts(x)
+        flights, rows = self._dispatch(flat, routing, keep)
+        shared = None if self.shared_experts is None else self.shared_experts(x)  # while the dispatch is in flight
+        routed = self._combine(flat, routing, flights, rows).view(b, t, d)
+        out = routed if shared is None else routed + shared
         self._record(routing, keep)
         if self.training and torch.is_grad_enabled():
             aux = self._balance_loss(routing, b)
@@ -309,18 +334,32 @@ class MoE(nn.Module):
         protected_seq = torch.rand(b, device=routing.scores.device) < self.cfg.no_drop_fraction
         return capacity_keep_mask(routing, self.cfg.balance_groups, cf, protected_seq.repeat_interleave(t))
 
-    def _dispatch(self, x: torch.Tensor, routing: Routing, keep: torch.Tensor | None) -> torch.Tensor:
-        """Sort assignments by expert, run the grouped GEMMs, weight and sum back per token."""
+    def _dispatch(self, x: torch.Tensor, routing: Routing, keep: torch.Tensor | None) -> tuple[list, list]:
+        """Sort each chunk's (token, expert) assignments by expert and hand the chunks to the dispatcher: (what
+        it returned, each chunk's assignment rows in expert order)."""
         n, k = routing.indices.shape
         e = self.cfg.n_routed_experts
         expert = routing.indices.flatten()
         if keep is not None:  # dropped assignments go to a virtual expert E that is never computed
             expert = expert.masked_fill(~keep.flatten(), e)
-        order = expert.argsort(stable=True)
-        counts = torch.bincount(expert, minlength=e + 1)[:e]
-        rows = order[: int(counts.sum())]
-        y = self.experts(x[rows // k], counts)  # (M_kept, D)
-        full = x.new_zeros(n * k, x.shape[-1]).index_copy(0, rows, y.to(x.dtype))
+        xs, counts, rows = [], [], []
+        for span in torch.arange(n).tensor_split(min(self.dispatcher.chunks, max(n, 1))):  # chunks of tokens
+            first, last = (int(span[0]) * k, (int(span[-1]) + 1) * k) if len(span) else (0, 0)
+            part = expert[first:last]
+            count = torch.bincount(part, minlength=e + 1)[:e]
+            order = part.argsort(stable=True)[: int(count.sum())] + first
+            xs.append(x[order // k])
+            counts.append(count)
+            rows.append(order)
+        return self.dispatcher.dispatch(xs, counts), rows
+
+    def _combine(self, x: torch.Tensor, routing: Routing, flights: list, rows: list) -> torch.Tensor:
+        """Run the experts on the dispatched chunks, bring the results back, and weight and sum them per token."""
+        n, k = routing.indices.shape
+        ys = self.dispatcher.combine(self.dispatcher.compute(self.experts, flights))
+        full = x.new_zeros(n * k, x.shape[-1])
+        for order, y in zip(rows, ys):
+            full = full.index_copy(0, order, y.to(x.dtype))
         # weighted sum over the K experts of each token: (N, 1, K) @ (N, K, D); bmm is ~3x faster than einsum here
         return torch.bmm(routing.weights.to(x.dtype).unsqueeze(1), full.view(n, k, -1)).squeeze(1)
 

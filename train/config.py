@@ -103,6 +103,10 @@ class ParallelConfig:
     collective_timeout_s: float = 600.0
     activation_checkpoint: Recompute = "none"  # full: whole blocks; selective: RMSNorms + MLA up-projections (V3)
     compile: bool = False  # torch.compile each block
+    # expert parallelism's all-to-alls asynchronous, hidden under the shared experts and the expert GEMMs of the
+    # layer's token chunks (parallel/expert.py); None: on when ep > 1
+    ep_overlap: Optional[bool] = None
+    ep_chunks: int = 2  # token chunks of a MoE layer under ep_overlap
     # gradient accumulation without pipelining: keep weights gathered and gradients unsharded over a step's
     # micro-batches (one all-gather and one reduce-scatter per step, for the unsharded weights' and gradients'
     # memory); pipelining always does this
@@ -208,6 +212,12 @@ class RunConfig:
 
 
 FUSED_LOSS_MIN_VOCAB = 32768
+
+
+def ep_overlap_on(cfg: RunConfig) -> bool:
+    """Whether expert parallelism overlaps its all-to-alls (parallel.ep_overlap, or its default: on when ep > 1)."""
+    p = cfg.parallel
+    return p.ep > 1 if p.ep_overlap is None else p.ep_overlap
 
 
 def fused_loss_on(cfg: RunConfig) -> bool:
@@ -397,6 +407,9 @@ def _validate_parallel(cfg: RunConfig) -> None:
              f"context parallelism gives each rank {cfg.data.seq_len // p.cp} positions of a sequence "
              f"(data.seq_len / parallel.cp), fewer than model.num_nextn_predict_layers="
              f"{cfg.model.num_nextn_predict_layers} + 1 (MTP reads that many positions into the next part)")
+    _require(p.ep_chunks >= 1, f"parallel.ep_chunks must be >= 1, got {p.ep_chunks}")
+    _require(not (p.ep_overlap and p.ep == 1), "parallel.ep_overlap=true overlaps expert parallelism's "
+             "all-to-alls, but parallel.ep=1 has none: set parallel.ep > 1 or leave ep_overlap unset")
     _require(p.pp_microbatches >= 0, f"parallel.pp_microbatches must be >= 0 (0: one per micro-batch), got "
                                      f"{p.pp_microbatches}")
     _require(not (cfg.train.rampup_batch_size and p.pp > 1 and p.pp_microbatches),

@@ -27,7 +27,7 @@ from parallel.fp8 import Fp8Recipe, check_fp8
 from parallel.inventory import rank_parameters
 from parallel.pipeline import Pipeline, build_pipeline, ends_share_rank, rank_stage_modules
 
-from .config import ConfigError, RunConfig, fused_loss_on, pipeline_microbatches, validate_layout
+from .config import ConfigError, RunConfig, ep_overlap_on, fused_loss_on, pipeline_microbatches, validate_layout
 from .env import Env, init_distributed
 from .moe_stats import StatsGroups
 from .schedule import BatchSchedule, RunPosition
@@ -218,8 +218,10 @@ def build_parts(rt: Runtime, meta: bool = False) -> None:
         rt.pipeline = _build_pipeline(rt, model)
         parts = rt.pipeline.parts
     p = cfg.parallel
-    parts = [parallelize(part, rt.mesh, rt.dims, cfg.precision.param_dtype, cfg.precision.reduce_dtype,
-                         p.cpu_offload, p.activation_checkpoint, p.compile, rt.fp8) for part in parts]
+    parts = [parallelize(part, rt.mesh, rt.dims, param_dtype=cfg.precision.param_dtype,
+                         reduce_dtype=cfg.precision.reduce_dtype, cpu_offload=p.cpu_offload,
+                         activation_checkpoint=p.activation_checkpoint, compile=p.compile, fp8=rt.fp8,
+                         ep_overlap=ep_overlap_on(cfg), ep_chunks=p.ep_chunks) for part in parts]
     if not meta:
         log.info("rank %d holds parameters %s", env.rank, json.dumps(rank_parameters(parts)))
     if big and not meta:

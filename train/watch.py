@@ -6,8 +6,9 @@ that answers a probe. The first rank whose collective fails probes: every rank t
 thread, blocked in a collective or not, so the ranks that stay silent are the ones paused, dead or cut off. That
 rank prints the report; the others stop without one. A rank that cannot reach the store either reports alone.
 
-The operation is read from the failed call's stack: the expert all-to-all (parallel/expert.py, its MoE layer), the
-FSDP all-gather or reduce-scatter (its module), the pipeline's send/recv, or the training-loop phase otherwise.
+The operation is read from the failed call's stack: the expert all-to-all (parallel/expert.py's dispatcher, its MoE
+layer), the FSDP all-gather or reduce-scatter (its module), the pipeline's send/recv, or else the training-loop
+phase.
 """
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ def _frame_operation(frame) -> str | None:
     name, path = code.co_name, code.co_filename.replace(os.sep, "/")
     if path.endswith("parallel/expert.py"):
         label = getattr(loc.get("self"), "label", None) or getattr(loc.get("ctx"), "label", None)
-        if name in ("pre", "post", "backward") and label:
-            step = {"pre": "dispatch, forward", "post": "combine, forward", "backward": "backward"}[name]
+        if name in ("dispatch", "compute", "combine", "backward") and label:
+            step = {"dispatch": "dispatch, forward", "compute": "combine, forward", "combine": "combine, forward",
+                    "backward": "backward"}[name]
             return f"the expert all-to-all of {label} ({step})"
     if path.endswith("_fsdp_param_group.py") and name in ("unshard", "wait_for_unshard", "post_backward"):
         what = "reduce-scatter" if name == "post_backward" else "all-gather"
