@@ -1,7 +1,7 @@
 """`python -m launch [train overrides] launch=<local|torchrun|slurm> launch.<key>=...`: print the exact
 command of a run, then run it (`launch.dry_run=true`: print only).
 
-  local     torchrun --standalone on this node (plain `python -m train` for one process)
+  local     torchrun --standalone on this node (plain `python -m train` for one process without restarts)
   torchrun  one node of a multi-node job: run the same command on every node; they rendezvous (c10d) at
             launch.master_addr:launch.master_port
   slurm     renders <output_dir>/slurm/<job_name>.sbatch (srun torchrun on every node, rendezvous on the
@@ -33,7 +33,7 @@ def command(cfg, overrides: list[str]) -> tuple[list[str], str | None]:
         script = render_sbatch(launch, train_overrides, str(Path(cfg.output_dir).resolve()))
         path = Path(cfg.output_dir) / "slurm" / f"{launch.job_name}.sbatch"
         return ["sbatch", str(path)], script
-    if launch.mode == "local" and launch.nodes * launch.procs_per_node == 1:
+    if launch.mode == "local" and launch.nodes * launch.procs_per_node == 1 and not launch.max_restarts:
         return [sys.executable, "-m", "train", *train_overrides], None
     endpoint = f"{launch.master_addr}:{launch.master_port}"
     return [sys.executable, *torchrun_args(launch, endpoint, launch.job_name), "-m", "train", *train_overrides], None

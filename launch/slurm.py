@@ -20,8 +20,10 @@ def torchrun_args(launch, endpoint: str, run_id: str) -> list[str]:
         where = [f"--nnodes={launch.nodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
                  f"--rdzv-id={run_id}"]
     # launch.torchrun: torchrun, but a configuration error (exit 2) ends the job with only rank 0's line
+    # a failed worker restarts all of them up to launch.max_restarts times; they resume from the newest checkpoint
     return ["-m", "launch.torchrun", f"--nproc-per-node={launch.procs_per_node}", *where,
-            f"--signals-to-handle={FORWARDED_SIGNALS}", f"--shutdown-timeout={launch.shutdown_timeout_s}"]
+            f"--max-restarts={launch.max_restarts}", f"--signals-to-handle={FORWARDED_SIGNALS}",
+            f"--shutdown-timeout={launch.shutdown_timeout_s}"]
 
 
 def render_sbatch(launch, train_overrides: list[str], output_dir: str, python: str = sys.executable) -> str:

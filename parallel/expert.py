@@ -36,8 +36,8 @@ class _AllToAll(torch.autograd.Function):
     """Rows of x split by `send` sizes to each rank; returns rows received, `recv` sizes from each rank."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, recv: list[int], send: list[int], group) -> torch.Tensor:
-        ctx.sizes, ctx.group = (recv, send), group
+    def forward(ctx, x: torch.Tensor, recv: list[int], send: list[int], group, label: str) -> torch.Tensor:
+        ctx.sizes, ctx.group, ctx.label = (recv, send), group, label  # label: a failure report names it
         out = x.new_empty(sum(recv), *x.shape[1:])
         dist.all_to_all_single(out, x.contiguous(), recv, send, group=group)
         return out
@@ -47,11 +47,11 @@ class _AllToAll(torch.autograd.Function):
         recv, send = ctx.sizes
         dx = grad.new_empty(sum(send), *grad.shape[1:])
         dist.all_to_all_single(dx, grad.contiguous(), send, recv, group=ctx.group)
-        return dx, None, None, None
+        return dx, None, None, None, None
 
 
-def all_to_all(x: torch.Tensor, recv: list[int], send: list[int], group) -> torch.Tensor:
-    return _AllToAll.apply(x, recv, send, group)
+def all_to_all(x: torch.Tensor, recv: list[int], send: list[int], group, label: str = "") -> torch.Tensor:
+    return _AllToAll.apply(x, recv, send, group, label)
 
 
 @dataclass
@@ -66,8 +66,9 @@ class Flight:
 class AllToAllDispatcher:
     """The token dispatcher of one MoE layer under expert parallelism (see the module's docstring)."""
 
-    def __init__(self, group, n_experts: int, overlap: bool = False, chunks: int = 1):
+    def __init__(self, group, n_experts: int, overlap: bool = False, chunks: int = 1, label: str = ""):
         self.group = group
+        self.label = label  # "MoE layer 3": what a report of a failed all-to-all names (train/watch.py)
         self.ep = dist.get_world_size(group)
         self.n_local = n_experts // self.ep
         self.overlap = overlap
@@ -77,7 +78,7 @@ class AllToAllDispatcher:
     def _exchange(self, x: torch.Tensor, recv: list[int], send: list[int]) -> torch.Tensor:
         if self.overlap:
             return funcol.all_to_all_single_autograd(x.contiguous(), recv, send, self.group)
-        return all_to_all(x, recv, send, self.group)
+        return all_to_all(x, recv, send, self.group, self.label)
 
     def dispatch(self, xs: list[torch.Tensor], counts: list[torch.Tensor]) -> list[Flight]:
         sent = torch.stack(counts).to(torch.int64)  # [chunks, E]
@@ -114,14 +115,16 @@ def apply_ep(model: nn.Module, ep_mesh, overlap: bool = False, chunks: int = 1) 
     from model.moe import MoE
 
     dispatchers = []
-    for module in model.modules():
+    for path, module in model.named_modules():
         if not isinstance(module, MoE):
             continue
+        label = f"MoE layer {path.split('.')[1]}" if path.startswith("layers.") else f"MoE {path}"
         experts = module.experts
         for name, param in list(experts.named_parameters(recurse=False)):
             sharded = distribute_tensor(param.data, ep_mesh, [Shard(0)])
             experts.register_parameter(name, nn.Parameter(sharded, requires_grad=param.requires_grad))
-        module.dispatcher = AllToAllDispatcher(ep_mesh.get_group(), module.cfg.n_routed_experts, overlap, chunks)
+        module.dispatcher = AllToAllDispatcher(ep_mesh.get_group(), module.cfg.n_routed_experts, overlap, chunks,
+                                               label)
         dispatchers.append(module.dispatcher)
     return dispatchers
 

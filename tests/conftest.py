@@ -1,7 +1,8 @@
 """Shared test fixtures and helpers: the small real-text dataset, runs of the real entry point (`python -m train`,
 one process or torchrun) and their metrics, reference runs computed once per session, the gloo multi-process
-harness (run_ranks), the tiny model, a fixed batch, the loss and the tolerance helpers of in-process model tests, a
-free port for launcher tests, and the collection order (slowest tests first)."""
+harness (run_ranks), a cluster of network namespaces (local_cluster), the tiny model, a fixed batch, the loss and
+the tolerance helpers of in-process model tests, a free port for launcher tests, and the collection order (slowest
+tests first)."""
 
 import hashlib
 import json
@@ -117,6 +118,26 @@ def reference_run(dataset, shared_dir):
     return run
 
 
+@pytest.fixture
+def local_cluster():
+    """`local_cluster(hosts, rate=None)`: a LocalCluster (launch/localcluster.py) of network namespaces, torn down
+    when the test ends, however it ends. Skips, saying why, where namespaces cannot be made."""
+    from launch.localcluster import LocalCluster, namespaces_problem
+
+    problem = namespaces_problem()
+    if problem:
+        pytest.skip(f"no local cluster: {problem}")
+    made = []
+
+    def make(hosts: int, rate: str | None = None) -> LocalCluster:
+        made.append(LocalCluster(hosts, rate))
+        return made[-1]
+
+    yield make
+    for cluster in made:
+        cluster.close()
+
+
 def run_ranks(fn, world: int, tmp: Path, *args, timeout: float = 240) -> list:
     """`fn(rank, world, *args)` on `world` spawned processes joined in one gloo group (a file store under `tmp`,
     so no port is shared with other tests): each rank's return value, by rank. A rank's exception fails the test
@@ -207,6 +228,9 @@ SLOWEST_FIRST = (
     "test_fp8_layouts.py::test_fp8_bf16_moments_resume_under_ep2_is_exact",
     "test_parallel_layouts.py::test_resume_under_a_different_layout",
     "test_launch.py::test_time_limit_signal_checkpoints_requeues_and_resumes",
+    "test_multihost.py::test_experts_on_two_hosts_survive_a_killed_worker",
+    "test_multihost.py::test_sbatch_script_on_two_hosts_is_preempted_requeued_and_resumed",
+    "test_multihost.py::test_a_paused_host_ends_the_job_with_one_line",
     "test_launch.py::test_dry_run_builds_what_real_ranks_hold",
     "test_train.py::test_sigkill_and_resume_is_bit_exact",
     "test_parallel_layouts.py::test_resume_from_context_parallel_in_one_process",

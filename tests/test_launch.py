@@ -78,7 +78,7 @@ def test_dry_run_prints_a_valid_sbatch_script(tmp_path):
         assert line in script.splitlines(), line
     srun = next(line for line in script.splitlines() if line.startswith("srun "))
     assert ("-m launch.torchrun --nproc-per-node=8 --nnodes=4 --rdzv-backend=c10d "
-            '--rdzv-endpoint="$HEAD":29500 --rdzv-id="$SLURM_JOB_ID" '
+            '--rdzv-endpoint="$HEAD":29500 --rdzv-id="$SLURM_JOB_ID" --max-restarts=0 '
             "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1") in srun
     assert srun.endswith(f"-m train model=small train.global_batch_size=256 output_dir={out} &")
 

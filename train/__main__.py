@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         return _hydra_main(argv)
     from .config import validate_layout
     from .env import rank_env, reports_for_job
-    from .errors import report
+    from .errors import INPUT_EXIT, report
 
     try:  # what every rank finds alike, before any process group: printed once, by rank 0 (README "torchrun")
         cfg = compose_config(argv)
@@ -71,8 +71,12 @@ def main(argv: list[str] | None = None) -> int:
         if code is None:
             raise
         return code
+    from .watch import CollectiveFailure
+
     try:
         return run(cfg)
+    except CollectiveFailure:  # one rank has printed the report (train/watch.py); the others stop quietly
+        return INPUT_EXIT
     except Exception as e:  # noqa: BLE001 — report() picks the input errors; anything else is re-raised
         code = report(e)
         if code is None:

@@ -98,6 +98,9 @@ class ParallelConfig:
     pp_stages_per_rank: Optional[int] = None  # None: what the schedule needs (stages_per_rank_for)
     cp: int = 1  # context parallelism: each sequence split over cp ranks, Ulysses attention (parallel/context.py)
     cpu_offload: bool = False
+    # seconds a collective may wait for its peers before the run stops with a report of the step, the operation
+    # and the ranks that did not answer (train/watch.py); GPU jobs: long enough for the slowest checkpoint save
+    collective_timeout_s: float = 600.0
     activation_checkpoint: Recompute = "none"  # full: whole blocks; selective: RMSNorms + MLA up-projections (V3)
     compile: bool = False  # torch.compile each block
     # expert parallelism's all-to-alls asynchronous, hidden under the shared experts and the expert GEMMs of the
@@ -176,6 +179,7 @@ class LaunchConfig:
     time: str = "24:00:00"  # slurm time limit
     signal_before_end_s: int = 300  # slurm: SIGUSR1 this long before the time limit -> checkpoint, requeue
     shutdown_timeout_s: int = 900  # how long torchrun lets workers checkpoint after a forwarded signal
+    max_restarts: int = 0  # torchrun restarts every worker of the job when one fails, this many times (then resumes)
     sbatch_extra: tuple = ()  # more "#SBATCH" options, e.g. ["--exclusive", "--qos=high"]
     env: dict = field(default_factory=dict)  # exported before launching (NCCL / network knobs)
     dry_run: bool = False  # print the command (and the sbatch script) without launching
@@ -374,6 +378,7 @@ def _validate_launch(la: LaunchConfig, c: ClusterConfig) -> None:
     _require(la.mode != "local" or la.nodes == 1, f"launch=local runs one node, got launch.nodes={la.nodes}; "
              f"use launch=torchrun (on every node) or launch=slurm")
     _require(la.signal_before_end_s > 0, f"launch.signal_before_end_s must be > 0, got {la.signal_before_end_s}")
+    _require(la.max_restarts >= 0, f"launch.max_restarts must be >= 0, got {la.max_restarts}")
     _require(c.gpus >= 0 and c.gpus_per_node >= 1, f"cluster.gpus={c.gpus} must be >= 0 (0: launch.nodes x "
              f"launch.procs_per_node) and cluster.gpus_per_node={c.gpus_per_node} >= 1")
     _require(0 < c.gemm_efficiency <= 1 and 0 < c.link_efficiency <= 1,
@@ -395,6 +400,7 @@ def _validate_parallel(cfg: RunConfig) -> None:
     for key in ("dp_replicate", "tp", "ep", "pp", "pp_stages_per_rank", "cp"):
         _require(getattr(p, key) >= 1, f"parallel.{key} must be >= 1, got {getattr(p, key)}")
     _require(p.dp_shard == -1 or p.dp_shard >= 1, f"parallel.dp_shard must be >= 1 or -1 (auto), got {p.dp_shard}")
+    _require(p.collective_timeout_s > 0, f"parallel.collective_timeout_s must be > 0, got {p.collective_timeout_s}")
     _require(cfg.data.seq_len % p.cp == 0, f"context parallelism splits data.seq_len={cfg.data.seq_len} over "
                                            f"parallel.cp={p.cp}: it must divide")
     _require(p.cp == 1 or cfg.data.seq_len // p.cp > cfg.model.num_nextn_predict_layers,

@@ -8,6 +8,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -87,7 +88,8 @@ class Env:
     device: torch.device
 
 
-def init_distributed() -> Env:
+def init_distributed(timeout_s: float = 600.0) -> Env:
+    """This process's ranks; the process group (collectives wait at most `timeout_s` seconds for their peers)."""
     # started by `srun` directly, one task per GPU: the ranks come from SLURM's variables
     os.environ.update(torch_env_from_slurm(dict(os.environ)))
     rank, world, local_rank = dataclasses.astuple(rank_env(os.environ))
@@ -99,5 +101,6 @@ def init_distributed() -> Env:
         missing = [k for k in ("MASTER_ADDR", "MASTER_PORT", "RANK") if k not in os.environ]
         if missing:
             raise ConfigError(f"WORLD_SIZE={world} but {missing} unset: launch with torchrun (or srun torchrun)")
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None,
+                                timeout=timedelta(seconds=timeout_s))
     return Env(rank, world, local_rank, device)

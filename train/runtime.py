@@ -140,7 +140,7 @@ def _fp8_recipe(cfg: RunConfig, device: Optional[torch.device]) -> Optional[Fp8R
 def start_runtime(cfg: RunConfig, env: Optional[Env] = None, meta: bool = False) -> Runtime:
     """Environment (the process group: `env`, or torchrun's / SLURM's), mesh, groups and checks; nothing built.
     `meta` (the dry run, on a CPU for a GPU job): the batch split and the device's FP8 support go unchecked."""
-    env = env or init_distributed()
+    env = env or init_distributed(cfg.parallel.collective_timeout_s)
     dims = validate_layout(cfg, env.world, check_batch=not meta)
     mesh = dims.build_mesh(env.device.type) if env.world > 1 else None
     batches = BatchSchedule.of(cfg.train, cfg.data.seq_len)

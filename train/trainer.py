@@ -31,6 +31,7 @@ from .resume import check_resume, record_config
 from .runtime import build_data, build_parts, start_runtime
 from .spike import SpikeGuard, TrainingError
 from .step import Step
+from .watch import Watch, is_collective_failure
 
 log = logging.getLogger("train")
 
@@ -68,6 +69,10 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         self.rt = start_runtime(cfg)  # environment, mesh, groups, layout checks: nothing written yet
         self.env = self.rt.env
+        # a failed collective's report (train/watch.py): the loop's phase names the operation the stack does not
+        self.watch = Watch.of_job(self.env.rank, self.env.world, cfg.parallel.collective_timeout_s)
+        self.phase = "set-up"
+        self.collective_failed = False
         if cfg.checkpoint.init_from and not Path(cfg.checkpoint.init_from).exists():
             raise CheckpointError(f"checkpoint.init_from={cfg.checkpoint.init_from} does not exist (expected a run's "
                                   f"output_dir, one of its checkpoints/step_N or a Hugging Face model directory)")
@@ -155,19 +160,34 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ the loop
     def run(self) -> int:
+        """Train to train.steps; a collective that fails (a peer hung, died, cut off) raises CollectiveFailure."""
+        try:
+            return self._loop()
+        except RuntimeError as e:
+            if self.watch is None or not is_collective_failure(e):
+                raise
+            self.collective_failed = True
+            raise self.watch.report(self.step, e, self.phase) from None
+
+    def _loop(self) -> int:
         cfg = self.cfg
         while self.step < cfg.train.steps:
+            self.phase = "the training step"
             result = self.step_fn(self.step_fn.sequence_part(self.rt.loader.next_batch()), self.step)
             self.progress.count(self.step)
             self.state.step += 1
             if not self._accept(result):
                 continue
+            self.phase = "logging and validation"
             self._after_step(result)
+            self.phase = "the end-of-step signal check (all-reduce)"
             if self._should_stop():
+                self.phase = "the checkpoint save"
                 self._save()
                 log.info("signal %s: checkpoint at step %d written, exiting", self._stop_signal, self.step)
                 return 0
             if self.checkpointer.should_save(self.step):
+                self.phase = "the checkpoint save"
                 self._save()
             if self.step == self._kill_at:  # fault injection for the resume tests: die like a lost node
                 self.checkpointer.wait()
@@ -238,5 +258,7 @@ class Trainer:
     def close(self) -> None:
         if self.metrics is not None:
             self.metrics.close()
-        if dist.is_initialized():
+        if self.watch is not None:
+            self.watch.close()
+        if dist.is_initialized() and not self.collective_failed:  # a group with a lost peer cannot be torn down
             dist.destroy_process_group()
