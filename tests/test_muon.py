@@ -188,3 +188,25 @@ def test_muon_resume_is_bit_exact_and_reshards_to_pp2(dataset, tmp_path):
             for s in (4, 5, 6):
                 assert got[s] == pytest.approx(want[s], rel=1e-5), f"loss at step {s} under pp=2"
     assert want[6] < want[1] - 0.05  # it trains
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["optim=muon", "optim.muon_momentm=0.9"], "Could not override 'optim.muon_momentm'"),
+    (["optim.name=sgd"], "optim.name must be adamw or muon, got 'sgd'"),
+])
+def test_bad_optimizer_input_is_one_line(tmp_path, args, fragment):
+    proc = train([*args, f"output_dir={tmp_path / 'run'}", "train.steps=1"], check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and fragment in lines[0], (proc.returncode, lines)
+
+
+def test_qk_clip_refuses_split_heads_or_sequences():
+    from parallel import LayoutError, ParallelDims
+    from train.config import RunConfig
+    from train.runtime import check_runtime
+
+    cfg = RunConfig()
+    cfg.optim.qk_clip_tau = 100.0
+    for sizes in (dict(tp=2), dict(cp=2)):
+        with pytest.raises(LayoutError, match=f"optim.qk_clip_tau needs whole heads .*{list(sizes)[0]}=2"):
+            check_runtime(cfg, ParallelDims.resolve(2, **sizes), None)
