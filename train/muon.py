@@ -73,6 +73,8 @@ def gathered(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """The whole tensor of which `local` is this rank's shard, laid out as the DTensor `like`."""
     if not isinstance(like, DTensor):
         return local
+    if local.device.type != like.device_mesh.device_type:  # parallel.cpu_offload: host shards, device collectives
+        local = local.to(like.device_mesh.device_type)
     return DTensor.from_local(local, like.device_mesh, like.placements, shape=like.shape,
                               stride=like.stride(), run_check=False).full_tensor()
 
@@ -95,11 +97,16 @@ class Muon(AdamWLowPrecisionMoments):
     stacks), AdamW (train.optim.AdamWLowPrecisionMoments: same state keys as torch's) for the others. A group's
     "decay" says whether it takes optim.weight_decay."""
 
-    def __init__(self, groups: list[dict], cfg: OptimConfig, device_type: str, moment_dtype=torch.float32):
+    def __init__(self, groups: list[dict], cfg: OptimConfig, moment_dtype=torch.float32):
         super().__init__(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, moment_dtype=moment_dtype)
         self.cfg = cfg
-        auto = torch.float32 if device_type == "cpu" else torch.bfloat16
-        self.ns_dtype = auto if cfg.muon_ns_dtype == "auto" else NS_DTYPES[cfg.muon_ns_dtype]
+        self.ns_dtype = NS_DTYPES.get(cfg.muon_ns_dtype)  # None (auto): by the device the matrix is on
+
+    def ns_dtype_on(self, device: torch.device) -> torch.dtype:
+        """optim.muon_ns_dtype; auto: float32 on a CPU, bfloat16 on an accelerator (as Moonlight)."""
+        if self.ns_dtype is not None:
+            return self.ns_dtype
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -122,14 +129,14 @@ class Muon(AdamWLowPrecisionMoments):
         update = self.orthogonalised(gathered(direction, p), group.get("split", False))
         weight = _local(p)
         weight.mul_(1 - group["lr"] * group["weight_decay"])
-        weight.add_(shard_of(update, p).to(weight.dtype), alpha=-group["lr"])
+        weight.add_(shard_of(update, p).to(weight.device, weight.dtype), alpha=-group["lr"])
 
     def orthogonalised(self, u: torch.Tensor, split: bool) -> torch.Tensor:
         """Newton-Schulz of each matrix of a whole 2-D weight or [E, ., .] expert stack (`split`: each expert's
         last dimension holds two matrices), times its update scale."""
         cfg = self.cfg
         parts = u.chunk(2, dim=-1) if split else (u,)
-        out = [newton_schulz(x, cfg.muon_ns_steps, tuple(cfg.muon_ns_coefficients), self.ns_dtype)
+        out = [newton_schulz(x, cfg.muon_ns_steps, tuple(cfg.muon_ns_coefficients), self.ns_dtype_on(u.device))
                * matrix_scale(x.shape[-2], x.shape[-1], cfg.muon_update_scale) for x in parts]
         return torch.cat(out, dim=-1) if split else out[0]
 
@@ -172,5 +179,4 @@ def muon_param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
 
 
 def build_muon(model: nn.Module, cfg: OptimConfig, moment_dtype: torch.dtype = torch.float32) -> Muon:
-    device = next(model.parameters()).device.type
-    return Muon(muon_param_groups(model, cfg), cfg, device, moment_dtype)
+    return Muon(muon_param_groups(model, cfg), cfg, moment_dtype)
