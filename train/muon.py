@@ -13,9 +13,9 @@ The state of a Muon parameter is one buffer, `momentum_buffer`, shaped (and shar
 saves it by parameter name like AdamW's moments.
 
 Sharded parameters (FSDP, HSDP, TP, EP: DTensors): the update direction is gathered whole over every mesh
-dimension (`full_tensor`), orthogonalised, and each rank keeps its own shard of the result. Every rank
-computes the same whole matrices (redundant compute, no second collective): the result is the one process's
-bit for bit whatever the layout.
+dimension (an expert stack stays split by expert over "ep": each rank its own experts, each whole),
+orthogonalised, and each rank keeps its own shard of the result. The ranks holding parts of a matrix all compute
+it whole (redundant compute, no second collective): the result is the one process's whatever the layout.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import math
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from model.moe import GroupedExperts, Router
 
@@ -69,23 +69,35 @@ def matrix_scale(m: int, n: int, scale: float = 0.2) -> float:
     return scale * math.sqrt(max(m, n))
 
 
-def gathered(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of which `local` is this rank's shard, laid out as the DTensor `like`."""
+def _placements_of_whole(like: DTensor, keep_experts: bool) -> list:
+    """Placements of the whole matrices: replicated everywhere, but for an expert stack (`keep_experts`) still
+    split by expert over the mesh's "ep" dimension (each rank orthogonalises its own experts)."""
+    names = like.device_mesh.mesh_dim_names or ()
+    return [Shard(0) if keep_experts and name == "ep" else Replicate() for name in names] or \
+        [Replicate()] * like.device_mesh.ndim
+
+
+def gathered(local: torch.Tensor, like: torch.Tensor, keep_experts: bool = False) -> torch.Tensor:
+    """The whole tensor of which `local` is this rank's shard, laid out as the DTensor `like` (`keep_experts`: an
+    expert stack's experts of this rank's ep coordinate, each whole)."""
     if not isinstance(like, DTensor):
         return local
     if local.device.type != like.device_mesh.device_type:  # parallel.cpu_offload: host shards, device collectives
         local = local.to(like.device_mesh.device_type)
-    return DTensor.from_local(local, like.device_mesh, like.placements, shape=like.shape,
-                              stride=like.stride(), run_check=False).full_tensor()
+    sharded = DTensor.from_local(local, like.device_mesh, like.placements, shape=like.shape, stride=like.stride(),
+                                 run_check=False)
+    return sharded.redistribute(like.device_mesh, _placements_of_whole(like, keep_experts)).to_local()
 
 
-def shard_of(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of `whole` in the layout of the DTensor `like` (no communication)."""
+def shard_of(whole: torch.Tensor, like: torch.Tensor, keep_experts: bool = False) -> torch.Tensor:
+    """This rank's shard of `whole` (what `gathered` returned) in the layout of the DTensor `like` (no
+    communication)."""
     if not isinstance(like, DTensor):
         return whole
     mesh = like.device_mesh
-    replicated = DTensor.from_local(whole, mesh, [Replicate()] * mesh.ndim, run_check=False)
-    return replicated.redistribute(mesh, like.placements).to_local()
+    joined = DTensor.from_local(whole, mesh, _placements_of_whole(like, keep_experts), shape=like.shape,
+                                stride=like.stride(), run_check=False)
+    return joined.redistribute(mesh, like.placements).to_local()
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -126,10 +138,11 @@ class Muon(AdamWLowPrecisionMoments):
         buf = _local(state["momentum_buffer"])
         buf.mul_(cfg.muon_momentum).add_(grad)
         direction = grad.add(buf, alpha=cfg.muon_momentum) if cfg.muon_nesterov else buf
-        update = self.orthogonalised(gathered(direction, p), group.get("split", False))
+        stack = p.ndim == 3  # routed experts: each rank its own
+        update = self.orthogonalised(gathered(direction, p, stack), group.get("split", False))
         weight = _local(p)
         weight.mul_(1 - group["lr"] * group["weight_decay"])
-        weight.add_(shard_of(update, p).to(weight.device, weight.dtype), alpha=-group["lr"])
+        weight.add_(shard_of(update, p, stack).to(weight.device, weight.dtype), alpha=-group["lr"])
 
     def orthogonalised(self, u: torch.Tensor, split: bool) -> torch.Tensor:
         """Newton-Schulz of each matrix of a whole 2-D weight or [E, ., .] expert stack (`split`: each expert's
