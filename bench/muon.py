@@ -110,7 +110,8 @@ def qk_clip(args, lr: float, tmp: Path, unclipped_val: float) -> None:
     largest logit (or --qk-clip-tau): largest logit over the run, final validation loss."""
     tau = 1e9
     for label in ("off", "on"):
-        runs = [run(tmp / f"clip_{label}_{s}", args, "muon", lr, s, tau) for s in args.seeds]
+        with ThreadPoolExecutor(args.jobs) as pool:
+            runs = list(pool.map(lambda s: run(tmp / f"clip_{label}_{s}", args, "muon", lr, s, tau), args.seeds))
         top = max(r["max_logit"] for rows in runs for r in rows if "max_logit" in r)
         val = mean_curve(runs)
         print(f"muon lr={lr:g} qk-clip {label} (tau {tau:g}): largest logit over the run {top:.3f} | final val "
