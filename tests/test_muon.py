@@ -208,30 +208,14 @@ def test_bad_optimizer_input_is_one_line(tmp_path, args, fragment):
 
 
 def test_qk_clip_refuses_split_heads_or_sequences():
-    from parallel import LayoutError, ParallelDims
-    from train.config import RunConfig
-    from train.runtime import check_runtime
+    from train.config import ConfigError, RunConfig
+    from train.muon import check_optimizer
 
     cfg = RunConfig()
     cfg.optim.qk_clip_tau = 100.0
-    for sizes in (dict(tp=2), dict(cp=2)):
-        with pytest.raises(LayoutError, match=f"optim.qk_clip_tau needs whole heads .*{list(sizes)[0]}=2"):
-            check_runtime(cfg, ParallelDims.resolve(2, **sizes), None)
-
-
-@pytest.mark.parametrize("world", [1, 2])
-def test_planner_counts_one_buffer_for_muon_parameters(world):
-    """The planner's optimizer bytes: 4 per element Muon takes (train/muon.py's groups on the real model; by name
-    in launch/plan/memory.py), 8 per AdamW element (fp32 moments); FSDP over 2 ranks: the same summed."""
-    from launch.plan.memory import rank_memory
-    from train.config import compose_config
-
-    args = ["model=tiny", "train.global_batch_size=8", "train.micro_batch_size=1"]
-    muon, adamw = compose_config(args + ["optim=muon"]), compose_config(args)
-    model = tiny_model()
-    groups = muon_param_groups(model, muon.optim)
-    n_muon = sum(p.numel() for g in groups if g["muon"] for p in g["params"])
-    n_all = sum(p.numel() for p in model.parameters())
-    assert 0.5 * n_all < n_muon < n_all
-    assert sum(rank_memory(muon, world, r).optimizer for r in range(world)) == 4 * n_muon + 8 * (n_all - n_muon)
-    assert sum(rank_memory(adamw, world, r).optimizer for r in range(world)) == 8 * n_all
+    check_optimizer(cfg)
+    for key in ("tp", "cp"):
+        setattr(cfg.parallel, key, 2)
+        with pytest.raises(ConfigError, match=f"optim.qk_clip_tau needs whole heads .*parallel.{key}=2"):
+            check_optimizer(cfg)
+        setattr(cfg.parallel, key, 1)

@@ -28,14 +28,15 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from model.moe import GroupedExperts, Router
 
-from .config import ConfigError, OptimConfig
+from .config import ConfigError, OptimConfig, RunConfig
 from .optim import AdamWLowPrecisionMoments
 
 NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def check_muon(cfg: OptimConfig) -> None:
-    """One ConfigError line for a bad optimizer choice."""
+def check_optimizer(run: RunConfig) -> None:
+    """One ConfigError line for a bad optimizer choice (QK-clip needs whole heads and sequences on a rank)."""
+    cfg, p = run.optim, run.parallel
     if cfg.name not in ("adamw", "muon"):
         raise ConfigError(f"optim.name must be adamw or muon, got {cfg.name!r}")
     if cfg.muon_ns_dtype not in ("auto", *NS_DTYPES):
@@ -45,6 +46,9 @@ def check_muon(cfg: OptimConfig) -> None:
                           f"numbers, muon_momentum={cfg.muon_momentum} in [0, 1)")
     if cfg.qk_clip_tau is not None and cfg.qk_clip_tau <= 0:
         raise ConfigError(f"optim.qk_clip_tau must be > 0 or null, got {cfg.qk_clip_tau}")
+    if cfg.qk_clip_tau is not None and p.tp * p.cp > 1:
+        raise ConfigError(f"optim.qk_clip_tau needs whole heads and sequences on a rank: parallel.tp={p.tp} and "
+                          f"parallel.cp={p.cp} must be 1")
 
 
 def newton_schulz(g: torch.Tensor, steps: int = 5, coefficients=(3.4445, -4.7750, 2.0315),

@@ -112,11 +112,8 @@ def check_runtime(cfg: RunConfig, dims: ParallelDims, device: Optional[torch.dev
     if cfg.data.seq_len % dims.tp:
         raise LayoutError(f"sequence parallelism splits data.seq_len={cfg.data.seq_len} over tp={dims.tp}: "
                           f"it must divide")
-    from .muon import check_muon
-    check_muon(cfg.optim)
-    if cfg.optim.qk_clip_tau is not None and dims.tp * dims.cp > 1:
-        raise LayoutError(f"optim.qk_clip_tau needs whole heads and sequences on a rank: tp={dims.tp} and "
-                          f"cp={dims.cp} must be 1")
+    from .muon import check_optimizer
+    check_optimizer(cfg)
     return _fp8_recipe(cfg, device), _check_fused_loss(cfg)
 
 

@@ -96,7 +96,7 @@ def layout_of(cfg, world: int, check_batch: bool = True) -> Layout:
     return Layout(dims, canonical_schedule(p.pp_schedule), n_micro, local // n_micro * cfg.data.seq_len // dims.cp,
                   p.activation_checkpoint, DTYPE_BYTES[pr.param_dtype], DTYPE_BYTES[pr.reduce_dtype],
                   DTYPE_BYTES[pr.moment_dtype], pr.fp8_recipe, pr.fp8_fsdp_all_gather, p.accumulate_unsharded,
-                  fused_loss_on(cfg), cfg.optim.name, cfg.optim.muon_router)
+                  fused_loss_on(cfg), optimizer=cfg.optim.name, muon_router=cfg.optim.muon_router)
 
 
 def _check_rampup(cfg, dims: ParallelDims) -> None:
