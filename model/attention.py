@@ -108,6 +108,30 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return out[..., :dv].transpose(1, 2)
 
 
+@torch.no_grad()
+def max_logits(q: torch.Tensor, k: torch.Tensor, scale: float, block: int = 256) -> torch.Tensor:
+    """The largest causal pre-softmax logit scale * q.k of each query head [H] over the batch: q [B, T, H, D],
+    k [B, T, K, D] (query head i reads K/V head i // G). Query rows in blocks of `block` against the keys up to the
+    block's end, in fp32: B*H*block*T floats at a time, about half the FLOPs of the attention's q.k^T."""
+    t, group = q.shape[1], q.shape[2] // k.shape[2]
+    qh = q.transpose(1, 2).float()  # (B, H, T, D)
+    kh = k.transpose(1, 2).float().repeat_interleave(group, 1)  # (B, H, T, D)
+    best = torch.full((q.shape[2],), float("-inf"), device=q.device)
+    for start in range(0, t, block):
+        end = min(start + block, t)
+        scores = qh[:, :, start:end] @ kh[:, :, :end].transpose(-1, -2)  # (B, H, b, end)
+        hidden = torch.ones(end - start, end, dtype=torch.bool, device=q.device).triu(start + 1)
+        best = torch.maximum(best, scores.masked_fill(hidden, float("-inf")).amax(dim=(0, 2, 3)) * scale)
+    return best
+
+
+def _record_max_logits(module: nn.Module, q: torch.Tensor, k: torch.Tensor) -> None:
+    """Running maximum over a step's forwards of each head's largest logit, when the module tracks them."""
+    if module.track_max_logits:
+        m = max_logits(q, k, module.scale)
+        module.max_logits = m if module.max_logits is None else torch.maximum(module.max_logits, m)
+
+
 class MLA(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -128,6 +152,9 @@ class MLA(nn.Module):
         # the attention core of the training path; context parallelism (parallel/context.py) swaps in one that
         # runs it on whole sequences for a share of the heads
         self.attend: Callable[..., torch.Tensor] = causal_attention
+        # QK-clip (MuonClip): the training forward records each head's largest logit [H] while this is set
+        self.track_max_logits = False
+        self.max_logits: torch.Tensor | None = None
 
     def up_projections(self) -> list[nn.Linear]:
         """The projections whose outputs are per head (large, cheap to recompute): query and KV up-projections."""
@@ -154,6 +181,7 @@ class MLA(nn.Module):
         q_nope, q_rope = self._queries(x, cos, sin)
         k, v = self._decompressed(*self._latent(x, cos, sin))
         q = torch.cat([q_nope, q_rope], dim=-1)
+        _record_max_logits(self, q, k)
         return self.o_proj(self.attend(q, k, v, self.scale).flatten(2))  # (B, T, H, V) -> (B, T, H*V)
 
     def _decompressed(self, c_kv: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,6 +228,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(h * hd, d, bias=False)
         self.scale = softmax_scale(cfg)
         self.attend: Callable[..., torch.Tensor] = causal_attention  # the extension slot of MLA.attend
+        self.track_max_logits = False  # as MLA's
+        self.max_logits: torch.Tensor | None = None
 
     def up_projections(self) -> list[nn.Linear]:
         """The projections whose outputs are per head: query, key and value."""
@@ -213,7 +243,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Causal self-attention over x [B, T, D] (training / full-sequence path)."""
-        return self.o_proj(self.attend(*self._qkv(x, cos, sin), self.scale).flatten(2))
+        q, k, v = self._qkv(x, cos, sin)
+        _record_max_logits(self, q, k)
+        return self.o_proj(self.attend(q, k, v, self.scale).flatten(2))
 
     def decode(self, x: torch.Tensor, cos, sin, cache: KVCache, start: int,
                pad: torch.Tensor | None = None) -> torch.Tensor:

@@ -67,6 +67,17 @@ class OptimConfig:
     step_decay_at: tuple = (0.6, 0.9)
     step_decay_factor: float = 0.316
     cosine_span: tuple = (0.0, 1.0)  # deepseek_v3: the fractions of the run's tokens the cosine decay spans
+    name: str = "adamw"  # adamw | muon (train/muon.py: Muon for hidden matrices, AdamW for the rest)
+    # Muon (defaults: Moonlight, arXiv 2502.16982, and its released examples/toy_train.py)
+    muon_momentum: float = 0.95  # Nesterov-style SGD momentum before the orthogonalisation
+    muon_nesterov: bool = True
+    muon_ns_steps: int = 5  # Newton-Schulz iterations
+    muon_ns_coefficients: tuple = (3.4445, -4.7750, 2.0315)  # quintic X <- aX + (bA + cA^2)X, A = XX^T
+    muon_ns_dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU) | bfloat16 | float32
+    muon_update_scale: float = 0.2  # update x muon_update_scale * sqrt(max(m, n)): AdamW's update RMS
+    muon_router: bool = True  # the 2-D router weights by Muon (Moonlight's code: every >=2-D weight but embedding/head)
+    muon_split_gate_up: bool = True  # routed experts' fused gate|up stack as two matrices (as dense gate_proj, up_proj)
+    qk_clip_tau: Optional[float] = None  # MuonClip (Kimi K2: 100): rescale q/k of heads whose max logit exceeds it
 
 
 @dataclass

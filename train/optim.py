@@ -78,7 +78,10 @@ class AdamWLowPrecisionMoments(torch.optim.Optimizer):
 def build_optimizer(model: nn.Module, cfg: OptimConfig, moment_dtype: str = "float32",
                     cpu_adam: bool = False) -> torch.optim.Optimizer:
     """AdamW over `model`'s parameter groups: with moments in `moment_dtype`, or by DeepSpeed's CPU kernel
-    (`cpu_adam`: parameters offloaded to host memory, fp32 moments), or torch's."""
+    (`cpu_adam`: parameters offloaded to host memory, fp32 moments), or torch's; optim.name=muon: train/muon.py."""
+    if cfg.name == "muon":
+        from .muon import build_muon
+        return build_muon(model, cfg, TORCH_DTYPES[moment_dtype])
     if cpu_adam and moment_dtype == "float32":
         from .cpu_adam import OffloadAdamW  # imports DeepSpeed
         return OffloadAdamW(param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
@@ -151,7 +154,7 @@ class PartOptimizers:
 
     def __init__(self, parts: list[nn.Module], cfg: OptimConfig, total_steps: int, moment_dtype: str = "float32",
                  position: Callable[[int], float] | None = None, cpu_offload: bool = False):
-        cpu_adam = cpu_offload and _cpu_adam_usable()
+        cpu_adam = cpu_offload and cfg.name == "adamw" and _cpu_adam_usable()
         self.optimizers = [build_optimizer(part, cfg, moment_dtype, cpu_adam) for part in parts]
         self.schedulers = [build_scheduler(opt, cfg, total_steps, position) for opt in self.optimizers]
 
@@ -179,9 +182,10 @@ class PartOptimizers:
         and weight decay and the schedule's peak lr of the config it was written under. The schedule's shape
         already comes from `cfg` (it is code, not state); with an unchanged config this changes no value."""
         for opt, sched in zip(self.optimizers, self.schedulers):
-            for i, group in enumerate(opt.param_groups):  # group 0 decays (param_groups), a second does not
+            for i, group in enumerate(opt.param_groups):  # group 0 decays (param_groups), a second does not;
+                # Muon's groups say it ("decay")
                 group.update(betas=tuple(cfg.betas), eps=cfg.eps, initial_lr=cfg.lr,
-                             weight_decay=cfg.weight_decay if i == 0 else 0.0)
+                             weight_decay=cfg.weight_decay if group.get("decay", i == 0) else 0.0)
             sched.base_lrs = [cfg.lr] * len(opt.param_groups)
             for group, base, factor in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas):
                 group["lr"] = base * factor(sched.last_epoch)

@@ -107,7 +107,10 @@ class Runtime:
 
 def check_runtime(cfg: RunConfig, device: Optional[torch.device]) -> tuple[Optional[Fp8Recipe], bool]:
     """The checks that need the device (None: not checked for FP8) and the installed libraries, before
-    anything is built: (the FP8 recipe, whether the loss is fused)."""
+    anything is built: (the FP8 recipe, whether the loss is fused); and the optimizer's (train/muon.py)."""
+    from .muon import check_optimizer
+
+    check_optimizer(cfg)
     return _fp8_recipe(cfg, device), _check_fused_loss(cfg)
 
 

@@ -22,6 +22,7 @@ from parallel.fp8 import after_optimizer_step
 from .config import pipeline_microbatches
 from .moe_stats import MoEStats
 from .precision import Bf16GemmEmulation
+from .qk_clip import qk_clip, track_max_logits
 from .runtime import Runtime
 
 
@@ -38,6 +39,9 @@ class Step:
         self.rt = rt
         self.cfg = rt.cfg
         self.moe_stats: Optional[MoEStats] = None  # the last step's routing statistics
+        self.qk_clip_tau = rt.cfg.optim.qk_clip_tau
+        if self.qk_clip_tau is not None:
+            track_max_logits(rt.parts, True)
 
     # ------------------------------------------------------------------------------------------ modes
     def autocast(self):
@@ -68,10 +72,13 @@ class Step:
         moe = self._moe_step(step)
         grad_norm = self._clip()
         rt.optimizers.step()
+        g = rt.groups
+        clip = {}
+        if self.qk_clip_tau is not None:  # train/qk_clip.py: the step's largest logit, before clipping
+            clip["max_logit"] = qk_clip(rt.parts, self.qk_clip_tau, g.token_group, g.pp_group)
         after_optimizer_step(rt.parts, rt.fp8)
         rt.optimizers.zero_grad()
-        g = rt.groups
-        return {"loss": all_mean(total, g.token_world, g.token_group).item(), "grad_norm": grad_norm, **moe}
+        return {"loss": all_mean(total, g.token_world, g.token_group).item(), "grad_norm": grad_norm, **moe, **clip}
 
     def loss(self, inputs: torch.Tensor, labels: torch.Tensor, step: int) -> torch.Tensor:
         mcfg, model = self.cfg.model, self.rt.parts[0]
@@ -171,6 +178,8 @@ class Step:
                                     for x, y in zip(xs.split(mb), ys.split(mb))]).mean() for xs, ys in batches]
         for m in rt.moe_layers().values():
             m.reset_stats()
+        if self.qk_clip_tau is not None:  # held-out logits are not the step's
+            track_max_logits(rt.parts, True)
         for part in rt.parts:
             part.train()
         return out

@@ -52,6 +52,8 @@ class Layout:
     fused_loss: bool = False  # train.fused_loss: the head + cross-entropy fused, no logits kept
     ep_overlap: bool = False  # parallel.ep_overlap: the expert all-to-alls hidden under expert compute
     ep_chunks: int = 1  # parallel.ep_chunks
+    optimizer: str = "adamw"  # optim.name: muon keeps one fp32 buffer for the parameters it takes, AdamW two
+    muon_router: bool = True  # optim.muon_router
 
     @property
     def gathered_through_step(self) -> bool:
@@ -88,7 +90,8 @@ def layout_of(cfg, world: int, check_batch: bool = True) -> Layout:
     return Layout(dims, canonical_schedule(p.pp_schedule), n_micro, local // n_micro * cfg.data.seq_len // dims.cp,
                   p.activation_checkpoint, DTYPE_BYTES[pr.param_dtype], DTYPE_BYTES[pr.reduce_dtype],
                   DTYPE_BYTES[pr.moment_dtype], pr.fp8_recipe, pr.fp8_fsdp_all_gather, p.accumulate_unsharded,
-                  fused_loss_on(cfg), ep_overlap=ep_overlap_on(cfg), ep_chunks=p.ep_chunks)
+                  fused_loss_on(cfg), ep_overlap=ep_overlap_on(cfg), ep_chunks=p.ep_chunks,
+                  optimizer=cfg.optim.name, muon_router=cfg.optim.muon_router)
 
 
 # --------------------------------------------------------------------------------------------- parameters
@@ -127,11 +130,30 @@ class StageShapes:
             groups: dict[tuple, list] = {}
             for name, shape in stage_parameters(self.model, layout, pp_rank):
                 parts = name.split(".")
-                kind = ("experts" if ".experts." in name else "dense", _TP_DIM.get(".".join(parts[-2:])))
+                kind = ("experts" if ".experts." in name else "dense", _TP_DIM.get(".".join(parts[-2:])),
+                        muon_role(name))
                 entry = groups.setdefault((fsdp_unit(name), kind, shape), [name, shape, 0])
                 entry[2] += 1
             self._groups[key] = [tuple(g) for g in groups.values()]
         return self._groups[key]
+
+
+def muon_role(name: str) -> str:
+    """What decides whether Muon takes a parameter beyond its shape: "vocab" (embedding, head), "router", or ""."""
+    if "embed_tokens" in name or "lm_head" in name:
+        return "vocab"
+    return "router" if name.endswith("mlp.gate.weight") else ""
+
+
+def takes_muon(name: str, shape: tuple[int, ...], router: bool) -> bool:
+    """train/muon.py's rule by name: matrices and routed-expert stacks, not the embedding or head; routers when
+    optim.muon_router."""
+    role = muon_role(name)
+    if role == "vocab":
+        return False
+    if role == "router":
+        return router
+    return len(shape) == 2 or (".experts." in name and len(shape) == 3)
 
 
 def _split_shape(name: str, shape: tuple[int, ...], layout: Layout) -> list[int]:
@@ -352,9 +374,14 @@ def memory_of(shapes: StageShapes, layout: Layout, rank: int, device: str = "cud
     tokens = layout.micro_tokens
     acts = int(in_flight_bytes(layout, c["pp"], stage_bytes) * tokens)
     largest = max((local_elements(nm, s, layout, c) for nm, s, _ in params), default=0)
-    opt_ws = FP32 * n if device != "cpu" else FP32 * largest
+    muon = [(nm, s, k) for nm, s, k in params if layout.optimizer == "muon" and takes_muon(nm, s, layout.muon_router)]
+    n_muon = sum(k * local_elements(nm, s, layout, c) for nm, s, k in muon)
+    opt_ws = FP32 * (n - n_muon) if device != "cpu" else FP32 * largest
+    # Muon: one whole matrix (stack) gathered and orthogonalised at a time, about four copies of it in fp32
+    opt_ws += 4 * FP32 * max((prod(s) for _, s, _ in muon), default=0)
     # sharded gradients exist during forward/backward once a micro-batch was reduce-scattered: with plain
     # accumulation; not when gradients stay unsharded until the step's one reduce-scatter
     sharded_grads_live = layout.n_micro > 1 and not layout.gathered_through_step
-    return RankMemory(rank, FP32 * n, FP32 * n, 2 * layout.moment_bytes * n, _gathered_bytes(params, layout),
+    optimizer = 2 * layout.moment_bytes * (n - n_muon) + FP32 * n_muon  # Muon: its momentum buffer
+    return RankMemory(rank, FP32 * n, FP32 * n, optimizer, _gathered_bytes(params, layout),
                       acts, int(workspace * tokens), opt_ws, sharded_grads_live)
