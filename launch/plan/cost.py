@@ -140,9 +140,7 @@ def collectives(shapes: StageShapes, layout: Layout, seq_len: int, gpu: GPU, clu
     out: list[tuple[str, float, str, bool]] = []  # name, bytes, link, overlapped with compute
     hide = {}  # seconds of compute a collective hides under, where it is not prefetched
     if d.ep > 1:
-        passes = 6 if layout.activation_checkpoint == "full" else 4
-        rows = passes * n * n_moe * tokens * m.num_experts_per_tok * m.hidden_size * a
-        out.append(("ep all-to-all", rows * (d.ep - 1) / d.ep, _group_link(d.tp, d.ep, per_node), False))
+        out.append(_expert_all_to_all(m, layout, n_moe, per_node))
         if layout.ep_overlap:
             hide["ep all-to-all"] = _expert_overlap_flops(m, layout) * n * n_moe * tokens / (
                 gpu.bf16_tflops * 1e12 * cluster.gemm_efficiency)
@@ -189,6 +187,14 @@ def collectives(shapes: StageShapes, layout: Layout, seq_len: int, gpu: GPU, clu
         exposed = 0.0 if prefetched else max(0.0, seconds - hide.get(name, 0.0))
         result.append(Collective(name, nbytes, link, seconds, exposed, prefetched))
     return result
+
+
+def _expert_all_to_all(m: ModelConfig, layout: Layout, n_moe: int, per_node: int) -> tuple[str, float, str, bool]:
+    """The expert all-to-all's (name, bytes one GPU sends per step, link, prefetched)."""
+    d = layout.dims
+    passes = 6 if layout.activation_checkpoint == "full" else 4
+    rows = passes * layout.n_micro * n_moe * layout.micro_tokens * m.num_experts_per_tok * m.hidden_size
+    return "ep all-to-all", rows * layout.param_bytes * (d.ep - 1) / d.ep, _group_link(d.tp, d.ep, per_node), False
 
 
 def _expert_overlap_flops(m: ModelConfig, layout: Layout) -> float:
