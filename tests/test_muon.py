@@ -209,7 +209,7 @@ def test_bad_optimizer_input_is_one_line(tmp_path, args, fragment):
 
 def test_qk_clip_refuses_split_heads_or_sequences():
     from train.config import ConfigError, RunConfig
-    from train.muon import check_optimizer
+    from train.config import check_optimizer
 
     cfg = RunConfig()
     cfg.optim.qk_clip_tau = 100.0

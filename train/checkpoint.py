@@ -384,10 +384,11 @@ def select(root: Path, step: int | None) -> Path:
         if problem is not None:
             raise CheckpointError(f"checkpoint {path.name} does not verify: {problem}")
         return path
+    problems = []
     for path in found:
-        problem = verify(path)
-        if problem is None:
+        problems.append(verify(path))
+        if problems[-1] is None:
             return path
-        log.warning("checkpoint %s skipped for the previous one: %s", path.name, problem)
+        log.warning("checkpoint %s skipped for the previous one: %s", path.name, problems[-1])
     raise CheckpointError(f"no checkpoint of {root.parent} verifies ({[p.name for p in found]}); the newest: "
-                          f"{verify(found[0])}")
+                          f"{problems[0]}")

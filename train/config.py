@@ -38,6 +38,7 @@ Recompute = Literal["none", "selective", "full"]  # parallel/recompute.py
 DataFormat = Literal["webdataset", "megatron"]
 LaunchMode = Literal["local", "torchrun", "slurm"]
 Gpu = Literal[tuple(GPUS)]  # train/hardware.py
+MUON_NS_DTYPES = ("auto", "bfloat16", "float32")  # optim.muon_ns_dtype; auto: bfloat16 on GPU, float32 on CPU
 
 
 @dataclass
@@ -336,6 +337,7 @@ def validate(cfg: RunConfig) -> None:
     _validate_data_shape(cfg)
     _validate_data(cfg.data)
     _validate_optim(cfg.optim)
+    check_optimizer(cfg)
     _validate_precision(cfg)
     _validate_launch(cfg.launch, cfg.cluster)
     _validate_checkpoint_log(cfg)
@@ -370,6 +372,23 @@ def _validate_optim(o: OptimConfig) -> None:
              f"optim.betas must be two numbers in [0, 1), got {o.betas}")
     _require(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
     _require(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must lie in [0, 1], got {o.min_lr_ratio}")
+
+
+def check_optimizer(run: RunConfig) -> None:
+    """One ConfigError line for a bad optimizer choice (QK-clip needs whole heads and sequences on a rank)."""
+    cfg, p = run.optim, run.parallel
+    if cfg.name not in ("adamw", "muon"):
+        raise ConfigError(f"optim.name must be adamw or muon, got {cfg.name!r}")
+    if cfg.muon_ns_dtype not in MUON_NS_DTYPES:
+        raise ConfigError(f"optim.muon_ns_dtype must be auto, bfloat16 or float32, got {cfg.muon_ns_dtype!r}")
+    if cfg.muon_ns_steps < 1 or len(cfg.muon_ns_coefficients) != 3 or not 0 <= cfg.muon_momentum < 1:
+        raise ConfigError(f"optim: muon_ns_steps={cfg.muon_ns_steps} must be >= 1, muon_ns_coefficients three "
+                          f"numbers, muon_momentum={cfg.muon_momentum} in [0, 1)")
+    if cfg.qk_clip_tau is not None and cfg.qk_clip_tau <= 0:
+        raise ConfigError(f"optim.qk_clip_tau must be > 0 or null, got {cfg.qk_clip_tau}")
+    if cfg.qk_clip_tau is not None and p.tp * p.cp > 1:
+        raise ConfigError(f"optim.qk_clip_tau needs whole heads and sequences on a rank: parallel.tp={p.tp} and "
+                          f"parallel.cp={p.cp} must be 1")
 
 
 def _validate_precision(cfg: RunConfig) -> None:

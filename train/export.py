@@ -210,8 +210,6 @@ def run(argv: list[str]) -> int:
         raise ConfigError(f"unknown arguments {rest}; expected output_dir=... export.<key>=...")
     if not ecfg.dir:
         raise ConfigError("export.dir=<directory to write> is required")
-    if ecfg.dtype not in DTYPES:
-        raise ConfigError(f"export.dtype must be one of {sorted(DTYPES)}, got {ecfg.dtype!r}")
     dest = Path(ecfg.dir)
     ckpt = checkpoint_of(run_dir, ecfg.step)
     cfg = run_config(ckpt)

@@ -26,29 +26,13 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from model.config import TORCH_DTYPES
 from model.moe import GroupedExperts, Router
 
-from .config import ConfigError, OptimConfig, RunConfig
+from .config import MUON_NS_DTYPES, OptimConfig
 from .optim import AdamWLowPrecisionMoments
 
-NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-def check_optimizer(run: RunConfig) -> None:
-    """One ConfigError line for a bad optimizer choice (QK-clip needs whole heads and sequences on a rank)."""
-    cfg, p = run.optim, run.parallel
-    if cfg.name not in ("adamw", "muon"):
-        raise ConfigError(f"optim.name must be adamw or muon, got {cfg.name!r}")
-    if cfg.muon_ns_dtype not in ("auto", *NS_DTYPES):
-        raise ConfigError(f"optim.muon_ns_dtype must be auto, bfloat16 or float32, got {cfg.muon_ns_dtype!r}")
-    if cfg.muon_ns_steps < 1 or len(cfg.muon_ns_coefficients) != 3 or not 0 <= cfg.muon_momentum < 1:
-        raise ConfigError(f"optim: muon_ns_steps={cfg.muon_ns_steps} must be >= 1, muon_ns_coefficients three "
-                          f"numbers, muon_momentum={cfg.muon_momentum} in [0, 1)")
-    if cfg.qk_clip_tau is not None and cfg.qk_clip_tau <= 0:
-        raise ConfigError(f"optim.qk_clip_tau must be > 0 or null, got {cfg.qk_clip_tau}")
-    if cfg.qk_clip_tau is not None and p.tp * p.cp > 1:
-        raise ConfigError(f"optim.qk_clip_tau needs whole heads and sequences on a rank: parallel.tp={p.tp} and "
-                          f"parallel.cp={p.cp} must be 1")
+NS_DTYPES = {name: TORCH_DTYPES[name] for name in MUON_NS_DTYPES if name != "auto"}
 
 
 def newton_schulz(g: torch.Tensor, steps: int = 5, coefficients=(3.4445, -4.7750, 2.0315),

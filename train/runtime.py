@@ -107,10 +107,7 @@ class Runtime:
 
 def check_runtime(cfg: RunConfig, device: Optional[torch.device]) -> tuple[Optional[Fp8Recipe], bool]:
     """The checks that need the device (None: not checked for FP8) and the installed libraries, before
-    anything is built: (the FP8 recipe, whether the loss is fused); and the optimizer's (train/muon.py)."""
-    from .muon import check_optimizer
-
-    check_optimizer(cfg)
+    anything is built: (the FP8 recipe, whether the loss is fused)."""
     return _fp8_recipe(cfg, device), _check_fused_loss(cfg)
 
 
@@ -155,10 +152,14 @@ def start_runtime(cfg: RunConfig, env: Optional[Env] = None, meta: bool = False)
 
 def build_runtime(cfg: RunConfig, env: Optional[Env] = None, *, data: bool = True, optimizers: bool = True,
                   meta: bool = False) -> Runtime:
-    """The runtime of `cfg`: `start_runtime`, then the data (before the model: a data error costs no model
-    build), the model parts (seeded with train.seed) and their optimizers. `meta`: parts on the meta device,
-    not initialised (the dry run)."""
-    rt = start_runtime(cfg, env, meta)
+    """The runtime of `cfg`: `start_runtime`, then `complete_runtime`."""
+    return complete_runtime(start_runtime(cfg, env, meta), data=data, optimizers=optimizers, meta=meta)
+
+
+def complete_runtime(rt: Runtime, *, data: bool = True, optimizers: bool = True, meta: bool = False) -> Runtime:
+    """A started runtime's data (before the model: a data error costs no model build), model parts (seeded with
+    train.seed) and their optimizers. `meta`: parts on the meta device, not initialised (the dry run)."""
+    cfg = rt.cfg
     if data:
         rt.loader, rt.val_loader = build_data(cfg, rt)
     torch.manual_seed(cfg.train.seed)

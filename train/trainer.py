@@ -28,7 +28,7 @@ from .hardware import device_bf16_tflops
 from .hf_load import check_hf_dir, is_hf_dir, load_hf_weights
 from .metrics import MetricsWriter
 from .resume import check_resume, record_config
-from .runtime import build_data, build_parts, start_runtime
+from .runtime import complete_runtime, start_runtime
 from .spike import SpikeGuard, TrainingError
 from .step import Step
 from .watch import Watch, is_collective_failure
@@ -95,14 +95,7 @@ class Trainer:
         cfg, rt = self.cfg, self.rt
         if self.env.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-        rt.loader, rt.val_loader = build_data(cfg, rt)  # before the model: a data error costs no model build
-        torch.manual_seed(cfg.train.seed)
-        build_parts(rt)
-        from .optim import PartOptimizers
-
-        offloaded = cfg.parallel.cpu_offload and rt.mesh is not None  # FSDP2 keeps the shards in host memory
-        rt.optimizers = PartOptimizers(rt.parts, cfg.optim, cfg.train.steps, cfg.precision.moment_dtype,
-                                       rt.position, cpu_offload=offloaded)
+        complete_runtime(rt)  # data, model parts, optimizers
         self.step_fn = Step(rt)
         self.checkpointer = Checkpointer(self.out / "checkpoints", cfg.checkpoint.keep, cfg.checkpoint.async_save,
                                          every=cfg.checkpoint.every, steps=cfg.train.steps)
