@@ -36,7 +36,7 @@ PEAK = """
 import re, runpy, sys
 sys.argv = sys.argv[1:]
 if sys.argv[0] == "-":
-    import train.export
+    import train.hf.export
 else:
     try:
         runpy.run_module(sys.argv[0], run_name="__main__")

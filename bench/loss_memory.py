@@ -50,7 +50,7 @@ def _step_fn(variant: str, vocab: int, hidden: int):
         import transformers
         from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
 
-        from model.hf import config_to_hf
+        from train.hf.format import config_to_hf
         transformers.logging.set_verbosity_error()
         model = DeepseekV2ForCausalLM(DeepseekV2Config(**config_to_hf(cfg))).train()
         return model, lambda t: model(t[:, :-1], labels=t[:, :-1], use_cache=False).loss

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model import Transformer, load_preset  # noqa: E402
-from model.hf import to_hf  # noqa: E402
+from train.hf.format import to_hf  # noqa: E402
 from parallel.recompute import apply_compile  # noqa: E402
 from machine import describe  # noqa: E402  (bench/, beside this file)
 

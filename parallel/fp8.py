@@ -345,8 +345,9 @@ def convert_to_fp8(model: nn.Module, recipe: Fp8Recipe) -> dict[str, int]:
     converted linears and expert stacks."""
     linears = _fp8_linears(model)
     if recipe.granularity == "blockwise":
-        for _, mod in linears:
-            _blockwise_forward(mod, recipe)
+        for name, mod in linears:
+            parent, _, child = name.rpartition(".")
+            model.get_submodule(parent).register_module(child, BlockwiseFp8Linear(mod, recipe))
     else:
         _torchao_linears(model, recipe, {name for name, _ in linears})
     experts = [m for m in model.modules() if isinstance(m, GroupedExperts)]
@@ -358,17 +359,25 @@ def convert_to_fp8(model: nn.Module, recipe: Fp8Recipe) -> dict[str, int]:
     return {"linears": len(linears), "expert_stacks": len(experts)}
 
 
-def _blockwise_forward(mod: nn.Linear, recipe: Fp8Recipe) -> None:
-    if mod.bias is not None:
-        raise ValueError("FP8 blockwise linears have no bias (DeepSeek's linears have none)")
+class BlockwiseFp8Linear(nn.Linear):
+    """A bias-free linear whose GEMMs run in FP8 with blockwise scales (`fp8_linear`). It takes the place of a
+    model's nn.Linear and holds that linear's weight Parameter, so names, shapes and tensor-parallel plans stay."""
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
+    def __init__(self, linear: nn.Linear, recipe: Fp8Recipe):
+        if linear.bias is not None:
+            raise ValueError("FP8 blockwise linears have no bias (DeepSeek's linears have none)")
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.register_parameter("bias", None)
+        self.recipe = recipe
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
             with torch.autocast(x.device.type, enabled=False):
-                return fp8_linear(x.to(dtype), mod.weight.to(dtype), recipe)
-        return fp8_linear(x, mod.weight, recipe)
-    mod.forward = forward
+                return fp8_linear(x.to(dtype), self.weight.to(dtype), self.recipe)
+        return fp8_linear(x, self.weight, self.recipe)
 
 
 def _torchao_linears(model: nn.Module, recipe: Fp8Recipe, names: set[str]) -> None:

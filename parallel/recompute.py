@@ -8,33 +8,19 @@ Modes (`parallel.activation_checkpoint`):
              cheap to recompute; for mha/gqa/mqa the q/k/v projections in their place; everything else
              is kept.
 
-The forwards are replaced on the module instances, not wrapped in new modules, so parameter names (and
-so checkpoints) are unchanged. Recomputation reruns a MoE layer's forward inside backward: the MoE skips
-its load statistics there (see `MoE._record`), and the expert all-to-alls run again, in the same order on
-every rank (the backward order).
+Recomputation is torch's composable activation checkpointing: forward hooks on the module instances, which
+neither wrap them in new modules nor replace their forward, so parameter names (and so checkpoints) are
+unchanged. Recomputation reruns a MoE layer's forward inside backward: the MoE skips its load statistics
+there (see `MoE._record`), and the expert all-to-alls run again, in the same order on every rank (the backward
+order).
 """
 
 from __future__ import annotations
 
-import functools
-
-import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.distributed._composable import checkpoint
 
 MODES = ("none", "full", "selective")
-
-
-def _recompute(module: nn.Module) -> None:
-    forward = module.forward
-
-    @functools.wraps(forward)
-    def recomputed(*args, **kwargs):
-        if not torch.is_grad_enabled():
-            return forward(*args, **kwargs)
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
-
-    module.forward = recomputed
 
 
 def _selective_targets(block: nn.Module) -> list[nn.Module]:
@@ -51,7 +37,7 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
         return
     for block in _blocks(model):
         for module in ([block] if mode == "full" else _selective_targets(block)):
-            _recompute(module)
+            checkpoint(module)
 
 
 def apply_compile(model: nn.Module, backend: str = "inductor") -> None:

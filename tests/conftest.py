@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -73,16 +74,70 @@ def base_args(dataset: Path, out: Path, steps: int, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in args.items()]
 
 
+def train_command(args, nproc: int = 1) -> list[str]:
+    if nproc == 1:
+        return [PY, "-m", "train", *args]
+    return [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "train", *args]
+
+
 def train(args, nproc: int = 1, env_extra=None, check=True, **kw) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    if nproc == 1:
-        cmd = [PY, "-m", "train", *args]
-    else:
-        cmd = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "train", *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, **kw)
+    proc = subprocess.run(train_command(args, nproc), cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600, **kw)
     if check and proc.returncode != 0:
         raise AssertionError(f"rc={proc.returncode}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def logged_steps(out: Path) -> list[int]:
+    """The steps metrics.jsonl holds now (a run still writing it: complete lines only)."""
+    try:
+        text = (out / "metrics.jsonl").read_text()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line)["step"] for line in text.split("\n")[:-1] if line]
+
+
+def train_killed(args, nproc: int, out: Path, after_step: int, checkpoint: int | None = None,
+                 timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `train(args, nproc)` and SIGKILL every process of it from outside, as a lost node loses them: as soon as
+    metrics.jsonl (under `out`, written at each logged step) holds `after_step` and, where given, the checkpoint
+    of step `checkpoint` is published. Fails the test when the run ends by itself first."""
+    logs = out.parent / f"{out.name}.killed.log"
+    with open(logs, "w") as log:
+        proc = subprocess.Popen(train_command(args, nproc), cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                stdout=subprocess.DEVNULL, stderr=log)
+        deadline, late = time.monotonic() + timeout, False
+        ckpt = None if checkpoint is None else out / "checkpoints" / f"step_{checkpoint:08d}"
+        while proc.poll() is None:
+            late = time.monotonic() > deadline
+            if late or (after_step in logged_steps(out) and (ckpt is None or ckpt.exists())):
+                _kill_tree(proc.pid)
+                break
+            time.sleep(0.005)
+        proc.wait()
+    stderr = logs.read_text()
+    assert not late, f"the run did not reach step {after_step} within {timeout} s\n{stderr[-3000:]}"
+    assert proc.returncode == -signal.SIGKILL, f"the run ended (rc={proc.returncode}) before the kill\n{stderr[-3000:]}"
+    return subprocess.CompletedProcess(proc.args, proc.returncode, "", stderr)
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL `pid` and every process below it, all at once (torchrun starts each worker in a session of its
+    own, so a process group would miss them)."""
+    import psutil  # deepspeed's dependency
+
+    root = psutil.Process(pid)
+    for proc in [*root.children(recursive=True), root]:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def newest_checkpoint(out: Path) -> int:
+    """The step of the newest checkpoint published under `out`."""
+    return max(int(p.name.removeprefix("step_")) for p in (out / "checkpoints").glob("step_*") if not p.suffix)
 
 
 def metrics(out: Path, key: str = "loss") -> dict[int, float]:

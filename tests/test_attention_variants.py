@@ -156,7 +156,7 @@ def test_attention_config_errors_name_the_numbers(over, msg):
 
 
 def test_hf_export_refuses_other_attention_in_one_line(tmp_path):
-    from model.hf import to_hf
+    from train.hf.format import to_hf
 
     with pytest.raises(ValueError, match="hold MLA only; this model has model.attention=gqa") as err:
         to_hf(Transformer(tiny(**VARIANTS["gqa"])), tmp_path / "hf")

@@ -98,7 +98,7 @@ def test_a_config_error_under_torchrun_is_one_line_for_the_job(tmp_path):
 
 # ------------------------------------------------------------------------------------------ library errors
 def hf_dir(path):
-    from model.hf import to_hf
+    from train.hf.format import to_hf
 
     to_hf(tiny_model(tiny()), path, max_shard_bytes=200_000)
     return path
@@ -163,7 +163,7 @@ def test_an_output_dir_that_cannot_be_made_is_one_config_line(dataset, tmp_path,
 
 # ------------------------------------------------------------------------------------------ smaller things
 def test_exported_shards_take_the_umask_like_every_other_file(tmp_path):
-    from model.hf import ShardWriter
+    from train.hf.format import ShardWriter
 
     old = os.umask(0o027)
     try:
@@ -206,7 +206,7 @@ def test_byte_run_export_tokenizer_is_the_byte_tokenizer(dataset, tmp_path):
 
     from train.config import RunConfig
     from train.data.tokenizer import ByteTokenizer
-    from train.export import _save_tokenizer
+    from train.hf.export import _save_tokenizer
 
     cfg = RunConfig()
     cfg.data.path = str(dataset)  # byte-tokenized

@@ -174,7 +174,7 @@ def test_export_saves_the_datas_tokenizer_for_transformers(tmp_path):
     from train.config import RunConfig
     from train.data.prepare import prepare
     from train.data.tokenizer import HFTokenizer
-    from train.export import _save_tokenizer
+    from train.hf.export import _save_tokenizer
 
     corpus = tmp_path / "doc.txt"
     corpus.write_text("the quick brown fox jumps over the lazy dog. " * 200)
@@ -198,7 +198,7 @@ def _rchar() -> int:
 
 def test_rows_reader_reads_only_the_rows_asked_for(tmp_path, monkeypatch):
     import torch.distributed.checkpoint as dcp
-    import train.export as export
+    import train.hf.export as export
 
     gen = torch.Generator().manual_seed(0)
     stack = torch.randn(64, 160, 96, generator=gen)  # 3.75 MiB, one stored piece

@@ -21,12 +21,12 @@ from transformers import (DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Con
                           DeepseekV3ForCausalLM)
 
 from model import Transformer  # noqa: E402
-from model.hf import config_to_hf, hf_items  # noqa: E402
+from train.hf.format import config_to_hf, hf_items  # noqa: E402
 from conftest import base_args, metrics, tiny, train  # noqa: E402
 from parallel.fp8 import Fp8Recipe, convert_to_fp8  # noqa: E402
 from train.data.loader import TokenDataset, TokenLoader  # noqa: E402
 from safetensors import safe_open  # noqa: E402
-from train.hf_load import HFReader, check_hf_dir, load_hf_weights  # noqa: E402
+from train.hf.load import HFReader, check_hf_dir, load_hf_weights  # noqa: E402
 
 SEQ = 32
 V3_RUN = {"model.scoring_func": "sigmoid", "model.topk_method": "noaux_tc", "model.aux_loss_free_bias": "true",
@@ -255,7 +255,7 @@ def test_bad_directories_are_one_line_and_write_nothing(dataset, dirs, tmp_path)
 def test_wrong_shape_or_dtype_names_file_and_tensor(tmp_path, bad, fragment):
     from safetensors.torch import save_file
 
-    from train.hf_load import HFWeightsError
+    from train.hf.load import HFWeightsError
 
     cfg = tiny()
     torch.manual_seed(0)
@@ -269,7 +269,7 @@ def test_wrong_shape_or_dtype_names_file_and_tensor(tmp_path, bad, fragment):
 
 
 def test_a_directory_without_weights_is_not_a_model(tmp_path):
-    from train.hf_load import HFWeightsError
+    from train.hf.load import HFWeightsError
 
     (tmp_path / "config.json").write_text(json.dumps(hf_dict(tiny()) | {"model_type": "deepseek_v2"}))
     with pytest.raises(HFWeightsError, match=r"is not a Hugging Face model directory: no \*\.safetensors"):

@@ -8,7 +8,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import DeepseekV2Config, DeepseekV2ForCausalLM  # noqa: E402
 
-from model.hf import config_from_hf, from_hf, to_hf  # noqa: E402
+from train.hf.format import config_from_hf, from_hf, to_hf  # noqa: E402
 from model import Transformer  # noqa: E402
 
 YARN = {"type": "yarn", "factor": 4.0, "beta_fast": 32, "beta_slow": 1, "mscale": 0.707,

@@ -125,12 +125,11 @@ def megatron_args(corpora, out: Path, steps: int, **extra) -> dict:
 
 
 def test_sigkill_and_resume_on_a_blend_is_bit_exact(corpora, tmp_path):
-    from conftest import metrics, train
+    from conftest import metrics, train, train_killed
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     train(megatron_args(corpora, straight, 6))
     args = megatron_args(corpora, killed, 6, **{"checkpoint.every": 3})
-    proc = train(args, env_extra={"DSV2_TEST_KILL_AT_STEP": "4"}, check=False)
-    assert proc.returncode != 0  # died by SIGKILL after step 4 (checkpoint at 3)
+    train_killed(args, 1, killed, after_step=4, checkpoint=3)
     cache = {p.name: p.stat().st_mtime_ns for p in (killed / "data_cache").glob("*.npy")}
     train(args)
     assert len(cache) == 16  # 3 indices per corpus and split (2 x 2), 2 per split of the blend

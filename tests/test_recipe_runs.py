@@ -11,7 +11,7 @@ from model.config import config_from_dict
 from test_parallel_layouts import assert_same_run, final_params, run
 from train.data.loader import TokenDataset, TokenLoader
 from train.runtime import lm_loss
-from conftest import base_args, metrics, train
+from conftest import base_args, metrics, train, train_killed
 
 STEPS = 6
 # 4 -> 12 sequences by 4 over 500 tokens of 32-token sequences (one increase per 250 tokens): two steps of 4
@@ -68,7 +68,7 @@ def test_killed_mid_ramp_resumes_bit_exact_under_pipelining(dataset, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     train(base_args(dataset, straight, STEPS, **over), 2)
     args = base_args(dataset, killed, STEPS, **over, **{"checkpoint.every": 2})
-    assert train(args, 2, env_extra={"DSV2_TEST_KILL_AT_STEP": "3"}, check=False).returncode != 0
+    train_killed(args, 2, killed, after_step=3, checkpoint=2)
     train(args, 2)
     assert metrics(killed) == metrics(straight)  # identical floats
     assert metrics(killed, "grad_norm") == metrics(straight, "grad_norm")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import PY, ROOT, base_args, metrics, train
+from conftest import PY, ROOT, base_args, metrics, newest_checkpoint, train, train_killed
 from train.checkpoint import seal
 from train.data.loader import TokenDataset, TokenLoader
 from train.optim import lr_factor
@@ -98,8 +98,8 @@ def test_poisoned_batch_is_rolled_back_and_skipped(poisoned, tmp_path):
     # the reference: the same run stopped at the checkpoint before the poisoned batch, resumed one batch further on
     ref = tmp_path / "ref"
     no_spike = {**SPIKE, "train.spike.max_rollbacks": 0}
-    train(base_args(poisoned, ref, steps, **no_spike), env_extra={"DSV2_TEST_KILL_AT_STEP": str(POISON_BATCH)},
-          check=False)
+    train_killed(base_args(poisoned, ref, steps, **no_spike), 1, ref, after_step=POISON_BATCH, checkpoint=POISON_BATCH)
+    assert newest_checkpoint(ref) == POISON_BATCH
     state_file = ref / "checkpoints" / f"step_{POISON_BATCH:08d}" / "train_state.json"
     state = json.loads(state_file.read_text())
     state["loader"]["steps"] += 1
@@ -113,9 +113,9 @@ def test_poisoned_batch_is_rolled_back_and_skipped(poisoned, tmp_path):
     assert max(want.values()) < 6 and got[POISON_BATCH] < 0.6  # learned; the poisoned loss (~3.5) is gone
     # killed after the checkpoint before the spike, resumed: the same spike, rollback and losses
     killed = tmp_path / "killed"
-    proc = train(base_args(poisoned, killed, steps, **SPIKE),
-                 env_extra={"DSV2_TEST_KILL_AT_STEP": str(POISON_BATCH)}, check=False)
-    assert proc.returncode != 0
+    train_killed(base_args(poisoned, killed, steps, **SPIKE), 1, killed, after_step=POISON_BATCH,
+                 checkpoint=POISON_BATCH)
+    assert newest_checkpoint(killed) == POISON_BATCH
     train(base_args(poisoned, killed, steps, **SPIKE))
     assert metrics(killed) == got
     rows = map(json.loads, (killed / "metrics.jsonl").read_text().splitlines())

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import PY, ROOT, base_args, metrics, train  # noqa: F401  (helpers shared with other tests)
+from conftest import PY, ROOT, base_args, metrics, train, train_killed  # noqa: F401  (helpers shared with other tests)
 
 
 # ------------------------------------------------------------------------------------------ resume
@@ -26,8 +26,7 @@ def test_sigkill_and_resume_is_bit_exact(dataset, reference_run, tmp_path, nproc
     straight = reference_run(8, nproc, **extra)
     killed = tmp_path / "killed"
     args = base_args(dataset, killed, 8, **{"checkpoint.every": 4, "checkpoint.async_save": async_save, **extra})
-    proc = train(args, nproc, env_extra={"DSV2_TEST_KILL_AT_STEP": "5"}, check=False)
-    assert proc.returncode != 0  # died by SIGKILL after step 5 (checkpoint at 4)
+    train_killed(args, nproc, killed, after_step=5, checkpoint=4)
     assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["step_00000004"]
     train(args, nproc)
     want, got = metrics(straight), metrics(killed)

@@ -247,6 +247,15 @@ class Checkpointer:
                 dcp.save(state, checkpoint_id=str(tmp), no_dist=_single())
             self._publish(tmp, final, checksums(tmp, files_written_by(tmp, _rank())))
 
+    def in_flight(self) -> bool:
+        """Whether an async save waits to be published."""
+        return self._pending is not None
+
+    def written(self) -> bool:
+        """Whether this rank has nothing left to write: no async save in flight, or its part written and
+        checksummed (the save is published once every rank has: `wait`)."""
+        return self._pending is None or self._pending[0].done()
+
     def wait(self) -> None:
         """Finish and publish an in-flight async save."""
         if self._pending is not None:

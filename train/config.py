@@ -18,6 +18,7 @@ from typing import Any, Literal, Optional
 from model.config import TORCH_DTYPES, ModelConfig, config_from_dict, require
 from parallel.dims import LayoutError, ParallelDims
 from parallel.pipeline import SCHEDULE_NAMES
+from parallel.recompute import MODES as RECOMPUTE_MODES
 
 from .hardware import GPUS
 
@@ -34,7 +35,7 @@ Precision = Literal[PRECISIONS]
 Dtype = Literal[tuple(TORCH_DTYPES)]
 MomentDtype = Literal["float32", "bfloat16"]
 PipelineSchedule = Literal[SCHEDULE_NAMES]  # parallel/pipeline.py
-Recompute = Literal["none", "selective", "full"]  # parallel/recompute.py
+Recompute = Literal[RECOMPUTE_MODES]
 DataFormat = Literal["webdataset", "megatron"]
 LaunchMode = Literal["local", "torchrun", "slurm"]
 Gpu = Literal[tuple(GPUS)]  # train/hardware.py

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import signal
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from .checkpoint import CheckpointError, Checkpointer, load_model_weights
 from .components import ProgressLog, TrainState, Validator
 from .config import ConfigError, RunConfig, to_dict
 from .hardware import device_bf16_tflops
-from .hf_load import check_hf_dir, is_hf_dir, load_hf_weights
+from .hf.load import check_hf_dir, is_hf_dir, load_hf_weights
 from .metrics import MetricsWriter
 from .resume import check_resume, record_config
 from .runtime import complete_runtime, start_runtime
@@ -84,7 +83,6 @@ class Trainer:
         self.state = TrainState(self.rt, self.spike)
         self._stop_signal: int | None = None
         self.metrics: MetricsWriter | None = None
-        self._kill_at = int(os.environ.get("DSV2_TEST_KILL_AT_STEP", "-1"))
 
     @property
     def step(self) -> int:
@@ -173,8 +171,12 @@ class Trainer:
                 continue
             self.phase = "logging and validation"
             self._after_step(result)
-            self.phase = "the end-of-step signal check (all-reduce)"
-            if self._should_stop():
+            self.phase = "the end-of-step check (all-reduce)"
+            stop, written = self._end_of_step()
+            if written:  # an async save every rank has written: published now, not at the next save
+                self.phase = "the checkpoint publication"
+                self.checkpointer.wait()
+            if stop:
                 self.phase = "the checkpoint save"
                 self._save()
                 log.info("signal %s: checkpoint at step %d written, exiting", self._stop_signal, self.step)
@@ -182,9 +184,6 @@ class Trainer:
             if self.checkpointer.should_save(self.step):
                 self.phase = "the checkpoint save"
                 self._save()
-            if self.step == self._kill_at:  # fault injection for the resume tests: die like a lost node
-                self.checkpointer.wait()
-                os.kill(os.getpid(), signal.SIGKILL)
         self._save()
         self.checkpointer.wait()
         return 0
@@ -235,13 +234,15 @@ class Trainer:
         log.warning("step %d: %s; rolled back to step %d, skipping %d batches (rollback %d of %d)", spike_step,
                     problem, self.step, skip, len(self.spike.rollbacks), self.cfg.train.spike.max_rollbacks)
 
-    def _should_stop(self) -> bool:
-        flag = torch.tensor([1 if self._stop_signal is not None else 0], dtype=torch.int64)
-        if self.env.world > 1:  # one coordinated checkpoint: if any rank was signalled, all stop
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            if flag.item() and self._stop_signal is None:
+    def _end_of_step(self) -> tuple[bool, bool]:
+        """(whether to stop: any rank was signalled, so all take one coordinated checkpoint; whether an async save
+        is in flight and every rank has written its part), agreed by all ranks in one all-reduce."""
+        flags = torch.tensor([self._stop_signal is not None, not self.checkpointer.written()], dtype=torch.int64)
+        if self.env.world > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            if flags[0].item() and self._stop_signal is None:
                 self._stop_signal = -1
-        return bool(flag.item())
+        return bool(flags[0].item()), self.checkpointer.in_flight() and not flags[1].item()
 
     def _save(self) -> None:
         if self.checkpointer.last_step == self.step:

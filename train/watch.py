@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 PROBE_WAIT_S = 3.0  # how long the reporting rank waits for answers to its probe
 PROBE_POLL_S = 1.0  # how often every rank looks for a probe
+CLOSE_WAIT_S = 15.0  # how long close() waits for the answering thread's store request to return
 
 
 class CollectiveFailure(RuntimeError):
@@ -94,6 +95,7 @@ class Watch:
         self.store = self._client(timeout_s)
         self.store.set(f"host/{rank}", self.host)
         self._stop = threading.Event()
+        self.failed = False  # a collective failed and report() ran
         # its own connection: a client serves one request at a time, and this one blocks in wait()
         self._thread = threading.Thread(target=self._answer, args=(self._client(timeout_s),), daemon=True,
                                         name="watch")
@@ -117,16 +119,20 @@ class Watch:
             return
 
     def close(self) -> None:
-        """Stop the probe-answering thread (within a second)."""
+        """Stop the probe-answering thread: it ends within a second, unless a store request of its own blocks.
+        A store request does not time out, so the wait is bounded here; a daemon thread still inside one when the
+        interpreter finalizes aborts the process (std::terminate while its C++ frames unwind), so the bound is
+        generous: only a store that stopped answering holds the thread that long. After a failed collective the
+        store may be cut off for good, and the process ends with an error anyway: then it waits a second."""
         self._stop.set()
-        self._thread.join(timeout=2)
+        self._thread.join(timeout=PROBE_POLL_S if self.failed else CLOSE_WAIT_S)
 
     def report(self, step: int, error: BaseException, phase: str) -> CollectiveFailure:
         """The failure to raise for `error`, a collective that failed at `step` (0-based) while the training loop
         was in `phase`. The reporting rank prints the report (before any rank exits, so torchrun, which stops the
         others when one exits, does not cut it short); the others wait for it and stay quiet."""
         what = failed_operation(error, phase)
-        found: dict = {}
+        self.failed, found = True, {}
         # a store across a cut cable blocks its client without end: the exchange runs where it can be abandoned
         asking = threading.Thread(target=lambda: found.update(silent=self._probe()), daemon=True)
         asking.start()

@@ -31,10 +31,9 @@ from torch.futures import Future
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
 from model import ModelConfig, Transformer
-from model.hf import config_from_hf, hf_name
-
-from .checkpoint import CheckpointError
-from .config import ConfigError
+from ..checkpoint import CheckpointError
+from ..config import ConfigError
+from .format import config_from_hf, hf_name
 
 log = logging.getLogger(__name__)
 FP8_BLOCK = 128  # DeepSeek-V3's weight quantization block side, when config.json's quantization_config names none

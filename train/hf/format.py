@@ -23,8 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import ModelConfig
-from .transformer import Transformer
+from model import ModelConfig, Transformer
 
 # ------------------------------------------------------------------------------------------ config
 _SAME_KEYS = ["vocab_size", "hidden_size", "num_hidden_layers", "max_position_embeddings", "num_attention_heads",
