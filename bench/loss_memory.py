@@ -57,9 +57,8 @@ def _step_fn(variant: str, vocab: int, hidden: int):
     from model import Transformer
     from parallel.deepspeed_ops import fused_lm_loss
 
-    model = Transformer(cfg).train()
+    model = Transformer(cfg, return_head_input=variant == "fused").train()
     if variant == "fused":
-        model.return_head_input = True
         loss_fn = fused_lm_loss(model)
     else:
         def loss_fn(logits, labels):

@@ -5,14 +5,16 @@ Shape legend: B batch, T tokens, D hidden, V vocab.
 `layers` is a ModuleDict keyed by the global layer index so pipeline stages can drop the layers they do
 not own (and drop `embed_tokens`, `norm`, `lm_head`, `mtp` by setting them to None) while parameter
 names stay stable for checkpoints. Integer inputs are token ids (embedded), float inputs hidden states, so
-a last stage may keep a copy of the embedding for MTP. `output_hidden` makes `forward` stop before the
-head (a last pipeline stage with MTP computes the heads in its loss, see `heads_from_labels`);
-`return_head_input` makes every method that would return logits return the head's input instead (the final
-norm's output [B, T, D]), for a loss that applies `lm_head` itself (a fused linear cross-entropy). Build on
-the meta device for big presets, then `to_empty` and `init_weights()`.
+a last stage may keep a copy of the embedding for MTP. `stage_part` makes such a part; the last one, with MTP,
+returns hidden states from `forward` (`output_hidden`: it computes the heads in its loss, see
+`heads_from_labels`). `return_head_input` (a constructor argument) makes every method that would return logits
+return the head's input instead (the final norm's output [B, T, D]), for a loss that applies `lm_head` itself
+(a fused linear cross-entropy). Build on the meta device for big presets, then `to_empty` and `init_weights()`.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import nn
@@ -64,7 +66,7 @@ class MTPModule(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, return_head_input: bool = False):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
@@ -74,13 +76,29 @@ class Transformer(nn.Module):
         n = cfg.num_hidden_layers
         self.mtp = nn.ModuleList([MTPModule(cfg, n + k) for k in range(cfg.num_nextn_predict_layers)]) \
             if cfg.num_nextn_predict_layers > 0 else None
-        self.output_hidden = False
-        self.return_head_input = False  # the head's input instead of logits (training; `decode` keeps logits)
+        self.output_hidden = False  # forward stops before the norm: a last pipeline stage with MTP (`stage_part`)
+        self.return_head_input = return_head_input  # the head's input instead of logits (`decode` keeps logits)
         # (index, count): this model sees part `index` of `count` equal parts of every sequence, so its positions
         # start at index * T (context parallelism sets it; parallel/context.py)
         self.sequence_shard: tuple[int, int] = (0, 1)
         if self.embed_tokens.weight.device.type != "meta":
             self.init_weights()
+
+    def stage_part(self, layers: set[str], first: bool, last: bool) -> Transformer:
+        """A copy of this model that keeps only the blocks `layers`, the embedding if `first` (or `last` with MTP,
+        whose depths embed too: a tied copy), and the norm, head and MTP if `last`. Modules not kept are never
+        copied (works on meta, CPU or GPU models); this model is left unchanged."""
+        dropped: list[nn.Module | None] = [block for name, block in self.layers.items() if name not in layers]
+        if not first and not (last and self.mtp):
+            dropped.append(self.embed_tokens)
+        if not last:
+            dropped += [self.norm, self.lm_head, self.mtp]
+        # deepcopy maps anything already in the memo to the memo's value: dropped modules become None uncopied
+        part = copy.deepcopy(self, {id(module): None for module in dropped if module is not None})
+        for name in [name for name, block in part.layers.items() if block is None]:
+            del part.layers[name]
+        part.output_hidden = bool(last and self.mtp)  # heads run in the loss (`heads_from_labels`)
+        return part
 
     # ------------------------------------------------------------------------------------ init
     @torch.no_grad()

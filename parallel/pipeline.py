@@ -16,7 +16,6 @@ schedule), which runs `step` and `evaluate`; build it before FSDP/EP wrap the st
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable
@@ -128,19 +127,7 @@ def build_stage_modules(model: Transformer, stage: int, n_stages: int) -> Transf
         raise ValueError(f"stage={stage} must lie in [0, n_stages={n_stages})")
     _check_model(model, n_stages)
     keep = {str(i) for i in split_layers(model.cfg.num_hidden_layers, n_stages)[stage]}
-    dropped: list[nn.Module | None] = [block for name, block in model.layers.items() if name not in keep]
-    last = stage == n_stages - 1
-    if stage != 0 and not (last and model.mtp):  # MTP on the last stage embeds too: a tied copy
-        dropped.append(model.embed_tokens)
-    if not last:
-        dropped += [model.norm, model.lm_head, model.mtp]
-    # deepcopy maps anything already in the memo to the memo's value: dropped modules become None uncopied
-    memo = {id(module): None for module in dropped if module is not None}
-    part = copy.deepcopy(model, memo)
-    for name in [name for name, block in part.layers.items() if block is None]:
-        del part.layers[name]
-    part.output_hidden = bool(last and model.mtp)  # heads run in the loss (`heads_from_labels`)
-    return part
+    return model.stage_part(keep, first=stage == 0, last=stage == n_stages - 1)
 
 
 def rank_stage_modules(model: Transformer, schedule: str, pp_rank: int, pp: int,

@@ -209,8 +209,7 @@ def build_parts(rt: Runtime, meta: bool = False) -> None:
     cfg, env = rt.cfg, rt.env
     big = meta or param_counts(cfg.model).total > META_INIT_PARAMS
     with torch.device("meta" if big else "cpu"):
-        model = Transformer(cfg.model)
-    model.return_head_input = rt.fused_loss  # the loss applies the head
+        model = Transformer(cfg.model, return_head_input=rt.fused_loss)  # the fused loss applies the head
     if not big:  # identical weights whatever the layout: initialise whole, then split and shard
         model.init_weights(seed=cfg.train.seed)
         model.to(env.device)
