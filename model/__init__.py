@@ -2,8 +2,10 @@
 
 Extension points: attributes with single-device defaults that parallel/ replaces to run the same modules at
 scale (the model never calls a collective itself):
-  MLA.attend, Attention.attend      the attention core, (q, k, v, scale) -> out; default fused causal SDPA;
-                                    context parallelism puts Ulysses attention here (parallel/context.py)
+  MLA.attend, Attention.attend      the attention core, (q, k, v, scale, observe=None) -> out, calling
+                                    observe(q, k) on the whole sequences it attends over (QK-clip's
+                                    measurement); default fused causal SDPA; context parallelism puts Ulysses
+                                    attention here (parallel/context.py)
   Transformer.sequence_shard        (index, count) of the sequence part this model sees; default (0, 1);
                                     sets RoPE positions and the MTP share under context parallelism
   MoE.reduce_counts                 sums expert loads over the data-parallel ranks (global balance losses);

@@ -93,9 +93,13 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return out.unflatten(2, (h // kv, t)).permute(0, 3, 1, 2, 4).flatten(2, 3)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                     observe: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Fused causal SDPA: q [B, T, H, Dk], k [B, T, K, Dk], v [B, T, K, V] -> [B, T, H, V]; K divides H and query
-    head i reads K/V head i // G (grouped-query; MLA and MHA have K = H)."""
+    head i reads K/V head i // G (grouped-query; MLA and MHA have K = H). `observe(q, k)`, when given, sees the
+    queries and keys first (QK-clip's measurement)."""
+    if observe is not None:
+        observe(q, k)
     group = q.shape[2] // k.shape[2]
     if group > 1:  # each K/V head repeated for its G query heads (contiguous, as the projections' head order)
         k, v = (x.unsqueeze(3).expand(-1, -1, -1, group, -1).flatten(2, 3) for x in (k, v))
@@ -125,11 +129,16 @@ def max_logits(q: torch.Tensor, k: torch.Tensor, scale: float, block: int = 256)
     return best
 
 
-def _record_max_logits(module: nn.Module, q: torch.Tensor, k: torch.Tensor) -> None:
-    """Running maximum over a step's forwards of each head's largest logit, when the module tracks them."""
-    if module.track_max_logits:
+def _observer(module: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], None] | None:
+    """While the module tracks them (QK-clip), what its attention core calls with the q, k it attends over: keeps
+    the running maximum over a step's forwards of each of those heads' largest logit. None otherwise."""
+    if not module.track_max_logits:
+        return None
+
+    def observe(q: torch.Tensor, k: torch.Tensor) -> None:
         m = max_logits(q, k, module.scale)
         module.max_logits = m if module.max_logits is None else torch.maximum(module.max_logits, m)
+    return observe
 
 
 class MLA(nn.Module):
@@ -181,8 +190,7 @@ class MLA(nn.Module):
         q_nope, q_rope = self._queries(x, cos, sin)
         k, v = self._decompressed(*self._latent(x, cos, sin))
         q = torch.cat([q_nope, q_rope], dim=-1)
-        _record_max_logits(self, q, k)
-        return self.o_proj(self.attend(q, k, v, self.scale).flatten(2))  # (B, T, H, V) -> (B, T, H*V)
+        return self.o_proj(self.attend(q, k, v, self.scale, _observer(self)).flatten(2))  # (B,T,H,V) -> (B,T,H*V)
 
     def _decompressed(self, c_kv: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-head keys [B, T, H, N+R] and values [B, T, H, V] from the latent and the shared rotary key."""
@@ -244,8 +252,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Causal self-attention over x [B, T, D] (training / full-sequence path)."""
         q, k, v = self._qkv(x, cos, sin)
-        _record_max_logits(self, q, k)
-        return self.o_proj(self.attend(q, k, v, self.scale).flatten(2))
+        return self.o_proj(self.attend(q, k, v, self.scale, _observer(self)).flatten(2))
 
     def decode(self, x: torch.Tensor, cos, sin, cache: KVCache, start: int,
                pad: torch.Tensor | None = None) -> torch.Tensor:

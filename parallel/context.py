@@ -51,19 +51,22 @@ def check_cp(cfg: ModelConfig, cp: int) -> None:
 
 class UlyssesAttention:
     """`MLA.attend` on a part of each sequence: whole sequences for H/cp heads between two all-to-alls.
-    `pad`: this part (the last) has that many positions fewer than the others (MTP depth k: k)."""
+    `tail`: the whole sequence is that many positions shorter than cp equal parts (MTP depth k: k), so the last
+    part (`pad` = tail there, 0 elsewhere) is padded to the others' length."""
 
-    def __init__(self, group, local, pad: int = 0):
+    def __init__(self, group, local, pad: int = 0, tail: int = 0):
         self.group = group
         self.cp = dist.get_world_size(group)
         self.local = local  # the single-process attention core
-        self.pad = pad
+        self.pad, self.tail = pad, tail
 
     @torch.compiler.disable  # collectives with Python-side split sizes; the rest of the block still compiles
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                 observe=None) -> torch.Tensor:
         if self.pad:  # at the sequence's end: causal attention never reads it for a real position
             q, k, v = (F.pad(x, (0, 0, 0, 0, 0, self.pad)) for x in (q, k, v))
-        out = self._to_sequence(self.local(self._to_heads(q), self._to_heads(k), self._to_heads(v), scale))
+        real = None if observe is None else lambda q, k: observe(*(x[:, :x.shape[1] - self.tail] for x in (q, k)))
+        out = self._to_sequence(self.local(self._to_heads(q), self._to_heads(k), self._to_heads(v), scale, real))
         return out[:, :out.shape[1] - self.pad]
 
     def _exchange(self, chunks: torch.Tensor) -> torch.Tensor:
@@ -95,9 +98,10 @@ def apply_cp(model: nn.Module, cp_mesh) -> None:
     model.sequence_shard = (cp_mesh.get_local_rank(), cp_mesh.size())
     reduce = reduce_loads_over(group)
     last = cp_mesh.get_local_rank() == cp_mesh.size() - 1
-    depth = {id(m.block.self_attn): k for k, m in enumerate(model.mtp or [], start=1)} if last else {}
+    depth = {id(m.block.self_attn): k for k, m in enumerate(model.mtp or [], start=1)}
     for module in model.modules():
         if isinstance(module, (MLA, Attention)):
-            module.attend = UlyssesAttention(group, module.attend, pad=depth.get(id(module), 0))
+            tail = depth.get(id(module), 0)
+            module.attend = UlyssesAttention(group, module.attend, pad=tail if last else 0, tail=tail)
         elif isinstance(module, MoE):
             module.reduce_sequence = reduce

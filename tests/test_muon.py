@@ -205,17 +205,3 @@ def test_bad_optimizer_input_is_one_line(tmp_path, args, fragment):
     proc = train([*args, f"output_dir={tmp_path / 'run'}", "train.steps=1"], check=False)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and fragment in lines[0], (proc.returncode, lines)
-
-
-def test_qk_clip_refuses_split_heads_or_sequences():
-    from train.config import ConfigError, RunConfig
-    from train.config import check_optimizer
-
-    cfg = RunConfig()
-    cfg.optim.qk_clip_tau = 100.0
-    check_optimizer(cfg)
-    for key in ("tp", "cp"):
-        setattr(cfg.parallel, key, 2)
-        with pytest.raises(ConfigError, match=f"optim.qk_clip_tau needs whole heads .*parallel.{key}=2"):
-            check_optimizer(cfg)
-        setattr(cfg.parallel, key, 1)

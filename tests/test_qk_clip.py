@@ -83,38 +83,47 @@ def test_gqa_clip_scales_a_shared_key_by_the_smallest_gamma():
     assert bool((logits_of(model, inputs)[0] <= tau * (1 + 1e-5)).all())
 
 
-def clip_rank(rank: int, world: int, tau: float) -> dict:
-    """FSDP over 2 ranks, each its half of the batch: the same clip as one process on the whole batch."""
+def clip_rank(rank: int, world: int, tau: float, layout: str) -> dict:
+    """2 ranks: FSDP (each its half of the batch), TP (each its half of the heads, the whole batch) or CP (each its
+    half of every sequence; Ulysses attention sees whole sequences for half of the heads)."""
     from torch.distributed.fsdp import FSDPModule
 
     from parallel import ParallelDims, parallelize
 
-    dims = ParallelDims.resolve(world, dp_shard=world)
+    dims = ParallelDims.resolve(world, **{{"fsdp": "dp_shard"}.get(layout, layout): world})
     mesh = dims.build_mesh("cpu")
     model = parallelize(tiny_model(tiny(**MLA_CFG)), mesh, dims)
     inputs, _ = fixed_batch(512, 4, 32)
+    mine = {"fsdp": inputs.chunk(world)[rank], "tp": inputs, "cp": inputs.chunk(world, dim=1)[rank]}[layout]
     track_max_logits([model], True)
     with torch.no_grad():
-        model(inputs.chunk(world)[rank])
+        model(mine)
     for m in model.modules():  # as after a backward: the parameters sharded again
         if isinstance(m, FSDPModule):
             m.reshard()
-    qk_clip([model], tau, mesh["dp"].get_group())
-    return {n: full(p) for n, p in model.named_parameters()}
+    heads = mesh[layout].get_group() if layout in ("tp", "cp") else None
+    largest = qk_clip([model], tau, mesh["dp_cp"].get_group(), head_group=heads)
+    return largest, {n: full(p) for n, p in model.named_parameters()}
 
 
-def test_clip_under_fsdp_equals_one_process(tmp_path):
+@pytest.mark.parametrize("layout", ["fsdp", "tp", "cp"])
+def test_clip_under_a_layout_equals_one_process(tmp_path, layout):
+    """The same heads clip by the same gamma as on one process, whichever ranks hold the heads and tokens: the
+    weights after the clip equal one process's. Half of the heads clip, so a rank that took another rank's
+    share of heads for its own, or missed the other tokens' maximum, would scale other rows."""
     model = tiny_model(tiny(**MLA_CFG))
     inputs, _ = fixed_batch(512, 4, 32)
     before = logits_of(model, inputs)[0]
-    tau = float(before.min()) * 0.9  # every head clips
+    tau = float(before.median())  # half of the heads clip, each by its own gamma
+    assert 0 < int((before > tau).sum()) < before.numel()
     track_max_logits([model], True)
     with torch.no_grad():
         model(inputs)
-    qk_clip([model], tau)
-    got = run_ranks(clip_rank, 2, tmp_path, tau)[1]
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(got[name], p.detach(), rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
+    want = qk_clip([model], tau)
+    for largest, got in run_ranks(clip_rank, 2, tmp_path, tau, layout):
+        assert largest == pytest.approx(want, rel=1e-6)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(got[name], p.detach(), rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
 
 
 def test_training_with_qk_clip_logs_and_lowers_the_largest_logit(dataset, tmp_path):

@@ -376,8 +376,8 @@ def _validate_optim(o: OptimConfig) -> None:
 
 
 def check_optimizer(run: RunConfig) -> None:
-    """One ConfigError line for a bad optimizer choice (QK-clip needs whole heads and sequences on a rank)."""
-    cfg, p = run.optim, run.parallel
+    """One ConfigError line for a bad optimizer choice."""
+    cfg = run.optim
     if cfg.name not in ("adamw", "muon"):
         raise ConfigError(f"optim.name must be adamw or muon, got {cfg.name!r}")
     if cfg.muon_ns_dtype not in MUON_NS_DTYPES:
@@ -387,9 +387,6 @@ def check_optimizer(run: RunConfig) -> None:
                           f"numbers, muon_momentum={cfg.muon_momentum} in [0, 1)")
     if cfg.qk_clip_tau is not None and cfg.qk_clip_tau <= 0:
         raise ConfigError(f"optim.qk_clip_tau must be > 0 or null, got {cfg.qk_clip_tau}")
-    if cfg.qk_clip_tau is not None and p.tp * p.cp > 1:
-        raise ConfigError(f"optim.qk_clip_tau needs whole heads and sequences on a rank: parallel.tp={p.tp} and "
-                          f"parallel.cp={p.cp} must be 1")
 
 
 def _validate_precision(cfg: RunConfig) -> None:

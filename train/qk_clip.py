@@ -9,9 +9,11 @@ MHA/GQA/MQA: the query rows of head h by sqrt(gamma_h), the rows of a key head b
 the query heads sharing it (so every head ends at most tau; heads sharing a key with a clipped head are clipped a
 little too).
 
-The logits are measured in the training forward (model/attention.py `max_logits`: an extra no-grad q.k^T in
-blocks) and their maximum taken over the data- and context-parallel ranks; a sharded weight is gathered whole,
-rescaled and re-split, on the steps where a head clips.
+The logits are measured in the training forward by the attention core, on the whole sequences it attends over
+(model/attention.py `max_logits`: an extra no-grad q.k^T in blocks). Where a rank holds a share of the heads
+(tensor parallelism; context parallelism's Ulysses core, whole sequences for H/cp heads), the shares are
+gathered in head order (`head_group`); the maximum is taken over the ranks with other tokens (`token_group`).
+A sharded weight is gathered whole, rescaled and re-split, on the steps where a head clips.
 """
 
 from __future__ import annotations
@@ -68,19 +70,28 @@ def rescale(module: nn.Module, gamma: torch.Tensor) -> None:
     _scale_rows(module.k_proj.weight, key_gamma.sqrt().repeat_interleave(hd))
 
 
+def _all_heads(logits: torch.Tensor, head_group) -> torch.Tensor:
+    """(layers, H/n) of this rank's heads -> (layers, H): the n ranks of `head_group` hold consecutive heads."""
+    if head_group is None:
+        return logits
+    shares = [torch.empty_like(logits) for _ in range(dist.get_world_size(head_group))]
+    dist.all_gather(shares, logits, group=head_group)
+    return torch.cat(shares, dim=1)
+
+
 @torch.no_grad()
-def qk_clip(parts: list[nn.Module], tau: float, token_group=None, pp_group=None) -> float:
+def qk_clip(parts: list[nn.Module], tau: float, token_group=None, pp_group=None, head_group=None) -> float:
     """Clip every head over tau after the optimizer step (see the module's doc); the step's largest logit over
     this rank's stages (and the pipeline: `pp_group`). Resets the measurements."""
     modules = [m for m in attention_modules(parts) if m.max_logits is not None]
     if not modules:
         return float("nan")
-    logits = torch.stack([m.max_logits for m in modules])  # (layers, H)
+    logits = _all_heads(torch.stack([m.max_logits for m in modules]), head_group)  # (layers, H)
     if token_group is not None:
         dist.all_reduce(logits, op=dist.ReduceOp.MAX, group=token_group)
     for module, row in zip(modules, logits):
         module.max_logits = None
-        gamma = (tau / row).clamp(max=1.0)
+        gamma = torch.where(row > tau, tau / row, torch.ones_like(row))
         if bool((gamma < 1).any()):
             rescale(module, gamma)
     largest = logits.max().reshape(1)

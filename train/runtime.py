@@ -48,6 +48,7 @@ class Groups:
     dp_world: int = 1
     token_group: object = None  # every rank with different tokens (data and context parallel)
     token_world: int = 1
+    head_group: object = None  # the ranks that split attention heads (tensor or context parallel), if any
     cp_part: tuple[int, int] = (0, 1)  # (this rank's part of each sequence, parts)
     pp_group: object = None
     embed_group: object = None  # (first stage, last stage) pairs summing the tied MTP embedding's gradient
@@ -59,8 +60,10 @@ class Groups:
             return cls(stats=StatsGroups(env.device, None, None, 1))
         token_group, token_world = mesh["dp_cp"].get_group(), dims.dp * dims.cp
         pp_group = mesh["pp"].get_group() if dims.pp > 1 else None
+        heads = "tp" if dims.tp > 1 else "cp" if dims.cp > 1 else None  # never both (ParallelDims)
         return cls(dp_rank=mesh["dp"].get_local_rank(), dp_world=dims.dp, token_group=token_group,
-                   token_world=token_world, cp_part=(mesh["cp"].get_local_rank(), dims.cp), pp_group=pp_group,
+                   token_world=token_world, head_group=heads and mesh[heads].get_group(),
+                   cp_part=(mesh["cp"].get_local_rank(), dims.cp), pp_group=pp_group,
                    embed_group=_embedding_group(cfg, env, dims, mesh),
                    stats=StatsGroups(env.device, pp_group, token_group, token_world))
 

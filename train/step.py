@@ -75,7 +75,7 @@ class Step:
         g = rt.groups
         clip = {}
         if self.qk_clip_tau is not None:  # train/qk_clip.py: the step's largest logit, before clipping
-            clip["max_logit"] = qk_clip(rt.parts, self.qk_clip_tau, g.token_group, g.pp_group)
+            clip["max_logit"] = qk_clip(rt.parts, self.qk_clip_tau, g.token_group, g.pp_group, g.head_group)
         after_optimizer_step(rt.parts, rt.fp8)
         rt.optimizers.zero_grad()
         return {"loss": all_mean(total, g.token_world, g.token_group).item(), "grad_norm": grad_norm, **moe, **clip}
