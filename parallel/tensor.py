@@ -41,7 +41,7 @@ from torch.distributed.tensor.parallel import (
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
 from model.config import ModelConfig
-from model.attention import MLA
+from model.attention import MLA, Attention
 from model.layers import MLP
 from model.moe import MoE, Routing
 
@@ -243,6 +243,22 @@ def _moe_plan(moe: MoE, seq: Placement) -> dict[str, ParallelStyle]:
     return plan
 
 
+class HeadShardedAttention:
+    """`MLA.attend` under tensor parallelism: the core itself, on q, k, v DTensors sharded by head; QK-clip's
+    observer sees this rank's heads as plain tensors (train/qk_clip.py gathers the heads' shares)."""
+
+    def __init__(self, local):
+        self.local = local
+
+    def __call__(self, q, k, v, scale: float, observe=None):
+        mine = None if observe is None else lambda q, k: observe(*(_local(x) for x in (q, k)))
+        return self.local(q, k, v, scale, mine)
+
+
+def _local(x: torch.Tensor) -> torch.Tensor:
+    return x.to_local() if isinstance(x, DTensor) else x
+
+
 def _block_plan(block: nn.Module, seq: Placement) -> dict[str, ParallelStyle]:
     plan: dict[str, ParallelStyle] = {"input_layernorm": _norm_style(seq), "post_attention_layernorm": _norm_style(seq)}
     attn = _mla_plan(block.self_attn, seq) if isinstance(block.self_attn, MLA) else _qkvo_plan(seq)
@@ -326,6 +342,8 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = Tr
     for module in model.mtp or []:
         _parallelize(module, tp_mesh, _mtp_plan(seq))
         _parallelize(module.block, tp_mesh, _block_plan(module.block, seq))
+    for attn in [m for m in model.modules() if isinstance(m, (MLA, Attention))]:
+        attn.attend = HeadShardedAttention(attn.attend)
     _stage_io(model, tp_mesh, seq)
     plain = [n for n, p in model.named_parameters() if not isinstance(p, DTensor)]
     if plain:
