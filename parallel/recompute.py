@@ -8,19 +8,45 @@ Modes (`parallel.activation_checkpoint`):
              cheap to recompute; for mha/gqa/mqa the q/k/v projections in their place; everything else
              is kept.
 
-Recomputation is torch's composable activation checkpointing: forward hooks on the module instances, which
-neither wrap them in new modules nor replace their forward, so parameter names (and so checkpoints) are
-unchanged. Recomputation reruns a MoE layer's forward inside backward: the MoE skips its load statistics
-there (see `MoE._record`), and the expert all-to-alls run again, in the same order on every rank (the backward
-order).
+A recomputed module becomes an instance of a subclass of its own class (`Recomputed<Class>`, the way
+torch.nn.utils.parametrize and FSDP2 change a module's class) whose forward runs the class's forward under
+torch.utils.checkpoint (non-reentrant): no module is wrapped in a new one, so parameter names (and so
+checkpoints) are unchanged, isinstance still holds, and torch.compile traces the checkpoint as it traces any
+forward. (torch's composable checkpoint, forward hooks instead, gives compiled blocks whose saved tensors differ
+from the recomputed ones under selective recomputation.) Recomputation reruns a MoE layer's forward inside
+backward: the MoE skips its load statistics there (see `MoE._record`), and the expert all-to-alls run again, in
+the same order on every rank (the backward order).
 """
 
 from __future__ import annotations
 
+import functools
+
+import torch
 from torch import nn
-from torch.distributed._composable import checkpoint
+from torch.utils.checkpoint import checkpoint
 
 MODES = ("none", "full", "selective")
+
+
+class Recomputed:
+    """Placed before a module's class: its forward's activations are recomputed in backward, not kept."""
+
+    def forward(self, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            return super().forward(*args, **kwargs)
+        return checkpoint(super().forward, *args, use_reentrant=False, **kwargs)
+
+
+@functools.cache
+def recomputed_class(cls: type) -> type:
+    """`cls` with its forward recomputed in backward (one class per module class)."""
+    return type(f"Recomputed{cls.__name__}", (Recomputed, cls), {})
+
+
+def _recompute(module: nn.Module) -> None:
+    if not isinstance(module, Recomputed):
+        module.__class__ = recomputed_class(type(module))
 
 
 def _selective_targets(block: nn.Module) -> list[nn.Module]:
@@ -37,7 +63,7 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
         return
     for block in _blocks(model):
         for module in ([block] if mode == "full" else _selective_targets(block)):
-            checkpoint(module)
+            _recompute(module)
 
 
 def apply_compile(model: nn.Module, backend: str = "inductor") -> None:

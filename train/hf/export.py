@@ -192,7 +192,7 @@ def _save_tokenizer(cfg, out: Path) -> None:
     byte-tokenized data the byte tokenizer (bytes are ids 0-255, its end-of-document token 256)."""
     from transformers import PreTrainedTokenizerFast
 
-    from .data.tokenizer import BPE_EOS, byte_level_tokenizer
+    from ..data.tokenizer import BPE_EOS, byte_level_tokenizer
 
     tok = run_tokenizer(cfg)
     if tok.file is None:
