@@ -28,6 +28,7 @@ the CUDA ones only).
 
 from __future__ import annotations
 
+import functools
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -138,13 +139,13 @@ class ReplicatedRouter(ParallelStyle):
         return module
 
 
+@functools.cache  # once per process: the rules are torch's, process-wide
 def _register_cpu_attention_sharding() -> None:
     """Head- and batch-parallel sharding rules for the CPU flash-attention kernels.
 
     DTensor ships rules for the CUDA SDPA kernels (flash, efficient, cuDNN) but none for the CPU one, so MLA
     with head-sharded DTensors fails on CPU without them. Attention is independent per (batch, head): the
     rule lets q, k, v, out and logsumexp ([B, H, T, ..]) be sharded alike on dim 0 or 1, or all replicated.
-    Registering twice just replaces the rule.
     """
     aten = torch.ops.aten
 
