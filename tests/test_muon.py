@@ -123,7 +123,8 @@ def test_bfloat16_newton_schulz_is_close_to_float32():
 LAYOUTS = {  # by world size: FSDP, TP, EP, CP each alone on 2 ranks; the 2-D placements on 4
     2: {"fsdp2": dict(dp_shard=2), "tp2": dict(tp=2), "ep2": dict(dp_shard=2, ep=2), "cp2": dict(cp=2)},
     4: {"tp2_fsdp2": dict(dp_shard=2, tp=2),  # FSDP's _StridedShard over TP's Shard on the same dimension
-        "ep2_efsdp2": dict(dp_shard=4, ep=2)},  # experts split over ep, FSDP-sharded over the rest
+        "ep2_efsdp2": dict(dp_shard=4, ep=2),  # experts split over ep, FSDP-sharded over the rest
+        "hsdp2x2": dict(dp_replicate=2, dp_shard=2)},  # sharded over 2 ranks, replicated over the other 2
 }
 
 
@@ -172,6 +173,18 @@ def test_muon_under_fsdp_tp_ep_equals_one_process(tmp_path, world):
                                        msg=lambda m: f"{layout} {name}: {m}")
 
 
+def test_muon_with_cpu_offload_trains_like_one_process(dataset, reference_run, tmp_path):
+    """dp=2 with FSDP2's CPU offload (Muon steps the host shards, orthogonalising whole matrices) against one
+    process on the same global batch: losses, grad norms and final weights (test_parallel_layouts' bounds)."""
+    from test_parallel_layouts import assert_same_run, run, single_process
+
+    over = {"optim": "muon", "optim.muon_ns_dtype": "float32"}
+    ref = single_process(reference_run, **over, **{"train.micro_batch_size": 2})
+    got = tmp_path / "offload"
+    run(dataset, got, 2, **over, **{"train.micro_batch_size": 1, "parallel.cpu_offload": "true"})
+    assert_same_run(ref, got, tmp_path)
+
+
 def test_muon_resume_is_bit_exact_and_reshards_to_pp2(dataset, tmp_path):
     """6 steps with a checkpoint at 3 (momentum buffers by parameter name); resumed from step 3 on one process:
     steps 4-6 bit for bit; resumed under pp=2 (each stage's optimizer loads its own parameters' buffers): the same
@@ -199,7 +212,7 @@ def test_muon_resume_is_bit_exact_and_reshards_to_pp2(dataset, tmp_path):
 
 @pytest.mark.parametrize("args,fragment", [
     (["optim=muon", "optim.muon_momentm=0.9"], "Could not override 'optim.muon_momentm'"),
-    (["optim.name=sgd"], "optim.name must be adamw or muon, got 'sgd'"),
+    (["optim.name=sgd"], "optim.name must be one of adamw, muon, got 'sgd'"),
 ])
 def test_bad_optimizer_input_is_one_line(tmp_path, args, fragment):
     proc = train([*args, f"output_dir={tmp_path / 'run'}", "train.steps=1"], check=False)

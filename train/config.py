@@ -31,6 +31,7 @@ class ConfigError(ValueError):
 # its field's type
 PRECISIONS = ("fp32", "bf16", "fp8_tensorwise", "fp8_rowwise", "fp8_blockwise")
 LrSchedule = Literal["cosine", "deepseek_step", "deepseek_v3", "constant"]  # train/optim.py lr_factor
+OptimName = Literal["adamw", "muon"]  # train/optim.py, train/muon.py
 Precision = Literal[PRECISIONS]
 Dtype = Literal[tuple(TORCH_DTYPES)]
 MomentDtype = Literal["float32", "bfloat16"]
@@ -39,7 +40,7 @@ Recompute = Literal[RECOMPUTE_MODES]
 DataFormat = Literal["webdataset", "megatron"]
 LaunchMode = Literal["local", "torchrun", "slurm"]
 Gpu = Literal[tuple(GPUS)]  # train/hardware.py
-MUON_NS_DTYPES = ("auto", "bfloat16", "float32")  # optim.muon_ns_dtype; auto: bfloat16 on GPU, float32 on CPU
+MuonNsDtype = Literal["auto", "bfloat16", "float32"]  # optim.muon_ns_dtype; auto: bfloat16 on GPU, float32 on CPU
 
 
 @dataclass
@@ -69,13 +70,13 @@ class OptimConfig:
     step_decay_at: tuple = (0.6, 0.9)
     step_decay_factor: float = 0.316
     cosine_span: tuple = (0.0, 1.0)  # deepseek_v3: the fractions of the run's tokens the cosine decay spans
-    name: str = "adamw"  # adamw | muon (train/muon.py: Muon for hidden matrices, AdamW for the rest)
+    name: OptimName = "adamw"  # adamw | muon (train/muon.py: Muon for hidden matrices, AdamW for the rest)
     # Muon (defaults: Moonlight, arXiv 2502.16982, and its released examples/toy_train.py)
     muon_momentum: float = 0.95  # Nesterov-style SGD momentum before the orthogonalisation
     muon_nesterov: bool = True
     muon_ns_steps: int = 5  # Newton-Schulz iterations
     muon_ns_coefficients: tuple = (3.4445, -4.7750, 2.0315)  # quintic X <- aX + (bA + cA^2)X, A = XX^T
-    muon_ns_dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU) | bfloat16 | float32
+    muon_ns_dtype: MuonNsDtype = "auto"  # auto (bfloat16 on GPU, float32 on CPU) | bfloat16 | float32
     muon_update_scale: float = 0.2  # update x muon_update_scale * sqrt(max(m, n)): AdamW's update RMS
     muon_router: bool = True  # the 2-D router weights by Muon (Moonlight's code: every >=2-D weight but embedding/head)
     muon_split_gate_up: bool = True  # routed experts' fused gate|up stack as two matrices (as dense gate_proj, up_proj)
@@ -378,10 +379,6 @@ def _validate_optim(o: OptimConfig) -> None:
 def check_optimizer(run: RunConfig) -> None:
     """One ConfigError line for a bad optimizer choice."""
     cfg = run.optim
-    if cfg.name not in ("adamw", "muon"):
-        raise ConfigError(f"optim.name must be adamw or muon, got {cfg.name!r}")
-    if cfg.muon_ns_dtype not in MUON_NS_DTYPES:
-        raise ConfigError(f"optim.muon_ns_dtype must be auto, bfloat16 or float32, got {cfg.muon_ns_dtype!r}")
     if cfg.muon_ns_steps < 1 or len(cfg.muon_ns_coefficients) != 3 or not 0 <= cfg.muon_momentum < 1:
         raise ConfigError(f"optim: muon_ns_steps={cfg.muon_ns_steps} must be >= 1, muon_ns_coefficients three "
                           f"numbers, muon_momentum={cfg.muon_momentum} in [0, 1)")

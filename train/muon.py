@@ -21,6 +21,7 @@ it whole (redundant compute, no second collective): the result is the one proces
 from __future__ import annotations
 
 import math
+from typing import get_args
 
 import torch
 from torch import nn
@@ -29,10 +30,10 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from model.config import TORCH_DTYPES
 from model.moe import GroupedExperts, Router
 
-from .config import MUON_NS_DTYPES, OptimConfig
+from .config import MuonNsDtype, OptimConfig
 from .optim import AdamWLowPrecisionMoments
 
-NS_DTYPES = {name: TORCH_DTYPES[name] for name in MUON_NS_DTYPES if name != "auto"}
+NS_DTYPES = {name: TORCH_DTYPES[name] for name in get_args(MuonNsDtype) if name != "auto"}
 
 
 def newton_schulz(g: torch.Tensor, steps: int = 5, coefficients=(3.4445, -4.7750, 2.0315),
