@@ -37,6 +37,7 @@ PipelineSchedule = Literal[SCHEDULE_NAMES]  # parallel/pipeline.py
 Recompute = Literal["none", "selective", "full"]  # parallel/recompute.py
 DataFormat = Literal["webdataset", "megatron"]
 LaunchMode = Literal["local", "torchrun", "slurm"]
+CheckpointOnError = Literal["stop", "continue"]  # train/checkpoint.py Checkpointer._failed
 Gpu = Literal[tuple(GPUS)]  # train/hardware.py
 MUON_NS_DTYPES = ("auto", "bfloat16", "float32")  # optim.muon_ns_dtype; auto: bfloat16 on GPU, float32 on CPU
 
@@ -169,6 +170,9 @@ class CheckpointConfig:
     init_from: Optional[str] = None
     # fields (or sections, e.g. "precision") a resume may change from the checkpoint's config (train/resume.py)
     allow_changes: tuple = ()
+    # a save that cannot be written (a full or read-only disk): stop the run (exit 1), or train on without it; either
+    # way with one line, and the newest published checkpoint stays as it was
+    on_error: CheckpointOnError = "stop"
 
 
 @dataclass

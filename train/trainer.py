@@ -98,7 +98,8 @@ class Trainer:
         complete_runtime(rt)  # data, model parts, optimizers
         self.step_fn = Step(rt)
         self.checkpointer = Checkpointer(self.out / "checkpoints", cfg.checkpoint.keep, cfg.checkpoint.async_save,
-                                         every=cfg.checkpoint.every, steps=cfg.train.steps)
+                                         every=cfg.checkpoint.every, steps=cfg.train.steps,
+                                         on_error=cfg.checkpoint.on_error)
         resumed = self._resume() if cfg.checkpoint.load else None
         self._init_weights(resumed)
         if self.env.rank == 0:
