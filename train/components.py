@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import logging
 import resource
 import time
 from typing import Any, Optional
@@ -19,6 +20,8 @@ from .runtime import Runtime
 from .spike import SpikeGuard
 from .step import Step, all_mean
 
+log = logging.getLogger(__name__)
+
 
 class TrainState:
     """What a checkpoint holds beside the model and optimizer states: the step, the learning-rate schedule, the
@@ -32,7 +35,7 @@ class TrainState:
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "scheduler": self.rt.optimizers.scheduler_state(),
                 "loader": self.rt.loader.state_dict(), "config": to_dict(self.rt.cfg),
-                "spike": self.spike.state_dict()}
+                "spike": self.spike.state_dict(), "layout": self.layout()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = state["step"]
@@ -40,6 +43,25 @@ class TrainState:
         self.rt.optimizers.apply_config(self.rt.cfg.optim)
         self.spike.load_state_dict(state.get("spike"))
         self.rt.loader.load_state_dict(state["loader"])
+        line = layout_change(state["step"], state.get("layout"), self.layout())
+        if line and self.rt.env.rank == 0:
+            log.warning(line)
+
+    def layout(self) -> dict[str, int]:
+        """The ranks, data-parallel ranks and micro-batches a rank accumulates over at this step."""
+        dp, mb = self.rt.groups.dp_world, self.rt.cfg.train.micro_batch_size
+        return {"world": self.rt.env.world, "dp": dp, "accumulation": self.rt.batches.size(self.step) // (dp * mb)}
+
+
+def layout_change(step: int, saved: Optional[dict], now: dict) -> Optional[str]:
+    """One line for a resume on another number of ranks than the checkpoint was written with (a job that re-formed
+    with fewer hosts): what the data-parallel degree and gradient accumulation became; None when the world is the
+    same. The global batch, and so the losses, are those of the configuration either way."""
+    if not saved or saved["world"] == now["world"]:
+        return None
+    plural = "s" if now["world"] != 1 else ""
+    return (f"resumed step {step} on {now['world']} rank{plural} (was {saved['world']}): data-parallel "
+            f"{saved['dp']} -> {now['dp']}, gradient accumulation {saved['accumulation']} -> {now['accumulation']}")
 
 
 class Validator:
