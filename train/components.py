@@ -19,6 +19,7 @@ from .moe_stats import gathered_expert_bias
 from .runtime import Runtime
 from .spike import SpikeGuard
 from .step import Step, all_mean
+from .straggler import Stragglers
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,9 @@ class ProgressLog:
         self.rt, self.step_fn, self.metrics = rt, step, metrics
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.start, self.t0 = start, time.perf_counter()
+        lg, env = rt.cfg.log, rt.env
+        self.stragglers = (Stragglers(env.rank, env.world, env.device, lg.straggler_factor, lg.straggler_window)
+                           if env.world > 1 else None)
         self._restart_window()
 
     def _restart_window(self) -> None:
@@ -142,6 +146,8 @@ class ProgressLog:
                   "batch_size": rt.batches.size(step - 1),
                   "tokens": rt.batches.sequences_before(step) * cfg.data.seq_len}
         record.update({k: v for k, v in result.items() if k not in record})
+        if self.stragglers is not None:
+            record.update(self.stragglers.record(step, record["step_time"]))
         self.metrics.log(step, record)
         if rt.env.rank == 0:
             left = rt.batches.seconds_left(self.start, step, cfg.train.steps, time.perf_counter() - self.t0)

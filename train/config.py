@@ -179,6 +179,11 @@ class CheckpointConfig:
 class LogConfig:
     every: int = 10
     moe_every: int = 50  # histograms + heatmap cadence (in steps)
+    # a rank whose own work (its step time outside waits for other ranks) stays above this factor x the median of
+    # the other ranks' in each of the last straggler_window logged steps is named in one warning (train/straggler.py);
+    # 0: no warning (the step_time/* metrics are logged anyway)
+    straggler_factor: float = 1.5
+    straggler_window: int = 3
 
 
 @dataclass
@@ -455,6 +460,9 @@ def _validate_checkpoint_log(cfg: RunConfig) -> None:
     _require(cfg.checkpoint.every >= 0, f"checkpoint.every must be >= 0, got {cfg.checkpoint.every}")
     _require(cfg.log.every >= 1 and cfg.log.moe_every >= 1,
              f"log.every={cfg.log.every} and log.moe_every={cfg.log.moe_every} must be >= 1")
+    _require((cfg.log.straggler_factor == 0 or cfg.log.straggler_factor > 1) and cfg.log.straggler_window >= 1,
+             f"log.straggler_factor={cfg.log.straggler_factor} must be 0 (off) or > 1 and log.straggler_window="
+             f"{cfg.log.straggler_window} >= 1")
 
 
 def _validate_parallel(cfg: RunConfig) -> None:
