@@ -154,6 +154,11 @@ class ProgressLog:
             print(format_progress(step, cfg.train.steps, result["loss"], tps, mfu, left), flush=True)
         self._restart_window()
 
+    def close(self) -> None:
+        """Stop the straggler sampler's thread."""
+        if self.stragglers is not None:
+            self.stragglers.close()
+
     def moe(self, step: int) -> None:
         """The routing histograms of the `step`-th step (and the expert biases, where the run moves them)."""
         rt, stats = self.rt, self.step_fn.moe_stats

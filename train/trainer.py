@@ -84,6 +84,7 @@ class Trainer:
         self.state = TrainState(self.rt, self.spike)
         self._stop_signal: int | None = None
         self.metrics: MetricsWriter | None = None
+        self.progress: ProgressLog | None = None
         self._kill_at = int(os.environ.get("DSV2_TEST_KILL_AT_STEP", "-1"))
 
     @property
@@ -252,6 +253,8 @@ class Trainer:
     def close(self) -> None:
         if self.metrics is not None:
             self.metrics.close()
+        if self.progress is not None:
+            self.progress.close()
         if self.watch is not None:
             self.watch.close()
         if dist.is_initialized() and not self.collective_failed:  # a group with a lost peer cannot be torn down
