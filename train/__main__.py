@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         if code is None:
             raise
         return code
+    from .checkpoint import SaveError
     from .watch import CollectiveFailure
 
     try:
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     except CollectiveFailure:  # one rank has printed the report (train/watch.py); the others stop quietly
         return INPUT_EXIT
     except Exception as e:  # noqa: BLE001 — report() picks the input errors; anything else is re-raised
-        code = report(e)
+        code = report(e, show=not isinstance(e, SaveError) or reports_for_job(os.environ))
         if code is None:
             raise
         return code

@@ -195,6 +195,10 @@ class CheckpointError(RuntimeError):
     """Checkpoints exist but none can be loaded (one line for the user; nothing is deleted)."""
 
 
+class SaveError(CheckpointError):
+    """A checkpoint the disk refused, raised alike on every rank (they agree on it first): rank 0 reports it."""
+
+
 def published(root: Path) -> list[Path]:
     """Published checkpoint directories, newest first."""
     if not root.is_dir():
@@ -217,6 +221,9 @@ class Checkpointer:
         self._hasher: ThreadPoolExecutor | None = None  # checksums an async save's files once they are written
         if async_save and _single():  # DCP's writer thread warns on every save, outside any call's context
             warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_WARNING)
+        # an async save's collectives (plans, the write results) run in DCP's writer thread while training runs
+        # its own: on a group of their own, or the two would pair up the wrong collectives across ranks
+        self._async_group = dist.new_group(backend="gloo") if async_save and not _single() else None
         self.last_step: int | None = None  # the step of the newest save (or load) of this run
 
     # ------------------------------------------------------------------------------------------ save
@@ -240,7 +247,8 @@ class Checkpointer:
         state = merged_state(parts, optimizers)
         if self.async_save:
             with _dcp_quiet():
-                written = dcp.async_save(state, checkpoint_id=str(tmp), no_dist=_single())
+                written = dcp.async_save(state, checkpoint_id=str(tmp), no_dist=_single(),
+                                         process_group=self._async_group)
             self._hasher = self._hasher or ThreadPoolExecutor(1, thread_name_prefix="checkpoint-checksums")
             self._pending = (self._hasher.submit(_checksum_when_written, written, tmp), tmp, final, previous)
             return None
@@ -288,14 +296,15 @@ class Checkpointer:
         """A save that did not complete on every rank: its `.tmp` directory goes (where the disk lets it; it is
         never loaded), the newest published checkpoint stays; CheckpointError (on_error=stop) or one warning."""
         self.last_step = previous
+        free = _free_mib(self.root)  # before the partial write goes: what the save found
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         why = failure(error) if error is not None else "the write failed on another rank"
         kept = published(self.root)
-        line = (f"checkpoint {tmp.name[:-len('.tmp')]} not written ({why}); the newest checkpoint stays "
-                f"{kept[0].name if kept else 'none'}")
+        line = (f"checkpoint {tmp.name[:-len('.tmp')]} not written ({why}; {free} free in {self.root}); the newest "
+                f"checkpoint stays {kept[0].name if kept else 'none'}")
         if self.on_error == "stop":
-            raise CheckpointError(f"{line}; stopping (checkpoint.on_error=continue trains on without it)")
+            raise SaveError(f"{line}; stopping (checkpoint.on_error=continue trains on without it)")
         if _rank() == 0:
             log.warning("%s; training on (checkpoint.on_error=continue)", line)
 
@@ -364,6 +373,14 @@ def failure(e: BaseException) -> str:
         return f"rank {rank}: {failure(inner)}"
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:300] if text else ''}"
+
+
+def _free_mib(path: Path) -> str:
+    """The space left on the disk of `path`, e.g. "0.2 MiB" ("unknown space" where it cannot be read)."""
+    try:
+        return f"{shutil.disk_usage(path).free / 2**20:.1f} MiB"
+    except OSError:
+        return "unknown space"
 
 
 def _attempt(fn, *args, **kwargs):
