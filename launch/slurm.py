@@ -43,6 +43,8 @@ def render_sbatch(launch, train_overrides: list[str], output_dir: str, python: s
     port = launch.master_port
     cmd = shlex.join([python, *torchrun_args(launch, "__HEAD__", "__JOB__"), "-m", "train", *train_overrides])
     cmd = cmd.replace("__HEAD__", f'"$HEAD":{port}').replace("__JOB__", '"$SLURM_JOB_ID"')
+    # a fixed node count ends the job when one task fails; an elastic range lets the others re-form without it
+    kill = "--kill-on-bad-exit=1 " if launch.node_range[0] == launch.max_nodes else ""
     body = f"""
 cd {shlex.quote(str(REPO))}
 {chr(10).join(exports)}
@@ -55,7 +57,7 @@ warn() {{
 }}
 trap warn USR1
 echo "rendezvous on $HEAD:{port}, {launch.nodes} node(s) x {launch.procs_per_node} process(es)"
-srun --kill-on-bad-exit=1 {cmd} &
+srun {kill}{cmd} &
 SRUN_PID=$!
 STATUS=0
 while kill -0 "$SRUN_PID" 2>/dev/null; do  # a trapped signal interrupts wait: wait again
