@@ -33,7 +33,7 @@ def command(cfg, overrides: list[str]) -> tuple[list[str], str | None]:
         script = render_sbatch(launch, train_overrides, str(Path(cfg.output_dir).resolve()))
         path = Path(cfg.output_dir) / "slurm" / f"{launch.job_name}.sbatch"
         return ["sbatch", str(path)], script
-    if launch.mode == "local" and launch.nodes * launch.procs_per_node == 1 and not launch.max_restarts:
+    if launch.mode == "local" and launch.max_nodes * launch.procs_per_node == 1 and not launch.max_restarts:
         return [sys.executable, "-m", "train", *train_overrides], None
     endpoint = f"{launch.master_addr}:{launch.master_port}"
     return [sys.executable, *torchrun_args(launch, endpoint, launch.job_name), "-m", "train", *train_overrides], None
@@ -43,7 +43,7 @@ def main(argv: list[str]) -> int:
     try:  # the layout against the processes the launch starts, before any of them starts
         cfg = compose_config(argv)
         world = f"launch.nodes={cfg.launch.nodes} x launch.procs_per_node={cfg.launch.procs_per_node}"
-        validate_layout(cfg, cfg.launch.nodes * cfg.launch.procs_per_node)
+        validate_layout(cfg, cfg.launch.max_nodes * cfg.launch.procs_per_node)
     except ConfigError as e:
         print(f"config error: {one_line(e)}", file=sys.stderr)
         return 2

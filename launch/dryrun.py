@@ -59,7 +59,7 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    world = cfg.launch.nodes * cfg.launch.procs_per_node
+    world = cfg.launch.max_nodes * cfg.launch.procs_per_node
     if ranks is None:
         ranks = [s * world // cfg.parallel.pp for s in range(cfg.parallel.pp)]
     moment = 2 if cfg.precision.moment_dtype == "bfloat16" else 4

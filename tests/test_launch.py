@@ -88,6 +88,21 @@ def test_launch_config_errors_exit_2():
     assert proc.returncode == 2 and "launch.nodes=2" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
+def test_an_elastic_node_range_reaches_torchrun_and_bad_ones_are_one_line():
+    from launch.__main__ import command
+    from train.config import ConfigError, compose_config
+
+    cfg = compose_config(["launch=torchrun", "launch.nodes=2:4", "launch.max_restarts=1", "launch.procs_per_node=8",
+                          "++launch.rdzv_conf.last_call_timeout=5", "parallel.ep=8"])
+    assert cfg.launch.node_range == (2, 4) and cfg.launch.max_nodes == 4
+    argv = command(cfg, [])[0]
+    assert "--nnodes=2:4" in argv and "--rdzv-conf=last_call_timeout=5" in argv and "--max-restarts=1" in argv
+    for nodes, restarts, error in [("2:1", 1, "1 <= MIN <= MAX"), ("1:x", 1, "an elastic range MIN:MAX"),
+                                   ("1:2", 0, "set launch.max_restarts >= 1")]:
+        with pytest.raises(ConfigError, match=re.escape(error)):
+            compose_config(["launch=torchrun", f"launch.nodes={nodes}", f"launch.max_restarts={restarts}"])
+
+
 def test_two_nodes_on_one_machine_equal_one_node(dataset, reference_run, tmp_path):
     """Two `launch=torchrun` launches (nnodes 2, c10d rendezvous on localhost), one process each: the same
     losses as one node with two processes."""

@@ -3,6 +3,7 @@ cluster itself, and multi-host runs through the real launchers, whose losses equ
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PY, ROOT, base_args, metrics
+from conftest import PY, ROOT, base_args, metrics, train
 
 # a TCP sink on port 5001: once the sender closes, prints the bytes received and the seconds from the first to the last
 SINK = ("import socket, time\ns = socket.create_server(('0.0.0.0', 5001))\nc, _ = s.accept()\n"
@@ -58,10 +59,11 @@ def test_hosts_resolve_each_other_links_are_limited_and_cables_cut(local_cluster
     assert not [ns for ns in namespaces if ns in left.split()]
 
 
-def launch_on_hosts(cluster, args: list[str], port: int = 29400, procs: int = 2) -> list[subprocess.Popen]:
+def launch_on_hosts(cluster, args: list[str], port: int = 29400, procs: int = 2,
+                    nodes: str | None = None) -> list[subprocess.Popen]:
     """`python -m launch launch=torchrun ...` on every host of `cluster`, c10d rendezvous at host 0, `procs` ranks
-    each, gloo on each host's cable (launch.env names the interface)."""
-    args = [*args, "launch=torchrun", f"launch.nodes={len(cluster.hosts)}", f"launch.procs_per_node={procs}",
+    each, gloo on each host's cable (launch.env names the interface); `nodes`: launch.nodes (default: every host)."""
+    args = [*args, "launch=torchrun", f"launch.nodes={nodes or len(cluster.hosts)}", f"launch.procs_per_node={procs}",
             f"launch.master_addr={cluster.hosts[0].name}", f"launch.master_port={port}",
             "++launch.env.GLOO_SOCKET_IFNAME=eth0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -216,3 +218,97 @@ def test_without_root_the_cluster_says_why(monkeypatch):
 
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     assert namespaces_problem() == "network namespaces need root (this process runs as uid 1000)"
+
+
+ELASTIC = ["launch.nodes=1:2", "launch.max_restarts=1", "parallel.collective_timeout_s=4",
+           # the rendezvous waits 3 s for more hosts once one is there, and drops a host silent for 2 x 1 s
+           "++launch.rdzv_conf.last_call_timeout=3", "++launch.rdzv_conf.keep_alive_interval=1",
+           "++launch.rdzv_conf.keep_alive_max_attempt=2"]
+
+
+@pytest.mark.slow
+def test_a_host_lost_for_good_the_job_goes_on_with_the_hosts_that_remain(dataset, local_cluster, tmp_path):
+    """2 hosts x 1 rank, launch.nodes=1:2: host 1's cable is cut for good after step 13. Host 0's rank stops on the
+    collective timeout, torchrun re-forms the job on host 0 alone, which resumes the step-10 checkpoint with
+    data-parallel 2 -> 1 and 2 micro-batches accumulated instead of 1 (the global batch of the configuration), says
+    so in one line, and finishes; its losses after the resume equal those of a one-process run resumed from the same
+    checkpoint, bit for bit (the same rows of data in the same order through one rank)."""
+    steps, cluster, out = 20, local_cluster(2), tmp_path / "run"
+    args = [*base_args(dataset, out, steps, **{"checkpoint.every": 5, "checkpoint.keep": 10}), *ELASTIC]
+    nodes = launch_on_hosts(cluster, args, procs=1, nodes="1:2")
+    deadline = time.monotonic() + 300
+    wait_for_step(out, 13, deadline)
+    cluster.cut(1)
+    cut = time.monotonic()
+    before = metrics(out)
+    while len(metrics(out)) >= len(before) and time.monotonic() < deadline:  # the resumed run rewinds metrics.jsonl
+        time.sleep(0.05)
+    resumed_at = max(metrics(out), default=0)
+    wait_for_step(out, resumed_at + 1, deadline)
+    recovered = time.monotonic() - cut
+    stdout, stderr = nodes[0].communicate(timeout=300)
+    assert nodes[0].returncode == 0, stderr[-3000:]
+    assert "--nnodes=1:2" in stdout.splitlines()[0]
+    assert resumed_at == 10, resumed_at
+    lines = [line for line in stderr.splitlines() if "resumed step" in line]
+    assert len(lines) == 1 and lines[0].endswith("resumed step 10 on 1 rank (was 2): data-parallel 2 -> 1, "
+                                                 "gradient accumulation 1 -> 2"), stderr[-3000:]
+    assert "Traceback" not in stderr
+    ref = tmp_path / "ref"
+    shutil.copytree(out / "checkpoints" / "step_00000010", ref / "checkpoints" / "step_00000010")
+    train(base_args(dataset, ref, steps, **{"checkpoint.every": 5}))
+    after = {s: v for s, v in metrics(out).items() if s > resumed_at}
+    assert sorted(after) == list(range(11, steps + 1))
+    assert after == metrics(ref)
+    print(f"host 1 cut after step {max(before)}: first new step on host 0 alone {recovered:.1f} s later, resumed "
+          f"from step {resumed_at}, {max(before) - resumed_at} step(s) recomputed")
+
+
+@pytest.mark.slow
+def test_a_layout_that_cannot_shrink_ends_with_one_line(dataset, local_cluster, tmp_path):
+    """2 hosts x 1 rank, pp=2 (a pipeline stage per host, no replica), launch.nodes=1:2: host 1's cable cut for good.
+    The job re-forms on host 0 alone, where two pipeline stages cannot fit one rank: host 0's output ends with one
+    line saying so, exit 2, no traceback."""
+    cluster, out = local_cluster(2), tmp_path / "run"
+    nodes = launch_on_hosts(cluster, [*base_args(dataset, out, 40, **PP2, **{"checkpoint.every": 2}), *ELASTIC],
+                            procs=1, nodes="1:2")
+    wait_for_step(out, 3, time.monotonic() + 300)
+    cluster.cut(1)
+    _, stderr = nodes[0].communicate(timeout=300)
+    assert nodes[0].returncode == 2, stderr[-3000:]
+    assert "Traceback" not in stderr
+    last = stderr.rstrip().splitlines()[-1]
+    assert last.startswith("config error: the job re-formed on 1 host(s), 1 rank(s), after losing some, and its "
+                           "layout cannot shrink to them: "), stderr[-3000:]
+    assert len([line for line in stderr.splitlines() if line.startswith("config error:")]) == 1
+    print(last)
+
+
+@pytest.mark.slow
+def test_a_slowed_rank_is_named_once_with_its_host_and_where_the_others_wait(dataset, local_cluster, tmp_path):
+    """2 hosts x 1 rank; from step 3 on, host 1's training process is stopped (SIGSTOP) for 0.3 s of every 0.4 s
+    from outside. The logged steps from 6 on name rank 1 the slowest (step_time/slowest_rank) at more than 1.5x the
+    other's own work, and rank 0 warns exactly once, naming rank 1, node1 and the operation rank 0 waits in."""
+    steps, cluster, out = 14, local_cluster(2), tmp_path / "run"
+    nodes = launch_on_hosts(cluster, base_args(dataset, out, steps), procs=1)
+    wait_for_step(out, 3, time.monotonic() + 300)
+    victim = workers(cluster, 1)[0]
+    while nodes[0].poll() is None:  # until the job ends (the process is gone: ProcessLookupError)
+        try:
+            os.kill(victim, signal.SIGSTOP)
+            time.sleep(0.3)
+            os.kill(victim, signal.SIGCONT)
+            time.sleep(0.1)
+        except ProcessLookupError:
+            break
+    _, stderr = nodes[0].communicate(timeout=300)
+    assert nodes[0].returncode == 0, stderr[-3000:]
+    rows = {s: (metrics(out, "step_time/slowest_rank")[s], metrics(out, "step_time/max_over_median")[s])
+            for s in range(6, steps + 1)}
+    # most, not all: on a loaded machine a rank starved of CPU for a step looks slow too
+    assert sum(slowest == 1 and ratio > 1.5 for slowest, ratio in rows.values()) >= 0.75 * len(rows), rows
+    warnings = [line for line in stderr.splitlines() if "is a straggler" in line]
+    assert len(warnings) == 1, stderr[-3000:]
+    assert re.search(r"rank 1 \(node1\) is a straggler: its own work takes \d+\.\dx the median of the other ranks' "
+                     r"\(\d+\.\d+ s a step over the last 3 records\); the others wait for it in \S", warnings[0])
+    print(warnings[0])

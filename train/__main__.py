@@ -53,24 +53,44 @@ def _hydra_main(argv: list[str]) -> int:
     return 0
 
 
+def check_layout(cfg, env) -> None:
+    """The parallel layout against this job's world size (LayoutError, one line). A layout that fails once torchrun
+    restarted the job held on its first world: the job re-formed on fewer hosts (launch.nodes=MIN:MAX), which the
+    line says."""
+    from parallel.dims import LayoutError
+
+    from .config import validate_layout
+    from .env import rank_env
+
+    world = rank_env(env).world
+    try:
+        validate_layout(cfg, world)
+    except LayoutError as e:
+        if int(env.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:
+            raise
+        hosts = env.get("GROUP_WORLD_SIZE", "?")
+        raise LayoutError(f"the job re-formed on {hosts} host(s), {world} rank(s), after losing some, and its layout "
+                          f"cannot shrink to them: {one_line(e)}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     if any(a.startswith("-") or a.startswith("hydra/") for a in argv):
         return _hydra_main(argv)
-    from .config import validate_layout
-    from .env import rank_env, reports_for_job
+    from .env import reports_for_job
     from .errors import INPUT_EXIT, report
 
     try:  # what every rank finds alike, before any process group: printed once, by rank 0 (README "torchrun")
         cfg = compose_config(argv)
-        validate_layout(cfg, rank_env(os.environ).world)
+        check_layout(cfg, os.environ)
     except ValueError as e:
         code = report(e, show=reports_for_job(os.environ))
         if code is None:
             raise
         return code
+    from .checkpoint import SaveError
     from .watch import CollectiveFailure
 
     try:
@@ -78,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     except CollectiveFailure:  # one rank has printed the report (train/watch.py); the others stop quietly
         return INPUT_EXIT
     except Exception as e:  # noqa: BLE001 — report() picks the input errors; anything else is re-raised
-        code = report(e)
+        code = report(e, show=not isinstance(e, SaveError) or reports_for_job(os.environ))
         if code is None:
             raise
         return code

@@ -195,6 +195,10 @@ class CheckpointError(RuntimeError):
     """Checkpoints exist but none can be loaded (one line for the user; nothing is deleted)."""
 
 
+class SaveError(CheckpointError):
+    """A checkpoint the disk refused, raised alike on every rank (they agree on it first): rank 0 reports it."""
+
+
 def published(root: Path) -> list[Path]:
     """Published checkpoint directories, newest first."""
     if not root.is_dir():
@@ -207,15 +211,19 @@ class Checkpointer:
     """Saves, publishes, prunes and loads the checkpoints under `root`; `every` and `steps` (the run's length)
     give its cadence (`should_save`)."""
 
-    def __init__(self, root: Path, keep: int, async_save: bool = False, every: int = 0, steps: int = 0):
-        self.root = root
+    def __init__(self, root: Path, keep: int, async_save: bool = False, every: int = 0, steps: int = 0,
+                 on_error: str = "stop"):
+        self.root, self.on_error = root, on_error
         self.keep = keep
         self.async_save = async_save
         self.every, self.steps = every, steps
-        self._pending: tuple[Future, Path, Path] | None = None
+        self._pending: tuple[Future, Path, Path, int | None] | None = None
         self._hasher: ThreadPoolExecutor | None = None  # checksums an async save's files once they are written
         if async_save and _single():  # DCP's writer thread warns on every save, outside any call's context
             warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_WARNING)
+        # an async save's collectives (plans, the write results) run in DCP's writer thread while training runs
+        # its own: on a group of their own, or the two would pair up the wrong collectives across ranks
+        self._async_group = dist.new_group(backend="gloo") if async_save and not _single() else None
         self.last_step: int | None = None  # the step of the newest save (or load) of this run
 
     # ------------------------------------------------------------------------------------------ save
@@ -225,27 +233,38 @@ class Checkpointer:
         return bool(self.every) and step % self.every == 0 and step < self.steps and self.last_step != step
 
     def save(self, step: int, parts, optimizers, train_state: dict[str, Any]) -> None:
-        """Write checkpoint `step`; publish it now (sync) or once its background write finished (async)."""
+        """Write checkpoint `step`; publish it now (sync) or once its background write finished (async). A write
+        that fails on any rank (a full or read-only disk) is `_failed`: stop or go on, as `on_error` says."""
         self.wait()
-        self.last_step = step
+        previous, self.last_step = self.last_step, step
         final = self.root / f"{PREFIX}{step:08d}"
         tmp = self.root / f"{final.name}.tmp"
-        if _rank() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)  # leftover of a crashed save of the same step
-            (tmp / "rng").mkdir(parents=True)
-            (tmp / "train_state.json").write_text(json.dumps(train_state, indent=1, default=str))
-        _barrier()
-        torch.save(rng_state(), tmp / "rng" / f"rank_{_rank()}.pt")
+        error = _attempt(self._start, tmp, train_state) if _rank() == 0 else None
+        if _all_ok(error is None):  # rank 0 made the directory
+            error = _attempt(torch.save, rng_state(), tmp / "rng" / f"rank_{_rank()}.pt")
+        if not _all_ok(error is None):
+            return self._failed(tmp, error, previous)
         state = merged_state(parts, optimizers)
         if self.async_save:
             with _dcp_quiet():
-                written = dcp.async_save(state, checkpoint_id=str(tmp), no_dist=_single())
+                written = dcp.async_save(state, checkpoint_id=str(tmp), no_dist=_single(),
+                                         process_group=self._async_group)
             self._hasher = self._hasher or ThreadPoolExecutor(1, thread_name_prefix="checkpoint-checksums")
-            self._pending = (self._hasher.submit(_checksum_when_written, written, tmp), tmp, final)
-        else:
-            with _dcp_quiet():
-                dcp.save(state, checkpoint_id=str(tmp), no_dist=_single())
-            self._publish(tmp, final, checksums(tmp, files_written_by(tmp, _rank())))
+            self._pending = (self._hasher.submit(_checksum_when_written, written, tmp), tmp, final, previous)
+            return None
+        with _dcp_quiet():
+            own = _attempt(dcp.save, state, checkpoint_id=str(tmp), no_dist=_single())
+        if not isinstance(own, BaseException):
+            own = _attempt(lambda: checksums(tmp, files_written_by(tmp, _rank())))
+        self._publish(tmp, final, own, previous)
+        return None
+
+    @staticmethod
+    def _start(tmp: Path, train_state: dict[str, Any]) -> None:
+        """The checkpoint's directory, afresh, with train_state.json (rank 0)."""
+        shutil.rmtree(tmp, ignore_errors=True)  # leftover of a crashed save of the same step
+        (tmp / "rng").mkdir(parents=True)
+        (tmp / "train_state.json").write_text(json.dumps(train_state, indent=1, default=str))
 
     def in_flight(self) -> bool:
         """Whether an async save waits to be published."""
@@ -259,19 +278,44 @@ class Checkpointer:
     def wait(self) -> None:
         """Finish and publish an in-flight async save."""
         if self._pending is not None:
-            future, tmp, final = self._pending
+            future, tmp, final, previous = self._pending
             self._pending = None
-            self._publish(tmp, final, future.result())
+            self._publish(tmp, final, _attempt(future.result), previous)
 
-    def _publish(self, tmp: Path, final: Path, own: dict[str, list]) -> None:
-        known = {k: v for entries in _gather(own) for k, v in entries.items()}  # every rank's shards are on disk
-        if _rank() == 0:
-            seal(tmp, known)
-            if final.exists():  # re-saving a step (after a resume): replace it only now that tmp is whole
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            self._prune()
+    def _publish(self, tmp: Path, final: Path, own: dict[str, list] | BaseException, previous: int | None) -> None:
+        """Seal and rename the checkpoint once every rank's files are written (`own`: this rank's checksums, or
+        the error that stopped its write)."""
+        gathered = _gather(own if isinstance(own, dict) else None)
+        error = None if isinstance(own, dict) else own
+        if _rank() == 0 and all(g is not None for g in gathered):
+            error = _attempt(self._seal_and_rename, tmp, final, {k: v for g in gathered for k, v in g.items()})
+        if not _all_ok(error is None):
+            return self._failed(tmp, error, previous)
         _barrier()
+        return None
+
+    def _seal_and_rename(self, tmp: Path, final: Path, known: dict[str, list]) -> None:
+        seal(tmp, known)
+        if final.exists():  # re-saving a step (after a resume): replace it only now that tmp is whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        self._prune()
+
+    def _failed(self, tmp: Path, error: BaseException | None, previous: int | None) -> None:
+        """A save that did not complete on every rank: its `.tmp` directory goes (where the disk lets it; it is
+        never loaded), the newest published checkpoint stays; CheckpointError (on_error=stop) or one warning."""
+        self.last_step = previous
+        free = _free_mib(self.root)  # before the partial write goes: what the save found
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        why = failure(error) if error is not None else "the write failed on another rank"
+        kept = published(self.root)
+        line = (f"checkpoint {tmp.name[:-len('.tmp')]} not written ({why}; {free} free in {self.root}); the newest "
+                f"checkpoint stays {kept[0].name if kept else 'none'}")
+        if self.on_error == "stop":
+            raise SaveError(f"{line}; stopping (checkpoint.on_error=continue trains on without it)")
+        if _rank() == 0:
+            log.warning("%s; training on (checkpoint.on_error=continue)", line)
 
     def _prune(self) -> None:
         for old in published(self.root)[self.keep:]:
@@ -338,6 +382,23 @@ def failure(e: BaseException) -> str:
         return f"rank {rank}: {failure(inner)}"
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:300] if text else ''}"
+
+
+def _free_mib(path: Path) -> str:
+    """The space left on the disk of `path`, e.g. "0.2 MiB" ("unknown space" where it cannot be read)."""
+    try:
+        return f"{shutil.disk_usage(path).free / 2**20:.1f} MiB"
+    except OSError:
+        return "unknown space"
+
+
+def _attempt(fn, *args, **kwargs):
+    """`fn`'s result, or the exception it raised where that is a failed write: an OSError (a full or read-only
+    disk) or DCP's CheckpointException (which wraps the ranks' own)."""
+    try:
+        return fn(*args, **kwargs)
+    except (OSError, CheckpointException) as e:
+        return e
 
 
 def _checksum_when_written(written: Future, directory: Path) -> dict[str, list]:

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import logging
 import resource
 import time
 from typing import Any, Optional
@@ -18,6 +19,9 @@ from .moe_stats import gathered_expert_bias
 from .runtime import Runtime
 from .spike import SpikeGuard
 from .step import Step, all_mean
+from .straggler import Stragglers
+
+log = logging.getLogger(__name__)
 
 
 class TrainState:
@@ -32,7 +36,7 @@ class TrainState:
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "scheduler": self.rt.optimizers.scheduler_state(),
                 "loader": self.rt.loader.state_dict(), "config": to_dict(self.rt.cfg),
-                "spike": self.spike.state_dict()}
+                "spike": self.spike.state_dict(), "layout": self.layout()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = state["step"]
@@ -40,6 +44,25 @@ class TrainState:
         self.rt.optimizers.apply_config(self.rt.cfg.optim)
         self.spike.load_state_dict(state.get("spike"))
         self.rt.loader.load_state_dict(state["loader"])
+        line = layout_change(state["step"], state.get("layout"), self.layout())
+        if line and self.rt.env.rank == 0:
+            log.warning(line)
+
+    def layout(self) -> dict[str, int]:
+        """The ranks, data-parallel ranks and micro-batches a rank accumulates over at this step."""
+        dp, mb = self.rt.groups.dp_world, self.rt.cfg.train.micro_batch_size
+        return {"world": self.rt.env.world, "dp": dp, "accumulation": self.rt.batches.size(self.step) // (dp * mb)}
+
+
+def layout_change(step: int, saved: Optional[dict], now: dict) -> Optional[str]:
+    """One line for a resume on another number of ranks than the checkpoint was written with (a job that re-formed
+    with fewer hosts): what the data-parallel degree and gradient accumulation became; None when the world is the
+    same. The global batch, and so the losses, are those of the configuration either way."""
+    if not saved or saved["world"] == now["world"]:
+        return None
+    plural = "s" if now["world"] != 1 else ""
+    return (f"resumed step {step} on {now['world']} rank{plural} (was {saved['world']}): data-parallel "
+            f"{saved['dp']} -> {now['dp']}, gradient accumulation {saved['accumulation']} -> {now['accumulation']}")
 
 
 class Validator:
@@ -91,6 +114,9 @@ class ProgressLog:
         self.rt, self.step_fn, self.metrics = rt, step, metrics
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.start, self.t0 = start, time.perf_counter()
+        lg, env = rt.cfg.log, rt.env
+        self.stragglers = (Stragglers(env.rank, env.world, env.device, lg.straggler_factor, lg.straggler_window)
+                           if env.world > 1 else None)
         self._restart_window()
 
     def _restart_window(self) -> None:
@@ -120,11 +146,18 @@ class ProgressLog:
                   "batch_size": rt.batches.size(step - 1),
                   "tokens": rt.batches.sequences_before(step) * cfg.data.seq_len}
         record.update({k: v for k, v in result.items() if k not in record})
+        if self.stragglers is not None:
+            record.update(self.stragglers.record(step, record["step_time"]))
         self.metrics.log(step, record)
         if rt.env.rank == 0:
             left = rt.batches.seconds_left(self.start, step, cfg.train.steps, time.perf_counter() - self.t0)
             print(format_progress(step, cfg.train.steps, result["loss"], tps, mfu, left), flush=True)
         self._restart_window()
+
+    def close(self) -> None:
+        """Stop the straggler sampler's thread."""
+        if self.stragglers is not None:
+            self.stragglers.close()
 
     def moe(self, step: int) -> None:
         """The routing histograms of the `step`-th step (and the expert biases, where the run moves them)."""

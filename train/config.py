@@ -39,6 +39,7 @@ PipelineSchedule = Literal[SCHEDULE_NAMES]  # parallel/pipeline.py
 Recompute = Literal[RECOMPUTE_MODES]
 DataFormat = Literal["webdataset", "megatron"]
 LaunchMode = Literal["local", "torchrun", "slurm"]
+CheckpointOnError = Literal["stop", "continue"]  # train/checkpoint.py Checkpointer._failed
 Gpu = Literal[tuple(GPUS)]  # train/hardware.py
 MuonNsDtype = Literal["auto", "bfloat16", "float32"]  # optim.muon_ns_dtype; auto: bfloat16 on GPU, float32 on CPU
 
@@ -171,19 +172,29 @@ class CheckpointConfig:
     init_from: Optional[str] = None
     # fields (or sections, e.g. "precision") a resume may change from the checkpoint's config (train/resume.py)
     allow_changes: tuple = ()
+    # a save that cannot be written (a full or read-only disk): stop the run (exit 1), or train on without it; either
+    # way with one line, and the newest published checkpoint stays as it was
+    on_error: CheckpointOnError = "stop"
 
 
 @dataclass
 class LogConfig:
     every: int = 10
     moe_every: int = 50  # histograms + heatmap cadence (in steps)
+    # a rank whose own work (its step time outside waits for other ranks) stays above this factor x the median of
+    # the other ranks' in each of the last straggler_window logged steps is named in one warning (train/straggler.py);
+    # 0: no warning (the step_time/* metrics are logged anyway)
+    straggler_factor: float = 1.5
+    straggler_window: int = 3
 
 
 @dataclass
 class LaunchConfig:
     """How `python -m launch` starts the run (conf/launch/); the trainer itself ignores it."""
     mode: LaunchMode = "local"
-    nodes: int = 1
+    # N, or "MIN:MAX" (torchrun's elastic --nnodes): a job that loses hosts for good re-forms on the MIN or more that
+    # remain (through launch.max_restarts) and resumes its newest checkpoint with fewer data-parallel ranks
+    nodes: Any = 1
     procs_per_node: int = 1  # processes (GPUs) per node
     master_addr: str = "localhost"  # torchrun mode: rendezvous host (any node of the job)
     master_port: int = 29500
@@ -197,13 +208,36 @@ class LaunchConfig:
     sbatch_extra: tuple = ()  # more "#SBATCH" options, e.g. ["--exclusive", "--qos=high"]
     env: dict = field(default_factory=dict)  # exported before launching (NCCL / network knobs)
     dry_run: bool = False  # print the command (and the sbatch script) without launching
+    # torchrun's --rdzv-conf for launch=torchrun/slurm, e.g. {last_call_timeout: 5, keep_alive_interval: 2}: how long
+    # the rendezvous waits for more hosts, and how soon a silent host is dropped from it (5 s x 3 misses by default)
+    rdzv_conf: dict = field(default_factory=dict)
+
+    @property
+    def node_range(self) -> tuple[int, int]:
+        """(MIN, MAX) of `nodes`: (N, N) for a fixed count (ConfigError when it is neither)."""
+        return node_range(self.nodes)
+
+    @property
+    def max_nodes(self) -> int:
+        """The nodes the job starts with and sizes its layout for."""
+        return self.node_range[1]
+
+
+def node_range(nodes: Any) -> tuple[int, int]:
+    """launch.nodes as (MIN, MAX): an int N or "N" -> (N, N); "MIN:MAX" -> (MIN, MAX)."""
+    text = str(nodes).strip()
+    parts = text.split(":")
+    if isinstance(nodes, bool) or len(parts) > 2 or not all(p.strip().isdigit() for p in parts):
+        raise ConfigError(f"launch.nodes must be a node count N or an elastic range MIN:MAX, got {nodes!r}")
+    lo, hi = int(parts[0]), int(parts[-1])
+    return lo, hi
 
 
 @dataclass
 class ClusterConfig:
     """The machines `python -m launch.plan` sizes a layout for (conf/cluster/); the trainer ignores it."""
     gpu: Gpu = "h800"  # the constants in train/hardware.py
-    gpus: int = 0  # GPUs of the job; 0: launch.nodes x launch.procs_per_node
+    gpus: int = 0  # GPUs of the job; 0: launch.nodes (its MAX) x launch.procs_per_node
     gpus_per_node: int = 8  # GPUs that share NVLink; traffic between nodes goes over InfiniBand
     gemm_efficiency: float = 0.6  # achieved fraction of the GPU's peak FLOPS in the model's GEMMs and attention
     link_efficiency: float = 0.7  # achieved fraction of NVLink / InfiniBand bandwidth in collectives
@@ -398,10 +432,13 @@ def _validate_precision(cfg: RunConfig) -> None:
 
 
 def _validate_launch(la: LaunchConfig, c: ClusterConfig) -> None:
-    _require(la.nodes >= 1 and la.procs_per_node >= 1,
-             f"launch.nodes={la.nodes} and launch.procs_per_node={la.procs_per_node} must be >= 1")
-    _require(la.mode != "local" or la.nodes == 1, f"launch=local runs one node, got launch.nodes={la.nodes}; "
+    lo, hi = la.node_range
+    _require(1 <= lo <= hi and la.procs_per_node >= 1, f"launch.nodes={la.nodes} (1 <= MIN <= MAX) and "
+             f"launch.procs_per_node={la.procs_per_node} must be >= 1")
+    _require(la.mode != "local" or hi == 1, f"launch=local runs one node, got launch.nodes={la.nodes}; "
              f"use launch=torchrun (on every node) or launch=slurm")
+    _require(lo == hi or la.max_restarts >= 1, f"launch.nodes={la.nodes}: a job re-forms on the hosts that remain "
+             f"through torchrun's restarts; set launch.max_restarts >= 1")
     _require(la.signal_before_end_s > 0, f"launch.signal_before_end_s must be > 0, got {la.signal_before_end_s}")
     _require(la.max_restarts >= 0, f"launch.max_restarts must be >= 0, got {la.max_restarts}")
     _require(c.gpus >= 0 and c.gpus_per_node >= 1, f"cluster.gpus={c.gpus} must be >= 0 (0: launch.nodes x "
@@ -418,6 +455,9 @@ def _validate_checkpoint_log(cfg: RunConfig) -> None:
     _require(cfg.checkpoint.every >= 0, f"checkpoint.every must be >= 0, got {cfg.checkpoint.every}")
     _require(cfg.log.every >= 1 and cfg.log.moe_every >= 1,
              f"log.every={cfg.log.every} and log.moe_every={cfg.log.moe_every} must be >= 1")
+    _require((cfg.log.straggler_factor == 0 or cfg.log.straggler_factor > 1) and cfg.log.straggler_window >= 1,
+             f"log.straggler_factor={cfg.log.straggler_factor} must be 0 (off) or > 1 and log.straggler_window="
+             f"{cfg.log.straggler_window} >= 1")
 
 
 def _validate_parallel(cfg: RunConfig) -> None:

@@ -31,6 +31,8 @@ def tag_for(key: str) -> str:
         return TAGS[key]
     if key.startswith("aux/"):
         return "loss/" + key
+    if key.startswith("step_time/"):  # the straggler metrics (train/straggler.py)
+        return "perf/" + key
     return "misc/" + key
 
 

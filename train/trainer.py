@@ -83,6 +83,7 @@ class Trainer:
         self.state = TrainState(self.rt, self.spike)
         self._stop_signal: int | None = None
         self.metrics: MetricsWriter | None = None
+        self.progress: ProgressLog | None = None
 
     @property
     def step(self) -> int:
@@ -96,7 +97,8 @@ class Trainer:
         complete_runtime(rt)  # data, model parts, optimizers
         self.step_fn = Step(rt)
         self.checkpointer = Checkpointer(self.out / "checkpoints", cfg.checkpoint.keep, cfg.checkpoint.async_save,
-                                         every=cfg.checkpoint.every, steps=cfg.train.steps)
+                                         every=cfg.checkpoint.every, steps=cfg.train.steps,
+                                         on_error=cfg.checkpoint.on_error)
         resumed = self._resume() if cfg.checkpoint.load else None
         self._init_weights(resumed)
         if self.env.rank == 0:
@@ -252,6 +254,8 @@ class Trainer:
     def close(self) -> None:
         if self.metrics is not None:
             self.metrics.close()
+        if self.progress is not None:
+            self.progress.close()
         if self.watch is not None:
             self.watch.close()
         if dist.is_initialized() and not self.collective_failed:  # a group with a lost peer cannot be torn down

@@ -43,7 +43,7 @@ def _module_of(fqn: str | None) -> str:
     return f"layer {parts[1]}" if parts[0] == "layers" and len(parts) > 1 else fqn
 
 
-def _frame_operation(frame) -> str | None:
+def frame_operation(frame) -> str | None:
     """The collective a stack frame stands for, or None."""
     code, loc = frame.f_code, frame.f_locals
     name, path = code.co_name, code.co_filename.replace(os.sep, "/")
@@ -74,7 +74,7 @@ def failed_operation(error: BaseException, phase: str) -> str:
     """The innermost collective named on the stack of `error`, else the training loop's `phase`."""
     tb, found = error.__traceback__, None
     while tb is not None:
-        found = _frame_operation(tb.tb_frame) or found
+        found = frame_operation(tb.tb_frame) or found
         tb = tb.tb_next
     return found or phase
 

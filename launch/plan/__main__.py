@@ -176,7 +176,7 @@ def main(argv: list[str]) -> int:
     try:
         cfg = compose_config(argv)
         gpu = find_gpu(cfg.cluster.gpu)
-        world = cfg.cluster.gpus or cfg.launch.nodes * cfg.launch.procs_per_node
+        world = cfg.cluster.gpus or cfg.launch.max_nodes * cfg.launch.procs_per_node
         model = StageShapes(meta_model(cfg.model))
     except (ConfigError, ValueError) as e:
         print(f"config error: {e}", file=sys.stderr)
