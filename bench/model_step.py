@@ -13,10 +13,19 @@ updates: that checks gradients and optimizer too).
 
 Peak memory is measured in a separate pass (see `peak_step_memory_mib`).
 
+--dtype bf16 runs every variant's forward and loss under CPU autocast (bf16; the fp32 weights, gradients and
+AdamW states as in the trainer's `precision=bf16` without FSDP). bf16 is measured only on a CPU whose bf16 GEMMs
+are at least as fast as fp32 (AMX or AVX512-BF16, `machine.bf16_gemms_fast`); on others (AVX2 only) the script
+says so and measures fp32. After the timing, one more step of our fastest variant and of the fastest
+transformers variant runs under torch.profiler: `gemm_attention_share` is the share of that step's CPU time
+(self time of every op, summed) spent in GEMMs (aten::mm, bmm, addmm, baddbmm, _grouped_mm) and in SDPA's
+kernels, forward and backward.
+
 With --compile, a second variant of ours runs each block under torch.compile, as `parallel.compile=true`
 does in the trainer (the routed-expert grouped GEMMs stay eager); it is timed in the same rotation.
 
     python bench/model_step.py [--preset small] [--batch 4] [--seq-len 256] [--steps 6] [--warmup 2] [--compile]
+                               [--dtype fp32|bf16]
 Last line: speedup_vs_hf=<our fastest variant's tokens/s / fastest transformers variant's tokens/s>.
 
 Timings need an otherwise idle machine: with default (all-core) threading, every parallel region waits for
@@ -28,6 +37,7 @@ took during the timing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
 import os
 import re
@@ -47,13 +57,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from model import Transformer, load_preset  # noqa: E402
 from train.hf.format import to_hf  # noqa: E402
 from parallel.recompute import apply_compile  # noqa: E402
-from machine import describe  # noqa: E402  (bench/, beside this file)
+from machine import bf16_gemms_fast, describe  # noqa: E402  (bench/, beside this file)
 
 # `batched_mm` is not timed by default: it gathers the weights of every (token, expert) pair and keeps them for
 # backward, [4096, 512, 512] + [4096, 512, 256] fp32 = 6 GiB per MoE layer, 42 GiB for the `small` preset at
 # batch 4 x 256; it targets small decode batches. Add it with --variants grouped_mm eager batched_mm.
 DEFAULT_VARIANTS = ("grouped_mm", "eager")
-LOSS_RTOL = 1e-3
+LOSS_RTOL = {"fp32": 1e-3, "bf16": 1e-2}  # bf16: the two models round their activations at different places
+GEMM_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::_grouped_mm")
 OURS = ("ours", "ours_compiled")
 
 Step = Callable[[], float]
@@ -97,13 +108,19 @@ def make_tokens(vocab_size: int, batch: int, seq_len: int) -> torch.Tensor:
     return torch.randint(0, vocab_size, (batch, seq_len + 1), generator=torch.Generator().manual_seed(1))
 
 
-def make_step(model: torch.nn.Module, logits_fn: Callable, tokens: torch.Tensor) -> Step:
-    """A closure running one training step on `tokens` [B, T+1] (next-token cross-entropy), returning the loss."""
+def autocast(dtype: str):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
+
+
+def make_step(model: torch.nn.Module, logits_fn: Callable, tokens: torch.Tensor, dtype: str = "fp32") -> Step:
+    """A closure running one training step on `tokens` [B, T+1] (next-token cross-entropy), returning the loss;
+    dtype bf16: forward and loss under autocast."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
 
     def step() -> float:
-        logits = logits_fn(tokens[:, :-1])  # (B, T, V)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+        with autocast(dtype):
+            logits = logits_fn(tokens[:, :-1])  # (B, T, V)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -141,14 +158,25 @@ def others_cpu_share(run: Callable[[], object]) -> tuple[object, float]:
     return result, max(others, 0.0) / ((time.perf_counter() - wall) * os.cpu_count())
 
 
+def gemm_attention_share(step: Step) -> float:
+    """The share of one step's CPU time (the self time of every profiled op, summed) in GEMMs and SDPA kernels."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    core = sum(e.self_cpu_time_total for e in events
+               if e.key in GEMM_OPS or "scaled_dot_product" in e.key or "flash_attention" in e.key)
+    return core / total
+
+
 # --------------------------------------------------------------------------------------------- memory
 def _proc_status_kib(field: str) -> int:
     return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1))
 
 
-def _peak_memory_child(name: str, preset: str, weights_dir: str, batch: int, seq_len: int) -> float:
+def _peak_memory_child(name: str, preset: str, weights_dir: str, batch: int, seq_len: int, dtype: str) -> float:
     model, logits_fn = build(name, preset, weights_dir)
-    step = make_step(model, logits_fn, make_tokens(load_preset(preset).vocab_size, batch, seq_len))
+    step = make_step(model, logits_fn, make_tokens(load_preset(preset).vocab_size, batch, seq_len), dtype)
     with torch.no_grad():  # transformers keeps some weights as views of the mmapped checkpoint: fault them in
         for p in model.parameters():
             p.sum()
@@ -159,7 +187,8 @@ def _peak_memory_child(name: str, preset: str, weights_dir: str, batch: int, seq
     return (_proc_status_kib("VmHWM") - base) / 1024
 
 
-def peak_step_memory_mib(names: list[str], preset: str, weights_dir: str, batch: int, seq_len: int) -> dict:
+def peak_step_memory_mib(names: list[str], preset: str, weights_dir: str, batch: int, seq_len: int,
+                         dtype: str = "fp32") -> dict:
     """Per variant: the RSS high-water mark over two training steps minus the RSS of the built model (MiB), i.e.
     gradients + AdamW states + activations + temporaries.
 
@@ -176,7 +205,8 @@ def peak_step_memory_mib(names: list[str], preset: str, weights_dir: str, batch:
     try:
         for name in names:
             with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
-                out[name] = pool.submit(_peak_memory_child, name, preset, weights_dir, batch, seq_len).result()
+                out[name] = pool.submit(_peak_memory_child, name, preset, weights_dir, batch, seq_len,
+                                       dtype).result()
     finally:
         if env_before is None:
             del os.environ["MALLOC_MMAP_THRESHOLD_"]
@@ -186,9 +216,9 @@ def peak_step_memory_mib(names: list[str], preset: str, weights_dir: str, batch:
 
 
 # --------------------------------------------------------------------------------------------- report
-def losses_disagree(losses: dict[str, float]) -> dict[str, float]:
+def losses_disagree(losses: dict[str, float], dtype: str = "fp32") -> dict[str, float]:
     ref = losses["ours"]
-    return {n: v for n, v in losses.items() if abs(v - ref) > LOSS_RTOL * abs(ref)}
+    return {n: v for n, v in losses.items() if abs(v - ref) > LOSS_RTOL[dtype] * abs(ref)}
 
 
 def parse_args() -> argparse.Namespace:
@@ -201,8 +231,14 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS),
                     help="transformers experts_implementation values to time")
     ap.add_argument("--compile", action="store_true", help="also time ours with each block torch.compiled")
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                    help="bf16: forward and loss under CPU autocast (measured only where bf16 GEMMs are fast)")
     args = ap.parse_args()
     print(describe(), flush=True)
+    if args.dtype == "bf16" and not bf16_gemms_fast():
+        print("bf16 is not measured on this CPU: its bf16 GEMMs are slower than fp32 (no AMX or AVX512-BF16 "
+              "units); measuring fp32", flush=True)
+        args.dtype = "fp32"
     if args.steps < 1 or args.warmup < 1:
         raise ValueError(f"--steps and --warmup must be >= 1, got steps={args.steps} warmup={args.warmup}")
     return args
@@ -216,13 +252,16 @@ def measure(args: argparse.Namespace) -> dict:
         ours = ["ours"] + (["ours_compiled"] if args.compile else [])
         names = ours + variants
         tokens = make_tokens(load_preset(args.preset).vocab_size, args.batch, args.seq_len)
-        steps = {n: make_step(*build(n, args.preset, weights_dir), tokens) for n in names}
+        steps = {n: make_step(*build(n, args.preset, weights_dir), tokens, args.dtype) for n in names}
         timed, contention = others_cpu_share(lambda: time_alternating(steps, args.warmup, args.steps))
         times, first, last = timed
+        tps = {n: args.batch * args.seq_len / statistics.median(times[n]) for n in names}
+        fastest = {max(ours, key=tps.get), max(variants, key=tps.get)}
+        share = {n: gemm_attention_share(steps[n]) for n in names if n in fastest}
         steps.clear()  # free the timed models before the memory pass
-        memory = peak_step_memory_mib(names, args.preset, weights_dir, args.batch, args.seq_len)
+        memory = peak_step_memory_mib(names, args.preset, weights_dir, args.batch, args.seq_len, args.dtype)
     return dict(default=default, ours=ours, variants=variants, times=times, first=first, last=last,
-                contention=contention, memory=memory)
+                contention=contention, memory=memory, share=share)
 
 
 def report(args: argparse.Namespace, r: dict) -> int:
@@ -231,7 +270,9 @@ def report(args: argparse.Namespace, r: dict) -> int:
     median = {n: statistics.median(r["times"][n]) for n in names}
     tps = {n: args.batch * args.seq_len / median[n] for n in names}
     print(f"preset={args.preset} batch={args.batch} seq_len={args.seq_len} steps={args.steps} warmup={args.warmup} "
-          f"threads={torch.get_num_threads()}; fp32, train mode, our balance losses off")
+          f"threads={torch.get_num_threads()}; {args.dtype}"
+          + (" (autocast; fp32 weights, gradients, AdamW)" if args.dtype == "bf16" else "")
+          + ", train mode, our balance losses off")
     print(f"transformers {__import__('transformers').__version__} (attention sdpa), experts implementations timed: "
           + ", ".join(f"{v} (transformers' default here)" if v == r["default"] else v for v in r["variants"]))
     print(f"other processes used {r['contention']:.0%} of the CPUs during timing"
@@ -241,15 +282,18 @@ def report(args: argparse.Namespace, r: dict) -> int:
         print(f"{label[n]}: {tps[n]:,.0f} tok/s, median step {median[n]:.3f} s, peak {r['memory'][n]:,.0f} MiB")
     for what, losses in (("first_step_loss", r["first"]), (f"loss_after_{args.warmup + args.steps}_steps", r["last"])):
         print(what + " " + " ".join(f"{label[n]}={losses[n]:.6f}" for n in names))
-        bad = losses_disagree(losses)
+        bad = losses_disagree(losses, args.dtype)
         if bad:
-            print(f"{what} disagrees with ours by more than {LOSS_RTOL:g} relative: {', '.join(label[n] for n in bad)}")
+            print(f"{what} disagrees with ours by more than {LOSS_RTOL[args.dtype]:g} relative: "
+                  f"{', '.join(label[n] for n in bad)}")
             return 1
     fastest = max(r["variants"], key=lambda n: tps[n])
     best = max(r["ours"], key=lambda n: tps[n])
     print(f"fastest transformers variant: {fastest}; our fastest: {best}")
     for n in r["ours"]:
         print(f"{n}_vs_hf={tps[n] / tps[fastest]:.2f}")
+    print("gemm_attention_share (GEMMs + SDPA, of one profiled step's CPU time): "
+          + ", ".join(f"{label[n]}={v:.0%}" for n, v in r["share"].items()))
     print(f"speedup_vs_hf={tps[best] / tps[fastest]:.2f}")
     return 0
 

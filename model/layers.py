@@ -8,7 +8,9 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in fp32 and cast back, then scaled (transformers' DeepseekV2RMSNorm order)."""
+    """RMSNorm computed in fp32 and cast back, then scaled (transformers' DeepseekV2RMSNorm order). The output has
+    the input's dtype: a bf16 input under autocast gives the bf16 product that autocast would hand the next
+    GEMM anyway, without an fp32 copy in between."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -17,7 +19,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
-        return self.weight * normed
+        return (self.weight * normed).to(x.dtype)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)

@@ -287,6 +287,21 @@ class LocalDispatcher:
 
 
 # --------------------------------------------------------------------------------------------- the layer
+def token_spans(n: int, chunks: int) -> list[tuple[int, int]]:
+    """[first, last) token ranges of `chunks` near-equal chunks of n tokens (the first n % chunks one longer, as
+    torch.tensor_split), in plain ints: no tensor value decides a shape."""
+    chunks = min(chunks, max(n, 1))
+    sizes = [n // chunks + (i < n % chunks) for i in range(chunks)]
+    ends = [sum(sizes[:i + 1]) for i in range(chunks)]
+    return [(end - size, end) for size, end in zip(sizes, ends)]
+
+
+def expert_counts(expert: torch.Tensor, n: int) -> torch.Tensor:
+    """Assignments per expert [n] (int64) of expert ids [M] < n: bincount with a fixed output length, which
+    compiles (bincount's length depends on the largest id)."""
+    return torch.zeros(n, dtype=torch.int64, device=expert.device).scatter_add_(0, expert, torch.ones_like(expert))
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -320,11 +335,11 @@ class MoE(nn.Module):
         shared = None if self.shared_experts is None else self.shared_experts(x)  # while the dispatch is in flight
         routed = self._combine(flat, routing, flights, rows).view(b, t, d)
         out = routed if shared is None else routed + shared
-        self._record(routing, keep)
         if self.training and torch.is_grad_enabled():
             aux = self._balance_loss(routing, b)
             if aux is not None:
                 out = AuxLossInjector.apply(out, aux, self.aux_loss_scale)
+        self._record(routing, keep)  # last: under torch.compile the block's graph ends here
         return out
 
     def _keep_mask(self, routing: Routing, b: int, t: int) -> torch.Tensor | None:
@@ -336,38 +351,43 @@ class MoE(nn.Module):
 
     def _dispatch(self, x: torch.Tensor, routing: Routing, keep: torch.Tensor | None) -> tuple[list, list]:
         """Sort each chunk's (token, expert) assignments by expert and hand the chunks to the dispatcher: (what
-        it returned, each chunk's assignment rows in expert order)."""
+        it returned, each chunk's assignment rows in expert order). Shapes depend on the data only where
+        assignments are dropped, so without dropping this traces into the compiled block."""
         n, k = routing.indices.shape
         e = self.cfg.n_routed_experts
         expert = routing.indices.flatten()
         if keep is not None:  # dropped assignments go to a virtual expert E that is never computed
             expert = expert.masked_fill(~keep.flatten(), e)
         xs, counts, rows = [], [], []
-        for span in torch.arange(n).tensor_split(min(self.dispatcher.chunks, max(n, 1))):  # chunks of tokens
-            first, last = (int(span[0]) * k, (int(span[-1]) + 1) * k) if len(span) else (0, 0)
-            part = expert[first:last]
-            count = torch.bincount(part, minlength=e + 1)[:e]
-            order = part.argsort(stable=True)[: int(count.sum())] + first
-            xs.append(x[order // k])
+        for first, last in token_spans(n, self.dispatcher.chunks):
+            part = expert[first * k:last * k]
+            count = expert_counts(part, e + 1)[:e]
+            order = part.argsort(stable=True) + first * k
+            if keep is not None:  # the dropped assignments sort last: cut them off
+                order = order[: int(count.sum())]
+            xs.append(x.index_select(0, order // k))
             counts.append(count)
             rows.append(order)
         return self.dispatcher.dispatch(xs, counts), rows
 
     def _combine(self, x: torch.Tensor, routing: Routing, flights: list, rows: list) -> torch.Tensor:
-        """Run the experts on the dispatched chunks, bring the results back, and weight and sum them per token."""
+        """Run the experts on the dispatched chunks, bring the results back, and weight and sum them per token;
+        under autocast in the experts' output dtype (the dtype autocast runs the weighted sum's bmm in)."""
         n, k = routing.indices.shape
         ys = self.dispatcher.combine(self.dispatcher.compute(self.experts, flights))
-        full = x.new_zeros(n * k, x.shape[-1])
+        dtype = ys[0].dtype if torch.is_autocast_enabled(x.device.type) else x.dtype
+        full = x.new_zeros(n * k, x.shape[-1], dtype=dtype)
         for order, y in zip(rows, ys):
-            full = full.index_copy(0, order, y.to(x.dtype))
+            full = full.index_copy(0, order, y.to(full.dtype))
         # weighted sum over the K experts of each token: (N, 1, K) @ (N, K, D); bmm is ~3x faster than einsum here
-        return torch.bmm(routing.weights.to(x.dtype).unsqueeze(1), full.view(n, k, -1)).squeeze(1)
+        return torch.bmm(routing.weights.to(full.dtype).unsqueeze(1), full.view(n, k, -1)).squeeze(1)
 
+    @torch.compiler.disable  # asks autograd's engine whether it runs, which does not trace
     @torch.no_grad()
     def _record(self, routing: Routing, keep: torch.Tensor | None) -> None:
         if torch._C._current_graph_task_id() != -1:  # a forward rerun inside backward (activation
             return  # checkpointing): these tokens were counted when the forward first ran
-        self.tokens_per_expert += torch.bincount(routing.indices.flatten(), minlength=self.cfg.n_routed_experts)
+        self.tokens_per_expert += expert_counts(routing.indices.flatten(), self.cfg.n_routed_experts)
         total = routing.indices.numel()
         kept = total if keep is None else int(keep.sum())
         self.dropped += torch.tensor([total - kept, total], dtype=self.dropped.dtype, device=self.dropped.device)

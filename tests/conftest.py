@@ -272,6 +272,7 @@ def full(t: torch.Tensor) -> torch.Tensor:
 # worker a contiguous share of the collection and moves tests from the end of the fullest queue, so collecting
 # these first starts them early instead of leaving one to finish alone at the end.
 SLOWEST_FIRST = (
+    "test_gpu_check.py::test_gpu_check_rehearsal",
     "test_fp8.py::test_fp8_recipes_train_like_bf16",
     "test_parallel_layouts.py::test_layout_equals_single_process[ep2_compiled]",
     "test_parallel_layouts.py::test_layout_equals_single_process[tp2_compiled]",

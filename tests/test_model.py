@@ -485,3 +485,36 @@ def test_router_logits_stay_fp32_under_bf16_autocast():
     torch.testing.assert_close(got.scores, want, rtol=1e-6, atol=1e-7)
     bf16 = F.linear(x.bfloat16(), router.weight.bfloat16()).float().softmax(-1)
     assert float((bf16 - want).abs().max()) > 1e-4  # what a bf16 GEMM would have given instead
+
+
+def test_token_spans_and_expert_counts_equal_tensor_split_and_bincount():
+    from model.moe import expert_counts, token_spans
+
+    for n, chunks in [(0, 3), (1, 3), (7, 3), (10, 4), (5, 1)]:
+        want = [(int(s[0]), int(s[-1]) + 1) if len(s) else (0, 0)
+                for s in torch.arange(n).tensor_split(min(chunks, max(n, 1)))]
+        assert token_spans(n, chunks) == want, (n, chunks)
+    ids = torch.tensor([4, 0, 4, 2, 4, 2, 0])  # expert 1, 3 and 5 unused; 6 ids of 7 below n
+    assert expert_counts(ids, 7).tolist() == torch.bincount(ids, minlength=7).tolist() == [2, 0, 2, 0, 3, 0, 0]
+
+
+def test_moe_under_bf16_autocast_combines_in_bf16_with_the_fp32_router_weights():
+    """The routed outputs are weighted and summed in the experts' bf16 (no fp32 copy of the [N*K, D] rows): the
+    same numbers as upcasting them to fp32 first and letting autocast round them back for the bmm."""
+    from model.moe import MoE
+
+    torch.manual_seed(0)
+    moe = MoE(tiny(initializer_range=0.2)).eval()
+    x = torch.randn(2, 9, moe.cfg.hidden_size)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = moe(x)
+        flat = x.reshape(-1, x.shape[-1])
+        routing = moe.gate(flat)
+        flights, rows = moe._dispatch(flat, routing, None)
+        ys = moe.dispatcher.combine(moe.dispatcher.compute(moe.experts, flights))
+        full = flat.new_zeros(flat.shape[0] * routing.indices.shape[1], flat.shape[1])
+        full = full.index_copy(0, rows[0], ys[0].float())  # the fp32 round trip
+        routed = torch.bmm(routing.weights.unsqueeze(1), full.view(flat.shape[0], -1, flat.shape[1])).squeeze(1)
+        want = routed.view_as(x) + moe.shared_experts(x)
+    assert ys[0].dtype == torch.bfloat16 and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
