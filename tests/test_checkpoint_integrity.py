@@ -4,6 +4,7 @@ holds checkpoints (train/targets.py)."""
 
 import json
 import logging
+import time
 import zlib
 
 import pytest
@@ -29,6 +30,23 @@ def _saved(root, async_save: bool = False):
         ckpt.save(step, [model], [opt], {"step": step})
     ckpt.wait()
     return model, opt, ckpt, weights[1]
+
+
+def test_an_async_save_is_published_once_written_without_a_later_save(tmp_path):
+    """What the trainer's end-of-step check relies on: `written()` turns true once the background write and its
+    checksums are done, with no later save; the save is still `step_N.tmp` until `wait()` publishes it."""
+    model = tiny_model()
+    ckpt = Checkpointer(tmp_path, keep=3, async_save=True)
+    ckpt.save(1, [model], [torch.optim.AdamW(model.parameters())], {"step": 1})
+    assert ckpt.in_flight()
+    deadline = time.monotonic() + 120
+    while not ckpt.written():
+        assert time.monotonic() < deadline, "the async write did not finish"
+        time.sleep(0.01)
+    assert [p.name for p in tmp_path.iterdir()] == ["step_00000001.tmp"]
+    ckpt.wait()
+    assert [p.name for p in tmp_path.iterdir()] == ["step_00000001"] and not ckpt.in_flight()
+    assert verified(tmp_path / "step_00000001") is None
 
 
 def _flip_last_bit(path):
