@@ -131,8 +131,7 @@ class ReplicatedRouter(ParallelStyle):
             contexts.pop().__exit__(None, None, None)
             if out is None:  # forward raised (always_call): only close the context
                 return out
-            return Routing(*(t.to_local() if isinstance(t, DTensor) else t
-                             for t in (out.scores, out.indices, out.weights)))
+            return Routing(*map(local_tensor, (out.scores, out.indices, out.weights)))
 
         module.register_forward_pre_hook(pre)
         module.register_forward_hook(post, always_call=True)
@@ -252,12 +251,13 @@ class HeadShardedAttention:
         self.local = local
 
     def __call__(self, q, k, v, scale: float, observe=None):
-        mine = None if observe is None else lambda q, k: observe(*(_local(x) for x in (q, k)))
+        mine = None if observe is None else lambda q, k: observe(local_tensor(q), local_tensor(k))
         return self.local(q, k, v, scale, mine)
 
 
-def _local(x: torch.Tensor) -> torch.Tensor:
-    return x.to_local() if isinstance(x, DTensor) else x
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a (possibly distributed) tensor, sharing its storage."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _block_plan(block: nn.Module, seq: Placement) -> dict[str, ParallelStyle]:
@@ -366,7 +366,7 @@ def _stage_io(model: nn.Module, mesh: DeviceMesh, seq: Placement) -> None:
             return (DTensor.from_local(x, mesh, [seq], run_check=False), *args[1:])
         model.register_forward_pre_hook(wrap)
     if model.lm_head is None:
-        model.register_forward_hook(lambda mod, args, out: out.to_local() if isinstance(out, DTensor) else out)
+        model.register_forward_hook(lambda mod, args, out: local_tensor(out))
 
 
 def _grad_to_param_layout(param: DTensor) -> None:

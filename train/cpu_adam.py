@@ -11,9 +11,9 @@ builds the kernel at first use (a C++ compiler and ninja; cached under TORCH_EXT
 from __future__ import annotations
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from parallel.deepspeed_ops import import_deepspeed
+from parallel.tensor import local_tensor
 
 _adam = import_deepspeed("deepspeed.ops.adam")
 
@@ -25,11 +25,6 @@ def cpu_adam_problem() -> str | None:
     except Exception as e:  # the builder raises whatever the compiler or loader raised
         return f"{type(e).__name__}: {e}".splitlines()[0]
     return None
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a (possibly distributed) tensor, sharing its storage."""
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _torch_adamw_group_keys(lr: float) -> dict:
@@ -71,5 +66,5 @@ class OffloadAdamW(_adam.DeepSpeedCPUAdam):
         state["step"] += 1
         beta1, beta2 = group["betas"]
         self.ds_opt_adam.adam_update(self.opt_id, int(state["step"]), group["lr"], beta1, beta2, group["eps"],
-                                     group["weight_decay"], True, _local(p), _local(p.grad),
-                                     _local(state["exp_avg"]), _local(state["exp_avg_sq"]))
+                                     group["weight_decay"], True, local_tensor(p), local_tensor(p.grad),
+                                     local_tensor(state["exp_avg"]), local_tensor(state["exp_avg_sq"]))

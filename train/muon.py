@@ -29,6 +29,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from model.config import TORCH_DTYPES
 from model.moe import GroupedExperts, Router
+from parallel.tensor import local_tensor
 
 from .config import MuonNsDtype, OptimConfig
 from .optim import AdamWLowPrecisionMoments
@@ -89,10 +90,6 @@ def shard_of(whole: torch.Tensor, like: torch.Tensor, keep_experts: bool = False
     return joined.redistribute(mesh, like.placements).to_local()
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
 class Muon(AdamWLowPrecisionMoments):
     """Muon for the param groups with "muon": True (a group with "split": True holds fused gate|up expert
     stacks), AdamW (train.optim.AdamWLowPrecisionMoments: same state keys as torch's) for the others. A group's
@@ -121,15 +118,15 @@ class Muon(AdamWLowPrecisionMoments):
                     self._update(p, self.state[p], group)
 
     def _muon(self, p: torch.Tensor, state: dict, group: dict) -> None:
-        cfg, grad = self.cfg, _local(p.grad)
+        cfg, grad = self.cfg, local_tensor(p.grad)
         if not state:
             state["momentum_buffer"] = torch.zeros_like(p.grad)
-        buf = _local(state["momentum_buffer"])
+        buf = local_tensor(state["momentum_buffer"])
         buf.mul_(cfg.muon_momentum).add_(grad)
         direction = grad.add(buf, alpha=cfg.muon_momentum) if cfg.muon_nesterov else buf
         stack = p.ndim == 3  # routed experts: each rank its own
         update = self.orthogonalised(gathered(direction, p, stack), group.get("split", False))
-        weight = _local(p)
+        weight = local_tensor(p)
         weight.mul_(1 - group["lr"] * group["weight_decay"])
         weight.add_(shard_of(update, p, stack).to(weight.device, weight.dtype), alpha=-group["lr"])
 
