@@ -137,7 +137,9 @@ def _kill_tree(pid: int) -> None:
 
 def newest_checkpoint(out: Path) -> int:
     """The step of the newest checkpoint published under `out`."""
-    return max(int(p.name.removeprefix("step_")) for p in (out / "checkpoints").glob("step_*") if not p.suffix)
+    from train.checkpoint import PREFIX, published
+
+    return int(published(out / "checkpoints")[0].name.removeprefix(PREFIX))
 
 
 def metrics(out: Path, key: str = "loss") -> dict[int, float]:

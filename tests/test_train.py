@@ -9,6 +9,7 @@ import time
 import pytest
 
 from conftest import PY, ROOT, base_args, metrics, train, train_killed  # noqa: F401  (helpers shared with other tests)
+from train.checkpoint import published
 
 
 # ------------------------------------------------------------------------------------------ resume
@@ -29,7 +30,7 @@ def test_sigkill_and_resume_is_bit_exact(dataset, reference_run, tmp_path, nproc
     train_killed(args, nproc, killed, after_step=5, checkpoint=4)
     # published: step 4 alone (the kill may catch step 8's save half-written: a .tmp, never loaded; an async save
     # whose write outlasts steps 5-7 is published by step 8's save, just before)
-    assert [p.name for p in sorted((killed / "checkpoints").iterdir()) if not p.suffix] == ["step_00000004"]
+    assert [p.name for p in published(killed / "checkpoints")] == ["step_00000004"]
     train(args, nproc)
     want, got = metrics(straight), metrics(killed)
     assert list(got) == list(range(1, 9))
