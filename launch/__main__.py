@@ -43,7 +43,8 @@ def main(argv: list[str]) -> int:
     try:  # the layout against the processes the launch starts, before any of them starts
         cfg = compose_config(argv)
         world = f"launch.nodes={cfg.launch.nodes} x launch.procs_per_node={cfg.launch.procs_per_node}"
-        validate_layout(cfg, cfg.launch.max_nodes * cfg.launch.procs_per_node)
+        validate_layout(cfg, cfg.launch.max_nodes * cfg.launch.procs_per_node,
+                        ranks_per_host=cfg.launch.procs_per_node)
     except ConfigError as e:
         print(f"config error: {one_line(e)}", file=sys.stderr)
         return 2

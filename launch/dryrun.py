@@ -43,7 +43,8 @@ def build_rank(cfg, world: int, rank: int) -> list[nn.Module]:
 
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
     try:
-        env = Env(rank=rank, world=world, local_rank=0, device=torch.device("cpu"))
+        env = Env(rank=rank, world=world, local_rank=0, device=torch.device("cpu"),
+                  ranks_per_host=cfg.launch.procs_per_node)
         return build_runtime(cfg, env, data=False, optimizers=False, meta=True).parts
     finally:
         dist.destroy_process_group()
@@ -76,7 +77,7 @@ def main(argv: list[str]) -> int:
             print(f"config error: {e}", file=sys.stderr)
             return 2
         mem = memory_bytes(counts, moment)
-        planned = rank_parameter_elements(shapes, layout_of(cfg, world, check_batch=False), rank)
+        planned = rank_parameter_elements(shapes, layout_of(cfg, world, False, cfg.launch.procs_per_node), rank)
         built = {kind: sum(v for k, v in counts.items() if k.startswith(kind + ":")) for kind in planned}
         print(f"rank {rank} holds parameters {json.dumps(counts)} | GiB: " +
               ", ".join(f"{k} {v / 2**30:.2f}" for k, v in mem.items()) +

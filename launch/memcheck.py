@@ -22,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from train.config import compose_config
 from train.config import ConfigError
-from train.env import rank_env
+from train.env import rank_env, ranks_per_host
 
 
 def peak_allocated(prof) -> int:
@@ -86,7 +86,7 @@ def main(argv: list[str]) -> int:
             print(f"config error: {e}", file=sys.stderr)
             return 2
         rank, peak = measure(cfg, steps)
-    planned = rank_memory(cfg, world, rank)
+    planned = rank_memory(cfg, world, rank, ranks_per_host=ranks_per_host(os.environ))
     row = json.dumps({"rank": rank, "measured_bytes": peak, "planned_bytes": planned.total,
                       "ratio": planned.total / peak if peak else None, "planned": planned.as_dict()})
     os.write(sys.stdout.fileno(), (row + "\n").encode())  # one write: ranks sharing a pipe never interleave

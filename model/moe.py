@@ -266,24 +266,58 @@ class AuxLossInjector(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------------------------- dispatch
+@dataclass
+class Chunk:
+    """Some of a MoE layer's tokens with their routing: what a dispatcher moves to the experts and back."""
+    x: torch.Tensor  # (n, D) tokens
+    indices: torch.Tensor  # (n, K) experts; n_experts ("no expert") where an assignment is dropped
+    weights: torch.Tensor  # (n, K) gate values
+    order: torch.Tensor  # the assignments (token * K + slot) sorted by expert, dropped ones cut off
+    counts: torch.Tensor  # (E,) assignments per expert
+
+    @classmethod
+    def of(cls, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, n_experts: int,
+           dropping: bool) -> "Chunk":
+        """`dropping`: some indices may be n_experts. Shapes depend on the data only then, so without dropping
+        this traces into a compiled block."""
+        expert = indices.flatten()
+        counts = expert_counts(expert, n_experts + 1)[:n_experts]
+        order = expert.argsort(stable=True)
+        if dropping:  # the dropped assignments sort last: cut them off
+            order = order[: int(counts.sum())]
+        return cls(x, indices, weights, order, counts)
+
+    def rows(self) -> torch.Tensor:
+        """One row of x per assignment, in expert order."""
+        return self.x.index_select(0, self.order // self.indices.shape[1])
+
+    def reduce(self, y: torch.Tensor) -> torch.Tensor:
+        """(n, D): each token's expert outputs (y: rows in expert order) weighted by its gate values and summed;
+        under autocast in y's dtype (the dtype autocast runs the weighted sum's bmm in)."""
+        n, k = self.indices.shape
+        dtype = y.dtype if torch.is_autocast_enabled(self.x.device.type) else self.x.dtype
+        full = self.x.new_zeros(n * k, self.x.shape[-1], dtype=dtype).index_copy(0, self.order, y.to(dtype))
+        # over the K experts of each token: (n, 1, K) @ (n, K, D); bmm is ~3x faster than einsum here
+        return torch.bmm(self.weights.to(dtype).unsqueeze(1), full.view(n, k, self.x.shape[-1])).squeeze(1)
+
+
 class LocalDispatcher:
-    """The token dispatcher of a MoE layer whose experts are all on this process. A dispatcher moves each chunk
-    of expert-sorted rows to the experts' owners (`dispatch`), runs the experts on what arrived (`compute`) and
-    brings the results back (`combine`); expert parallelism installs one that does this by all-to-all
+    """The token dispatcher of a MoE layer whose experts are all on this process. A dispatcher moves each chunk's
+    rows to the experts' owners (`dispatch`), runs the experts on what arrived (`compute`) and brings the results
+    back, weighted and summed per token (`combine`); expert parallelism installs one that does this by all-to-all
     (parallel/expert.py). Between `dispatch` and `compute` the layer runs its shared experts."""
 
     chunks = 1  # the layer splits its tokens into this many chunks, each dispatched on its own
 
-    def dispatch(self, xs: list[torch.Tensor], counts: list[torch.Tensor]) -> list:
-        """Chunks of rows sorted by expert and their rows per expert [E]: what `compute` takes."""
-        return list(zip(xs, counts))
+    def dispatch(self, chunks: list[Chunk]) -> list:
+        return chunks
 
     def compute(self, experts: nn.Module, flights: list) -> list:
-        return [experts(x, c) for x, c in flights]
+        return [(c, experts(c.rows(), c.counts)) for c in flights]
 
     def combine(self, flights: list) -> list[torch.Tensor]:
-        """Each chunk's expert outputs, in the chunk's row order."""
-        return flights
+        """Each chunk's output (n, D)."""
+        return [c.reduce(y) for c, y in flights]
 
 
 # --------------------------------------------------------------------------------------------- the layer
@@ -331,9 +365,10 @@ class MoE(nn.Module):
         flat = x.reshape(-1, d)
         routing = self.gate(flat)
         keep = self._keep_mask(routing, b, t)
-        flights, rows = self._dispatch(flat, routing, keep)
+        flights = self.dispatcher.dispatch(self._chunks(flat, routing, keep))
         shared = None if self.shared_experts is None else self.shared_experts(x)  # while the dispatch is in flight
-        routed = self._combine(flat, routing, flights, rows).view(b, t, d)
+        outs = self.dispatcher.combine(self.dispatcher.compute(self.experts, flights))
+        routed = (outs[0] if len(outs) == 1 else torch.cat(outs)).view(b, t, d)
         out = routed if shared is None else routed + shared
         if self.training and torch.is_grad_enabled():
             aux = self._balance_loss(routing, b)
@@ -349,38 +384,13 @@ class MoE(nn.Module):
         protected_seq = torch.rand(b, device=routing.scores.device) < self.cfg.no_drop_fraction
         return capacity_keep_mask(routing, self.cfg.balance_groups, cf, protected_seq.repeat_interleave(t))
 
-    def _dispatch(self, x: torch.Tensor, routing: Routing, keep: torch.Tensor | None) -> tuple[list, list]:
-        """Sort each chunk's (token, expert) assignments by expert and hand the chunks to the dispatcher: (what
-        it returned, each chunk's assignment rows in expert order). Shapes depend on the data only where
-        assignments are dropped, so without dropping this traces into the compiled block."""
-        n, k = routing.indices.shape
+    def _chunks(self, x: torch.Tensor, routing: Routing, keep: torch.Tensor | None) -> list[Chunk]:
+        """The layer's tokens in the dispatcher's number of chunks; dropped assignments go to the virtual expert
+        E, never computed."""
         e = self.cfg.n_routed_experts
-        expert = routing.indices.flatten()
-        if keep is not None:  # dropped assignments go to a virtual expert E that is never computed
-            expert = expert.masked_fill(~keep.flatten(), e)
-        xs, counts, rows = [], [], []
-        for first, last in token_spans(n, self.dispatcher.chunks):
-            part = expert[first * k:last * k]
-            count = expert_counts(part, e + 1)[:e]
-            order = part.argsort(stable=True) + first * k
-            if keep is not None:  # the dropped assignments sort last: cut them off
-                order = order[: int(count.sum())]
-            xs.append(x.index_select(0, order // k))
-            counts.append(count)
-            rows.append(order)
-        return self.dispatcher.dispatch(xs, counts), rows
-
-    def _combine(self, x: torch.Tensor, routing: Routing, flights: list, rows: list) -> torch.Tensor:
-        """Run the experts on the dispatched chunks, bring the results back, and weight and sum them per token;
-        under autocast in the experts' output dtype (the dtype autocast runs the weighted sum's bmm in)."""
-        n, k = routing.indices.shape
-        ys = self.dispatcher.combine(self.dispatcher.compute(self.experts, flights))
-        dtype = ys[0].dtype if torch.is_autocast_enabled(x.device.type) else x.dtype
-        full = x.new_zeros(n * k, x.shape[-1], dtype=dtype)
-        for order, y in zip(rows, ys):
-            full = full.index_copy(0, order, y.to(full.dtype))
-        # weighted sum over the K experts of each token: (N, 1, K) @ (N, K, D); bmm is ~3x faster than einsum here
-        return torch.bmm(routing.weights.to(full.dtype).unsqueeze(1), full.view(n, k, -1)).squeeze(1)
+        indices = routing.indices if keep is None else routing.indices.masked_fill(~keep, e)
+        return [Chunk.of(x[first:last], indices[first:last], routing.weights[first:last], e, keep is not None)
+                for first, last in token_spans(x.shape[0], self.dispatcher.chunks)]
 
     @torch.compiler.disable  # asks autograd's engine whether it runs, which does not trace
     @torch.no_grad()

@@ -20,7 +20,7 @@ from model.config import TORCH_DTYPES
 
 from .context import apply_cp
 from .dims import LayoutError, ParallelDims
-from .expert import apply_ep, reduce_loads_over
+from .expert import ExpertDispatch, apply_ep, reduce_loads_over
 from .fp8 import Fp8Recipe, convert_to_fp8
 from .recompute import apply_activation_checkpointing, apply_compile
 from .tensor import apply_tp, tp_loss
@@ -49,15 +49,15 @@ def expert_dp_mesh(mesh):
 
 def parallelize(model: nn.Module, mesh, dims: ParallelDims, *, param_dtype: str = "float32",
                 reduce_dtype: str = "float32", cpu_offload: bool = False, activation_checkpoint: str = "none",
-                compile: bool = False, fp8: Fp8Recipe | None = None, ep_overlap: bool = False,
-                ep_chunks: int = 1) -> nn.Module:
+                compile: bool = False, fp8: Fp8Recipe | None = None,
+                ep_dispatch: ExpertDispatch = ExpertDispatch()) -> nn.Module:
     """Apply the parallel layout to this process's model (part); activation_checkpoint and compile: see
-    parallel/recompute.py; fp8: parallel/fp8.py; ep_overlap and ep_chunks: parallel/expert.py. FSDP wraps every
+    parallel/recompute.py; fp8: parallel/fp8.py; ep_dispatch: parallel/expert.py. FSDP wraps every
     distributed model, also with dp == 1 (then it is only the mixed-precision policy)."""
     if fp8 is not None:
         convert_to_fp8(model, fp8)
     if mesh is not None and dims.ep > 1:
-        apply_ep(model, mesh["ep"], ep_overlap, ep_chunks)
+        apply_ep(model, mesh, ep_dispatch)
     if mesh is not None and dims.tp > 1:
         apply_tp(model, mesh["tp"], sequence_parallel=True, loss_parallel=True)
     if mesh is not None and dims.cp > 1:

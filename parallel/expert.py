@@ -30,6 +30,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import nn
+import torch.nn.functional as F
+
+from model.moe import Chunk
 
 
 class _AllToAll(torch.autograd.Function):
@@ -57,6 +60,7 @@ def all_to_all(x: torch.Tensor, recv: list[int], send: list[int], group, label: 
 @dataclass
 class Flight:
     """One chunk between dispatch and combine on this rank."""
+    chunk: Chunk
     rows: torch.Tensor  # the rows received for this rank's experts; after `compute`, the results sent back
     recv: list[int]  # rows from each rank
     send: list[int]  # rows to each rank
@@ -64,34 +68,40 @@ class Flight:
 
 
 class AllToAllDispatcher:
-    """The token dispatcher of one MoE layer under expert parallelism (see the module's docstring)."""
+    """The token dispatcher of one MoE layer under expert parallelism, flat: every (token, expert) row goes
+    straight to the expert's rank (see the module's docstring). `hosts`: the host of each rank of `group`, for the
+    count of rows that cross hosts."""
 
-    def __init__(self, group, n_experts: int, overlap: bool = False, chunks: int = 1, label: str = ""):
+    def __init__(self, group, n_experts: int, overlap: bool = False, chunks: int = 1, label: str = "",
+                 hosts: list[int] | None = None):
         self.group = group
         self.label = label  # "MoE layer 3": what a report of a failed all-to-all names (train/watch.py)
         self.ep = dist.get_world_size(group)
+        self.me = dist.get_rank(group)
         self.n_local = n_experts // self.ep
         self.overlap = overlap
         self.chunks = chunks if overlap else 1
+        self.elsewhere = [h != (hosts or [0] * self.ep)[self.me] for h in hosts or [0] * self.ep]
         self.sent_rows = 0  # rows this rank has sent to other ranks' experts so far (for the benchmarks)
+        self.host_rows = 0  # rows of D this rank has sent to other hosts so far, dispatch and combine
 
     def _exchange(self, x: torch.Tensor, recv: list[int], send: list[int]) -> torch.Tensor:
         if self.overlap:
             return funcol.all_to_all_single_autograd(x.contiguous(), recv, send, self.group)
         return all_to_all(x, recv, send, self.group, self.label)
 
-    def dispatch(self, xs: list[torch.Tensor], counts: list[torch.Tensor]) -> list[Flight]:
-        sent = torch.stack(counts).to(torch.int64)  # [chunks, E]
+    def dispatch(self, chunks: list[Chunk]) -> list[Flight]:
+        sent = torch.stack([c.counts for c in chunks]).to(torch.int64)  # [chunks, E]
         got = torch.empty_like(sent.t().contiguous())  # [E, chunks] from each rank: (source, local expert) rows
         dist.all_to_all_single(got, sent.t().contiguous(), group=self.group)
-        me = dist.get_rank(self.group)
         flights = []
-        for c, x in enumerate(xs):
-            send = sent[c].view(self.ep, -1).sum(1).tolist()
-            recv_counts = got[:, c].view(self.ep, self.n_local)
+        for i, c in enumerate(chunks):
+            send = sent[i].view(self.ep, -1).sum(1).tolist()
+            recv_counts = got[:, i].view(self.ep, self.n_local)
             recv = recv_counts.sum(1).tolist()
-            flights.append(Flight(self._exchange(x, recv, send), recv, send, recv_counts))
-            self.sent_rows += sum(send) - send[me]
+            flights.append(Flight(c, self._exchange(c.rows(), recv, send), recv, send, recv_counts))
+            self.sent_rows += sum(send) - send[self.me]
+            self.host_rows += sum(n for n, away in zip(send, self.elsewhere) if away)
         return flights
 
     def compute(self, experts: nn.Module, flights: list[Flight]) -> list[Flight]:
@@ -101,19 +111,136 @@ class AllToAllDispatcher:
             out = experts(f.rows[order], f.recv_counts.sum(0))
             by_source = torch.empty_like(out).index_copy(0, order, out)  # back to source-rank-major order
             f.rows = self._exchange(by_source, f.send, f.recv)
+            self.host_rows += sum(n for n, away in zip(f.recv, self.elsewhere) if away)
         return flights
 
     def combine(self, flights: list[Flight]) -> list[torch.Tensor]:
-        return [f.rows for f in flights]
+        return [f.chunk.reduce(f.rows) for f in flights]
 
 
-def apply_ep(model: nn.Module, ep_mesh, overlap: bool = False, chunks: int = 1) -> list[AllToAllDispatcher]:
-    """Shard every routed-expert stack of `model` by expert over `ep_mesh` and install the all-to-all dispatcher
-    in each MoE layer (`overlap`, `chunks`: see the module's docstring)."""
+@dataclass
+class HostFlight:
+    """One chunk between dispatch and combine under hierarchical dispatch."""
+    chunk: Chunk
+    token: torch.Tensor  # [P] the chunk's token of each (token, destination host) pair, host-major
+    send: list[int]  # pairs to each host
+    recv: list[int]  # pairs from each host
+    x: torch.Tensor  # the received pairs' hidden states; after `compute`, their results sent back
+    weights: torch.Tensor  # [received, K] gate values of the slots whose expert is on this host, else 0
+    indices: torch.Tensor  # [received, K] those slots' experts among this host's, else this host's count
+
+
+class HierarchicalDispatcher:
+    """The token dispatcher of one MoE layer under expert parallelism across hosts (`parallel.ep_dispatch=
+    hierarchical`). A chunk's token crosses the inter-host link once per host that holds any of its experts: to
+    the rank of that host with this rank's place on its own host (`inter`: the ranks with the same place on every
+    host), with its gate values and experts there. That rank fans the tokens out to its host's ranks by a flat
+    dispatch over `intra` (the host's ranks of this ep group), receives their outputs, weights and sums them per
+    token, and sends one row per token back over the link, where the host sums are added up."""
+
+    def __init__(self, inter, intra, n_experts: int, overlap: bool = False, chunks: int = 1, label: str = ""):
+        self.inter, self.label = inter, label
+        self.hosts, self.host = dist.get_world_size(inter), dist.get_rank(inter)
+        self.per_host = n_experts // self.hosts  # experts on each host
+        self.local = AllToAllDispatcher(intra, self.per_host, label=label)
+        self.overlap = overlap
+        self.chunks = chunks if overlap else 1
+        self.sent_rows = 0  # rows this rank has sent to other ranks so far (the first hop, and the fan-out)
+        self.host_rows = 0  # rows of D this rank has sent to other hosts so far, dispatch and combine
+
+    def _exchange(self, x: torch.Tensor, recv: list[int], send: list[int]) -> torch.Tensor:
+        if self.overlap:
+            return funcol.all_to_all_single_autograd(x.contiguous(), recv, send, self.inter)
+        return all_to_all(x, recv, send, self.inter, self.label)
+
+    def dispatch(self, chunks: list[Chunk]) -> list[HostFlight]:
+        flights = []
+        for c in chunks:
+            host = c.indices // self.per_host  # [n, K]; a dropped assignment: host == hosts
+            pair_host, token = F.one_hot(host, self.hosts + 1)[..., :self.hosts].any(1).t().nonzero(as_tuple=True)
+            send_t = torch.bincount(pair_host, minlength=self.hosts)
+            recv_t = torch.empty_like(send_t)
+            dist.all_to_all_single(recv_t, send_t, group=self.inter)
+            send, recv = send_t.tolist(), recv_t.tolist()
+            here = host.index_select(0, token) == pair_host.unsqueeze(1)  # [P, K] slots on the pair's host
+            local_ids = c.indices.index_select(0, token) - pair_host.unsqueeze(1) * self.per_host
+            ids = torch.where(here, local_ids, self.per_host)
+            got_ids = ids.new_empty(sum(recv), ids.shape[1])
+            dist.all_to_all_single(got_ids, ids, recv, send, group=self.inter)
+            weights = c.weights.index_select(0, token) * here
+            flights.append(HostFlight(c, token, send, recv, self._exchange(c.x.index_select(0, token), recv, send),
+                                      self._exchange(weights, recv, send), got_ids))
+            self.sent_rows += sum(send) - send[self.host]
+            self.host_rows += sum(send) - send[self.host]
+        return flights
+
+    def compute(self, experts: nn.Module, flights: list[HostFlight]) -> list[HostFlight]:
+        for f in flights:
+            pairs = Chunk.of(f.x, f.indices, f.weights, self.per_host, dropping=True)
+            sent = self.local.sent_rows
+            summed = self.local.combine(self.local.compute(experts, self.local.dispatch([pairs])))[0]
+            self.sent_rows += self.local.sent_rows - sent
+            f.x = self._exchange(summed, f.send, f.recv)
+            self.host_rows += sum(f.recv) - f.recv[self.host]
+        return flights
+
+    def combine(self, flights: list[HostFlight]) -> list[torch.Tensor]:
+        return [f.x.new_zeros(f.chunk.x.shape[0], f.x.shape[1]).index_add(0, f.token, f.x) for f in flights]
+
+
+@dataclass(frozen=True)
+class ExpertDispatch:
+    """How a MoE layer's routed rows reach experts on other ranks: parallel.ep_overlap, ep_chunks, ep_dispatch, and
+    the ranks of the job on each host (torchrun's LOCAL_WORLD_SIZE; ranks are numbered host by host)."""
+    overlap: bool = False
+    chunks: int = 1
+    hierarchical: bool = False
+    ranks_per_host: int | None = None  # None: every rank on one host
+
+
+def host_problem(ep: int, tp: int, ranks_per_host: int, n_group: int | None) -> str | None:
+    """Why hierarchical dispatch cannot apply to an ep group of `ep` ranks `tp` apart (the mesh's "ep" axis is
+    outside "tp" only) with `ranks_per_host` ranks on each host, or None. `n_group`: the routing groups of a
+    group-limited router, which must each lie on one host; None for a router without groups."""
+    if ep == 1:
+        return "parallel.ep_dispatch=hierarchical moves tokens between expert-parallel ranks, but parallel.ep=1"
+    if ranks_per_host % tp or (ep * tp) % ranks_per_host:
+        return (f"parallel.ep_dispatch=hierarchical needs whole hosts per expert-parallel group: {ranks_per_host} "
+                f"ranks per host must be a multiple of tp={tp} and divide ep x tp={ep * tp}")
+    hosts = ep * tp // ranks_per_host
+    if hosts == 1:
+        return (f"parallel.ep_dispatch=hierarchical: the ep={ep} ranks of a group lie on one host ({ranks_per_host} "
+                f"ranks per host), so nothing crosses hosts; use parallel.ep_dispatch=flat")
+    if n_group is not None and n_group % hosts:
+        return (f"parallel.ep_dispatch=hierarchical maps routing groups to hosts: n_group={n_group} must be a "
+                f"multiple of the {hosts} hosts of an ep group")
+    return None
+
+
+def _host_groups(mesh, ranks_per_host: int):
+    """This rank's (inter, intra) groups: the ranks of its ep group with its place on every host, and the ranks of its
+    ep group on its host. Made for every ep group on every rank (torch's new_group is collective)."""
+    names = list(mesh.mesh_dim_names)
+    groups = mesh.mesh.movedim(names.index("ep"), -1).reshape(-1, mesh["ep"].size()).tolist()
+    host_of = [[g // ranks_per_host for g in group] for group in groups]
+    hosts = len(set(host_of[0]))
+    local = len(groups[0]) // hosts
+    intra = [group[h * local:(h + 1) * local] for group in groups for h in range(hosts)]
+    inter = [group[i::local] for group in groups for i in range(local)]
+    return dist.new_subgroups_by_enumeration(inter)[0], dist.new_subgroups_by_enumeration(intra)[0]
+
+
+def apply_ep(model: nn.Module, mesh, how: ExpertDispatch = ExpertDispatch()) -> list:
+    """Shard every routed-expert stack of `model` by expert over the "ep" axis of `mesh` and install an all-to-all
+    dispatcher in each MoE layer, flat or hierarchical (see the module's docstring)."""
     from torch.distributed.tensor import Shard, distribute_tensor
 
     from model.moe import MoE
 
+    ep_mesh = mesh["ep"]
+    members = dist.get_process_group_ranks(ep_mesh.get_group())
+    hosts = [g // (how.ranks_per_host or dist.get_world_size()) for g in members]
+    inter, intra = _host_groups(mesh, how.ranks_per_host) if how.hierarchical else (None, None)
     dispatchers = []
     for path, module in model.named_modules():
         if not isinstance(module, MoE):
@@ -123,8 +250,10 @@ def apply_ep(model: nn.Module, ep_mesh, overlap: bool = False, chunks: int = 1) 
         for name, param in list(experts.named_parameters(recurse=False)):
             sharded = distribute_tensor(param.data, ep_mesh, [Shard(0)])
             experts.register_parameter(name, nn.Parameter(sharded, requires_grad=param.requires_grad))
-        module.dispatcher = AllToAllDispatcher(ep_mesh.get_group(), module.cfg.n_routed_experts, overlap, chunks,
-                                               label)
+        e = module.cfg.n_routed_experts
+        module.dispatcher = (HierarchicalDispatcher(inter, intra, e, how.overlap, how.chunks, label)
+                             if how.hierarchical else
+                             AllToAllDispatcher(ep_mesh.get_group(), e, how.overlap, how.chunks, label, hosts))
         dispatchers.append(module.dispatcher)
     return dispatchers
 

@@ -84,6 +84,25 @@ def test_launch_checks_the_layout_against_nodes_x_procs_per_node(capsys):
                 "launch.dry_run=true", "model=tiny", capsys=capsys)[0] == 0
 
 
+@pytest.mark.parametrize("layout,fragment", [
+    (["launch.nodes=2", "launch.procs_per_node=2", "parallel.ep=4"], None),
+    (["launch.nodes=1", "launch.procs_per_node=4", "parallel.ep=4"], "the ep=4 ranks of a group lie on one host"),
+    (["launch.nodes=2", "launch.procs_per_node=3", "parallel.ep=2"], "3 ranks per host must be a multiple of tp=1 "
+                                                                      "and divide ep x tp=2"),
+    (["launch.nodes=4", "launch.procs_per_node=1", "parallel.ep=4", "model.n_group=2", "model.topk_group=1"],
+     "n_group=2 must be a multiple of the 4 hosts of an ep group"),
+    (["launch.nodes=1", "launch.procs_per_node=1"], "but parallel.ep=1"),
+], ids=["fits", "one-host", "uneven-hosts", "groups-span-hosts", "no-ep"])
+def test_hierarchical_dispatch_that_cannot_apply_is_one_line(layout, fragment, capsys):
+    """parallel.ep_dispatch=hierarchical against the hosts launch starts: each reason it cannot apply, one line."""
+    rc, lines = tool("launch", "launch=torchrun", *layout, "parallel.ep_dispatch=hierarchical", "launch.dry_run=true",
+                     "model=tiny", "train.micro_batch_size=1", capsys=capsys)
+    if fragment is None:
+        assert rc == 0, lines
+    else:
+        one_line(rc, lines, 2, "config error: ", fragment)
+
+
 # ------------------------------------------------------------------------------------------ one line per job
 def test_a_config_error_under_torchrun_is_one_line_for_the_job(tmp_path):
     """Both ranks find it; rank 0 prints it; launch.torchrun ends the job with exit 2 and no failure report."""

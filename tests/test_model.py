@@ -510,11 +510,10 @@ def test_moe_under_bf16_autocast_combines_in_bf16_with_the_fp32_router_weights()
         got = moe(x)
         flat = x.reshape(-1, x.shape[-1])
         routing = moe.gate(flat)
-        flights, rows = moe._dispatch(flat, routing, None)
-        ys = moe.dispatcher.combine(moe.dispatcher.compute(moe.experts, flights))
+        [(chunk, y)] = moe.dispatcher.compute(moe.experts, moe.dispatcher.dispatch(moe._chunks(flat, routing, None)))
         full = flat.new_zeros(flat.shape[0] * routing.indices.shape[1], flat.shape[1])
-        full = full.index_copy(0, rows[0], ys[0].float())  # the fp32 round trip
+        full = full.index_copy(0, chunk.order, y.float())  # the fp32 round trip
         routed = torch.bmm(routing.weights.unsqueeze(1), full.view(flat.shape[0], -1, flat.shape[1])).squeeze(1)
         want = routed.view_as(x) + moe.shared_experts(x)
-    assert ys[0].dtype == torch.bfloat16 and got.dtype == torch.bfloat16
+    assert y.dtype == torch.bfloat16 and got.dtype == torch.bfloat16
     torch.testing.assert_close(got, want, rtol=0, atol=0)

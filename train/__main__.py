@@ -60,11 +60,11 @@ def check_layout(cfg, env) -> None:
     from parallel.dims import LayoutError
 
     from .config import validate_layout
-    from .env import rank_env
+    from .env import rank_env, ranks_per_host
 
     world = rank_env(env).world
     try:
-        validate_layout(cfg, world)
+        validate_layout(cfg, world, ranks_per_host=ranks_per_host(env))
     except LayoutError as e:
         if int(env.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:
             raise

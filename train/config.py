@@ -41,6 +41,7 @@ DataFormat = Literal["webdataset", "megatron"]
 LaunchMode = Literal["local", "torchrun", "slurm"]
 CheckpointOnError = Literal["stop", "continue"]  # train/checkpoint.py Checkpointer._failed
 Gpu = Literal[tuple(GPUS)]  # train/hardware.py
+EpDispatch = Literal["flat", "hierarchical"]  # parallel/expert.py
 MuonNsDtype = Literal["auto", "bfloat16", "float32"]  # optim.muon_ns_dtype; auto: bfloat16 on GPU, float32 on CPU
 
 
@@ -122,6 +123,9 @@ class ParallelConfig:
     # layer's token chunks (parallel/expert.py); None: on when ep > 1
     ep_overlap: Optional[bool] = None
     ep_chunks: int = 2  # token chunks of a MoE layer under ep_overlap
+    # flat: every (token, expert) row straight to the expert's rank; hierarchical: a token crosses to another host
+    # once per host holding any of its experts and fans out there (parallel/expert.py HierarchicalDispatcher)
+    ep_dispatch: EpDispatch = "flat"
     # gradient accumulation without pipelining: keep weights gathered and gradients unsharded over a step's
     # micro-batches (one all-gather and one reduce-scatter per step, for the unsharded weights' and gradients'
     # memory); pipelining always does this
@@ -580,11 +584,12 @@ def parallel_dims(cfg: RunConfig, world: int) -> ParallelDims:
     return dims
 
 
-def validate_layout(cfg: RunConfig, world: int, check_batch: bool = True) -> ParallelDims:
+def validate_layout(cfg: RunConfig, world: int, check_batch: bool = True,
+                    ranks_per_host: int | None = None) -> ParallelDims:
     """The second phase of validation (the first is `validate`, which needs no world size): `cfg` on `world`
     ranks, as the runtime, `python -m train` and `python -m launch` before any process starts, the planner and
     the dry run check it. LayoutError naming the numbers. `check_batch=False`: parameter counts only (the batch
-    need not split over this many ranks)."""
+    need not split over this many ranks); `ranks_per_host`: the ranks on each host (None: all on one)."""
     from parallel.pipeline import canonical_schedule, check_microbatches
 
     from .schedule import check_batch_split
@@ -594,6 +599,7 @@ def validate_layout(cfg: RunConfig, world: int, check_batch: bool = True) -> Par
     if cfg.data.seq_len % dims.tp:
         raise LayoutError(f"sequence parallelism splits data.seq_len={cfg.data.seq_len} over tp={dims.tp}: "
                           f"it must divide")
+    _check_hosts(cfg, dims, ranks_per_host or world)
     if not check_batch:
         return dims
     try:
@@ -615,6 +621,18 @@ def validate_layout(cfg: RunConfig, world: int, check_batch: bool = True) -> Par
             raise LayoutError(f"the ramp-up's first batch (train.rampup_batch_size={t.rampup_batch_size}): {e}") \
                 from None
     return dims
+
+
+def _check_hosts(cfg: RunConfig, dims: ParallelDims, ranks_per_host: int) -> None:
+    """Hierarchical expert dispatch against the hosts: LayoutError saying why it cannot apply."""
+    from parallel.expert import host_problem
+
+    m = cfg.model
+    if cfg.parallel.ep_dispatch == "hierarchical":
+        limited = m.topk_method != "greedy" and m.n_group > 1
+        problem = host_problem(dims.ep, dims.tp, ranks_per_host, m.n_group if limited else None)
+        if problem:
+            raise LayoutError(problem)
 
 
 def pipeline_microbatches(cfg: RunConfig, local_batch: int) -> int:

@@ -71,6 +71,15 @@ def rank_env(env: Mapping[str, str]) -> Ranks:
     return Ranks(rank, world, local)
 
 
+def ranks_per_host(env: Mapping[str, str]) -> int | None:
+    """The job's ranks on each host: torchrun's LOCAL_WORLD_SIZE, else SLURM's SLURM_NTASKS_PER_NODE ("8" or
+    "8(x4)"), else None (unknown: taken as one host). Both launchers number ranks host by host."""
+    if "LOCAL_WORLD_SIZE" in env:
+        return _int_var(env, "LOCAL_WORLD_SIZE", 1) or None
+    m = re.match(r"(\d+)", env.get("SLURM_NTASKS_PER_NODE", ""))
+    return int(m.group(1)) if m else None
+
+
 def reports_for_job(env: Mapping[str, str]) -> bool:
     """Whether this process prints the errors every rank finds alike (configuration, layout): rank 0 only, or every
     process when the rank environment itself is unreadable."""
@@ -86,6 +95,7 @@ class Env:
     world: int
     local_rank: int
     device: torch.device
+    ranks_per_host: int | None = None  # see ranks_per_host(); None: one host
 
 
 def init_distributed(timeout_s: float = 600.0) -> Env:
@@ -103,4 +113,4 @@ def init_distributed(timeout_s: float = 600.0) -> Env:
             raise ConfigError(f"WORLD_SIZE={world} but {missing} unset: launch with torchrun (or srun torchrun)")
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None,
                                 timeout=timedelta(seconds=timeout_s))
-    return Env(rank, world, local_rank, device)
+    return Env(rank, world, local_rank, device, ranks_per_host(os.environ))

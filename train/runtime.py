@@ -22,6 +22,7 @@ from model import Transformer
 from model.analysis import param_counts
 from model.config import TORCH_DTYPES
 from parallel import ParallelDims, parallelize, tp_loss
+from parallel.expert import ExpertDispatch
 from parallel.deepspeed_ops import deepspeed_problem, fused_lm_loss
 from parallel.fp8 import Fp8Recipe, check_fp8
 from parallel.inventory import rank_parameters
@@ -144,7 +145,7 @@ def start_runtime(cfg: RunConfig, env: Optional[Env] = None, meta: bool = False)
     """Environment (the process group: `env`, or torchrun's / SLURM's), mesh, groups and checks; nothing built.
     `meta` (the dry run, on a CPU for a GPU job): the batch split and the device's FP8 support go unchecked."""
     env = env or init_distributed(cfg.parallel.collective_timeout_s)
-    dims = validate_layout(cfg, env.world, check_batch=not meta)
+    dims = validate_layout(cfg, env.world, check_batch=not meta, ranks_per_host=env.ranks_per_host)
     mesh = dims.build_mesh(env.device.type) if env.world > 1 else None
     batches = BatchSchedule.of(cfg.train, cfg.data.seq_len)
     fp8, fused = check_runtime(cfg, None if meta else env.device)
@@ -227,7 +228,7 @@ def build_parts(rt: Runtime, meta: bool = False) -> None:
     parts = [parallelize(part, rt.mesh, rt.dims, param_dtype=cfg.precision.param_dtype,
                          reduce_dtype=cfg.precision.reduce_dtype, cpu_offload=p.cpu_offload,
                          activation_checkpoint=p.activation_checkpoint, compile=p.compile, fp8=rt.fp8,
-                         ep_overlap=ep_overlap_on(cfg), ep_chunks=p.ep_chunks) for part in parts]
+                         ep_dispatch=expert_dispatch(rt)) for part in parts]
     if not meta:
         log.info("rank %d holds parameters %s", env.rank, json.dumps(rank_parameters(parts)))
     if big and not meta:
@@ -237,6 +238,11 @@ def build_parts(rt: Runtime, meta: bool = False) -> None:
     rt.parts = [part.train() for part in parts]
     if rt.pipeline is None:
         rt.loss_fn = loss_for(rt, rt.parts[0])
+
+
+def expert_dispatch(rt: Runtime) -> ExpertDispatch:
+    p = rt.cfg.parallel
+    return ExpertDispatch(ep_overlap_on(rt.cfg), p.ep_chunks, p.ep_dispatch == "hierarchical", rt.env.ranks_per_host)
 
 
 def _build_pipeline(rt: Runtime, model: Transformer) -> Pipeline:

@@ -92,7 +92,7 @@ def candidates(cfg, world: int):
                                       pp_schedule=schedule, pp_stages_per_rank=v, activation_checkpoint=mode,
                                       pp_microbatches=0, accumulate_unsharded=unsharded)
             try:
-                yield layout_of(dataclasses.replace(cfg, parallel=par), world)
+                yield layout_of(dataclasses.replace(cfg, parallel=par), world, ranks_per_host=cfg.cluster.gpus_per_node)
             except (LayoutError, ValueError):
                 continue
 
@@ -182,7 +182,7 @@ def main(argv: list[str]) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     try:
-        layout = layout_of(cfg, world)
+        layout = layout_of(cfg, world, ranks_per_host=cfg.cluster.gpus_per_node)
     except (ConfigError, ValueError) as e:  # the search may still find layouts for this model, batch and cluster
         print(f"config error: the configured layout on {world} GPUs: {e}", file=sys.stderr)
         if not top:

@@ -52,6 +52,7 @@ class Layout:
     fused_loss: bool = False  # train.fused_loss: the head + cross-entropy fused, no logits kept
     ep_overlap: bool = False  # parallel.ep_overlap: the expert all-to-alls hidden under expert compute
     ep_chunks: int = 1  # parallel.ep_chunks
+    ep_hierarchical: bool = False  # parallel.ep_dispatch=hierarchical
     optimizer: str = "adamw"  # optim.name: muon keeps one fp32 buffer for the parameters it takes, AdamW two
     muon_router: bool = True  # optim.muon_router
 
@@ -77,20 +78,21 @@ class Layout:
         return {name: out[name] for name in sizes}
 
 
-def layout_of(cfg, world: int, check_batch: bool = True) -> Layout:
-    """The layout `cfg` (a RunConfig) describes on `world` ranks; LayoutError for an impossible one
-    (train.config.validate_layout). `check_batch=False`: for parameter counts only (the batch need not split
-    over this many ranks)."""
+def layout_of(cfg, world: int, check_batch: bool = True, ranks_per_host: int | None = None) -> Layout:
+    """The layout `cfg` (a RunConfig) describes on `world` ranks, `ranks_per_host` on each host (None: all on one);
+    LayoutError for an impossible one (train.config.validate_layout). `check_batch=False`: for parameter counts
+    only (the batch need not split over this many ranks)."""
     from train.config import ep_overlap_on, fused_loss_on, pipeline_microbatches, validate_layout
 
     p, t, pr = cfg.parallel, cfg.train, cfg.precision
-    dims = validate_layout(cfg, world, check_batch)
+    dims = validate_layout(cfg, world, check_batch, ranks_per_host)
     local = max(1, t.global_batch_size // dims.dp)
     n_micro = max(1, pipeline_microbatches(cfg, local) if dims.pp > 1 else local // t.micro_batch_size)
     return Layout(dims, canonical_schedule(p.pp_schedule), n_micro, local // n_micro * cfg.data.seq_len // dims.cp,
                   p.activation_checkpoint, DTYPE_BYTES[pr.param_dtype], DTYPE_BYTES[pr.reduce_dtype],
                   DTYPE_BYTES[pr.moment_dtype], pr.fp8_recipe, pr.fp8_fsdp_all_gather, p.accumulate_unsharded,
                   fused_loss_on(cfg), ep_overlap=ep_overlap_on(cfg), ep_chunks=p.ep_chunks,
+                  ep_hierarchical=p.ep_dispatch == "hierarchical",
                   optimizer=cfg.optim.name, muon_router=cfg.optim.muon_router)
 
 
@@ -336,10 +338,11 @@ def _gathered_bytes(params, layout: Layout) -> int:
     return root_elems * w + 2 * biggest_bytes + biggest_elems * (w + layout.reduce_bytes)
 
 
-def rank_memory(cfg, world: int, rank: int, device: str = "cpu") -> RankMemory:
+def rank_memory(cfg, world: int, rank: int, device: str = "cpu", ranks_per_host: int | None = None) -> RankMemory:
     """The planner's memory estimate for rank `rank` of `cfg` (a RunConfig) on `world` ranks. `device`:
     "cuda" adds the foreach AdamW temporaries torch uses on GPUs."""
-    return memory_of(StageShapes(meta_model(cfg.model)), layout_of(cfg, world), rank, device)
+    return memory_of(StageShapes(meta_model(cfg.model)), layout_of(cfg, world, ranks_per_host=ranks_per_host), rank,
+                     device)
 
 
 def memory_of(shapes: StageShapes, layout: Layout, rank: int, device: str = "cuda") -> RankMemory:
