@@ -1,14 +1,28 @@
-"""Expert-parallel step time over a real link, with the expert all-to-alls blocking and overlapped
-(`parallel.ep_overlap`): 2 hosts x 1 rank (launch/localcluster.py: network namespaces on a bridge, tbf on both ends
-of each host's cable), experts split across the hosts (`parallel.ep=2`), each host's rank started by
-`python -m launch launch=torchrun` inside it. Needs root (network namespaces).
+"""Expert-parallel communication over a real link (launch/localcluster.py: hosts as network namespaces on a bridge,
+tbf on both ends of each host's cable), each host's ranks started by torchrun inside it, every rank running the
+trainer's own step (train/runtime.py, train/step.py). Needs root (network namespaces).
 
-    python bench/ep_overlap.py [--rates unlimited,800mbit] [--steps 6] [--skip 2]
+    python bench/ep_overlap.py [--rates unlimited,800mbit,400mbit] [--steps 5] [--skip 2] [--parts overlap,dispatch]
 
-Per link rate and mode: the median step time of the steps after `--skip` (metrics.jsonl's step_time, rank 0), and
-the rows the dispatch sent to the other host. Both modes move the same bytes (FSDP's gathers and reduce-scatters,
-the all-to-alls), so the step-time difference between them is the all-to-all time the overlap hides; the
-all-to-all's own time on the link is its bytes over the link rate measured by bench/link_collectives.py.
+overlap   2 hosts x 1 rank, parallel.ep=2, the issue's setting (`RUN`), with the expert all-to-alls blocking and
+          overlapped (`parallel.ep_overlap`), at each link rate. Per run, over the steps after `--skip`:
+          - step: the median step time;
+          - a2a exposed: the seconds a step's main thread waits on the expert all-to-alls: inside the blocking
+            `dist.all_to_all_single` calls (the dispatch's counts; every row exchange when blocking; timed by
+            wrapping the function) plus, overlapped, in `wait_tensor`, where an asynchronous exchange is waited for
+            at first use (forward and backward; torch's profiler, CPU events of the main thread);
+          - other exposed: the rest of the main thread's waiting, i.e. wall time - the main thread's CPU time
+            (its compute: OMP_NUM_THREADS=1, gloo moves bytes on threads of its own) - a2a exposed: FSDP's
+            all-gathers and reduce-scatters, the loss and statistics all-reduces;
+          - a2a on the link: the rows the dispatcher sent to the other host (dispatch and combine, forward and
+            backward) x hidden x 4 bytes, over the link's rate measured by a TCP transfer at set-up.
+          With the overlap on, the share of the all-to-all left exposed is a2a exposed / a2a on the link (target
+          <= 25%). The planner's estimate (launch/plan/cost.py) of the same exposed time uses its byte count and
+          overlap model with this link's rate and this CPU's compute rate (the step's training FLOPs over the
+          main thread's CPU time of the unlimited-link blocking run).
+dispatch  2 hosts x 2 ranks, parallel.ep=4, `parallel.ep_dispatch` flat and hierarchical at the first limited
+          rate: step time, rows of hidden states the dispatchers sent between hosts, and the bytes each host's
+          cable carried (its interface counters, everything included).
 """
 
 from __future__ import annotations
@@ -20,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from machine import describe  # noqa: E402  (bench/, beside this file)
@@ -31,51 +46,192 @@ from launch.localcluster import LocalCluster, namespaces_problem  # noqa: E402
 
 # the issue's setting: small with 4 layers and top-8 routing, 8 sequences of 512 tokens a step
 RUN = ["model=small", "model.num_hidden_layers=4", "model.num_experts_per_tok=8", "data.seq_len=512",
-       "train.global_batch_size=8", "train.micro_batch_size=4", "parallel.ep=2", "train.val_every=0",
-       "checkpoint.every=0", "log.every=1", "train.peak_tflops=1.0"]
+       "train.global_batch_size=8", "train.micro_batch_size=4", "parallel.ep=2"]
+# 2 hosts x 2 ranks: tiny-width experts so that four ranks fit two cores; groups map to hosts (n_group % 2 == 0)
+DISPATCH = ["model=small", "model.num_hidden_layers=2", "model.num_experts_per_tok=6", "data.seq_len=256",
+            "train.global_batch_size=8", "train.micro_batch_size=2", "parallel.ep=4"]
+COMMON = ["train.val_every=0", "checkpoint.every=0", "log.every=1", "train.peak_tflops=1.0", "checkpoint.load=false"]
 
 
-def run_once(cluster: LocalCluster, out: Path, steps: int, overlap: bool, port: int) -> list[float]:
-    """Step times (s) of one 2-host run."""
-    args = [*RUN, f"train.steps={steps}", f"parallel.ep_overlap={str(overlap).lower()}", f"output_dir={out}",
-            "checkpoint.load=false", "launch=torchrun", "launch.nodes=2", "launch.procs_per_node=1",
-            f"launch.master_addr={cluster.hosts[0].name}", f"launch.master_port={port}",
-            "++launch.env.GLOO_SOCKET_IFNAME=eth0"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    procs = [cluster.popen(h.index, [sys.executable, "-m", "launch", *args], cwd=ROOT, env=env,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for h in cluster.hosts]
-    for p in procs:
-        _, err = p.communicate(timeout=1800)
-        if p.returncode:
-            raise SystemExit(f"a host's run failed: {err[-2000:]}")
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["step_time"] for r in rows if "step_time" in r]
+# --------------------------------------------------------------------------------------------- one rank
+def worker(overrides: list[str], steps: int, skip: int, result: str) -> None:
+    import torch.distributed as dist
+    from torch.profiler import ProfilerActivity, profile
+
+    from train.config import compose_config
+    from train.runtime import build_runtime
+    from train.step import Step
+
+    blocked = {"s": 0.0}
+    original = dist.all_to_all_single
+
+    def timed(*a, **kw):
+        t = time.perf_counter()
+        try:
+            return original(*a, **kw)
+        finally:
+            blocked["s"] += time.perf_counter() - t
+    dist.all_to_all_single = timed
+    cfg = compose_config([*overrides, f"train.steps={steps}"])
+    rt = build_runtime(cfg)
+    step = Step(rt)
+    rows = lambda: sum(getattr(m.dispatcher, "host_rows", 0) for m in rt.moe_layers().values())  # noqa: E731
+    record = []
+    for i in range(steps):
+        batch = step.sequence_part(rt.loader.next_batch())
+        blocked["s"], rows0 = 0.0, rows()
+        with profile(activities=[ProfilerActivity.CPU]) if i >= skip else _nothing() as prof:
+            wall, cpu = time.perf_counter(), time.thread_time()
+            step(batch, i)
+            wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+        waits = 0.0 if prof is None else sum(e.cpu_time_total for e in prof.key_averages()
+                                             if e.key == "_c10d_functional::wait_tensor") / 1e6
+        record.append({"wall": wall, "cpu": cpu, "a2a": blocked["s"] + waits, "rows": rows() - rows0})
+    gathered = [None] * rt.env.world
+    dist.all_gather_object(gathered, record)
+    if rt.env.rank == 0:
+        Path(result).write_text(json.dumps({"ranks": gathered, "hidden": cfg.model.hidden_size,
+                                            "flops": _step_flops(rt)}))
+    dist.destroy_process_group()
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _step_flops(rt) -> float:
+    """One rank's training FLOPs of a step (model/analysis.py: 6 x activated parameters + attention)."""
+    from model.analysis import training_flops_per_token
+
+    cfg = rt.cfg
+    tokens = cfg.train.global_batch_size * cfg.data.seq_len / rt.dims.dp
+    return training_flops_per_token(cfg.model, cfg.data.seq_len) * tokens
+
+
+# --------------------------------------------------------------------------------------------- the cluster
+def link_rate(cluster: LocalCluster, megabytes: int = 48) -> float:
+    """Bytes/s host 1 -> host 0 over a TCP connection (what the tbf-limited cable gives a stream)."""
+    sink = ("import socket, time\ns = socket.create_server(('0.0.0.0', 5001))\nc, _ = s.accept()\n"
+            "n = len(c.recv(1 << 20))\nt = time.time()\nwhile d := c.recv(1 << 20):\n    n += len(d)\n"
+            "print(n / (time.time() - t), flush=True)")
+    server = cluster.popen(0, [sys.executable, "-c", sink], stdout=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    send = (f"import socket\ns = socket.create_connection(('{cluster.hosts[0].name}', 5001))\n"
+            f"s.sendall(b'x' * {megabytes << 20})\ns.close()")
+    cluster.run(1, [sys.executable, "-c", send], check=True, timeout=120)
+    return float(server.communicate(timeout=60)[0])
+
+
+def tx_bytes(cluster: LocalCluster) -> list[int]:
+    read = ["cat", "/sys/class/net/eth0/statistics/tx_bytes"]
+    return [int(cluster.run(h.index, read, capture_output=True, text=True).stdout) for h in cluster.hosts]
+
+
+def run_job(cluster: LocalCluster, overrides: list[str], procs: int, steps: int, skip: int, port: int) -> dict:
+    """One training job over every host of `cluster`, `procs` ranks each: the workers' records and the bytes each
+    host's cable sent."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result.json"
+        argv = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={len(cluster.hosts)}",
+                f"--nproc-per-node={procs}", "--rdzv-backend=c10d", f"--rdzv-endpoint={cluster.hosts[0].name}:{port}",
+                __file__, "--worker", "--steps", str(steps), "--skip", str(skip), "--result", str(result), "--",
+                *overrides, *COMMON, f"output_dir={tmp}/run"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "eth0"}
+        before = tx_bytes(cluster)
+        jobs = [cluster.popen(h.index, argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for h in cluster.hosts]
+        for job in jobs:
+            _, err = job.communicate(timeout=3600)
+            if job.returncode:
+                raise SystemExit(f"a host's job failed: {err[-3000:]}")
+        got = json.loads(result.read_text())
+        got["tx"] = [b - a for a, b in zip(before, tx_bytes(cluster))]
+        return got
+
+
+def summary(got: dict, skip: int) -> dict:
+    """Medians over the measured steps of rank 0's step and the slowest rank's waits."""
+    steps = range(skip, len(got["ranks"][0]))
+    med = lambda key, r: statistics.median(got["ranks"][r][i][key] for i in steps)  # noqa: E731
+    ranks = range(len(got["ranks"]))
+    wall = med("wall", 0)
+    a2a = max(med("a2a", r) for r in ranks)
+    waiting = max(med("wall", r) - med("cpu", r) for r in ranks)
+    rows = sum(med("rows", r) for r in ranks) / len(ranks)
+    return {"wall": wall, "a2a": a2a, "other": max(0.0, waiting - a2a), "cpu": med("cpu", 0), "rows": rows,
+            "bytes": rows * got["hidden"] * 4, "flops": got["flops"], "tx": got["tx"]}
+
+
+# --------------------------------------------------------------------------------------------- the parts
+def planned_exposed(overrides: list[str], world: int, link: float, flops_per_s: float) -> tuple[float, float, float]:
+    """The planner's (all-to-all seconds, compute it hides under, exposed seconds) of a step on this link and CPU."""
+    from launch.plan.cost import expert_a2a_seconds
+    from launch.plan.memory import layout_of
+    from train.config import compose_config
+
+    cfg = compose_config([*overrides, *COMMON])
+    return expert_a2a_seconds(cfg.model, layout_of(cfg, world, ranks_per_host=1), link, flops_per_s)
+
+
+def overlap_part(rates: list[str], steps: int, skip: int, port: int) -> None:
+    print("| link | measured rate | all-to-alls | step | a2a exposed | other exposed | a2a on the link | "
+          "a2a exposed share | planned exposed |\n|---|---|---|---|---|---|---|---|---|", flush=True)
+    for rate in rates:
+        with LocalCluster(2, rate=None if rate == "unlimited" else rate) as cluster:
+            link = link_rate(cluster)
+            for overlap in (False, True):
+                port += 1
+                run = [*RUN, f"parallel.ep_overlap={str(overlap).lower()}"]
+                s = summary(run_job(cluster, run, 1, steps, skip, port), skip)
+                on_link = 2 * s["bytes"] / link  # forward and backward; the counters count the forward
+                plan = planned_exposed(run, 2, link, s["flops"] / s["cpu"])
+                print(f"| {rate} | {link / 1e6:.0f} MB/s | {'overlapped' if overlap else 'blocking'} | "
+                      f"{s['wall']:.2f} s | {s['a2a']:.2f} s | {s['other']:.2f} s | {on_link:.2f} s "
+                      f"({2 * s['bytes'] / 1e6:.0f} MB) | {s['a2a'] / on_link:.0%} | {plan[2]:.2f} s "
+                      f"(a2a {plan[0]:.2f} s, hides under {plan[1]:.2f} s) |", flush=True)
+
+
+def dispatch_part(rate: str, steps: int, skip: int, port: int) -> None:
+    print("\n| dispatch (2 hosts x 2 ranks, ep=4) | step | rows between hosts per rank | bytes the cables sent |\n"
+          "|---|---|---|---|", flush=True)
+    with LocalCluster(2, rate=None if rate == "unlimited" else rate) as cluster:
+        for how in ("flat", "hierarchical"):
+            port += 1
+            s = summary(run_job(cluster, [*DISPATCH, f"parallel.ep_dispatch={how}"], 2, steps, skip, port), skip)
+            print(f"| {how} at {rate} | {s['wall']:.2f} s | {s['rows']:.0f} a step (forward) | "
+                  f"{sum(s['tx']) / 1e6:.0f} MB in {steps} steps |", flush=True)
 
 
 def main() -> None:
+    if "--worker" in sys.argv:
+        ap = argparse.ArgumentParser()
+        ap.add_argument("--worker", action="store_true")
+        ap.add_argument("--steps", type=int)
+        ap.add_argument("--skip", type=int)
+        ap.add_argument("--result")
+        ap.add_argument("overrides", nargs="*")
+        a = ap.parse_args()
+        return worker(a.overrides, a.steps, a.skip, a.result)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rates", default="unlimited,800mbit")
-    ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--skip", type=int, default=2, help="first steps left out of the median (start-up)")
+    ap.add_argument("--rates", default="unlimited,800mbit,400mbit")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--skip", type=int, default=2, help="first steps left out of the medians (start-up)")
+    ap.add_argument("--parts", default="overlap,dispatch")
     args = ap.parse_args()
     problem = namespaces_problem()
     if problem:
         raise SystemExit(f"bench/ep_overlap.py: {problem}")
     print(describe(), flush=True)
-    print(f"2 hosts x 1 rank, parallel.ep=2, {' '.join(RUN[:5])}; median step time of steps {args.skip + 1}.."
-          f"{args.steps}", flush=True)
-    port = 29600
-    for rate in args.rates.split(","):
-        with LocalCluster(2, rate=None if rate == "unlimited" else rate) as cluster, \
-                tempfile.TemporaryDirectory() as tmp:
-            times = {}
-            for overlap in (False, True):
-                port += 1
-                steps = run_once(cluster, Path(tmp) / f"run{port}", args.steps, overlap, port)
-                times[overlap] = statistics.median(steps[args.skip:])
-            print(f"link {rate:>9}: step {times[False]:.2f} s blocking, {times[True]:.2f} s overlapped "
-                  f"(speed-up x{times[False] / times[True]:.2f}; hidden {times[False] - times[True]:+.2f} s)",
-                  flush=True)
+    print(f"medians of steps {args.skip + 1}..{args.steps}; overlap: 2 hosts x 1 rank, {' '.join(RUN)}", flush=True)
+    rates = args.rates.split(",")
+    if "overlap" in args.parts:
+        overlap_part(rates, args.steps, args.skip, 29600)
+    if "dispatch" in args.parts:
+        dispatch_part(next((r for r in rates if r != "unlimited"), "unlimited"), args.steps, args.skip, 29700)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,12 @@ reverse all-to-all); sizes may be uneven or zero. Rank r owns experts [r*E/ep, (
 routing and n_group a multiple of ep, a group never spans two ranks, so a token reaches at most `topk_group`
 ranks (DeepSeek-V2's device-limited routing).
 
+Across hosts (`parallel.ep_dispatch=hierarchical`, `HierarchicalDispatcher`) a token crosses the link between hosts
+once per host that holds any of its experts, not once per expert: to the rank of that host with the sender's place
+on its own host, which fans the rows out to its host's ranks by the flat dispatch above, weights and sums their
+outputs per token, and sends one row per (token, host) back. Routing groups map to hosts (n_group a multiple of the
+hosts), so group-limited routing is node-limited: a token reaches at most `topk_group` hosts (DeepSeek-V3).
+
 Expert weights become DTensors sharded on dim 0 over `ep`; `GroupedExperts` runs on their local part.
 Their gradients sum the contributions of every rank's tokens, so data-parallel averaging must divide by the
 whole data-parallel degree, not just the ranks that hold copies of the same experts (see `parallelize`).
