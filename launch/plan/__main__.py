@@ -145,7 +145,7 @@ def print_memory(model, cfg, layout: Layout, gpu: GPU) -> None:
     rows = ["params", "grads", "optimizer", "gathered", "activations", "backward_workspace", "optimizer_workspace"]
     modes = {mode: fullest_rank(model, dataclasses.replace(layout, activation_checkpoint=mode))
              for mode in typing.get_args(Recompute)}
-    print(f"\nper-GPU memory of the fullest rank, GiB (recomputation: none / selective / full); "
+    print(f"\nper-GPU memory of the fullest rank, GiB (recomputation: {' / '.join(modes)}); "
           f"{layout.n_micro} micro-batches of {layout.micro_tokens} tokens per step")
     for row in rows:
         print(f"  {row:22s}" + "".join(_gib(getattr(r, row)) for r in modes.values()))
