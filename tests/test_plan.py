@@ -14,7 +14,8 @@ from launch.dryrun import build_rank
 from train.hardware import GPUS, device_bf16_tflops
 from launch.plan import StageShapes, layout_of, meta_model, rank_parameter_elements
 from launch.plan.__main__ import estimate, fits, search
-from launch.plan.cost import bubble_fraction, collectives, step_cost
+from launch.plan.cost import (bubble_fraction, collectives, expert_a2a_seconds, expert_nodes,
+                              expert_rows_per_token, step_cost)
 from launch.plan.memory import rank_layers
 from model.analysis import param_counts
 from parallel.inventory import rank_parameters
@@ -216,6 +217,104 @@ def test_step_cost_takes_the_pipeline_rank_with_the_most_traffic():
     assert a2a.bytes_per_step == pytest.approx(n_moe * per_layer)
     rank0 = {c.name: c for c in collectives(shapes, layout, cfg.data.seq_len, gpu, cfg.cluster, 0)}["ep all-to-all"]
     assert rank0.bytes_per_step == 0
+
+
+def test_expert_rows_by_link_equal_hand_counts_flat_and_hierarchical():
+    """Rows of D per token and pass. DeepSeek-V2's router (K = 6 of 160 experts, 8 groups, a token in 3): ep=16
+    over 2 nodes of 8 and ep=32 over 4. Flat: K (H-1)/H between nodes, K (L-1)/ep within. Hierarchical: the 3
+    groups drawn from 8 in H equal node blocks reach m = H (1 - C(8 - 8/H, 3) / C(8, 3)) nodes, m (H-1)/H rows
+    between nodes, and the fan-out K (L-1)/L within. Greedy routing: the 6 experts drawn from 160."""
+    m = compose_config(["model=deepseek_v2"]).model
+    assert expert_rows_per_token(m, 16, 2, hierarchical=False) == pytest.approx((6 * 1 / 2, 6 * 7 / 16))
+    assert expert_rows_per_token(m, 32, 4, hierarchical=False) == pytest.approx((6 * 3 / 4, 6 * 7 / 32))
+    assert sum(expert_rows_per_token(m, 32, 4, hierarchical=False)) == pytest.approx(6 * 31 / 32)  # all but own
+    assert expert_nodes(m, 2) == pytest.approx(2 * (1 - 4 / 56))  # C(4, 3) / C(8, 3): all 3 groups on one node
+    assert expert_rows_per_token(m, 16, 2, hierarchical=True) == pytest.approx((13 / 7 / 2, 6 * 7 / 8))
+    assert expert_nodes(m, 4) == pytest.approx(4 * (1 - 20 / 56))  # C(6, 3) / C(8, 3): none on a given node
+    assert expert_rows_per_token(m, 32, 4, hierarchical=True) == pytest.approx((18 / 7 * 3 / 4, 6 * 7 / 8))
+    greedy = compose_config(["model=deepseek_v2", "model.topk_method=greedy"]).model
+    miss = 120 * 119 * 118 * 117 * 116 * 115 / (160 * 159 * 158 * 157 * 156 * 155)  # no expert on a given node
+    assert expert_nodes(greedy, 4) == pytest.approx(4 * (1 - miss))
+    assert 4 * (1 - miss) > 4 * (1 - (3 / 4) ** 6)  # distinct experts spread wider than draws with replacement
+    assert expert_rows_per_token(greedy, 32, 4, hierarchical=True)[0] == pytest.approx(4 * (1 - miss) * 3 / 4)
+    for ep, nodes in ((16, 2), (32, 4)):  # hierarchical sends fewer rows between nodes, more within
+        flat, hier = expert_rows_per_token(m, ep, nodes, False), expert_rows_per_token(m, ep, nodes, True)
+        assert hier[0] < flat[0] and hier[1] > flat[1]
+    for ep in (2, 8):  # one node: the same rows either way, the (ep-1)/ep of K that leave the GPU
+        assert expert_rows_per_token(m, ep, 1, True) == expert_rows_per_token(m, ep, 1, False) == (0, 6 * (ep - 1) / ep)
+
+
+def test_expert_all_to_all_by_link_and_its_exposed_time_on_h800():
+    """tiny (K = 2 of 8 experts, 4 groups, a token in 2) at ep=8 x tp=2 on 16 H800s, 8 a node: H = 2 nodes, L = 4
+    ranks of the group each. Bytes: 4 passes x micro-batches x MoE layers x tokens x D x 4 B x rows (flat 2/2
+    between, 2 x 3/8 within; hierarchical m/2 = 5/6 with m = 2 (1 - C(2,2)/C(4,2)) = 5/3 between, 2 x 3/4 within).
+    Exposed: flat the longer link, hierarchical their sum, less the compute hidden under; expert_a2a_seconds
+    gives each link's seconds and the hidden compute."""
+    base = ["model=tiny", "parallel.ep=8", "parallel.tp=2", "train.global_batch_size=16", "train.micro_batch_size=1",
+            "cluster.link_efficiency=0.01"]
+    gpu = GPUS["h800"]
+    shapes = StageShapes(meta_model(compose_config(base).model))
+    for dispatch, between, within in (("flat", 1, 2 * 3 / 8), ("hierarchical", 5 / 6, 2 * 3 / 4)):
+        cfg = compose_config(base + [f"parallel.ep_dispatch={dispatch}"])
+        m, layout = cfg.model, layout_of(cfg, 16, ranks_per_host=8)
+        comms = {c.name: c for c in collectives(shapes, layout, cfg.data.seq_len, gpu, cfg.cluster)}
+        ib, nv = comms["ep all-to-all"], comms["ep all-to-all, in-node"]
+        rows = 4 * layout.n_micro * 3 * layout.micro_tokens * m.hidden_size * 4  # 3 MoE layers, fp32
+        assert (ib.link, nv.link) == ("ib", "nvlink") and layout.n_micro == 2
+        assert (ib.bytes_per_step, nv.bytes_per_step) == pytest.approx((rows * between, rows * within))
+        ib_bw, nv_bw = (bw * 1e9 * 0.01 for bw in (gpu.ib_gbps, gpu.nvlink_one_way_gbps))
+        flops = gpu.bf16_tflops * 1e12 * cfg.cluster.gemm_efficiency
+        ib_s, hidden, ib_exposed = expert_a2a_seconds(m, layout, ib_bw, flops, ranks_per_host=8)
+        nv_s, hidden_too, _ = expert_a2a_seconds(m, layout, nv_bw, flops, inter_node=False, ranks_per_host=8)
+        assert (ib_s, nv_s) == pytest.approx((ib.seconds, nv.seconds)) and hidden == hidden_too > 0
+        assert ib_exposed == pytest.approx(max(0.0, ib_s - hidden))
+        busy = ib_s + nv_s if dispatch == "hierarchical" else max(ib_s, nv_s)
+        assert 0 < busy - hidden < busy
+        assert ib.exposed + nv.exposed == pytest.approx(busy - hidden)
+        assert ib.exposed / nv.exposed == pytest.approx(ib_s / nv_s)
+
+
+def test_expert_a2a_seconds_equals_collectives_where_one_link_carries_it():
+    """ep=2 on H800s one to a node (tp=1): every row that leaves the GPU crosses InfiniBand, K/2 per token and
+    pass, and expert_a2a_seconds' exposed time is the step model's; all on one node it is NVLink's."""
+    base = ["model=tiny", "parallel.ep=2", "train.global_batch_size=16", "train.micro_batch_size=2",
+            "cluster.link_efficiency=0.002"]
+    gpu = GPUS["h800"]
+    shapes = StageShapes(meta_model(compose_config(base).model))
+    for per_node, inter_node, link in ((1, True, "ib"), (8, False, "nvlink")):
+        cfg = compose_config(base + [f"cluster.gpus_per_node={per_node}"])
+        layout = layout_of(cfg, 4, ranks_per_host=per_node)
+        a2a = {c.name: c for c in collectives(shapes, layout, cfg.data.seq_len, gpu, cfg.cluster)}["ep all-to-all"]
+        bw = (gpu.ib_gbps if inter_node else gpu.nvlink_one_way_gbps) * 1e9 * 0.002
+        seconds, hidden, exposed = expert_a2a_seconds(cfg.model, layout, bw, gpu.bf16_tflops * 1e12 * 0.6,
+                                                      inter_node=inter_node)
+        assert a2a.link == link and layout.n_micro == 2 and a2a.bytes_per_step == pytest.approx(
+            4 * 2 * 3 * layout.micro_tokens * 64 * 4 * 2 / 2)  # 4 passes, 2 micro-batches, 3 MoE layers, K/2 rows
+        assert (seconds, exposed) == pytest.approx((a2a.seconds, a2a.exposed)) and 0 < exposed < seconds
+
+
+def test_search_tries_hierarchical_dispatch_where_an_ep_group_spans_nodes():
+    """tiny (4 routing groups) on 16 GPUs, 2 a node: every layout whose ep group spans nodes (ep x tp > 2) comes
+    flat and, where its groups map to its nodes (n_group = 4 a multiple of ep x tp / 2), hierarchical: not at
+    ep x tp = 16 (8 nodes); within a node only flat. The table says which."""
+    from launch.plan.__main__ import candidates, describe
+
+    cfg = compose_config(["model=tiny", "cluster.gpus_per_node=2", "train.global_batch_size=32",
+                          "train.micro_batch_size=1"])
+    found = list(candidates(cfg, 16))
+
+    def key(layout):
+        d = layout.dims
+        return d.pp, d.tp, d.ep, layout.schedule, d.pp_stages_per_rank, layout.activation_checkpoint, \
+            layout.accumulate_unsharded
+
+    hier = {key(x) for x in found if x.ep_hierarchical}
+    flat = {key(x): x.dims for x in found if not x.ep_hierarchical}
+    assert len(hier) == sum(1 for x in found if x.ep_hierarchical)  # one of each
+    assert hier == {k for k, d in flat.items() if d.ep > 1 and d.ep * d.tp in (4, 8)}
+    assert {d.ep * d.tp for d in flat.values() if d.ep > 1} >= {2, 4, 8, 16}
+    assert all(" hierarchical " in describe(x) for x in found if x.ep_hierarchical)
+    assert all(" flat " in describe(x) for x in found if x.dims.ep > 1 and not x.ep_hierarchical)
 
 
 def test_context_parallel_volumes_equal_hand_counts():

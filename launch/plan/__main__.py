@@ -77,22 +77,23 @@ def context_parallel_sizes(cfg) -> list[int]:
 def candidates(cfg, world: int):
     """Every layout of `cfg`'s model, batch and precision on `world` GPUs worth trying: pp over powers of two,
     tp within a node, ep dividing the experts and the data-parallel ranks, cp for long sequences (without tp),
-    each schedule, each recomputation."""
-    m, p = cfg.model, cfg.parallel
+    each schedule, each recomputation, and where an ep group spans nodes each expert dispatch (hierarchical
+    where layout_of accepts it)."""
+    m, p, per_node = cfg.model, cfg.parallel, cfg.cluster.gpus_per_node
     twos = [2**k for k in range(8)]
     schedules = [("1F1B", 1), ("Interleaved1F1B", 2), ("ZBVZeroBubble", 2), ("DualPipeV", 2)]
     for pp, tp, ep, cp, mode in itertools.product(twos, twos[:4], [1] + twos[1:], context_parallel_sizes(cfg),
                                                   typing.get_args(Recompute)):
-        if world % (pp * tp * cp) or tp > cfg.cluster.gpus_per_node or (ep > 1 and m.n_routed_experts % ep) \
-                or (cp > 1 and tp > 1):
+        if world % (pp * tp * cp) or tp > per_node or (ep > 1 and m.n_routed_experts % ep) or (cp > 1 and tp > 1):
             continue
-        for (schedule, v), unsharded in itertools.product(schedules if pp > 1 else [("1F1B", 1)],
-                                                          (False,) if pp > 1 else (False, True)):
+        dispatches = ("flat", "hierarchical") if ep > 1 and ep * tp > per_node else ("flat",)
+        for (schedule, v), unsharded, dispatch in itertools.product(schedules if pp > 1 else [("1F1B", 1)],
+                                                                    (False,) if pp > 1 else (False, True), dispatches):
             par = dataclasses.replace(p, pp=pp, tp=tp, ep=ep, cp=cp, dp_replicate=1, dp_shard=-1,
                                       pp_schedule=schedule, pp_stages_per_rank=v, activation_checkpoint=mode,
-                                      pp_microbatches=0, accumulate_unsharded=unsharded)
+                                      pp_microbatches=0, accumulate_unsharded=unsharded, ep_dispatch=dispatch)
             try:
-                yield layout_of(dataclasses.replace(cfg, parallel=par), world, ranks_per_host=cfg.cluster.gpus_per_node)
+                yield layout_of(dataclasses.replace(cfg, parallel=par), world, ranks_per_host=per_node)
             except (LayoutError, ValueError):
                 continue
 
@@ -118,7 +119,8 @@ def describe(layout: Layout) -> str:
     sched = f" {layout.schedule}" + (f"x{d.pp_stages_per_rank}" if d.pp_stages_per_rank > 1 else "") if d.pp > 1 else ""
     unsharded = " accumulate_unsharded" if layout.accumulate_unsharded and d.pp == 1 else ""
     cp = f" cp={d.cp}" if d.cp > 1 else ""
-    return (f"pp={d.pp} dp={d.dp_replicate}x{d.dp_shard}{cp} tp={d.tp} ep={d.ep}{sched} "
+    dispatch = (" hierarchical" if layout.ep_hierarchical else " flat") if d.ep > 1 else ""
+    return (f"pp={d.pp} dp={d.dp_replicate}x{d.dp_shard}{cp} tp={d.tp} ep={d.ep}{dispatch}{sched} "
             f"ac={layout.activation_checkpoint} micro={layout.n_micro}{unsharded}")
 
 
@@ -143,7 +145,7 @@ def print_memory(model, cfg, layout: Layout, gpu: GPU) -> None:
     rows = ["params", "grads", "optimizer", "gathered", "activations", "backward_workspace", "optimizer_workspace"]
     modes = {mode: fullest_rank(model, dataclasses.replace(layout, activation_checkpoint=mode))
              for mode in typing.get_args(Recompute)}
-    print(f"\nper-GPU memory of the fullest rank, GiB (recomputation: none / selective / full); "
+    print(f"\nper-GPU memory of the fullest rank, GiB (recomputation: {' / '.join(modes)}); "
           f"{layout.n_micro} micro-batches of {layout.micro_tokens} tokens per step")
     for row in rows:
         print(f"  {row:22s}" + "".join(_gib(getattr(r, row)) for r in modes.values()))

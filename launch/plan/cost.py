@@ -10,10 +10,26 @@ differ), at `cluster.link_efficiency` of NVLink (one way) when the group lies in
 InfiniBand NIC (the mesh is laid out pp, dp_replicate, efsdp, cp, ep, tp from slowest to fastest, so a group's
 ranks are `stride` apart):
   ep   all-to-all dispatch + combine per MoE layer and micro-batch, forward and backward (and once more in a
-       full recomputation): tokens x top-k rows of D, the (ep-1)/ep that leave the GPU. In the critical path,
-       less, with parallel.ep_overlap, the compute it hides under (parallel/expert.py): the shared experts and,
-       of the routed experts' GEMMs, all but one chunk's ((C-1)/C with C = parallel.ep_chunks), in each pass;
-       only what outlasts that compute shows.
+       full recomputation), rows of D per token and pass, by link: "ep all-to-all" between nodes (or within the
+       node where the group fits in one), "ep all-to-all, in-node" within nodes. The ep group's ranks are tp
+       apart, so it spans H = ep x tp / gpus_per_node nodes (1 where that is <= 1) with L = ep / H of its ranks on
+       each; experts lie in equal contiguous blocks per rank, a token's K = top-k experts taken as uniform over
+       the group.
+       flat (parallel.ep_dispatch=flat): every (token, expert) row goes to the expert's rank: K (H-1)/H rows to
+       other nodes over InfiniBand, K (L-1)/ep to other ranks of the node over NVLink (together the (ep-1)/ep of
+       the K rows that leave the GPU); the two links run at once, so the pass takes the longer of the two.
+       hierarchical: a token crosses to another node once per node holding any of its experts, m (H-1)/H rows
+       over InfiniBand with m the expected number of distinct nodes holding its experts, then the receiving rank
+       fans its K assignments out over the node's L ranks, K (L-1)/L rows over NVLink (the combine comes back the
+       same way, one weighted sum per (token, node) between nodes); the hop and the fan-out of a chunk run one
+       after the other, so the pass takes their sum. m: the expected number of bins hit by g draws without
+       replacement from n items in H equal bins, H (1 - C(n - n/H, g) / C(n, g)): with group-limited routing
+       whose groups each lie on one node (n_group a multiple of H) n = n_group groups and g = min(K, topk_group)
+       (a token's experts lie in topk_group groups, each taken to hold at least one of them), else n = the routed
+       experts and g = K. In the critical path, less, with parallel.ep_overlap, the compute it hides under
+       (parallel/expert.py): the shared experts and, of the routed experts' GEMMs, all but one chunk's
+       ((C-1)/C with C = parallel.ep_chunks), in each pass; only what outlasts that compute shows (shared over
+       the per-link entries by their seconds).
   cp   Ulysses all-to-alls per attention layer and micro-batch, forward and backward (and once more in a full
        recomputation): q, k, v to whole sequences and the output back, (cp-1)/cp of the micro-batch's
        H x (2 (N+R) + 2 V) elements per token. In the critical path.
@@ -31,6 +47,7 @@ DeepSeek-V3's table 2: 1F1B (pp-1)(F+B+W), interleaved /v, ZB-V (pp-1)(F+B-2W), 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from model.analysis import attention_core_widths, forward_flops_per_token, training_flops_per_token
@@ -38,6 +55,10 @@ from model.config import ModelConfig
 
 from train.hardware import GPU
 from .memory import Layout, StageShapes, gathered_element_bytes, rank_layers, unsharded_elements
+
+
+EP_A2A = "ep all-to-all"  # the expert all-to-all between nodes (within the node where the ep group fits in one)
+EP_A2A_IN_NODE = "ep all-to-all, in-node"  # its part within a node where the ep group spans several
 
 
 @dataclass
@@ -127,6 +148,12 @@ def compute_seconds(m: ModelConfig, layout: Layout, seq_len: int, tokens_per_gpu
     return ((total - fp8) / gpu.bf16_tflops + fp8 / gpu.fp8_tflops) / (1e12 * efficiency)
 
 
+def _rank_layers_with_mtp(m: ModelConfig, layout: Layout, pp_rank: int) -> list[int]:
+    """Layer indices pipeline rank `pp_rank` runs, its MTP depths (numbered after the main layers) included."""
+    layers, head = rank_layers(m, layout, pp_rank)
+    return layers + [m.num_hidden_layers + k for k in range(m.num_nextn_predict_layers if head else 0)]
+
+
 def collectives(shapes: StageShapes, layout: Layout, seq_len: int, gpu: GPU, cluster,
                 pp_rank: int = 0) -> list[Collective]:
     """Bytes per step each GPU of pipeline rank `pp_rank` sends, per kind of collective, and their time."""
@@ -134,16 +161,11 @@ def collectives(shapes: StageShapes, layout: Layout, seq_len: int, gpu: GPU, clu
     a, per_node = layout.param_bytes, cluster.gpus_per_node
     efsdp = d.dp_shard // d.ep
     tokens, n = layout.micro_tokens, layout.n_micro
-    layers, head = rank_layers(m, layout, pp_rank)
-    layers = layers + [m.num_hidden_layers + k for k in range(m.num_nextn_predict_layers if head else 0)]  # MTP
-    n_moe = sum(m.is_moe_layer(i) for i in layers)
+    layers = _rank_layers_with_mtp(m, layout, pp_rank)
     out: list[tuple[str, float, str, bool]] = []  # name, bytes, link, overlapped with compute
-    hide = {}  # seconds of compute a collective hides under, where it is not prefetched
     if d.ep > 1:
-        out.append(_expert_all_to_all(m, layout, n_moe, per_node))
-        if layout.ep_overlap:
-            hide["ep all-to-all"] = _expert_overlap_flops(m, layout) * n * n_moe * tokens / (
-                gpu.bf16_tflops * 1e12 * cluster.gemm_efficiency)
+        n_moe = sum(m.is_moe_layer(i) for i in layers)
+        out += [(name, nbytes, link, False) for name, nbytes, link in _expert_all_to_all(m, layout, n_moe, per_node)]
     if d.cp > 1:  # Ulysses: q, k, v to whole sequences and the output back, per attention layer
         passes = 3 if layout.activation_checkpoint == "full" else 2
         qk, v = attention_core_widths(m)  # q and the output over all heads, k and v over the K/V heads
@@ -184,17 +206,62 @@ def collectives(shapes: StageShapes, layout: Layout, seq_len: int, gpu: GPU, clu
     for name, nbytes, link, prefetched in out:
         bw = (gpu.nvlink_one_way_gbps if link == "nvlink" else gpu.ib_gbps) * 1e9 * cluster.link_efficiency
         seconds = nbytes / bw
-        exposed = 0.0 if prefetched else max(0.0, seconds - hide.get(name, 0.0))
-        result.append(Collective(name, nbytes, link, seconds, exposed, prefetched))
+        result.append(Collective(name, nbytes, link, seconds, 0.0 if prefetched else seconds, prefetched))
+    if d.ep > 1:
+        flops_per_s = gpu.bf16_tflops * 1e12 * cluster.gemm_efficiency
+        _expose_expert_all_to_all(result, layout.ep_hierarchical, _expert_hidden_seconds(m, layout, n_moe, flops_per_s))
     return result
 
 
-def _expert_all_to_all(m: ModelConfig, layout: Layout, n_moe: int, per_node: int) -> tuple[str, float, str, bool]:
-    """The expert all-to-all's (name, bytes one GPU sends per step, link, prefetched)."""
-    d = layout.dims
+def _expected_bins_hit(items: int, bins: int, draws: int) -> float:
+    """Expected number of `bins` equal bins of `items` items holding at least one of `draws` items drawn uniformly
+    without replacement: bins x (1 - C(items - items/bins, draws) / C(items, draws))."""
+    return bins * (1 - math.comb(items - items // bins, draws) / math.comb(items, draws))
+
+
+def expert_nodes(m: ModelConfig, nodes: int) -> float:
+    """Expected number of distinct nodes, of the `nodes` an ep group spans, that hold a token's experts: routing
+    groups drawn (node-limited routing: n_group a multiple of `nodes`, each group on one node), else experts."""
+    if nodes == 1:
+        return 1.0
+    if m.topk_method != "greedy" and m.n_group > 1 and m.n_group % nodes == 0:
+        return _expected_bins_hit(m.n_group, nodes, min(m.num_experts_per_tok, m.topk_group))
+    return _expected_bins_hit(m.n_routed_experts, nodes, m.num_experts_per_tok)
+
+
+def expert_rows_per_token(m: ModelConfig, ep: int, nodes: int, hierarchical: bool) -> tuple[float, float]:
+    """Rows of D one rank sends per token and pass (dispatch or combine) of the expert all-to-all, an ep group of
+    `ep` ranks over `nodes` nodes: (to other nodes, to other ranks of its node)."""
+    k, local = m.num_experts_per_tok, ep / nodes
+    if hierarchical:
+        return expert_nodes(m, nodes) * (nodes - 1) / nodes, k * (local - 1) / local
+    return k * (nodes - 1) / nodes, k * (local - 1) / ep
+
+
+def _ep_nodes(layout: Layout, ranks_per_node: int) -> int:
+    """Nodes an ep group spans: its ep ranks lie tp apart, whole nodes where it spans several."""
+    return max(1, -(-layout.dims.ep * layout.dims.tp // ranks_per_node))
+
+
+def _expert_all_to_all(m: ModelConfig, layout: Layout, n_moe: int, per_node: int) -> list[tuple[str, float, str]]:
+    """The expert all-to-all's (name, bytes one GPU sends per step, link) per link that carries any."""
     passes = 6 if layout.activation_checkpoint == "full" else 4
-    rows = passes * layout.n_micro * n_moe * layout.micro_tokens * m.num_experts_per_tok * m.hidden_size
-    return "ep all-to-all", rows * layout.param_bytes * (d.ep - 1) / d.ep, _group_link(d.tp, d.ep, per_node), False
+    row_bytes = passes * layout.n_micro * n_moe * layout.micro_tokens * m.hidden_size * layout.param_bytes
+    nodes = _ep_nodes(layout, per_node)
+    between, within = expert_rows_per_token(m, layout.dims.ep, nodes, layout.ep_hierarchical)
+    if nodes == 1:
+        return [(EP_A2A, within * row_bytes, "nvlink")]
+    return [(EP_A2A, between * row_bytes, "ib")] + ([(EP_A2A_IN_NODE, within * row_bytes, "nvlink")] if within else [])
+
+
+def _expose_expert_all_to_all(comms: list[Collective], hierarchical: bool, hidden: float) -> None:
+    """Set the exposed seconds of the expert all-to-all's per-link entries: their sum (hierarchical: the hop and
+    the fan-out one after the other) or the longest (flat: both links at once), less `hidden`, shared by seconds."""
+    parts = [c for c in comms if c.name in (EP_A2A, EP_A2A_IN_NODE)]
+    total = sum(c.seconds for c in parts)
+    seconds = total if hierarchical else max((c.seconds for c in parts), default=0.0)
+    for c in parts:
+        c.exposed = max(0.0, seconds - hidden) * c.seconds / total if total else 0.0
 
 
 def _expert_overlap_flops(m: ModelConfig, layout: Layout) -> float:
@@ -205,6 +272,31 @@ def _expert_overlap_flops(m: ModelConfig, layout: Layout) -> float:
     shared = 2 * 3 * m.hidden_size * m.moe_intermediate_size * m.n_shared_experts
     routed = 2 * 3 * m.hidden_size * m.moe_intermediate_size * m.num_experts_per_tok
     return passes * (shared + routed * (layout.ep_chunks - 1) / layout.ep_chunks)
+
+
+def _expert_hidden_seconds(m: ModelConfig, layout: Layout, n_moe: int, flops_per_s: float) -> float:
+    """Seconds of compute per step the expert all-to-alls of `n_moe` MoE layers hide under (0 without
+    parallel.ep_overlap)."""
+    if not layout.ep_overlap:
+        return 0.0
+    return _expert_overlap_flops(m, layout) * layout.n_micro * n_moe * layout.micro_tokens / flops_per_s
+
+
+def expert_a2a_seconds(m: ModelConfig, layout: Layout, link_bytes_per_s: float, flops_per_s: float,
+                       inter_node: bool = True, ranks_per_host: int | None = None) -> tuple[float, float, float]:
+    """The expert all-to-all of one rank on one link, by the formulas `collectives` uses, on the pipeline rank
+    with the most MoE layers: (seconds per step of its bytes on that link at `link_bytes_per_s`, seconds of
+    compute per step it hides under at `flops_per_s`, exposed seconds: the first less the second, at least 0, as
+    if the other link took no time). `inter_node`: the bytes between hosts, else those within a host;
+    `ranks_per_host`: ranks on each host (None: one ep rank per host where `inter_node`, else the whole group on
+    one host), e.g. for a measurement on a CPU cluster of hosts joined by one link."""
+    d = layout.dims
+    per_host = ranks_per_host or (d.tp if inter_node else d.ep * d.tp)
+    n_moe = max(sum(m.is_moe_layer(i) for i in _rank_layers_with_mtp(m, layout, p)) for p in range(d.pp))
+    link = "ib" if inter_node else "nvlink"
+    nbytes = sum(b for _, b, on in _expert_all_to_all(m, layout, n_moe, per_host) if on == link) if d.ep > 1 else 0.0
+    seconds, hidden = nbytes / link_bytes_per_s, _expert_hidden_seconds(m, layout, n_moe, flops_per_s)
+    return seconds, hidden, max(0.0, seconds - hidden)
 
 
 def step_cost(shapes: StageShapes, layout: Layout, seq_len: int, global_batch: int, gpu: GPU, cluster) -> StepCost:
