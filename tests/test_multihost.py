@@ -45,6 +45,9 @@ def test_hosts_resolve_each_other_links_are_limited_and_cables_cut(local_cluster
     assert send(cluster, 1, "node0", 1, timeout=1).returncode != 0, "a cut cable carried a connection"
     cluster.restore(1)
     sleeper = cluster.popen(1, ["sleep", "60"])
+    deadline = time.monotonic() + 5  # `ip netns exec` enters the namespace after the process starts
+    while cluster.pids(1) != [sleeper.pid] and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert cluster.pause(1) == [sleeper.pid]
     deadline = time.monotonic() + 2  # SIGSTOP takes effect asynchronously
     while Path(f"/proc/{sleeper.pid}/stat").read_text().split()[2] != "T" and time.monotonic() < deadline:
