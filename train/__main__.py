@@ -104,17 +104,5 @@ def main(argv: list[str] | None = None) -> int:
         return code
 
 
-def leave(code: int) -> None:
-    """End the process with `code` once its output is flushed, without the interpreter's finalization: a training
-    process still holds torch's process groups (their gloo threads) and daemon threads there, and a thread that
-    finalization stops inside torch's C++ code aborts the process ("terminate called without an active exception",
-    exit -6) after a run that succeeded. Everything a run writes is closed before (Trainer.close, the checkpoint
-    saves waited for)."""
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 if __name__ == "__main__":
-    leave(main() or 0)
+    sys.exit(main())
