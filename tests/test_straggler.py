@@ -37,3 +37,22 @@ def test_straggler_metrics_names():
     assert _over_median([0.1, 0.5, 0.1, 0.3], 1) == 0.5 / 0.1
     assert _over_median([0.0, 0.2], 1) == 0.2 / 0.01  # a median under one sample interval counts as one
     assert tag_for("step_time/max_over_median") == "perf/step_time/max_over_median"
+
+
+class _Frame:
+    """A stack frame stand-in whose locals must not be read (the sampler reads frames another thread runs)."""
+
+    def __init__(self, filename: str, name: str, back=None):
+        self.f_code = compile("pass", filename, "exec").replace(co_name=name, co_qualname=name)
+        self.f_back = back
+
+    @property
+    def f_locals(self):
+        raise AssertionError("a running frame's locals were read")
+
+
+def test_the_sampler_names_operations_from_code_alone():
+    assert waiting_in(_Frame("/repo/parallel/expert.py", "compute")) == "the expert all-to-all (combine, forward)"
+    fsdp = "/site-packages/torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py"
+    assert waiting_in(_Frame(fsdp, "post_backward", _Frame("/repo/x.py", "f"))) == "the FSDP reduce-scatter"
+    assert waiting_in(_Frame("/repo/parallel/expert.py", "helper")) is None

@@ -48,7 +48,7 @@ def waiting_in(frame) -> Optional[str]:
     operation train/watch.py names, else the torch.distributed call and the function of this project that made it."""
     call, caller = None, None
     while frame is not None:
-        found = frame_operation(frame)
+        found = frame_operation(frame, with_locals=False)  # the frame runs in another thread
         if found:
             return found
         path = frame.f_code.co_filename

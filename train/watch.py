@@ -43,18 +43,22 @@ def _module_of(fqn: str | None) -> str:
     return f"layer {parts[1]}" if parts[0] == "layers" and len(parts) > 1 else fqn
 
 
-def frame_operation(frame) -> str | None:
-    """The collective a stack frame stands for, or None."""
-    code, loc = frame.f_code, frame.f_locals
+def frame_operation(frame, with_locals: bool = True) -> str | None:
+    """The collective a stack frame stands for, or None. `with_locals=False`: from the frame's code alone, without
+    the MoE layer or module it runs for: reading the locals of a frame another thread is running (a sampler) makes
+    CPython copy them into a dict while that thread may change them."""
+    code, loc = frame.f_code, frame.f_locals if with_locals else {}
     name, path = code.co_name, code.co_filename.replace(os.sep, "/")
     if path.endswith("parallel/expert.py"):
         label = getattr(loc.get("self"), "label", None) or getattr(loc.get("ctx"), "label", None)
-        if name in ("dispatch", "compute", "combine", "backward") and label:
+        if name in ("dispatch", "compute", "combine", "backward") and (label or not with_locals):
             step = {"dispatch": "dispatch, forward", "compute": "combine, forward", "combine": "combine, forward",
                     "backward": "backward"}[name]
-            return f"the expert all-to-all of {label} ({step})"
+            return f"the expert all-to-all of {label} ({step})" if label else f"the expert all-to-all ({step})"
     if path.endswith("_fsdp_param_group.py") and name in ("unshard", "wait_for_unshard", "post_backward"):
         what = "reduce-scatter" if name == "post_backward" else "all-gather"
+        if not with_locals:
+            return f"the FSDP {what}"
         return f"the FSDP {what} of {_module_of(getattr(loc.get('self'), '_module_fqn', None))}"
     if "/pipelining/" in path and name in ("_batch_p2p", "_wait_batch_p2p"):
         return "the pipeline send/recv between stages"
