@@ -14,8 +14,9 @@ import pytest
 
 from conftest import PY, ROOT, base_args, metrics, train
 
-# a TCP sink on port 5001: once the sender closes, prints the bytes received and the seconds from the first to the last
-SINK = ("import socket, time\ns = socket.create_server(('0.0.0.0', 5001))\nc, _ = s.accept()\n"
+# a TCP sink on port 5001: says when it listens; once the sender closes, prints the bytes and the seconds they took
+SINK = ("import socket, time\ns = socket.create_server(('0.0.0.0', 5001))\nprint('listening', flush=True)\n"
+        "c, _ = s.accept()\n"
         "n = len(c.recv(1 << 20))\nt = time.time()\nwhile d := c.recv(1 << 20):\n    n += len(d)\n"
         "print(n, time.time() - t, flush=True)")
 
@@ -35,7 +36,7 @@ def test_hosts_resolve_each_other_links_are_limited_and_cables_cut(local_cluster
     me = cluster.run(1, ["sh", "-c", "hostname; getent hosts $(hostname) node0"], capture_output=True, text=True)
     assert me.stdout.split() == ["node1", "10.77.0.2", "node1", "10.77.0.1", "node0"]
     sink = cluster.popen(0, [sys.executable, "-c", SINK], stdout=subprocess.PIPE, text=True)
-    time.sleep(0.5)
+    assert sink.stdout.readline().strip() == "listening"  # a busy machine starts the sink's Python slowly
     sent = send(cluster, 1, "node0", 8)
     assert sent.returncode == 0, sent.stderr
     received, seconds = sink.communicate(timeout=30)[0].split()
