@@ -59,7 +59,12 @@ class _AllToAll(torch.autograd.Function):
         return dx, None, None, None, None
 
 
-def all_to_all(x: torch.Tensor, recv: list[int], send: list[int], group, label: str = "") -> torch.Tensor:
+def all_to_all(x: torch.Tensor, recv: list[int], send: list[int], group, label: str = "",
+               overlap: bool = False) -> torch.Tensor:
+    """Rows of x split by `send` sizes to each rank of `group`, `recv` rows back from each, with autograd: blocking,
+    or (`overlap`) asynchronous, waited for at first use in forward and backward (torch's functional collective)."""
+    if overlap:
+        return funcol.all_to_all_single_autograd(x.contiguous(), recv, send, group)
     return _AllToAll.apply(x, recv, send, group, label)
 
 
@@ -87,14 +92,10 @@ class AllToAllDispatcher:
         self.n_local = n_experts // self.ep
         self.overlap = overlap
         self.chunks = chunks if overlap else 1
-        self.elsewhere = [h != (hosts or [0] * self.ep)[self.me] for h in hosts or [0] * self.ep]
+        hosts = hosts or [0] * self.ep
+        self.elsewhere = [h != hosts[self.me] for h in hosts]
         self.sent_rows = 0  # rows this rank has sent to other ranks' experts so far (for the benchmarks)
         self.host_rows = 0  # rows of D this rank has sent to other hosts so far, dispatch and combine
-
-    def _exchange(self, x: torch.Tensor, recv: list[int], send: list[int]) -> torch.Tensor:
-        if self.overlap:
-            return funcol.all_to_all_single_autograd(x.contiguous(), recv, send, self.group)
-        return all_to_all(x, recv, send, self.group, self.label)
 
     def dispatch(self, chunks: list[Chunk]) -> list[Flight]:
         sent = torch.stack([c.counts for c in chunks]).to(torch.int64)  # [chunks, E]
@@ -105,7 +106,8 @@ class AllToAllDispatcher:
             send = sent[i].view(self.ep, -1).sum(1).tolist()
             recv_counts = got[:, i].view(self.ep, self.n_local)
             recv = recv_counts.sum(1).tolist()
-            flights.append(Flight(c, self._exchange(c.rows(), recv, send), recv, send, recv_counts))
+            rows = all_to_all(c.rows(), recv, send, self.group, self.label, self.overlap)
+            flights.append(Flight(c, rows, recv, send, recv_counts))
             self.sent_rows += sum(send) - send[self.me]
             self.host_rows += sum(n for n, away in zip(send, self.elsewhere) if away)
         return flights
@@ -116,7 +118,7 @@ class AllToAllDispatcher:
             order = torch.repeat_interleave(local_expert, f.recv_counts.flatten()).argsort(stable=True)
             out = experts(f.rows[order], f.recv_counts.sum(0))
             by_source = torch.empty_like(out).index_copy(0, order, out)  # back to source-rank-major order
-            f.rows = self._exchange(by_source, f.send, f.recv)
+            f.rows = all_to_all(by_source, f.send, f.recv, self.group, self.label, self.overlap)
             self.host_rows += sum(n for n, away in zip(f.recv, self.elsewhere) if away)
         return flights
 
@@ -154,11 +156,6 @@ class HierarchicalDispatcher:
         self.sent_rows = 0  # rows this rank has sent to other ranks so far (the first hop, and the fan-out)
         self.host_rows = 0  # rows of D this rank has sent to other hosts so far, dispatch and combine
 
-    def _exchange(self, x: torch.Tensor, recv: list[int], send: list[int]) -> torch.Tensor:
-        if self.overlap:
-            return funcol.all_to_all_single_autograd(x.contiguous(), recv, send, self.inter)
-        return all_to_all(x, recv, send, self.inter, self.label)
-
     def dispatch(self, chunks: list[Chunk]) -> list[HostFlight]:
         flights = []
         for c in chunks:
@@ -174,8 +171,9 @@ class HierarchicalDispatcher:
             got_ids = ids.new_empty(sum(recv), ids.shape[1])
             dist.all_to_all_single(got_ids, ids, recv, send, group=self.inter)
             weights = c.weights.index_select(0, token) * here
-            flights.append(HostFlight(c, token, send, recv, self._exchange(c.x.index_select(0, token), recv, send),
-                                      self._exchange(weights, recv, send), got_ids))
+            x, weights = (all_to_all(t, recv, send, self.inter, self.label, self.overlap)
+                          for t in (c.x.index_select(0, token), weights))
+            flights.append(HostFlight(c, token, send, recv, x, weights, got_ids))
             self.sent_rows += sum(send) - send[self.host]
             self.host_rows += sum(send) - send[self.host]
         return flights
@@ -186,7 +184,7 @@ class HierarchicalDispatcher:
             sent = self.local.sent_rows
             summed = self.local.combine(self.local.compute(experts, self.local.dispatch([pairs])))[0]
             self.sent_rows += self.local.sent_rows - sent
-            f.x = self._exchange(summed, f.send, f.recv)
+            f.x = all_to_all(summed, f.send, f.recv, self.inter, self.label, self.overlap)
             self.host_rows += sum(f.recv) - f.recv[self.host]
         return flights
 
