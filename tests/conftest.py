@@ -85,7 +85,7 @@ def train(args, nproc: int = 1, env_extra=None, check=True, **kw) -> subprocess.
     proc = subprocess.run(train_command(args, nproc), cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600, **kw)
     if check and proc.returncode != 0:
-        raise AssertionError(f"rc={proc.returncode}\n{proc.stderr[-3000:]}")
+        raise AssertionError(f"rc={proc.returncode}\nstdout: {proc.stdout[-1000:]}\nstderr: {proc.stderr[-6000:]}")
     return proc
 
 

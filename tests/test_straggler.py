@@ -2,10 +2,11 @@
 the time a thread spends there. The multi-rank report (a slowed rank named once) is in tests/test_multihost.py."""
 
 import sys
+import threading
 import time
 
 from train.metrics import tag_for
-from train.straggler import WaitSampler, _over_median, waiting_in
+from train.straggler import ThreadWatch, WaitSampler, _over_median, thread_stack, waiting_in
 
 # a stand-in for torch.distributed's module: frames of code compiled under its file name look like its calls
 C10D = {}
@@ -17,15 +18,50 @@ def reduce_losses(fn):
     return C10D["all_reduce"](fn)
 
 
+def stack_of(frame) -> list[tuple[str, str]]:
+    stack = []
+    while frame is not None:
+        stack.append((frame.f_code.co_filename, frame.f_code.co_name))
+        frame = frame.f_back
+    return stack
+
+
 def test_a_stack_in_a_collective_names_the_call_and_the_function_that_made_it():
-    inside = reduce_losses(lambda: sys._getframe(0))
+    inside = reduce_losses(lambda: stack_of(sys._getframe(0)))
     assert waiting_in(inside) == "torch.distributed.all_reduce in reduce_losses"
-    assert waiting_in(sys._getframe(0)) is None
+    assert waiting_in(stack_of(sys._getframe(0))) is None
+
+
+def test_the_stack_read_from_faulthandler_is_the_threads_own():
+    """Another thread reads this one's stack (the sampler's way): the same entries as walking it here."""
+    watch, got = ThreadWatch(), {}
+    here = reduce_losses(lambda: stack_of(sys._getframe(0)))
+    release = threading.Event()
+
+    def look():
+        got["stack"] = watch._stack()
+        release.set()
+
+    def wait_here():
+        threading.Thread(target=look).start()
+        release.wait()
+        return stack_of(sys._getframe(0))
+
+    mine = reduce_losses(wait_here)
+    watch.close()
+    # the reader saw this thread inside Event.wait (Condition.wait inside it), called from the frames of `mine`
+    assert [n for _, n in got["stack"][:2]] == ["wait", "wait"] and got["stack"][2:6] == mine[:4]
+    assert waiting_in(got["stack"]) == waiting_in(here) == "torch.distributed.all_reduce in reduce_losses"
+    assert thread_stack('Thread 0x00000000000000ff (most recent call first):\n  File "/a b.py", line 3 in f\n'
+                        'Current thread 0x0000000000000001 (most recent call first):\n  File "/c.py", line 1 in g\n',
+                        255) == [("/a b.py", "f")]
 
 
 def test_the_sampler_charges_the_time_in_a_collective_to_it():
     sampler = WaitSampler(interval=0.005)
-    time.sleep(0.1)  # own work
+    end = time.perf_counter() + 0.1
+    while time.perf_counter() < end:  # own work, running
+        pass
     reduce_losses(lambda: time.sleep(0.3))  # waiting
     fraction, waited = sampler.take()
     sampler.close()
@@ -39,20 +75,8 @@ def test_straggler_metrics_names():
     assert tag_for("step_time/max_over_median") == "perf/step_time/max_over_median"
 
 
-class _Frame:
-    """A stack frame stand-in whose locals must not be read (the sampler reads frames another thread runs)."""
-
-    def __init__(self, filename: str, name: str, back=None):
-        self.f_code = compile("pass", filename, "exec").replace(co_name=name, co_qualname=name)
-        self.f_back = back
-
-    @property
-    def f_locals(self):
-        raise AssertionError("a running frame's locals were read")
-
-
 def test_the_sampler_names_operations_from_code_alone():
-    assert waiting_in(_Frame("/repo/parallel/expert.py", "compute")) == "the expert all-to-all (combine, forward)"
+    assert waiting_in([("/repo/parallel/expert.py", "compute")]) == "the expert all-to-all (combine, forward)"
     fsdp = "/site-packages/torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py"
-    assert waiting_in(_Frame(fsdp, "post_backward", _Frame("/repo/x.py", "f"))) == "the FSDP reduce-scatter"
-    assert waiting_in(_Frame("/repo/parallel/expert.py", "helper")) is None
+    assert waiting_in([(fsdp, "post_backward"), ("/repo/x.py", "f")]) == "the FSDP reduce-scatter"
+    assert waiting_in([("/repo/parallel/expert.py", "helper")]) is None

@@ -8,6 +8,7 @@ Hydra's own flags (`--multirun`/`-m`, `--cfg`, `--help`, `hydra/launcher=...` sw
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import sys
@@ -75,6 +76,8 @@ def check_layout(cfg, env) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # a rank killed by a native fault (SIGSEGV, SIGABRT, ...) prints every thread's Python stack on stderr first
+    faulthandler.enable(all_threads=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     if any(a.startswith("-") or a.startswith("hydra/") for a in argv):

@@ -2,11 +2,18 @@
 
 In a synchronous job every rank's step takes the same wall time (the collectives tie them together); what differs
 is how much of it a rank spends waiting in collectives for the others. A thread of each rank samples the training
-thread's stack every `SAMPLE_S` and charges the wall time since its previous sample to "waiting in <operation>"
-when the stack is inside a collective (the operations train/watch.py names: the expert all-to-all of a layer, the
-FSDP all-gather or reduce-scatter of a module, the pipeline send/recv, the gradient-norm all-reduce; else the
-torch.distributed call and the function that made it), else to the rank's own work. At most two intervals of a
+thread every `SAMPLE_S` and charges the wall time since its previous sample to "waiting in <operation>" when the
+training thread's stack is inside a collective (the operations train/watch.py names: the expert all-to-all of a
+layer, the FSDP all-gather or reduce-scatter of a module, the pipeline send/recv, the gradient-norm all-reduce; else
+the torch.distributed call and the function that made it), else to the rank's own work. At most two intervals of a
 gap count as waiting: a longer gap means the process did not run at all (stopped, starved of CPU), its own time.
+
+How the stack is read: as the text `faulthandler.dump_traceback` writes, one C call that holds the GIL throughout
+and creates no frame objects. Walking `f_back` from `sys._current_frames()` instead, while the other thread runs on
+between the sampler's bytecodes, is a known way to crash CPython 3.11 (sampling profilers hit SIGSEGV in
+`PyFrame_GetBack`). The dump costs about a millisecond, so it is taken only when it can differ: on Linux the
+sampler first reads the thread's state and run count from /proc; a thread that is running is doing its own work, and
+one that has not run since the previous sample is where it was.
 
 Each logged step the ranks exchange their own-work seconds per step since the previous record (one all_gather of
 one number per rank): `step_time/slowest_rank`, `step_time/max_over_median` (the slowest rank's own work over the
@@ -18,11 +25,13 @@ rank, its host and the operation where the other ranks spent most of their waiti
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
+import re
 import socket
 import statistics
-import sys
+import tempfile
 import threading
 import time
 from collections import Counter, deque
@@ -32,7 +41,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .watch import frame_operation
+from .watch import code_operation
 
 log = logging.getLogger(__name__)
 
@@ -43,21 +52,73 @@ REPO = str(Path(__file__).resolve().parent.parent) + os.sep  # frames of this pr
 RESOLUTION_S = 5 * SAMPLE_S
 
 
-def waiting_in(frame) -> Optional[str]:
-    """The collective the stack of `frame` (innermost first) waits in, or None when it is not in one: the innermost
-    operation train/watch.py names, else the torch.distributed call and the function of this project that made it."""
+def waiting_in(stack: list[tuple[str, str]]) -> Optional[str]:
+    """The collective a stack of (file, function) entries, innermost first, waits in, or None when it is not in one:
+    the innermost operation train/watch.py names, else the torch.distributed call and the function of this project
+    that made it."""
     call, caller = None, None
-    while frame is not None:
-        found = frame_operation(frame, with_locals=False)  # the frame runs in another thread
+    for path, name in stack:
+        found = code_operation(path, name)  # from the code alone: the frame runs in another thread
         if found:
             return found
-        path = frame.f_code.co_filename
         if path.replace(os.sep, "/").endswith("torch/distributed/distributed_c10d.py") and call is None:
-            call = frame.f_code.co_name
+            call = name
         elif call is not None and caller is None and path.startswith(REPO):
-            caller = frame.f_code.co_qualname
-        frame = frame.f_back
+            caller = name
     return f"torch.distributed.{call} in {caller or 'torch'}" if call else None
+
+
+def thread_stack(dump: str, ident: int) -> list[tuple[str, str]]:
+    """The (file, function) entries, innermost first, of thread `ident` in the text of faulthandler's dump."""
+    stack, inside = [], False
+    for line in dump.splitlines():
+        head = re.match(r"(?:Current thread|Thread) (0x[0-9a-f]+)", line)
+        if head:
+            inside = int(head.group(1), 16) == ident
+        elif inside and line.startswith('  File "'):
+            path, _, rest = line[len('  File "'):].partition('", line ')
+            stack.append((path, rest.partition(" in ")[2]))
+    return stack
+
+
+class ThreadWatch:
+    """Where the thread that creates it waits: its stack from faulthandler's dump, skipped (module docstring) when
+    /proc says the thread runs or has not run since the previous look."""
+
+    def __init__(self):
+        self.ident = threading.get_ident()
+        self._proc = Path(f"/proc/self/task/{threading.get_native_id()}")
+        self._dump = tempfile.TemporaryFile()
+        self._seen: tuple[Optional[int], Optional[str]] = (None, None)  # (run count, where) of the previous look
+
+    def _sched(self) -> tuple[Optional[int], str]:
+        """(times the thread was scheduled, its state letter), or (None, "") without /proc."""
+        try:
+            runs = int((self._proc / "schedstat").read_text().split()[2])
+            state = (self._proc / "stat").read_text().rpartition(")")[2].split()[0]
+        except (OSError, IndexError, ValueError):
+            return None, ""
+        return runs, state
+
+    def where(self) -> Optional[str]:
+        runs, state = self._sched()
+        if runs is not None and runs == self._seen[0]:
+            return self._seen[1]
+        where = None if state == "R" else waiting_in(self._stack())
+        self._seen = (runs, where)
+        return where
+
+    def _stack(self) -> list[tuple[str, str]]:
+        fd = self._dump.fileno()
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.ftruncate(fd, 0)
+        faulthandler.dump_traceback(self._dump, all_threads=True)
+        size = os.lseek(fd, 0, os.SEEK_CUR)
+        os.lseek(fd, 0, os.SEEK_SET)
+        return thread_stack(os.read(fd, size).decode(errors="replace"), self.ident)
+
+    def close(self) -> None:
+        self._dump.close()
 
 
 class WaitSampler:
@@ -65,7 +126,7 @@ class WaitSampler:
     since the last `take()`."""
 
     def __init__(self, interval: float = SAMPLE_S):
-        self.target, self.interval = threading.get_ident(), interval
+        self.interval, self.watch = interval, ThreadWatch()
         self._lock, self._stop = threading.Lock(), threading.Event()
         self.waited: Counter = Counter()
         self.total, self._last = 0.0, time.perf_counter()
@@ -74,8 +135,7 @@ class WaitSampler:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            frame = sys._current_frames().get(self.target)
-            where = waiting_in(frame) if frame is not None else None
+            where = self.watch.where()
             now = time.perf_counter()
             with self._lock:
                 gap, self._last = now - self._last, now
@@ -93,6 +153,8 @@ class WaitSampler:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=1)
+        if not self._thread.is_alive():
+            self.watch.close()
 
 
 class Stragglers:

@@ -43,12 +43,15 @@ def _module_of(fqn: str | None) -> str:
     return f"layer {parts[1]}" if parts[0] == "layers" and len(parts) > 1 else fqn
 
 
-def frame_operation(frame, with_locals: bool = True) -> str | None:
-    """The collective a stack frame stands for, or None. `with_locals=False`: from the frame's code alone, without
-    the MoE layer or module it runs for: reading the locals of a frame another thread is running (a sampler) makes
-    CPython copy them into a dict while that thread may change them."""
-    code, loc = frame.f_code, frame.f_locals if with_locals else {}
-    name, path = code.co_name, code.co_filename.replace(os.sep, "/")
+def frame_operation(frame) -> str | None:
+    """The collective a finished stack frame (a raised error's) stands for, or None."""
+    return code_operation(frame.f_code.co_filename, frame.f_code.co_name, frame.f_locals)
+
+
+def code_operation(path: str, name: str, loc: dict | None = None) -> str | None:
+    """The collective a frame of function `name` in file `path` stands for, or None. `loc`: the frame's locals,
+    which name its MoE layer or module; None: from the code alone."""
+    path, with_locals, loc = path.replace(os.sep, "/"), loc is not None, loc or {}
     if path.endswith("parallel/expert.py"):
         label = getattr(loc.get("self"), "label", None) or getattr(loc.get("ctx"), "label", None)
         if name in ("dispatch", "compute", "combine", "backward") and (label or not with_locals):
