@@ -30,7 +30,7 @@ whole data-parallel degree, not just the ranks that hold copies of the same expe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -200,6 +200,14 @@ class ExpertDispatch:
     chunks: int = 1
     hierarchical: bool = False
     ranks_per_host: int | None = None  # None: every rank on one host
+    groups: tuple | None = None  # hierarchical: this rank's (inter, intra) groups, made once by `on`
+
+    def on(self, mesh) -> "ExpertDispatch":
+        """This dispatch with its host groups made on `mesh` (collective: every rank calls it once), so that the
+        model parts of a pipelined rank share them."""
+        if not self.hierarchical or self.groups is not None:
+            return self
+        return replace(self, groups=_host_groups(mesh, self.ranks_per_host))
 
 
 def host_problem(ep: int, tp: int, ranks_per_host: int, n_group: int | None) -> str | None:
@@ -244,7 +252,7 @@ def apply_ep(model: nn.Module, mesh, how: ExpertDispatch = ExpertDispatch()) -> 
     ep_mesh = mesh["ep"]
     members = dist.get_process_group_ranks(ep_mesh.get_group())
     hosts = [g // (how.ranks_per_host or dist.get_world_size()) for g in members]
-    inter, intra = _host_groups(mesh, how.ranks_per_host) if how.hierarchical else (None, None)
+    inter, intra = how.on(mesh).groups or (None, None)
     dispatchers = []
     for path, module in model.named_modules():
         if not isinstance(module, MoE):

@@ -88,6 +88,11 @@ ROUTINGS = {  # 8 experts, 2 per rank, 4 per host
     "spread": lambda cfg: dataclasses.replace(cfg, n_group=4, topk_group=2, num_experts_per_tok=3),
     # every token to experts 0 and 1: host 1 and rank 1 receive nothing
     "skewed": lambda cfg: dataclasses.replace(cfg, topk_method="greedy", n_group=1, topk_group=1),
+    # spread, and each rank's device (its 2 experts) takes at most half its share of its own tokens' assignments;
+    # no balance losses: they would tie the ranks' gradients together, which the per-rank reference cannot
+    "dropping": lambda cfg: dataclasses.replace(cfg, n_group=4, topk_group=2, num_experts_per_tok=3,
+                                                capacity_factor=0.5, no_drop_fraction=0.0, aux_loss_alpha=0.0,
+                                                device_aux_loss_alpha=0.0, comm_aux_loss_alpha=0.0),
 }
 
 
@@ -154,7 +159,7 @@ def expected_host_rows(moe: MoE, x: torch.Tensor, hierarchical: bool) -> list[in
     return sent
 
 
-@pytest.mark.parametrize("routing", list(ROUTINGS))
+@pytest.mark.parametrize("routing", ["spread", "skewed"])
 @pytest.mark.parametrize("overlap,chunks", [(False, 1), (True, 2)], ids=["blocking", "chunks2"])
 def test_hierarchical_dispatch_equals_one_process_and_counts_the_rows_between_hosts(tmp_path, overlap, chunks,
                                                                                      routing):
@@ -182,3 +187,29 @@ def test_hierarchical_dispatch_equals_one_process_and_counts_the_rows_between_ho
             torch.testing.assert_close(result[r]["x_grad"], x.grad[r:r + 1], rtol=1e-5, atol=1e-8)
             for name, p in moe.named_parameters():
                 torch.testing.assert_close(result[r][name], p.grad, rtol=1e-5, atol=1e-8, msg=name)
+
+
+def test_capacity_dropping_under_expert_parallelism_equals_each_rank_alone(tmp_path):
+    """Dropping (DeepSeek-V2's device-level capacity) decides over a rank's own tokens, so the one-process reference
+    runs each rank's tokens through the layer alone and sums the ranks' weight gradients."""
+    from parallel.expert import ExpertDispatch
+
+    world = HOSTS * PER_HOST
+    moe = routed_moe("dropping")
+    outs, xs = [], []
+    for r in range(world):
+        xs.append(ep4_tokens(r, moe.cfg.hidden_size).requires_grad_())
+        outs.append(moe(xs[-1]))
+        weigh(outs[-1], world).backward()
+    # the case is what it claims: of a rank's 7 x 3 assignments its 4 devices keep at most ceil(0.5 x 21 / 4) = 3 each
+    assert moe.dropped.tolist() == [moe.dropped[0], world * 21] and moe.dropped[0] >= world * (21 - 4 * 3)
+    atol = 2 * (moe.cfg.num_experts_per_tok + 1) * 2.0 ** -24 * max(float(o.detach().abs().max()) for o in outs)
+    hows = {"flat": ExpertDispatch(), "flat_chunks2": ExpertDispatch(True, 2),
+            "hierarchical_chunks2": ExpertDispatch(True, 2, True, ranks_per_host=PER_HOST)}
+    for label, how in hows.items():
+        got = run_ranks(ep4_result, world, tmp_path / label, how, "dropping")
+        for r in range(world):
+            torch.testing.assert_close(got[r]["out"], outs[r].detach(), rtol=0, atol=atol, msg=label)
+            torch.testing.assert_close(got[r]["x_grad"], xs[r].grad, rtol=1e-5, atol=1e-8, msg=label)
+            for name, p in moe.named_parameters():
+                torch.testing.assert_close(got[r][name], p.grad, rtol=1e-5, atol=1e-8, msg=f"{label} {name}")

@@ -224,11 +224,11 @@ def build_parts(rt: Runtime, meta: bool = False) -> None:
     elif rt.dims.pp > 1:
         rt.pipeline = _build_pipeline(rt, model)
         parts = rt.pipeline.parts
-    p = cfg.parallel
+    p, dispatch = cfg.parallel, expert_dispatch(rt)
     parts = [parallelize(part, rt.mesh, rt.dims, param_dtype=cfg.precision.param_dtype,
                          reduce_dtype=cfg.precision.reduce_dtype, cpu_offload=p.cpu_offload,
                          activation_checkpoint=p.activation_checkpoint, compile=p.compile, fp8=rt.fp8,
-                         ep_dispatch=expert_dispatch(rt)) for part in parts]
+                         ep_dispatch=dispatch) for part in parts]
     if not meta:
         log.info("rank %d holds parameters %s", env.rank, json.dumps(rank_parameters(parts)))
     if big and not meta:
@@ -241,8 +241,10 @@ def build_parts(rt: Runtime, meta: bool = False) -> None:
 
 
 def expert_dispatch(rt: Runtime) -> ExpertDispatch:
+    """The expert dispatch of this job's layout, its host groups made once for all model parts."""
     p = rt.cfg.parallel
-    return ExpertDispatch(ep_overlap_on(rt.cfg), p.ep_chunks, p.ep_dispatch == "hierarchical", rt.env.ranks_per_host)
+    how = ExpertDispatch(ep_overlap_on(rt.cfg), p.ep_chunks, p.ep_dispatch == "hierarchical", rt.env.ranks_per_host)
+    return how.on(rt.mesh) if rt.mesh is not None and rt.dims.ep > 1 else how
 
 
 def _build_pipeline(rt: Runtime, model: Transformer) -> Pipeline:
