@@ -2,7 +2,8 @@
 tbf on both ends of each host's cable), each host's ranks started by torchrun inside it, every rank running the
 trainer's own step (train/runtime.py, train/step.py). Needs root (network namespaces).
 
-    python bench/ep_overlap.py [--rates unlimited,800mbit,400mbit] [--steps 5] [--skip 2] [--parts overlap,dispatch]
+    python bench/ep_overlap.py [--rates unlimited,800mbit,400mbit] [--steps 5] [--skip 2]
+                               [--parts overlap,link,dispatch] [--mb 3]
 
 overlap   2 hosts x 1 rank, parallel.ep=2, the issue's setting (`RUN`), with the expert all-to-alls blocking and
           overlapped (`parallel.ep_overlap`), at each link rate. Per run, over the steps after `--skip`:
@@ -20,8 +21,15 @@ overlap   2 hosts x 1 rank, parallel.ep=2, the issue's setting (`RUN`), with the
             other rank (skew), not for bytes: what the link adds.
           With the overlap on, the share of the all-to-all left exposed is beyond unlimited / a2a on the link (target
           <= 25%). The planner's estimate (launch/plan/cost.py) of the same exposed time uses its byte count and
-          overlap model with this link's rate and this CPU's compute rate (the step's training FLOPs over the
-          main thread's CPU time of the unlimited-link blocking run).
+          overlap model with this CPU's compute rate (the step's training FLOPs over the main thread's CPU time of
+          the unlimited-link blocking run) and the link's TCP rate at `cluster.link_efficiency` (0.7), the fraction
+          of a link's bandwidth the planner assumes collectives achieve.
+link      2 hosts x 1 rank, gloo alone, at each limited rate, `--mb` MB crossing the link each way (the run above
+          sends about 3 MB per all-to-all and direction): the seconds of an all-to-all alone and beside an all-gather
+          of as many bytes on another process group started just before it (as FSDP's prefetch shares the cable), of
+          a send and a recv posted together on each rank (both directions at once, no all-to-all algorithm), and of
+          a one-way send; each also as a multiple of `--mb` MB's time at the TCP stream's rate. This separates what
+          the exchange itself costs on the cable from what sharing the cable costs.
 dispatch  2 hosts x 2 ranks, parallel.ep=4, `parallel.ep_dispatch` flat and hierarchical at the first limited
           rate: step time, rows of hidden states the dispatchers sent between hosts, and the bytes each host's
           cable carried (its interface counters, everything included).
@@ -94,6 +102,43 @@ def worker(overrides: list[str], steps: int, skip: int, result: str) -> None:
     if rt.env.rank == 0:
         Path(result).write_text(json.dumps({"ranks": gathered, "hidden": cfg.model.hidden_size,
                                             "flops": _step_flops(rt)}))
+    dist.destroy_process_group()
+
+
+def exchange_worker(mb: float, reps: int, result: str) -> None:
+    """Rank 0 and 1, one per host, `mb` MB crossing the link each way: median seconds of an all-to-all (alone, and
+    beside an async all-gather of as many bytes on a second group), of a send and recv posted together on each rank
+    (both directions at once, without the all-to-all's algorithm), and of a send from rank 1 to rank 0 alone."""
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    rank, other = dist.get_rank(), dist.new_group(backend="gloo")
+    rows = int(mb * 2 ** 20 / 4)  # fp32 rows of one element; of each side's 2 x rows, half stay home, half cross
+    inp, out = torch.randn(2 * rows), torch.empty(2 * rows)
+    shard, gathered = torch.randn(rows), torch.empty(2 * rows)
+    times: dict[str, list[float]] = {"a2a": [], "a2a_beside_gather": [], "both_ways": [], "send": []}
+
+    def timed(name, fn):
+        dist.barrier()
+        t = time.perf_counter()
+        fn()
+        times[name].append(time.perf_counter() - t)
+
+    def both_ways():
+        for work in dist.batch_isend_irecv([dist.P2POp(dist.isend, inp[:rows], 1 - rank),
+                                            dist.P2POp(dist.irecv, out[:rows], 1 - rank)]):
+            work.wait()
+
+    for _ in range(reps + 1):  # the first of each is left out (connections, buffers)
+        timed("a2a", lambda: dist.all_to_all_single(out, inp))
+        work = dist.all_gather_into_tensor(gathered, shard, group=other, async_op=True)
+        timed("a2a_beside_gather", lambda: dist.all_to_all_single(out, inp))
+        work.wait()
+        timed("both_ways", both_ways)
+        timed("send", lambda: dist.send(inp[:rows], 0) if rank == 1 else dist.recv(out[:rows], 1))
+    if rank == 0:
+        Path(result).write_text(json.dumps({k: statistics.median(v[1:]) for k, v in times.items()}))
     dist.destroy_process_group()
 
 
@@ -170,13 +215,15 @@ def summary(got: dict, skip: int) -> dict:
 
 # --------------------------------------------------------------------------------------------- the parts
 def planned_exposed(overrides: list[str], world: int, link: float, flops_per_s: float) -> tuple[float, float, float]:
-    """The planner's (all-to-all seconds, compute it hides under, exposed seconds) of a step on this link and CPU."""
+    """The planner's (all-to-all seconds, compute it hides under, exposed seconds) of a step on this link and CPU: the
+    link's TCP rate at `cluster.link_efficiency`, as the planner takes a link's bandwidth."""
     from launch.plan.cost import expert_a2a_seconds
     from launch.plan.memory import layout_of
     from train.config import compose_config
 
     cfg = compose_config([*overrides, *COMMON])
-    return expert_a2a_seconds(cfg.model, layout_of(cfg, world, ranks_per_host=1), link, flops_per_s)
+    return expert_a2a_seconds(cfg.model, layout_of(cfg, world, ranks_per_host=1), link * cfg.cluster.link_efficiency,
+                              flops_per_s)
 
 
 def overlap_part(rates: list[str], steps: int, skip: int, port: int) -> None:
@@ -204,6 +251,29 @@ def overlap_part(rates: list[str], steps: int, skip: int, port: int) -> None:
         print(f"link {rate}: the overlap's step speed-up x{steps_s[rate, False] / steps_s[rate, True]:.2f}", flush=True)
 
 
+def link_part(rates: list[str], mb: float, port: int) -> None:
+    print(f"\n| link (TCP stream) | all-to-all, {mb:g} MB crossing each way | the same beside an all-gather of as "
+          f"many | send + recv of {mb:g} MB on each rank at once | one-way send of {mb:g} MB |\n|---|---|---|---|---|",
+          flush=True)
+    for rate in rates:
+        with LocalCluster(2, rate=rate) as cluster, tempfile.TemporaryDirectory() as tmp:
+            link, port = link_rate(cluster), port + 1
+            argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+                    "--rdzv-backend=c10d", f"--rdzv-endpoint={cluster.hosts[0].name}:{port}", __file__, "--exchange",
+                    "--mb", str(mb), "--result", f"{tmp}/result.json"]
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "eth0"}
+            jobs = [cluster.popen(h.index, argv, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+                    for h in cluster.hosts]
+            for job in jobs:
+                if job.wait(timeout=900):
+                    raise SystemExit(f"a host's exchange failed: {job.stderr.read()[-3000:]}")
+            got = json.loads(Path(f"{tmp}/result.json").read_text())
+            ideal = mb * 2 ** 20 / link
+            kinds = ("a2a", "a2a_beside_gather", "both_ways", "send")
+            cells = [f"{got[k]:.3f} s ({got[k] / ideal:.2f}x)" for k in kinds]
+            print(f"| {rate} ({link / 1e6:.0f} MB/s) | {' | '.join(cells)} |", flush=True)
+
+
 def dispatch_part(rate: str, steps: int, skip: int, port: int) -> None:
     print("\n| dispatch (2 hosts x 2 ranks, ep=4) | step | rows between hosts per rank | bytes the cables sent |\n"
           "|---|---|---|---|", flush=True)
@@ -225,11 +295,19 @@ def main() -> None:
         ap.add_argument("overrides", nargs="*")
         a = ap.parse_args()
         return worker(a.overrides, a.steps, a.skip, a.result)
+    if "--exchange" in sys.argv:
+        ap = argparse.ArgumentParser()
+        ap.add_argument("--exchange", action="store_true")
+        ap.add_argument("--mb", type=float)
+        ap.add_argument("--result")
+        a = ap.parse_args()
+        return exchange_worker(a.mb, 9, a.result)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rates", default="unlimited,800mbit,400mbit")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--skip", type=int, default=2, help="first steps left out of the medians (start-up)")
-    ap.add_argument("--parts", default="overlap,dispatch")
+    ap.add_argument("--parts", default="overlap,link,dispatch")
+    ap.add_argument("--mb", type=float, default=3.0, help="link part: MB crossing each way per exchange")
     args = ap.parse_args()
     problem = namespaces_problem()
     if problem:
@@ -239,6 +317,8 @@ def main() -> None:
     rates = args.rates.split(",")
     if "overlap" in args.parts:
         overlap_part(rates, args.steps, args.skip, 29600)
+    if "link" in args.parts:
+        link_part([r for r in rates if r != "unlimited"], args.mb, 29650)
     if "dispatch" in args.parts:
         dispatch_part(next((r for r in rates if r != "unlimited"), "unlimited"), args.steps, args.skip, 29700)
 
