@@ -75,6 +75,15 @@ def launch_on_hosts(cluster, args: list[str], port: int = 29400, procs: int = 2,
                           stderr=subprocess.PIPE, text=True) for h in cluster.hosts]
 
 
+def finished(nodes: list[subprocess.Popen]) -> list[str]:
+    """Every host's stdout once all have ended; every host's stderr tail in the message when any failed."""
+    outs = [node.communicate(timeout=300) for node in nodes]
+    failed = [f"host {i} (exit {node.returncode}): {err[-3000:]}" for i, (node, (_, err)) in enumerate(zip(nodes, outs))
+              if node.returncode != 0]
+    assert not failed, "\n".join(failed)
+    return [out for out, _ in outs]
+
+
 EP4 = {"parallel.ep": 4, "train.micro_batch_size": 1}
 STEPS = 6
 
@@ -116,9 +125,7 @@ def test_experts_on_two_hosts_survive_a_killed_worker(dataset, reference_run, lo
     resumed_at = max(metrics(out), default=0)
     wait_for_step(out, resumed_at + 1, deadline)
     recovered = time.monotonic() - killed
-    for node in nodes:
-        stdout, stderr = node.communicate(timeout=300)
-        assert node.returncode == 0, stderr[-3000:]
+    for stdout in finished(nodes):
         assert "--rdzv-endpoint=node0:29400" in stdout.splitlines()[0] and "--max-restarts=1" in stdout
     ref = reference_run(STEPS, 4, **EP4)
     assert metrics(out) == metrics(ref)
@@ -166,9 +173,7 @@ def test_a_replica_per_host_trains_like_one_host(dataset, reference_run, local_c
     first, replication over whole tensors."""
     cluster, out = local_cluster(2), tmp_path / "run"
     nodes = launch_on_hosts(cluster, base_args(dataset, out, 3, **{"parallel.dp_replicate": 2}), procs=1)
-    for node in nodes:
-        _, stderr = node.communicate(timeout=300)
-        assert node.returncode == 0, stderr[-3000:]
+    finished(nodes)
     ref = reference_run(3, 2)
     assert metrics(out) == metrics(ref)
     assert metrics(out, "grad_norm") == pytest.approx(metrics(ref, "grad_norm"), rel=1e-6)
@@ -183,9 +188,7 @@ def test_hierarchical_expert_dispatch_on_two_hosts_trains_like_flat_on_one(datas
     loss differences seen: at most 8e-8 relative)."""
     cluster, out = local_cluster(2), tmp_path / "run"
     nodes = launch_on_hosts(cluster, [*base_args(dataset, out, STEPS, **EP4), "parallel.ep_dispatch=hierarchical"])
-    for node in nodes:
-        _, stderr = node.communicate(timeout=300)
-        assert node.returncode == 0, stderr[-3000:]
+    finished(nodes)
     ref = reference_run(STEPS, 4, **EP4)
     assert list(metrics(out)) == list(range(1, STEPS + 1))
     assert metrics(out) == pytest.approx(metrics(ref), rel=1e-6)

@@ -76,8 +76,6 @@ def check_layout(cfg, env) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    # a rank killed by a native fault (SIGSEGV, SIGABRT, ...) prints every thread's Python stack on stderr first
-    faulthandler.enable(all_threads=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     if any(a.startswith("-") or a.startswith("hydra/") for a in argv):
@@ -108,4 +106,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # a rank killed by a native fault (SIGSEGV, SIGABRT, ...) prints every thread's Python stack on stderr first
+    faulthandler.enable(all_threads=True)
     sys.exit(main())
