@@ -85,8 +85,17 @@ def train(args, nproc: int = 1, env_extra=None, check=True, **kw) -> subprocess.
     proc = subprocess.run(train_command(args, nproc), cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600, **kw)
     if check and proc.returncode != 0:
-        raise AssertionError(f"rc={proc.returncode}\nstdout: {proc.stdout[-1000:]}\nstderr: {proc.stderr[-6000:]}")
+        raise AssertionError(f"rc={proc.returncode}\nstdout: {proc.stdout[-1000:]}\nstderr: {stderr_tail(proc.stderr)}")
     return proc
+
+
+def stderr_tail(stderr: str, size: int = 6000) -> str:
+    """The end of a failed run's stderr, and first the stacks faulthandler printed for a rank's native crash (they
+    come before torchrun's own report, which would push them out of the end)."""
+    crash = stderr.find("Fatal Python error")
+    if crash < 0 or crash >= len(stderr) - size:
+        return stderr[-size:]
+    return f"{stderr[crash:crash + size // 2]}\n[...]\n{stderr[-size // 2:]}"
 
 
 def logged_steps(out: Path) -> list[int]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from train.env import first_host, torch_env_from_slurm
-from conftest import PY, ROOT, base_args, free_port, metrics, train
+from conftest import PY, ROOT, base_args, free_port, metrics, stderr_tail, train
 
 
 
@@ -212,12 +212,12 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(dataset, tmp_path):
         time.sleep(0.05)
     job.send_signal(signal.SIGUSR1)
     stdout, stderr = job.communicate(timeout=600)
-    assert job.returncode == 0, stderr[-3000:]
+    assert job.returncode == 0, stderr_tail(stderr)
     assert requeued.read_text().split() == ["requeue", "77"]
     saved = [int(p.name.split("_")[1]) for p in (out / "checkpoints").iterdir()]
     assert len(saved) == 1 and 3 <= saved[0] < steps and max(metrics(out)) == saved[0]
     again = subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.returncode == 0, stderr_tail(again.stderr)
     assert requeued.read_text().split() == ["requeue", "77"], "a run that finishes is not requeued"
     train(base_args(dataset, straight, steps), 2)
     assert metrics(out) == metrics(straight)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PY, ROOT, base_args, metrics, train
+from conftest import PY, ROOT, base_args, metrics, stderr_tail, train
 
 # a TCP sink on port 5001: says when it listens; once the sender closes, prints the bytes and the seconds they took
 SINK = ("import socket, time\ns = socket.create_server(('0.0.0.0', 5001))\nprint('listening', flush=True)\n"
@@ -78,8 +78,8 @@ def launch_on_hosts(cluster, args: list[str], port: int = 29400, procs: int = 2,
 def finished(nodes: list[subprocess.Popen]) -> list[str]:
     """Every host's stdout once all have ended; every host's stderr tail in the message when any failed."""
     outs = [node.communicate(timeout=300) for node in nodes]
-    failed = [f"host {i} (exit {node.returncode}): {err[-3000:]}" for i, (node, (_, err)) in enumerate(zip(nodes, outs))
-              if node.returncode != 0]
+    failed = [f"host {i} (exit {node.returncode}): {stderr_tail(err)}" for i, (node, (_, err))
+              in enumerate(zip(nodes, outs)) if node.returncode != 0]
     assert not failed, "\n".join(failed)
     return [out for out, _ in outs]
 

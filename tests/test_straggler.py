@@ -38,8 +38,13 @@ def test_the_stack_read_from_faulthandler_is_the_threads_own():
     here = reduce_losses(lambda: stack_of(sys._getframe(0)))
     release = threading.Event()
 
-    def look():
-        got["stack"] = watch._stack()
+    def look():  # until the thread is inside release.wait (it may still be starting this thread)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            got["stack"] = watch._stack()
+            if [n for _, n in got["stack"][:3]] == ["wait", "wait", "wait_here"]:
+                break
+            time.sleep(0.01)
         release.set()
 
     def wait_here():

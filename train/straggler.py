@@ -8,19 +8,14 @@ layer, the FSDP all-gather or reduce-scatter of a module, the pipeline send/recv
 the torch.distributed call and the function that made it), else to the rank's own work. At most two intervals of a
 gap count as waiting: a longer gap means the process did not run at all (stopped, starved of CPU), its own time.
 
-How the stack is read: as the text `faulthandler.dump_traceback` writes, one C call that holds the GIL throughout
-and creates no frame objects. Walking `f_back` from `sys._current_frames()` instead, while the other thread runs on
-between the sampler's bytecodes, is a known way to crash CPython 3.11 (sampling profilers hit SIGSEGV in
-`PyFrame_GetBack`). The dump costs about a millisecond, so it is taken only when it can differ: on Linux the
-sampler first reads the thread's state and run count from /proc; a thread that is running is doing its own work, and
-one that has not run since the previous sample is where it was.
-
-Each logged step the ranks exchange their own-work seconds per step since the previous record (one all_gather of
-one number per rank): `step_time/slowest_rank`, `step_time/max_over_median` (the slowest rank's own work over the
-median of the other ranks') and `step_time/spread_s` (slowest minus fastest, seconds) go to metrics.jsonl and
-TensorBoard. When one rank has been the slowest, at more than `log.straggler_factor` x that median and by more
-than `RESOLUTION_S` a step, in each of the last `log.straggler_window` records, rank 0 warns once, naming the
-rank, its host and the operation where the other ranks spent most of their waiting.
+How the sampler looks without touching another thread's frames: on Linux it reads the thread's state and run count
+from /proc/self/task/<tid>. A thread asleep (state S or D) through a whole interval waits (a collective, mostly);
+a running one works. What a sleep waits in comes from the thread's stack, read at most every `NAME_EVERY_S` and
+once per sleep, as the text `faulthandler.dump_traceback` writes (one C call under the GIL, no frame objects); a
+sleep whose stack was not read counts as UNNAMED, one whose stack is outside any collective as the rank's own time,
+and the warning names the most common named operation. Walking `f_back` from `sys._current_frames()` while the
+thread ran on crashed ranks under CPython 3.11 (SIGSEGV in `PyFrame_GetBack` on the sampler's thread). Without
+/proc every look reads the stack as text.
 """
 
 from __future__ import annotations
@@ -50,6 +45,9 @@ REPO = str(Path(__file__).resolve().parent.parent) + os.sep  # frames of this pr
 # a straggler's own work must also exceed the others' median by this much a step: differences of a few samples
 # are the sampling's own noise (steps of tens of milliseconds)
 RESOLUTION_S = 5 * SAMPLE_S
+NAME_EVERY_S = 1.0  # the training thread's stack is read at most this often
+UNNAMED = "a wait whose stack was not read"  # the thread sleeps (a collective, mostly); where was not looked up
+OWN = "asleep outside any collective"  # a sleep whose stack was read: the rank's own time (I/O, time.sleep)
 
 
 def waiting_in(stack: list[tuple[str, str]]) -> Optional[str]:
@@ -82,14 +80,17 @@ def thread_stack(dump: str, ident: int) -> list[tuple[str, str]]:
 
 
 class ThreadWatch:
-    """Where the thread that creates it waits: its stack from faulthandler's dump, skipped (module docstring) when
-    /proc says the thread runs or has not run since the previous look."""
+    """Whether the thread that creates it waits, and in what: asleep (/proc) is waiting; what it waits in is read
+    from faulthandler's dump of its stack at most every `NAME_EVERY_S`, once per sleep (module docstring). Without
+    /proc, every look reads the stack."""
 
     def __init__(self):
         self.ident = threading.get_ident()
         self._proc = Path(f"/proc/self/task/{threading.get_native_id()}")
         self._dump = tempfile.TemporaryFile()
-        self._seen: tuple[Optional[int], Optional[str]] = (None, None)  # (run count, where) of the previous look
+        self._runs: Optional[int] = None  # the thread's run count at the previous look
+        self._where: Optional[str] = None  # what the current sleep waits in (UNNAMED until its stack is read)
+        self._named_at = -NAME_EVERY_S  # when the stack was last read (time.monotonic)
 
     def _sched(self) -> tuple[Optional[int], str]:
         """(times the thread was scheduled, its state letter), or (None, "") without /proc."""
@@ -101,12 +102,21 @@ class ThreadWatch:
         return runs, state
 
     def where(self) -> Optional[str]:
+        """The collective the thread waits in now (UNNAMED: asleep, its stack not read), or None: it works. A thread
+        counts as waiting once it has slept through a whole interval: shorter sleeps are mostly waits for the GIL,
+        which this sampler holds while it looks."""
         runs, state = self._sched()
-        if runs is not None and runs == self._seen[0]:
-            return self._seen[1]
-        where = None if state == "R" else waiting_in(self._stack())
-        self._seen = (runs, where)
-        return where
+        if runs is None:
+            return waiting_in(self._stack())
+        if state == "R" or runs != self._runs:
+            self._runs, self._where = runs, None
+            return None
+        if self._where is None:  # the first look at this sleep
+            self._where = UNNAMED
+            now = time.monotonic()
+            if now - self._named_at >= NAME_EVERY_S:
+                self._named_at, self._where = now, waiting_in(self._stack()) or OWN
+        return None if self._where == OWN else self._where
 
     def _stack(self) -> list[tuple[str, str]]:
         fd = self._dump.fileno()
@@ -203,7 +213,8 @@ class Stragglers:
         found: list = [None] * self.world
         dist.all_gather_object(found, (socket.gethostname(), dict(waited)))
         others = sum((Counter(w) for r, (_, w) in enumerate(found) if r != rank), Counter())
-        where = others.most_common(1)[0][0] if others else "no collective the sampler saw"
+        named = [op for op, _ in others.most_common() if op != UNNAMED]
+        where = named[0] if named else "no collective the sampler named"
         own = statistics.mean(times[rank] for times in self.history)
         if self.rank == 0:
             log.warning("step %d: rank %d (%s) is a straggler: its own work takes %.1fx the median of the other "
