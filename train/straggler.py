@@ -3,10 +3,17 @@
 In a synchronous job every rank's step takes the same wall time (the collectives tie them together); what differs
 is how much of it a rank spends waiting in collectives for the others. A thread of each rank samples the training
 thread every `SAMPLE_S` and charges the wall time since its previous sample to "waiting in <operation>" when the
-training thread's stack is inside a collective (the operations train/watch.py names: the expert all-to-all of a
-layer, the FSDP all-gather or reduce-scatter of a module, the pipeline send/recv, the gradient-norm all-reduce; else
-the torch.distributed call and the function that made it), else to the rank's own work. At most two intervals of a
+training thread waits in a collective (the operations train/watch.py names: the expert all-to-all of a layer, the
+FSDP all-gather or reduce-scatter of a module, the pipeline send/recv, the gradient-norm all-reduce; else the
+torch.distributed call and the function that made it), else to the rank's own work. At most two intervals of a
 gap count as waiting: a longer gap means the process did not run at all (stopped, starved of CPU), its own time.
+
+Each logged step the ranks exchange their own-work seconds per step since the previous record (one all_gather of
+one number per rank): `step_time/slowest_rank`, `step_time/max_over_median` (the slowest rank's own work over the
+median of the other ranks') and `step_time/spread_s` (slowest minus fastest, seconds) go to metrics.jsonl and
+TensorBoard. When one rank has been the slowest, at more than `log.straggler_factor` x that median and by more
+than `RESOLUTION_S` a step, in each of the last `log.straggler_window` records, rank 0 warns once, naming the
+rank, its host and the operation where the other ranks spent most of their waiting.
 
 How the sampler looks without touching another thread's frames: on Linux it reads the thread's state and run count
 from /proc/self/task/<tid>. A thread asleep (state S or D) through a whole interval waits (a collective, mostly);
