@@ -178,19 +178,25 @@ def tx_bytes(cluster: LocalCluster) -> list[int]:
     return [int(cluster.run(h.index, read, capture_output=True, text=True).stdout) for h in cluster.hosts]
 
 
+def torchrun_on(cluster: LocalCluster, procs: int, port: int, args: list[str]) -> list[subprocess.Popen]:
+    """This script with `args` under torchrun on every host of `cluster`, `procs` ranks each, c10d rendezvous at host
+    0, gloo on each host's cable."""
+    argv = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={len(cluster.hosts)}",
+            f"--nproc-per-node={procs}", "--rdzv-backend=c10d", f"--rdzv-endpoint={cluster.hosts[0].name}:{port}",
+            __file__, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "eth0"}
+    return [cluster.popen(h.index, argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for h in cluster.hosts]
+
+
 def run_job(cluster: LocalCluster, overrides: list[str], procs: int, steps: int, skip: int, port: int) -> dict:
     """One training job over every host of `cluster`, `procs` ranks each: the workers' records and the bytes each
     host's cable sent."""
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
-        argv = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={len(cluster.hosts)}",
-                f"--nproc-per-node={procs}", "--rdzv-backend=c10d", f"--rdzv-endpoint={cluster.hosts[0].name}:{port}",
-                __file__, "--worker", "--steps", str(steps), "--skip", str(skip), "--result", str(result), "--",
-                *overrides, *COMMON, f"output_dir={tmp}/run"]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "eth0"}
         before = tx_bytes(cluster)
-        jobs = [cluster.popen(h.index, argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for h in cluster.hosts]
+        jobs = torchrun_on(cluster, procs, port, ["--worker", "--steps", str(steps), "--skip", str(skip), "--result",
+                                                  str(result), "--", *overrides, *COMMON, f"output_dir={tmp}/run"])
         for job in jobs:
             _, err = job.communicate(timeout=3600)
             if job.returncode:
@@ -258,15 +264,10 @@ def link_part(rates: list[str], mb: float, port: int) -> None:
     for rate in rates:
         with LocalCluster(2, rate=rate) as cluster, tempfile.TemporaryDirectory() as tmp:
             link, port = link_rate(cluster), port + 1
-            argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
-                    "--rdzv-backend=c10d", f"--rdzv-endpoint={cluster.hosts[0].name}:{port}", __file__, "--exchange",
-                    "--mb", str(mb), "--result", f"{tmp}/result.json"]
-            env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "eth0"}
-            jobs = [cluster.popen(h.index, argv, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
-                    for h in cluster.hosts]
-            for job in jobs:
-                if job.wait(timeout=900):
-                    raise SystemExit(f"a host's exchange failed: {job.stderr.read()[-3000:]}")
+            for job in torchrun_on(cluster, 1, port, ["--exchange", "--mb", str(mb), "--result", f"{tmp}/result.json"]):
+                _, err = job.communicate(timeout=900)
+                if job.returncode:
+                    raise SystemExit(f"a host's exchange failed: {err[-3000:]}")
             got = json.loads(Path(f"{tmp}/result.json").read_text())
             ideal = mb * 2 ** 20 / link
             kinds = ("a2a", "a2a_beside_gather", "both_ways", "send")
