@@ -5,8 +5,9 @@ chunks to its dispatcher (model/moe.py `LocalDispatcher`). Expert parallelism in
 
   dispatch  counts [E] of every chunk -> per-rank send sizes; one all-to-all of all chunks' counts (how many
             rows of each of my local experts every rank will send me), then each chunk's rows.
-  compute   reorder a chunk's received rows (source rank major) to local-expert major, run the grouped GEMMs,
-            undo the reorder and start the all-to-all that returns the results to the ranks owning the tokens.
+  compute   reorder a chunk's received rows (source rank major) to local-expert major (a counting pass over the
+            counts, no sort), run the grouped GEMMs, undo the reorder and start the all-to-all that returns the
+            results to the ranks owning the tokens.
   combine   the returned rows.
 
 With `overlap` the row all-to-alls are asynchronous (torch's functional collectives: the result is waited for
@@ -68,6 +69,17 @@ def all_to_all(x: torch.Tensor, recv: list[int], send: list[int], group, label: 
     return _AllToAll.apply(x, recv, send, group, label)
 
 
+def block_transpose_order(counts: torch.Tensor, total: int) -> torch.Tensor:
+    """The row order that turns rows stored in (source, expert) blocks, source-major, into (expert, source) blocks,
+    expert-major; rows keep their order within a block (what a stable sort by expert gives). counts [S, E]: the
+    rows of each block; total: their sum. A counting pass: each block moves by the difference of its two starts."""
+    sizes = counts.flatten()
+    start = (sizes.cumsum(0) - sizes).view_as(counts).t().flatten()  # each block's first row as stored
+    sizes_t = counts.t().flatten()
+    shift = start - (sizes_t.cumsum(0) - sizes_t)  # minus its first row in expert-major order
+    return torch.repeat_interleave(shift, sizes_t, output_size=total) + torch.arange(total, device=counts.device)
+
+
 @dataclass
 class Flight:
     """One chunk between dispatch and combine on this rank."""
@@ -114,8 +126,7 @@ class AllToAllDispatcher:
 
     def compute(self, experts: nn.Module, flights: list[Flight]) -> list[Flight]:
         for f in flights:
-            local_expert = torch.arange(self.n_local, device=f.recv_counts.device).repeat(self.ep)
-            order = torch.repeat_interleave(local_expert, f.recv_counts.flatten()).argsort(stable=True)
+            order = block_transpose_order(f.recv_counts, sum(f.recv))
             out = experts(f.rows[order], f.recv_counts.sum(0))
             by_source = torch.empty_like(out).index_copy(0, order, out)  # back to source-rank-major order
             f.rows = all_to_all(by_source, f.send, f.recv, self.group, self.label, self.overlap)

@@ -179,17 +179,24 @@ def test_a_replica_per_host_trains_like_one_host(dataset, reference_run, local_c
     assert metrics(out, "grad_norm") == pytest.approx(metrics(ref, "grad_norm"), rel=1e-6)
 
 
+# ep=4: two ep ranks on each host (the fan-out crosses the host's ranks); tp=2 x ep=2: an ep group's ranks lie tp
+# apart, so each host holds one rank of every ep group and both tensor-parallel ranks of it (the fan-out is to itself)
+HIERARCHICAL = {"ep4": EP4, "tp2_ep2": {"parallel.tp": 2, "parallel.ep": 2, "train.micro_batch_size": 1}}
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("layout", list(HIERARCHICAL))
 def test_hierarchical_expert_dispatch_on_two_hosts_trains_like_flat_on_one(dataset, reference_run, local_cluster,
-                                                                            tmp_path):
-    """2 hosts x 2 ranks, ep=4, parallel.ep_dispatch=hierarchical (a token crosses the bridge once per host holding
-    any of its experts, then fans out on its host): the losses and gradient norms of the flat dispatch on one host.
+                                                                            tmp_path, layout):
+    """2 hosts x 2 ranks, parallel.ep_dispatch=hierarchical (a token crosses the bridge once per host holding any of
+    its experts, then fans out on its host): the losses and gradient norms of the flat dispatch on one host.
     Not bit for bit: each host sums its experts' weighted outputs before the hosts' sums are added (fp32; the
     loss differences seen: at most 8e-8 relative)."""
     cluster, out = local_cluster(2), tmp_path / "run"
-    nodes = launch_on_hosts(cluster, [*base_args(dataset, out, STEPS, **EP4), "parallel.ep_dispatch=hierarchical"])
+    over = HIERARCHICAL[layout]
+    nodes = launch_on_hosts(cluster, [*base_args(dataset, out, STEPS, **over), "parallel.ep_dispatch=hierarchical"])
     finished(nodes)
-    ref = reference_run(STEPS, 4, **EP4)
+    ref = reference_run(STEPS, 4, **over)
     assert list(metrics(out)) == list(range(1, STEPS + 1))
     assert metrics(out) == pytest.approx(metrics(ref), rel=1e-6)
     assert metrics(out, "grad_norm") == pytest.approx(metrics(ref, "grad_norm"), rel=1e-6)

@@ -213,3 +213,18 @@ def test_capacity_dropping_under_expert_parallelism_equals_each_rank_alone(tmp_p
             torch.testing.assert_close(got[r]["x_grad"], xs[r].grad, rtol=1e-5, atol=1e-8, msg=label)
             for name, p in moe.named_parameters():
                 torch.testing.assert_close(got[r][name], p.grad, rtol=1e-5, atol=1e-8, msg=f"{label} {name}")
+
+
+def test_block_transpose_order_equals_a_stable_sort_by_expert():
+    """The counting pass that reorders received rows from (source rank, expert) blocks to expert-major equals the
+    stable argsort by expert it replaces, with empty blocks, one source and one expert."""
+    from parallel.expert import block_transpose_order
+    g = torch.Generator().manual_seed(3)
+    for sources, experts in [(3, 5), (4, 2), (1, 7), (5, 1)]:
+        counts = torch.randint(0, 4, (sources, experts), generator=g)
+        counts[0, experts // 2] = 0
+        by_sort = torch.repeat_interleave(torch.arange(experts).repeat(sources), counts.flatten()).argsort(stable=True)
+        assert block_transpose_order(counts, int(counts.sum())).tolist() == by_sort.tolist()
+    # 2 sources x 3 experts, blocks stored (0,0)(0,1)(0,2)(1,0)(1,1)(1,2) with 1,2,0,1,0,3 rows
+    hand = block_transpose_order(torch.tensor([[1, 2, 0], [1, 0, 3]]), 7).tolist()
+    assert hand == [0, 3, 1, 2, 4, 5, 6]
