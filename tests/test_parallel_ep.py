@@ -116,12 +116,17 @@ def weigh(out: torch.Tensor, world: int) -> torch.Tensor:
     return (out * torch.linspace(-1, 1, out.shape[-1])).mean() / world
 
 
-def ep4_result(rank: int, world: int, how, routing: str) -> dict:
+def ep4_results(rank: int, world: int, hows: list, routing: str) -> list[dict]:
+    """`ep4_result` for each dispatch of `hows`, in one set of processes (they start once)."""
     from torch.distributed.device_mesh import init_device_mesh
 
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
+    return [ep4_result(rank, world, mesh, how, routing) for how in hows]
+
+
+def ep4_result(rank: int, world: int, mesh, how, routing: str) -> dict:
     from parallel.expert import apply_ep, reduce_loads_over
 
-    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
     moe = routed_moe(routing)
     [dispatcher, *_] = apply_ep(moe, mesh, how)
     moe.reduce_counts = reduce_loads_over(None)
@@ -170,10 +175,10 @@ def test_hierarchical_dispatch_equals_one_process_and_counts_the_rows_between_ho
     x = torch.cat([ep4_tokens(r, moe.cfg.hidden_size) for r in range(world)]).requires_grad_()
     out = moe(x)
     weigh(out, 1).backward()
-    got = {}
+    hows = [ExpertDispatch(overlap, chunks, hierarchical, ranks_per_host=PER_HOST) for hierarchical in (False, True)]
+    by_rank = run_ranks(ep4_results, world, tmp_path, hows, routing)
+    got = {hierarchical: [results[i] for results in by_rank] for i, hierarchical in enumerate((False, True))}
     for hierarchical in (False, True):
-        how = ExpertDispatch(overlap, chunks, hierarchical, ranks_per_host=PER_HOST)
-        got[hierarchical] = run_ranks(ep4_result, world, tmp_path / str(hierarchical), how, routing)
         assert [r["host_rows"] for r in got[hierarchical]] == expected_host_rows(moe, x, hierarchical)
     rows = [sum(r["host_rows"] for r in got[h]) for h in (False, True)]
     assert rows[1] < rows[0]  # a token's experts on one host share one crossing
@@ -206,8 +211,9 @@ def test_capacity_dropping_under_expert_parallelism_equals_each_rank_alone(tmp_p
     atol = 2 * (moe.cfg.num_experts_per_tok + 1) * 2.0 ** -24 * max(float(o.detach().abs().max()) for o in outs)
     hows = {"flat": ExpertDispatch(), "flat_chunks2": ExpertDispatch(True, 2),
             "hierarchical_chunks2": ExpertDispatch(True, 2, True, ranks_per_host=PER_HOST)}
-    for label, how in hows.items():
-        got = run_ranks(ep4_result, world, tmp_path / label, how, "dropping")
+    by_rank = run_ranks(ep4_results, world, tmp_path, list(hows.values()), "dropping")
+    for i, label in enumerate(hows):
+        got = [results[i] for results in by_rank]
         for r in range(world):
             torch.testing.assert_close(got[r]["out"], outs[r].detach(), rtol=0, atol=atol, msg=label)
             torch.testing.assert_close(got[r]["x_grad"], xs[r].grad, rtol=1e-5, atol=1e-8, msg=label)
