@@ -11,7 +11,9 @@ overlap   2 hosts x 1 rank, parallel.ep=2, the issue's setting (`RUN`), with the
           - a2a exposed: the seconds a step's main thread waits on the expert all-to-alls: inside the blocking
             `dist.all_to_all_single` calls (the dispatch's counts; every row exchange when blocking; timed by
             wrapping the function) plus, overlapped, in `wait_tensor`, where an asynchronous exchange is waited for
-            at first use (forward and backward; torch's profiler, CPU events of the main thread);
+            at first use (forward and backward; torch's profiler, CPU events of the main thread); in brackets the
+            part of it inside autograd's backward (a blocking call the engine makes, a wait below one of the
+            engine's evaluate_function events);
           - other exposed: the rest of the main thread's waiting, i.e. wall time - the main thread's CPU time
             (its compute: OMP_NUM_THREADS=1, gloo moves bytes on threads of its own) - a2a exposed: FSDP's
             all-gathers and reduce-scatters, the loss and statistics all-reduces;
@@ -65,6 +67,7 @@ COMMON = ["train.val_every=0", "checkpoint.every=0", "log.every=1", "train.peak_
 
 # --------------------------------------------------------------------------------------------- one rank
 def worker(overrides: list[str], steps: int, skip: int, result: str) -> None:
+    import torch
     import torch.distributed as dist
     from torch.profiler import ProfilerActivity, profile
 
@@ -72,7 +75,7 @@ def worker(overrides: list[str], steps: int, skip: int, result: str) -> None:
     from train.runtime import build_runtime
     from train.step import Step
 
-    blocked = {"s": 0.0}
+    blocked = {"s": 0.0, "backward": 0.0}
     original = dist.all_to_all_single
 
     def timed(*a, **kw):
@@ -81,6 +84,8 @@ def worker(overrides: list[str], steps: int, skip: int, result: str) -> None:
             return original(*a, **kw)
         finally:
             blocked["s"] += time.perf_counter() - t
+            if torch._C._current_graph_task_id() != -1:  # called by autograd's engine: a backward all-to-all
+                blocked["backward"] += time.perf_counter() - t
     dist.all_to_all_single = timed
     cfg = compose_config([*overrides, f"train.steps={steps}"])
     rt = build_runtime(cfg)
@@ -89,20 +94,37 @@ def worker(overrides: list[str], steps: int, skip: int, result: str) -> None:
     record = []
     for i in range(steps):
         batch = step.sequence_part(rt.loader.next_batch())
-        blocked["s"], rows0 = 0.0, rows()
+        blocked["s"], blocked["backward"], rows0 = 0.0, 0.0, rows()
         with profile(activities=[ProfilerActivity.CPU]) if i >= skip else _nothing() as prof:
             wall, cpu = time.perf_counter(), time.thread_time()
             step(batch, i)
             wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
-        waits = 0.0 if prof is None else sum(e.cpu_time_total for e in prof.key_averages()
-                                             if e.key == "_c10d_functional::wait_tensor") / 1e6
-        record.append({"wall": wall, "cpu": cpu, "a2a": blocked["s"] + waits, "rows": rows() - rows0})
+        waits, backward = _waits(prof)
+        record.append({"wall": wall, "cpu": cpu, "a2a": blocked["s"] + waits, "rows": rows() - rows0,
+                       "a2a_backward": blocked["backward"] + backward})
     gathered = [None] * rt.env.world
     dist.all_gather_object(gathered, record)
     if rt.env.rank == 0:
         Path(result).write_text(json.dumps({"ranks": gathered, "hidden": cfg.model.hidden_size,
                                             "flops": _step_flops(rt)}))
     dist.destroy_process_group()
+
+
+def _waits(prof) -> tuple[float, float]:
+    """Seconds the profiled step spent in `wait_tensor` (an asynchronous collective waited for at first use), and of
+    them inside autograd's backward (an event below one of the engine's evaluate_function events)."""
+    if prof is None:
+        return 0.0, 0.0
+    total = backward = 0.0
+    for e in prof.events():
+        if e.name != "_c10d_functional::wait_tensor":
+            continue
+        total += e.cpu_time_total / 1e6
+        parent = e.cpu_parent
+        while parent is not None and not parent.name.startswith("autograd::engine::evaluate_function"):
+            parent = parent.cpu_parent
+        backward += e.cpu_time_total / 1e6 if parent is not None else 0.0
+    return total, backward
 
 
 def exchange_worker(mb: float, reps: int, result: str) -> None:
@@ -215,7 +237,9 @@ def summary(got: dict, skip: int) -> dict:
     a2a = max(med("a2a", r) for r in ranks)
     waiting = max(med("wall", r) - med("cpu", r) for r in ranks)
     rows = sum(med("rows", r) for r in ranks) / len(ranks)
-    return {"wall": wall, "a2a": a2a, "other": max(0.0, waiting - a2a), "cpu": med("cpu", 0), "rows": rows,
+    backward = max(med("a2a_backward", r) for r in ranks)
+    return {"wall": wall, "a2a": a2a, "a2a_backward": backward, "other": max(0.0, waiting - a2a), "cpu": med("cpu", 0),
+            "rows": rows,
             "bytes": rows * got["hidden"] * 4, "flops": got["flops"], "tx": got["tx"]}
 
 
@@ -235,8 +259,8 @@ def planned_exposed(overrides: list[str], world: int, link: float, flops_per_s: 
 def overlap_part(rates: list[str], steps: int, skip: int, port: int) -> None:
     """Per rate and mode one row; `beyond`: the all-to-all's exposed time less the same mode's over the unlimited
     link (what waiting for the other rank costs there, not the link), the part the planner's estimate models."""
-    print("| link | measured rate | all-to-alls | step | a2a exposed | beyond unlimited | other exposed | "
-          "a2a on the link | exposed share | planned exposed |\n|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    print("| link | measured rate | all-to-alls | step | a2a exposed (of it in backward) | beyond unlimited | "
+          "other exposed | a2a on the link | exposed share | planned exposed |\n" + "|---" * 10 + "|", flush=True)
     base, steps_s = {}, {}
     for rate in rates:
         with LocalCluster(2, rate=None if rate == "unlimited" else rate) as cluster:
@@ -250,7 +274,8 @@ def overlap_part(rates: list[str], steps: int, skip: int, port: int) -> None:
                 plan = planned_exposed(run, 2, link, s["flops"] / s["cpu"])
                 beyond = s["a2a"] - base.setdefault(overlap, s["a2a"])
                 print(f"| {rate} | {link / 1e6:.0f} MB/s | {'overlapped' if overlap else 'blocking'} | "
-                      f"{s['wall']:.2f} s | {s['a2a']:.2f} s | {beyond:.2f} s | {s['other']:.2f} s | {on_link:.2f} s "
+                      f"{s['wall']:.2f} s | {s['a2a']:.2f} s ({s['a2a_backward']:.2f} s) | {beyond:.2f} s "
+                      f"| {s['other']:.2f} s | {on_link:.2f} s "
                       f"({2 * s['bytes'] / 1e6:.0f} MB) | {beyond / on_link:.0%} | {plan[2]:.2f} s "
                       f"(a2a {plan[0]:.2f} s, hides under {plan[1]:.2f} s) |", flush=True)
     for rate in rates:

@@ -179,22 +179,27 @@ def test_a_replica_per_host_trains_like_one_host(dataset, reference_run, local_c
     assert metrics(out, "grad_norm") == pytest.approx(metrics(ref, "grad_norm"), rel=1e-6)
 
 
-# ep=4: two ep ranks on each host (the fan-out crosses the host's ranks); tp=2 x ep=2: an ep group's ranks lie tp
-# apart, so each host holds one rank of every ep group and both tensor-parallel ranks of it (the fan-out is to itself)
-HIERARCHICAL = {"ep4": EP4, "tp2_ep2": {"parallel.tp": 2, "parallel.ep": 2, "train.micro_batch_size": 1}}
+# layout: (hosts, ranks per host, overrides). ep=4 on 2 x 2: two ep ranks on each host (the fan-out crosses the
+# host's ranks); tp=2 x ep=2 on 2 x 2: an ep group's ranks lie tp apart, so each host holds one rank of every ep
+# group and both tensor-parallel ranks of it; pp=2 x ep=2 on 4 x 1: the ep groups lie inside a pipeline stage (the
+# mesh's fastest dims), so they span hosts only with one rank a host, and each stage's MoE layers share the groups
+HIERARCHICAL = {"ep4": (2, 2, EP4),
+                "tp2_ep2": (2, 2, {"parallel.tp": 2, "parallel.ep": 2, "train.micro_batch_size": 1}),
+                "pp2_ep2": (4, 1, {"parallel.pp": 2, "parallel.ep": 2, "train.micro_batch_size": 1})}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", list(HIERARCHICAL))
-def test_hierarchical_expert_dispatch_on_two_hosts_trains_like_flat_on_one(dataset, reference_run, local_cluster,
-                                                                            tmp_path, layout):
-    """2 hosts x 2 ranks, parallel.ep_dispatch=hierarchical (a token crosses the bridge once per host holding any of
-    its experts, then fans out on its host): the losses and gradient norms of the flat dispatch on one host.
+def test_hierarchical_expert_dispatch_across_hosts_trains_like_flat_on_one(dataset, reference_run, local_cluster,
+                                                                           tmp_path, layout):
+    """4 ranks on 2 or 4 hosts, parallel.ep_dispatch=hierarchical (a token crosses the bridge once per host holding
+    any of its experts, then fans out on its host): the losses and gradient norms of the flat dispatch on one host.
     Not bit for bit: each host sums its experts' weighted outputs before the hosts' sums are added (fp32; the
     loss differences seen: at most 8e-8 relative)."""
-    cluster, out = local_cluster(2), tmp_path / "run"
-    over = HIERARCHICAL[layout]
-    nodes = launch_on_hosts(cluster, [*base_args(dataset, out, STEPS, **over), "parallel.ep_dispatch=hierarchical"])
+    hosts, procs, over = HIERARCHICAL[layout]
+    cluster, out = local_cluster(hosts), tmp_path / "run"
+    nodes = launch_on_hosts(cluster, [*base_args(dataset, out, STEPS, **over), "parallel.ep_dispatch=hierarchical"],
+                            procs=procs)
     finished(nodes)
     ref = reference_run(STEPS, 4, **over)
     assert list(metrics(out)) == list(range(1, STEPS + 1))

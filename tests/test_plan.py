@@ -105,13 +105,13 @@ V2_PAPER_LAYOUT = ["model=deepseek_v2", "parallel.pp=16", "parallel.ep=8", "para
                    "train.micro_batch_size=1", "precision=bf16"]
 
 
-README_V2_RATIO = 0.68  # the README's 'for DeepSeek-V2's own layout it says 0.68 x the paper's'
+README_V2_RATIO = 0.76  # the README's 'for DeepSeek-V2's own layout it says 0.76 x the paper's'
 
 
 def test_plan_reproduces_deepseek_v2_figures():
     """KV cache (V2 table 1: (d_c + d_h^R) x l = 4.5 d_h per layer), 236B / 21B parameters, and the 2,048 x
     H800 layout of the paper (16-way zero-bubble PP, 8-way EP, sharded DP) next to its 172.8K GPU-hours per
-    trillion tokens, whose ratio is printed: 0.68 as the README states (within 5%: a change to the cost model that
+    trillion tokens, whose ratio is printed: 0.76 as the README states (within 5%: a change to the cost model that
     moves it further must update the README's figure and this one)."""
     proc = subprocess.run([PY, "-m", "launch.plan", "--top", "0", *V2_PAPER_LAYOUT], cwd=ROOT, capture_output=True,
                           text=True, timeout=600)
@@ -174,10 +174,11 @@ def test_fsdp_and_expert_parallel_volumes_equal_hand_counts():
 
 
 def test_overlapped_expert_all_to_all_shows_only_what_outlasts_the_expert_compute():
-    """parallel.ep_overlap: the all-to-all of each pass hides under the shared experts and (C-1)/C of the routed
-    experts' GEMMs. By hand for tiny at ep=2 with 3 chunks and a slow link (so that some of it shows): 3 passes
-    (forward, backward x 2) of 2 x 3 x D x I FLOPs per token and MoE layer for each shared and 2/3 of each routed
-    expert, at the cluster's efficiency of the BF16 peak."""
+    """parallel.ep_overlap: the all-to-all hides under the shared experts and (C-1)/C of the routed experts' GEMMs
+    of the forward (not the backward's: the engine waits for a gradient's exchange at once). By hand for tiny at
+    ep=2 with 3 chunks and a slow link (so that some of it shows): 2 x 3 x D x I FLOPs per token and MoE layer for
+    each shared and 2/3 of each routed expert, at the cluster's efficiency of the BF16 peak; under full
+    recomputation twice that (the recomputed forward's all-to-alls overlap too)."""
     overrides = ["model=tiny", "parallel.ep=2", "train.global_batch_size=16", "train.micro_batch_size=2",
                  "parallel.ep_chunks=3", "cluster.gpus_per_node=1", "cluster.link_efficiency=0.001",
                  "cluster.gemm_efficiency=0.00001"]
@@ -194,10 +195,13 @@ def test_overlapped_expert_all_to_all_shows_only_what_outlasts_the_expert_comput
     # 16 sequences over dp = 4 ranks: 2 micro-batches of 2 sequences each
     n_micro, tokens, n_moe = 2, 2 * cfg.data.seq_len, m.num_hidden_layers - m.first_k_dense_replace
     per_expert = 2 * 3 * m.hidden_size * m.moe_intermediate_size
-    flops = 3 * (per_expert * m.n_shared_experts + per_expert * m.num_experts_per_tok * 2 / 3)
+    flops = per_expert * m.n_shared_experts + per_expert * m.num_experts_per_tok * 2 / 3
     hidden = flops * n_micro * n_moe * tokens / (gpu.bf16_tflops * 1e12 * cfg.cluster.gemm_efficiency)
-    assert 0.2 < hidden / overlapped.seconds < 0.8
+    assert 0.1 < hidden / overlapped.seconds < 0.5
     assert overlapped.exposed == pytest.approx(overlapped.seconds - hidden, rel=1e-9)
+    full = a2a(["parallel.activation_checkpoint=full"])  # 6 passes of bytes instead of 4, 2 forwards to hide under
+    assert full.seconds == pytest.approx(overlapped.seconds * 6 / 4)
+    assert full.exposed == pytest.approx(full.seconds - 2 * hidden, rel=1e-9)
 
 
 def test_step_cost_takes_the_pipeline_rank_with_the_most_traffic():
