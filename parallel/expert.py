@@ -11,12 +11,15 @@ chunks to its dispatcher (model/moe.py `LocalDispatcher`). Expert parallelism in
   combine   the returned rows.
 
 With `overlap` the row all-to-alls are asynchronous (torch's functional collectives: the result is waited for
-at its first use, and so is the gradient's all-to-all in backward): the layer computes its shared experts while
-the dispatch is in flight, chunk c's expert GEMMs run while chunk c+1's rows travel, and chunk c's results travel
-back while chunk c+1 computes. Without it every all-to-all blocks. Both are autograd functions (backward is the
-reverse all-to-all); sizes may be uneven or zero. Rank r owns experts [r*E/ep, (r+1)*E/ep): with group-limited
-routing and n_group a multiple of ep, a group never spans two ranks, so a token reaches at most `topk_group`
-ranks (DeepSeek-V2's device-limited routing).
+at its first use): the layer computes its shared experts while the dispatch is in flight, chunk c's expert GEMMs
+run while chunk c+1's rows travel, and chunk c's results travel back while chunk c+1 computes. The exchanges of
+all chunks in one direction join autograd as one node (`_Exchanged`), created after the compute that hides them,
+so that in backward, where autograd's engine runs the ready node created last first, every chunk's gradient
+exchange starts before that compute's backward: the combine's while the GEMMs' backward runs chunk by chunk, the
+dispatch's while the shared experts' backward runs. Without `overlap` every all-to-all blocks. Both ways are
+autograd functions (backward is the reverse all-to-all); sizes may be uneven or zero. Rank r owns experts
+[r*E/ep, (r+1)*E/ep): with group-limited routing and n_group a multiple of ep, a group never spans two ranks, so a
+token reaches at most `topk_group` ranks (DeepSeek-V2's device-limited routing).
 
 Across hosts (`parallel.ep_dispatch=hierarchical`, `HierarchicalDispatcher`) a token crosses the link between hosts
 once per host that holds any of its experts, not once per expert: to the rank of that host with the sender's place
@@ -80,6 +83,33 @@ def block_transpose_order(counts: torch.Tensor, total: int) -> torch.Tensor:
     return torch.repeat_interleave(shift, sizes_t, output_size=total) + torch.arange(total, device=counts.device)
 
 
+class _Exchanged(torch.autograd.Function):
+    """The all-to-alls of a layer's chunks, started on the values of `sent` (outside autograd) and still in flight
+    (`pending`), joined to autograd as one node. Forward hands back the exchanges' outputs, waited for at first use;
+    backward starts every chunk's reverse exchange at once, each waited for at first use. The node is created where
+    it is applied, not where the exchanges started: autograd's engine runs, of the nodes ready, the one created last
+    in forward first, so a node applied after the compute that should hide its backward exchanges (the shared
+    experts, the other chunks' expert GEMMs) starts them before that compute's backward runs. One node per chunk,
+    created where its exchange starts, has its gradient's consumer run right after it, which waits at once."""
+
+    @staticmethod
+    def forward(ctx, group, label: str, sizes: list, pending: list, *sent: torch.Tensor):
+        ctx.group, ctx.label, ctx.sizes = group, label, sizes  # sizes: each chunk's (recv, send) in forward
+        return tuple(pending)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        # last chunk first: the engine runs the later chunk's consumer first (it was created later)
+        back = [funcol.all_to_all_single(g.contiguous(), send, recv, ctx.group)
+                for g, (recv, send) in zip(grads[::-1], ctx.sizes[::-1])]
+        return (None, None, None, None, *back[::-1])
+
+
+def _started(x: torch.Tensor, recv: list[int], send: list[int], group) -> torch.Tensor:
+    """An asynchronous all-to-all of x's values (no autograd), waited for at first use."""
+    return funcol.all_to_all_single(x.detach().contiguous(), recv, send, group)
+
+
 @dataclass
 class Flight:
     """One chunk between dispatch and combine on this rank."""
@@ -88,6 +118,8 @@ class Flight:
     recv: list[int]  # rows from each rank
     send: list[int]  # rows to each rank
     recv_counts: torch.Tensor  # [ep, n_local]: rows per (source rank, local expert)
+    # overlapped, between an exchange's start and `_Exchanged`: `rows` holds what was sent, this what will arrive
+    pending: torch.Tensor | None = None
 
 
 class AllToAllDispatcher:
@@ -118,20 +150,45 @@ class AllToAllDispatcher:
             send = sent[i].view(self.ep, -1).sum(1).tolist()
             recv_counts = got[:, i].view(self.ep, self.n_local)
             recv = recv_counts.sum(1).tolist()
-            rows = all_to_all(c.rows(), recv, send, self.group, self.label, self.overlap)
-            flights.append(Flight(c, rows, recv, send, recv_counts))
+            if self._joined():  # started now, joined to autograd in `compute`, after the shared experts
+                rows = c.rows()
+                flights.append(Flight(c, rows, recv, send, recv_counts, _started(rows, recv, send, self.group)))
+            else:
+                rows = all_to_all(c.rows(), recv, send, self.group, self.label, self.overlap)
+                flights.append(Flight(c, rows, recv, send, recv_counts))
             self.sent_rows += sum(send) - send[self.me]
             self.host_rows += sum(n for n, away in zip(send, self.elsewhere) if away)
         return flights
 
     def compute(self, experts: nn.Module, flights: list[Flight]) -> list[Flight]:
+        joined = self._joined()
+        if joined:
+            self._join(flights, back=False)
         for f in flights:
             order = block_transpose_order(f.recv_counts, sum(f.recv))
             out = experts(f.rows[order], f.recv_counts.sum(0))
             by_source = torch.empty_like(out).index_copy(0, order, out)  # back to source-rank-major order
-            f.rows = all_to_all(by_source, f.send, f.recv, self.group, self.label, self.overlap)
+            if joined:  # joined to autograd after the last chunk's GEMMs
+                f.rows, f.pending = by_source, _started(by_source, f.send, f.recv, self.group)
+            else:
+                f.rows = all_to_all(by_source, f.send, f.recv, self.group, self.label, self.overlap)
             self.host_rows += sum(n for n, away in zip(f.recv, self.elsewhere) if away)
+        if joined:
+            self._join(flights, back=True)
         return flights
+
+    def _joined(self) -> bool:
+        """Overlapped exchanges start outside autograd and join it as one node per direction (`_Exchanged`), in
+        eager; traced by torch.compile, each is its own functional collective with autograd, as blocking ones."""
+        return self.overlap and not torch.compiler.is_compiling()
+
+    def _join(self, flights: list[Flight], back: bool) -> None:
+        """The flights' exchanges in flight (dispatch, or with `back` the results' return) as one autograd node."""
+        sizes = [(f.send, f.recv) if back else (f.recv, f.send) for f in flights]
+        arrived = _Exchanged.apply(self.group, self.label, sizes, [f.pending for f in flights],
+                                   *[f.rows for f in flights])
+        for f, rows in zip(flights, arrived):
+            f.rows, f.pending = rows, None
 
     def combine(self, flights: list[Flight]) -> list[torch.Tensor]:
         return [f.chunk.reduce(f.rows) for f in flights]

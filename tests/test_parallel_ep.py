@@ -81,6 +81,44 @@ def test_zero_token_experts_and_ranks_match_one_process(tmp_path, overlap, chunk
     assert single["experts.gate_up_proj"][:2].abs().sum() > 0
 
 
+def backward_events(rank: int, world: int) -> list[str]:
+    """What one overlapped MoE layer (2 chunks) does in backward, in order: each gradient exchange it starts, each
+    chunk's expert GEMMs' backward and the shared experts' backward (tensor hooks on their outputs, which fire as
+    the op that made the output runs its backward)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import parallel.expert as expert
+
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
+    moe = routed_moe("spread")
+    expert.apply_ep(moe, mesh, expert.ExpertDispatch(True, 2))
+    events, start = [], expert.funcol.all_to_all_single
+
+    def logged(*args, **kwargs):
+        events.append("exchange")
+        return start(*args, **kwargs)
+    expert.funcol.all_to_all_single = logged
+    def when_its_backward_runs(name: str):
+        def hook(module, inputs, out) -> None:
+            out.register_hook(lambda grad: events.append(name))
+        return hook
+    moe.experts.register_forward_hook(when_its_backward_runs("gemm"))
+    moe.shared_experts.register_forward_hook(when_its_backward_runs("shared"))
+    out = moe(ep4_tokens(rank, moe.cfg.hidden_size).requires_grad_())
+    events.clear()
+    weigh(out, world).backward()
+    return events
+
+
+def test_overlapped_backward_starts_every_gradient_exchange_before_the_compute_that_hides_it(tmp_path):
+    """Autograd's engine runs the ready node created last in forward first. The combine's gradient exchanges of both
+    chunks start before either chunk's expert GEMMs run their backward (chunk 1's travels while chunk 2's GEMMs
+    run), and the dispatch's before the shared experts' backward. With a node per chunk, as torch's own autograd
+    all-to-all makes, each exchange's consumer would run right after it and wait at once."""
+    for events in run_ranks(backward_events, 2, tmp_path):
+        assert events == ["exchange", "exchange", "gemm", "gemm", "exchange", "exchange", "shared"], events
+
+
 # ------------------------------------------------------------------------------ hierarchical (node-aware) dispatch
 HOSTS, PER_HOST = 2, 2  # an ep=4 group on 2 hosts of 2 ranks
 ROUTINGS = {  # 8 experts, 2 per rank, 4 per host

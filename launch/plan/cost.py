@@ -28,9 +28,9 @@ ranks are `stride` apart):
        (a token's experts lie in topk_group groups, each taken to hold at least one of them), else n = the routed
        experts and g = K. In the critical path, less, with parallel.ep_overlap, the compute it hides under
        (parallel/expert.py): the shared experts and, of the routed experts' GEMMs, all but one chunk's
-       ((C-1)/C with C = parallel.ep_chunks), in each forward (a full recomputation's too), none in backward,
-       where the engine waits for a gradient's exchange as soon as it is issued; only what outlasts that compute
-       shows (shared over the per-link entries by their seconds).
+       ((C-1)/C with C = parallel.ep_chunks), in each forward (a full recomputation's too), none in backward
+       (measured to hide less there); only what outlasts that compute shows (shared over the per-link entries by
+       their seconds).
   cp   Ulysses all-to-alls per attention layer and micro-batch, forward and backward (and once more in a full
        recomputation): q, k, v to whole sequences and the output back, (cp-1)/cp of the micro-batch's
        H x (2 (N+R) + 2 V) elements per token. In the critical path.
@@ -268,9 +268,9 @@ def _expose_expert_all_to_all(comms: list[Collective], hierarchical: bool, hidde
 def _expert_overlap_flops(m: ModelConfig, layout: Layout) -> float:
     """FLOPs per token and MoE layer that the expert all-to-alls hide under with parallel.ep_overlap, over the
     step's passes: the shared experts and (C-1)/C of the routed experts' GEMMs (C chunks) of each forward (and the
-    forward once more under full recomputation). Not the backward's: autograd's engine runs the node created last in
-    forward first, and a gradient all-to-all's consumer is that node, so it waits for the exchange at once
-    (measured: bench/ep_overlap.py, the backward's wait 0.87x the blocking one's, the forward's 0.51x)."""
+    forward once more under full recomputation). Not the backward's: measured (bench/ep_overlap.py, 2 hosts at
+    1.6 Gbit/s), the backward's exchanges hide less than the forward's, and not at all before the layer joined each
+    direction's exchanges in one autograd node (parallel/expert.py); counting them whole is the nearer estimate."""
     passes = 2 if layout.activation_checkpoint == "full" else 1  # in forward-GEMM units
     shared = 2 * 3 * m.hidden_size * m.moe_intermediate_size * m.n_shared_experts
     routed = 2 * 3 * m.hidden_size * m.moe_intermediate_size * m.num_experts_per_tok
