@@ -145,23 +145,23 @@ class AllToAllDispatcher:
         sent = torch.stack([c.counts for c in chunks]).to(torch.int64)  # [chunks, E]
         got = torch.empty_like(sent.t().contiguous())  # [E, chunks] from each rank: (source, local expert) rows
         dist.all_to_all_single(got, sent.t().contiguous(), group=self.group)
-        flights = []
+        flights, joined = [], self._joined()
         for i, c in enumerate(chunks):
             send = sent[i].view(self.ep, -1).sum(1).tolist()
             recv_counts = got[:, i].view(self.ep, self.n_local)
             recv = recv_counts.sum(1).tolist()
-            if self._joined():  # started now, joined to autograd in `compute`, after the shared experts
-                rows = c.rows()
+            rows = c.rows()
+            if joined:  # started now, joined to autograd in `compute`, after the shared experts
                 flights.append(Flight(c, rows, recv, send, recv_counts, _started(rows, recv, send, self.group)))
             else:
-                rows = all_to_all(c.rows(), recv, send, self.group, self.label, self.overlap)
+                rows = all_to_all(rows, recv, send, self.group, self.label, self.overlap)
                 flights.append(Flight(c, rows, recv, send, recv_counts))
             self.sent_rows += sum(send) - send[self.me]
             self.host_rows += sum(n for n, away in zip(send, self.elsewhere) if away)
         return flights
 
     def compute(self, experts: nn.Module, flights: list[Flight]) -> list[Flight]:
-        joined = self._joined()
+        joined = flights[0].pending is not None  # as `dispatch` started them
         if joined:
             self._join(flights, back=False)
         for f in flights:
