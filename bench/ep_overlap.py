@@ -3,10 +3,11 @@ tbf on both ends of each host's cable), each host's ranks started by torchrun in
 trainer's own step (train/runtime.py, train/step.py). Needs root (network namespaces).
 
     python bench/ep_overlap.py [--rates unlimited,800mbit,400mbit] [--steps 5] [--skip 2]
-                               [--parts overlap,link,dispatch] [--mb 3]
+                               [--parts overlap,link,dispatch] [--chunks 2] [--mb 3]
 
 overlap   2 hosts x 1 rank, parallel.ep=2, the issue's setting (`RUN`), with the expert all-to-alls blocking and
-          overlapped (`parallel.ep_overlap`), at each link rate. Per run, over the steps after `--skip`:
+          overlapped (`parallel.ep_overlap`; one run per `--chunks` value, `parallel.ep_chunks`), at each link
+          rate. Per run, over the steps after `--skip`:
           - step: the median step time;
           - a2a exposed: the seconds a step's main thread waits on the expert all-to-alls: inside the blocking
             `dist.all_to_all_single` calls (the dispatch's counts; every row exchange when blocking; timed by
@@ -14,9 +15,12 @@ overlap   2 hosts x 1 rank, parallel.ep=2, the issue's setting (`RUN`), with the
             at first use (forward and backward; torch's profiler, CPU events of the main thread); in brackets the
             part of it inside autograd's backward (a blocking call the engine makes, a wait below one of the
             engine's evaluate_function events);
+          - runnable, not running: the seconds the main thread was ready to run but waited for a CPU (the kernel's
+            schedstat): on this machine's few cores, the compute time that gloo's threads, the network stack and
+            the other ranks took from it, which a GPU's copy engines and NICs would not;
           - other exposed: the rest of the main thread's waiting, i.e. wall time - the main thread's CPU time
-            (its compute: OMP_NUM_THREADS=1, gloo moves bytes on threads of its own) - a2a exposed: FSDP's
-            all-gathers and reduce-scatters, the loss and statistics all-reduces;
+            (its compute: OMP_NUM_THREADS=1, gloo moves bytes on threads of its own) - a2a exposed - runnable, not
+            running: FSDP's all-gathers and reduce-scatters, the loss and statistics all-reduces;
           - a2a on the link: the rows the dispatcher sent to the other host (dispatch and combine, forward and
             backward) x hidden x 4 bytes, over the link's rate measured by a TCP transfer at set-up.
           - beyond unlimited: a2a exposed less the same mode's over the unlimited link, where the wait is for the
@@ -96,11 +100,11 @@ def worker(overrides: list[str], steps: int, skip: int, result: str) -> None:
         batch = step.sequence_part(rt.loader.next_batch())
         blocked["s"], blocked["backward"], rows0 = 0.0, 0.0, rows()
         with profile(activities=[ProfilerActivity.CPU]) if i >= skip else _nothing() as prof:
-            wall, cpu = time.perf_counter(), time.thread_time()
+            wall, cpu, queued = time.perf_counter(), time.thread_time(), _queued()
             step(batch, i)
-            wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+            wall, cpu, queued = time.perf_counter() - wall, time.thread_time() - cpu, _queued() - queued
         waits, backward = _waits(prof)
-        record.append({"wall": wall, "cpu": cpu, "a2a": blocked["s"] + waits, "rows": rows() - rows0,
+        record.append({"wall": wall, "cpu": cpu, "queued": queued, "a2a": blocked["s"] + waits, "rows": rows() - rows0,
                        "a2a_backward": blocked["backward"] + backward})
     gathered = [None] * rt.env.world
     dist.all_gather_object(gathered, record)
@@ -108,6 +112,12 @@ def worker(overrides: list[str], steps: int, skip: int, result: str) -> None:
         Path(result).write_text(json.dumps({"ranks": gathered, "hidden": cfg.model.hidden_size,
                                             "flops": _step_flops(rt)}))
     dist.destroy_process_group()
+
+
+def _queued() -> float:
+    """Seconds this thread has spent runnable but not running (waiting on a CPU's run queue; the kernel's
+    schedstat): on a machine with fewer cores than busy threads, the compute time other threads took from it."""
+    return int(Path("/proc/thread-self/schedstat").read_text().split()[1]) / 1e9
 
 
 def _waits(prof) -> tuple[float, float]:
@@ -236,9 +246,11 @@ def summary(got: dict, skip: int) -> dict:
     wall = med("wall", 0)
     a2a = max(med("a2a", r) for r in ranks)
     waiting = max(med("wall", r) - med("cpu", r) for r in ranks)
+    queued = max(med("queued", r) for r in ranks)
     rows = sum(med("rows", r) for r in ranks) / len(ranks)
     backward = max(med("a2a_backward", r) for r in ranks)
-    return {"wall": wall, "a2a": a2a, "a2a_backward": backward, "other": max(0.0, waiting - a2a), "cpu": med("cpu", 0),
+    return {"wall": wall, "a2a": a2a, "a2a_backward": backward, "queued": queued,
+            "other": max(0.0, waiting - a2a - queued), "cpu": med("cpu", 0),
             "rows": rows,
             "bytes": rows * got["hidden"] * 4, "flops": got["flops"], "tx": got["tx"]}
 
@@ -256,30 +268,34 @@ def planned_exposed(overrides: list[str], world: int, link: float, flops_per_s: 
                               flops_per_s)
 
 
-def overlap_part(rates: list[str], steps: int, skip: int, port: int) -> None:
-    """Per rate and mode one row; `beyond`: the all-to-all's exposed time less the same mode's over the unlimited
-    link (what waiting for the other rank costs there, not the link), the part the planner's estimate models."""
+def overlap_part(rates: list[str], chunks: list[int], steps: int, skip: int, port: int) -> None:
+    """Per rate and mode (blocking; overlapped with each of `chunks` token chunks) one row; `beyond`: the
+    all-to-all's exposed time less the same mode's over the unlimited link (what waiting for the other rank costs
+    there, not the link), the part the planner's estimate models."""
     print("| link | measured rate | all-to-alls | step | a2a exposed (of it in backward) | beyond unlimited | "
-          "other exposed | a2a on the link | exposed share | planned exposed |\n" + "|---" * 10 + "|", flush=True)
+          "runnable, not running | other exposed | a2a on the link | exposed share | planned exposed |\n"
+          + "|---" * 11 + "|", flush=True)
     base, steps_s = {}, {}
     for rate in rates:
         with LocalCluster(2, rate=None if rate == "unlimited" else rate) as cluster:
             link = link_rate(cluster)
-            for overlap in (False, True):
+            for mode in (0, *chunks):  # 0: blocking
                 port += 1
-                run = [*RUN, f"parallel.ep_overlap={str(overlap).lower()}"]
+                run = [*RUN, f"parallel.ep_overlap={str(mode > 0).lower()}", f"parallel.ep_chunks={max(mode, 1)}"]
                 s = summary(run_job(cluster, run, 1, steps, skip, port), skip)
-                steps_s[rate, overlap] = s["wall"]
+                steps_s[rate, mode] = s["wall"]
                 on_link = 2 * s["bytes"] / link  # forward and backward; the counters count the forward
                 plan = planned_exposed(run, 2, link, s["flops"] / s["cpu"])
-                beyond = s["a2a"] - base.setdefault(overlap, s["a2a"])
-                print(f"| {rate} | {link / 1e6:.0f} MB/s | {'overlapped' if overlap else 'blocking'} | "
+                beyond = s["a2a"] - base.setdefault(mode, s["a2a"])
+                print(f"| {rate} | {link / 1e6:.0f} MB/s | {f'overlapped, {mode} chunks' if mode else 'blocking'} | "
                       f"{s['wall']:.2f} s | {s['a2a']:.2f} s ({s['a2a_backward']:.2f} s) | {beyond:.2f} s "
-                      f"| {s['other']:.2f} s | {on_link:.2f} s "
+                      f"| {s['queued']:.2f} s | {s['other']:.2f} s | {on_link:.2f} s "
                       f"({2 * s['bytes'] / 1e6:.0f} MB) | {beyond / on_link:.0%} | {plan[2]:.2f} s "
                       f"(a2a {plan[0]:.2f} s, hides under {plan[1]:.2f} s) |", flush=True)
     for rate in rates:
-        print(f"link {rate}: the overlap's step speed-up x{steps_s[rate, False] / steps_s[rate, True]:.2f}", flush=True)
+        for n in chunks:
+            speedup = steps_s[rate, 0] / steps_s[rate, n]
+            print(f"link {rate}: the overlap's step speed-up with {n} chunks x{speedup:.2f}", flush=True)
 
 
 def link_part(rates: list[str], mb: float, port: int) -> None:
@@ -333,6 +349,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--skip", type=int, default=2, help="first steps left out of the medians (start-up)")
     ap.add_argument("--parts", default="overlap,link,dispatch")
+    ap.add_argument("--chunks", default="2", help="overlap part: the token chunks of each overlapped run")
     ap.add_argument("--mb", type=float, default=3.0, help="link part: MB crossing each way per exchange")
     args = ap.parse_args()
     problem = namespaces_problem()
@@ -342,7 +359,7 @@ def main() -> None:
     print(f"medians of steps {args.skip + 1}..{args.steps}; overlap: 2 hosts x 1 rank, {' '.join(RUN)}", flush=True)
     rates = args.rates.split(",")
     if "overlap" in args.parts:
-        overlap_part(rates, args.steps, args.skip, 29600)
+        overlap_part(rates, [int(n) for n in args.chunks.split(",")], args.steps, args.skip, 29600)
     if "link" in args.parts:
         link_part([r for r in rates if r != "unlimited"], args.mb, 29650)
     if "dispatch" in args.parts:

@@ -12,11 +12,13 @@ chunks to its dispatcher (model/moe.py `LocalDispatcher`). Expert parallelism in
 
 With `overlap` the row all-to-alls are asynchronous (torch's functional collectives: the result is waited for
 at its first use): the layer computes its shared experts while the dispatch is in flight, chunk c's expert GEMMs
-run while chunk c+1's rows travel, and chunk c's results travel back while chunk c+1 computes. The exchanges of
-all chunks in one direction join autograd as one node (`_Exchanged`), created after the compute that hides them,
-so that in backward, where autograd's engine runs the ready node created last first, every chunk's gradient
-exchange starts before that compute's backward: the combine's while the GEMMs' backward runs chunk by chunk, the
-dispatch's while the shared experts' backward runs. Without `overlap` every all-to-all blocks. Both ways are
+run while chunk c+1's rows travel, and chunk c's results travel back while chunk c+1 computes. The exchanges start
+outside autograd and join it (`_Exchanged`) after the compute that hides them, so that in backward, where autograd's
+engine runs the ready node created last first, each gradient exchange starts before that compute's backward: the
+returns of all chunks as one node after the last chunk's GEMMs (their gradients travel while the GEMMs' backward
+runs chunk by chunk), each chunk's dispatch just before its own GEMMs (its gradient travels while the previous
+chunk's GEMMs' backward runs, the first chunk's while the shared experts' does). Without `overlap` every all-to-all
+blocks. Both ways are
 autograd functions (backward is the reverse all-to-all); sizes may be uneven or zero. Rank r owns experts
 [r*E/ep, (r+1)*E/ep): with group-limited routing and n_group a multiple of ep, a group never spans two ranks, so a
 token reaches at most `topk_group` ranks (DeepSeek-V2's device-limited routing).
@@ -151,7 +153,7 @@ class AllToAllDispatcher:
             recv_counts = got[:, i].view(self.ep, self.n_local)
             recv = recv_counts.sum(1).tolist()
             rows = c.rows()
-            if joined:  # started now, joined to autograd in `compute`, after the shared experts
+            if joined:  # started now, joined to autograd in `compute`, just before the chunk's GEMMs
                 flights.append(Flight(c, rows, recv, send, recv_counts, _started(rows, recv, send, self.group)))
             else:
                 rows = all_to_all(rows, recv, send, self.group, self.label, self.overlap)
@@ -162,9 +164,9 @@ class AllToAllDispatcher:
 
     def compute(self, experts: nn.Module, flights: list[Flight]) -> list[Flight]:
         joined = flights[0].pending is not None  # as `dispatch` started them
-        if joined:
-            self._join(flights, back=False)
         for f in flights:
+            if joined:  # just before its GEMMs: see `_join`
+                self._join([f], back=False)
             order = block_transpose_order(f.recv_counts, sum(f.recv))
             out = experts(f.rows[order], f.recv_counts.sum(0))
             by_source = torch.empty_like(out).index_copy(0, order, out)  # back to source-rank-major order
@@ -183,7 +185,11 @@ class AllToAllDispatcher:
         return self.overlap and not torch.compiler.is_compiling()
 
     def _join(self, flights: list[Flight], back: bool) -> None:
-        """The flights' exchanges in flight (dispatch, or with `back` the results' return) as one autograd node."""
+        """The flights' exchanges in flight (dispatch, or with `back` the results' return) as one autograd node.
+        A chunk's dispatch joins just before its own GEMMs, after the previous chunk's: in backward the engine then
+        starts that chunk's gradient exchange as soon as its GEMMs' backward is done, before the previous chunk's
+        GEMMs' backward, which hides it; the first chunk's hides under the shared experts' backward. The results'
+        return joins once, after the last chunk's GEMMs: its backward starts every chunk's exchange."""
         sizes = [(f.send, f.recv) if back else (f.recv, f.send) for f in flights]
         arrived = _Exchanged.apply(self.group, self.label, sizes, [f.pending for f in flights],
                                    *[f.rows for f in flights])

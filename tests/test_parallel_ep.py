@@ -113,10 +113,11 @@ def backward_events(rank: int, world: int) -> list[str]:
 def test_overlapped_backward_starts_every_gradient_exchange_before_the_compute_that_hides_it(tmp_path):
     """Autograd's engine runs the ready node created last in forward first. The combine's gradient exchanges of both
     chunks start before either chunk's expert GEMMs run their backward (chunk 1's travels while chunk 2's GEMMs
-    run), and the dispatch's before the shared experts' backward. With a node per chunk, as torch's own autograd
+    run); chunk 2's dispatch gradient starts before chunk 1's GEMMs' backward, which hides it, and chunk 1's before
+    the shared experts' backward. With a node per exchange created where it starts, as torch's own autograd
     all-to-all makes, each exchange's consumer would run right after it and wait at once."""
     for events in run_ranks(backward_events, 2, tmp_path):
-        assert events == ["exchange", "exchange", "gemm", "gemm", "exchange", "exchange", "shared"], events
+        assert events == ["exchange", "exchange", "gemm", "exchange", "gemm", "exchange", "shared"], events
 
 
 # ------------------------------------------------------------------------------ hierarchical (node-aware) dispatch

@@ -268,9 +268,10 @@ def _expose_expert_all_to_all(comms: list[Collective], hierarchical: bool, hidde
 def _expert_overlap_flops(m: ModelConfig, layout: Layout) -> float:
     """FLOPs per token and MoE layer that the expert all-to-alls hide under with parallel.ep_overlap, over the
     step's passes: the shared experts and (C-1)/C of the routed experts' GEMMs (C chunks) of each forward (and the
-    forward once more under full recomputation). Not the backward's: measured (bench/ep_overlap.py, 2 hosts at
-    1.6 Gbit/s), the backward's exchanges hide less than the forward's, and not at all before the layer joined each
-    direction's exchanges in one autograd node (parallel/expert.py); counting them whole is the nearer estimate."""
+    forward once more under full recomputation). Not the backward's, though parallel/expert.py orders the backward's
+    exchanges to hide as the forward's do: measured (bench/ep_overlap.py, 2 hosts at 1.6 Gbit/s), this estimate is
+    1.08-1.45x the wait, and counting the backward's two passes too gives 0-0.19x (the exchanges' threads take CPU
+    from the compute there); the nearer of the two, and not optimistic."""
     passes = 2 if layout.activation_checkpoint == "full" else 1  # in forward-GEMM units
     shared = 2 * 3 * m.hidden_size * m.moe_intermediate_size * m.n_shared_experts
     routed = 2 * 3 * m.hidden_size * m.moe_intermediate_size * m.num_experts_per_tok
