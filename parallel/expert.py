@@ -210,6 +210,9 @@ class HostFlight:
     x: torch.Tensor  # the received pairs' hidden states; after `compute`, their results sent back
     weights: torch.Tensor  # [received, K] gate values of the slots whose expert is on this host, else 0
     indices: torch.Tensor  # [received, K] those slots' experts among this host's, else this host's count
+    # overlapped, between the exchanges' start and `_Exchanged`: x and weights hold what was sent, these what will
+    # arrive (dispatch: x's and weights', combine: x's)
+    pending: list[torch.Tensor] | None = None
 
 
 class HierarchicalDispatcher:
@@ -244,22 +247,39 @@ class HierarchicalDispatcher:
             ids = torch.where(here, local_ids, self.per_host)
             got_ids = ids.new_empty(sum(recv), ids.shape[1])
             dist.all_to_all_single(got_ids, ids, recv, send, group=self.inter)
-            weights = c.weights.index_select(0, token) * here
-            x, weights = (all_to_all(t, recv, send, self.inter, self.label, self.overlap)
-                          for t in (c.x.index_select(0, token), weights))
-            flights.append(HostFlight(c, token, send, recv, x, weights, got_ids))
+            sent = [c.x.index_select(0, token), c.weights.index_select(0, token) * here]
+            if self.overlap and not torch.compiler.is_compiling():  # joined to autograd in `compute` (see flat's)
+                flights.append(HostFlight(c, token, send, recv, *sent, got_ids,
+                                          [_started(t, recv, send, self.inter) for t in sent]))
+            else:
+                x, weights = (all_to_all(t, recv, send, self.inter, self.label, self.overlap) for t in sent)
+                flights.append(HostFlight(c, token, send, recv, x, weights, got_ids))
             self.sent_rows += sum(send) - send[self.host]
             self.host_rows += sum(send) - send[self.host]
         return flights
 
     def compute(self, experts: nn.Module, flights: list[HostFlight]) -> list[HostFlight]:
+        """As the flat dispatcher's: overlapped, a chunk's dispatch joins autograd just before its experts run, and
+        the results' return of all chunks after the last chunk's."""
+        joined = flights[0].pending is not None
         for f in flights:
+            if joined:
+                f.x, f.weights = _Exchanged.apply(self.inter, self.label, [(f.recv, f.send)] * 2, f.pending,
+                                                  f.x, f.weights)
             pairs = Chunk.of(f.x, f.indices, f.weights, self.per_host, dropping=True)
             sent = self.local.sent_rows
             summed = self.local.combine(self.local.compute(experts, self.local.dispatch([pairs])))[0]
             self.sent_rows += self.local.sent_rows - sent
-            f.x = all_to_all(summed, f.send, f.recv, self.inter, self.label, self.overlap)
+            if joined:
+                f.x, f.pending = summed, [_started(summed, f.send, f.recv, self.inter)]
+            else:
+                f.x = all_to_all(summed, f.send, f.recv, self.inter, self.label, self.overlap)
             self.host_rows += sum(f.recv) - f.recv[self.host]
+        if joined:
+            back = _Exchanged.apply(self.inter, self.label, [(f.send, f.recv) for f in flights],
+                                    [f.pending[0] for f in flights], *[f.x for f in flights])
+            for f, x in zip(flights, back):
+                f.x, f.pending = x, None
         return flights
 
     def combine(self, flights: list[HostFlight]) -> list[torch.Tensor]:
