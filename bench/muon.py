@@ -12,6 +12,7 @@ the run each time, and the final validation loss the clip costs.
     python bench/muon.py                                  # tiny, 300 steps, lrs 1e-3 3e-3 1e-2, seed 0
     python bench/muon.py --qk-clip-frac 0.5 --seeds 0 1 2  # + QK-clip at half the unclipped run's largest logit
     python bench/muon.py --preset small --steps 300 --batch 8 --seq-len 128
+    python bench/muon.py --preset small --steps 200 --muon-set optim.muon_ns_dtype=bfloat16  # bf16 Newton-Schulz
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def run(out: Path, args, optim: str, lr: float, seed: int, tau: float | None = N
     over = [f"model={args.preset}", f"optim={optim}", f"optim.lr={lr}", f"train.steps={args.steps}",
             f"train.seed={seed}", f"train.global_batch_size={args.batch}", f"train.micro_batch_size={args.batch}",
             f"data.seq_len={args.seq_len}", f"train.val_every={args.val_every}", "log.every=1",
-            "checkpoint.every=0", f"output_dir={out}", "train.peak_tflops=1.0", *args.set]
+            "checkpoint.every=0", f"output_dir={out}", "train.peak_tflops=1.0", *args.set,
+            *(args.muon_set if optim == "muon" else [])]
     if tau is not None:
         over.append(f"optim.qk_clip_tau={tau}")
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
@@ -135,6 +137,8 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=1, help="runs at a time")
     p.add_argument("--threads", type=int, default=1, help="OMP threads per run")
     p.add_argument("--set", nargs="*", default=[], help="more overrides for every run")
+    p.add_argument("--muon-set", nargs="*", default=[], help="more overrides for Muon's runs, e.g. "
+                   "optim.muon_ns_dtype=bfloat16")
     args = p.parse_args()
     print(describe())
     with tempfile.TemporaryDirectory() as tmp:
