@@ -13,6 +13,7 @@ the run each time, and the final validation loss the clip costs.
     python bench/muon.py --qk-clip-frac 0.5 --seeds 0 1 2  # + QK-clip at half the unclipped run's largest logit
     python bench/muon.py --preset small --steps 300 --batch 8 --seq-len 128
     python bench/muon.py --preset small --steps 200 --muon-set optim.muon_ns_dtype=bfloat16  # bf16 Newton-Schulz
+    python bench/muon.py --preset small --optimizer-step --threads 2  # the optimizer step alone, AdamW and Muon
 """
 
 from __future__ import annotations
@@ -121,6 +122,49 @@ def qk_clip(args, lr: float, tmp: Path, unclipped_val: float) -> None:
         tau = args.qk_clip_tau or args.qk_clip_frac * top
 
 
+def optimizer_steps(args) -> None:
+    """The optimizer step alone on `--preset`'s model, random gradients: AdamW (torch's fused), Muon with Newton-
+    Schulz in fp32 and in bf16, one step of each in turn, median of 5 after one warm-up each; also Newton-Schulz's
+    FLOPs a step (5 (4 m^2 n + 2 m^3) per m x n matrix, m <= n) and the rate they ran at."""
+    import time
+
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from model import Transformer
+    from train.config import compose_config
+    from train.muon import muon_param_groups
+    from train.optim import build_optimizer
+
+    torch.set_num_threads(args.threads)
+    kinds = {"adamw": ["optim=adamw"], "muon fp32": ["optim=muon", "optim.muon_ns_dtype=float32"],
+             "muon bf16": ["optim=muon", "optim.muon_ns_dtype=bfloat16"]}
+    steps = {}
+    for name, over in kinds.items():
+        cfg = compose_config([f"model={args.preset}", *over])
+        model = Transformer(cfg.model)
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        steps[name] = build_optimizer(model, cfg.optim).step
+    times = {name: [] for name in steps}
+    for _ in range(6):
+        for name, step in steps.items():
+            t = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t)
+    flops = 0.0
+    for group in muon_param_groups(model, cfg.optim):
+        for p in group["params"] if group.get("muon") else []:
+            rows = p.shape[-2] // 2 if group.get("split") else p.shape[-2]
+            m, n = sorted((rows, p.shape[-1]))
+            flops += p[..., 0, 0].numel() * (2 if group.get("split") else 1) * 5 * (4 * m * m * n + 2 * m ** 3)
+    median = {name: statistics.median(t[1:]) for name, t in times.items()}
+    print(f"{args.preset}, {args.threads} threads, optimizer step alone (median of 5): " + ", ".join(
+        f"{name} {sec * 1e3:.1f} ms" for name, sec in median.items()))
+    print(f"Newton-Schulz {flops / 1e9:.1f} GFLOP a step: {flops / median['muon fp32'] / 1e9:.0f} GFLOP/s in fp32, "
+          f"{flops / median['muon bf16'] / 1e9:.0f} GFLOP/s in bf16 (the whole Muon step's time)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="tiny")
@@ -139,8 +183,15 @@ def main() -> None:
     p.add_argument("--set", nargs="*", default=[], help="more overrides for every run")
     p.add_argument("--muon-set", nargs="*", default=[], help="more overrides for Muon's runs, e.g. "
                    "optim.muon_ns_dtype=bfloat16")
+    p.add_argument("--optimizer-step", action="store_true", help="time the optimizer step alone (no training)")
+    p.add_argument("--keep", help="the runs' directories (config, metrics) go here, kept; default: a temporary one")
     args = p.parse_args()
     print(describe())
+    if args.optimizer_step:
+        return optimizer_steps(args)
+    if args.keep:
+        Path(args.keep).mkdir(parents=True, exist_ok=True)
+        return report(args, sweep(args, Path(args.keep)), Path(args.keep))
     with tempfile.TemporaryDirectory() as tmp:
         report(args, sweep(args, Path(tmp)), Path(tmp))
 
