@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 
 from machine import describe  # noqa: E402  (bench/, beside this file)
@@ -191,9 +192,8 @@ def main() -> None:
         return optimizer_steps(args)
     if args.keep:
         Path(args.keep).mkdir(parents=True, exist_ok=True)
-        return report(args, sweep(args, Path(args.keep)), Path(args.keep))
-    with tempfile.TemporaryDirectory() as tmp:
-        report(args, sweep(args, Path(tmp)), Path(tmp))
+    with nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory() as out:
+        report(args, sweep(args, Path(out)), Path(out))
 
 
 if __name__ == "__main__":

@@ -18,10 +18,9 @@ engine runs the ready node created last first, each gradient exchange starts bef
 returns of all chunks as one node after the last chunk's GEMMs (their gradients travel while the GEMMs' backward
 runs chunk by chunk), each chunk's dispatch just before its own GEMMs (its gradient travels while the previous
 chunk's GEMMs' backward runs, the first chunk's while the shared experts' does). Without `overlap` every all-to-all
-blocks. Both ways are
-autograd functions (backward is the reverse all-to-all); sizes may be uneven or zero. Rank r owns experts
-[r*E/ep, (r+1)*E/ep): with group-limited routing and n_group a multiple of ep, a group never spans two ranks, so a
-token reaches at most `topk_group` ranks (DeepSeek-V2's device-limited routing).
+blocks. Both ways are autograd functions (backward is the reverse all-to-all); sizes may be uneven or zero. Rank r
+owns experts [r*E/ep, (r+1)*E/ep): with group-limited routing and n_group a multiple of ep, a group never spans two
+ranks, so a token reaches at most `topk_group` ranks (DeepSeek-V2's device-limited routing).
 
 Across hosts (`parallel.ep_dispatch=hierarchical`, `HierarchicalDispatcher`) a token crosses the link between hosts
 once per host that holds any of its experts, not once per expert: to the rank of that host with the sender's place
@@ -107,6 +106,12 @@ class _Exchanged(torch.autograd.Function):
         return (None, None, None, None, *back[::-1])
 
 
+def _joins_later(overlap: bool) -> bool:
+    """Overlapped exchanges start outside autograd and join it later (`_Exchanged`), in eager; traced by
+    torch.compile, each is its own functional collective with autograd, as blocking ones."""
+    return overlap and not torch.compiler.is_compiling()
+
+
 def _started(x: torch.Tensor, recv: list[int], send: list[int], group) -> torch.Tensor:
     """An asynchronous all-to-all of x's values (no autograd), waited for at first use."""
     return funcol.all_to_all_single(x.detach().contiguous(), recv, send, group)
@@ -147,7 +152,7 @@ class AllToAllDispatcher:
         sent = torch.stack([c.counts for c in chunks]).to(torch.int64)  # [chunks, E]
         got = torch.empty_like(sent.t().contiguous())  # [E, chunks] from each rank: (source, local expert) rows
         dist.all_to_all_single(got, sent.t().contiguous(), group=self.group)
-        flights, joined = [], self._joined()
+        flights, joined = [], _joins_later(self.overlap)
         for i, c in enumerate(chunks):
             send = sent[i].view(self.ep, -1).sum(1).tolist()
             recv_counts = got[:, i].view(self.ep, self.n_local)
@@ -178,11 +183,6 @@ class AllToAllDispatcher:
         if joined:
             self._join(flights, back=True)
         return flights
-
-    def _joined(self) -> bool:
-        """Overlapped exchanges start outside autograd and join it as one node per direction (`_Exchanged`), in
-        eager; traced by torch.compile, each is its own functional collective with autograd, as blocking ones."""
-        return self.overlap and not torch.compiler.is_compiling()
 
     def _join(self, flights: list[Flight], back: bool) -> None:
         """The flights' exchanges in flight (dispatch, or with `back` the results' return) as one autograd node.
@@ -248,7 +248,7 @@ class HierarchicalDispatcher:
             got_ids = ids.new_empty(sum(recv), ids.shape[1])
             dist.all_to_all_single(got_ids, ids, recv, send, group=self.inter)
             sent = [c.x.index_select(0, token), c.weights.index_select(0, token) * here]
-            if self.overlap and not torch.compiler.is_compiling():  # joined to autograd in `compute` (see flat's)
+            if _joins_later(self.overlap):  # joined to autograd in `compute`
                 flights.append(HostFlight(c, token, send, recv, *sent, got_ids,
                                           [_started(t, recv, send, self.inter) for t in sent]))
             else:

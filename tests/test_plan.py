@@ -175,7 +175,7 @@ def test_fsdp_and_expert_parallel_volumes_equal_hand_counts():
 
 def test_overlapped_expert_all_to_all_shows_only_what_outlasts_the_expert_compute():
     """parallel.ep_overlap: the all-to-all hides under the shared experts and (C-1)/C of the routed experts' GEMMs
-    of the forward (not the backward's, measured to hide less). By hand for tiny at
+    of the forward (not the backward's: the planner's estimate nearest the measured wait). By hand for tiny at
     ep=2 with 3 chunks and a slow link (so that some of it shows): 2 x 3 x D x I FLOPs per token and MoE layer for
     each shared and 2/3 of each routed expert, at the cluster's efficiency of the BF16 peak; under full
     recomputation twice that (the recomputed forward's all-to-alls overlap too)."""

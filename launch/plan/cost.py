@@ -29,8 +29,8 @@ ranks are `stride` apart):
        experts and g = K. In the critical path, less, with parallel.ep_overlap, the compute it hides under
        (parallel/expert.py): the shared experts and, of the routed experts' GEMMs, all but one chunk's
        ((C-1)/C with C = parallel.ep_chunks), in each forward (a full recomputation's too), none in backward
-       (measured to hide less there); only what outlasts that compute shows (shared over the per-link entries by
-       their seconds).
+       (the estimate nearest the measured wait, see `_expert_overlap_flops`); only what outlasts that compute
+       shows (shared over the per-link entries by their seconds).
   cp   Ulysses all-to-alls per attention layer and micro-batch, forward and backward (and once more in a full
        recomputation): q, k, v to whole sequences and the output back, (cp-1)/cp of the micro-batch's
        H x (2 (N+R) + 2 V) elements per token. In the critical path.
