@@ -28,6 +28,11 @@ def send(cluster, host: int, to: str, megabytes: int, timeout: float = 2.0) -> s
     return cluster.run(host, [sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
 
 
+def comm(pid: int) -> str:
+    """The name of the program process `pid` runs."""
+    return Path(f"/proc/{pid}/comm").read_text().strip()
+
+
 def test_hosts_resolve_each_other_links_are_limited_and_cables_cut(local_cluster):
     t0 = time.monotonic()
     cluster = local_cluster(2, rate="100mbit")
@@ -46,8 +51,9 @@ def test_hosts_resolve_each_other_links_are_limited_and_cables_cut(local_cluster
     assert send(cluster, 1, "node0", 1, timeout=1).returncode != 0, "a cut cable carried a connection"
     cluster.restore(1)
     sleeper = cluster.popen(1, ["sleep", "60"])
-    deadline = time.monotonic() + 5  # `ip netns exec` enters the namespace after the process starts
-    while cluster.pids(1) != [sleeper.pid] and time.monotonic() < deadline:
+    # the pid joins the namespace at `ip netns exec`, and its shell forks `hostname` before it execs `sleep`
+    deadline = time.monotonic() + 5
+    while (comm(sleeper.pid) != "sleep" or cluster.pids(1) != [sleeper.pid]) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert cluster.pause(1) == [sleeper.pid]
     deadline = time.monotonic() + 2  # SIGSTOP takes effect asynchronously
