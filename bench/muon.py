@@ -14,6 +14,7 @@ the run each time, and the final validation loss the clip costs.
     python bench/muon.py --preset small --steps 300 --batch 8 --seq-len 128
     python bench/muon.py --preset small --steps 200 --muon-set optim.muon_ns_dtype=bfloat16  # bf16 Newton-Schulz
     python bench/muon.py --preset small --optimizer-step --threads 2  # the optimizer step alone, AdamW and Muon
+    python bench/muon.py --preset small --steps 200 --qk-clip-lr 3e-3 --qk-clip-frac 0.5  # QK-clip only, no sweep
 """
 
 from __future__ import annotations
@@ -109,17 +110,19 @@ def report(args, results: dict, tmp: Path) -> None:
         qk_clip(args, best["muon"][1], tmp, finals[best["muon"]])
 
 
-def qk_clip(args, lr: float, tmp: Path, unclipped_val: float) -> None:
+def qk_clip(args, lr: float, tmp: Path, unclipped_val: float | None = None) -> None:
     """Muon at `lr` without QK-clip (tau 1e9: measured, never clipped), then with tau = --qk-clip-frac x that run's
-    largest logit (or --qk-clip-tau): largest logit over the run, final validation loss."""
+    largest logit (or --qk-clip-tau): largest logit over the run, final validation loss against `unclipped_val` (the
+    sweep's, or else the unclipped run's)."""
     tau = 1e9
     for label in ("off", "on"):
         with ThreadPoolExecutor(args.jobs) as pool:
             runs = list(pool.map(lambda s: run(tmp / f"clip_{label}_{s}", args, "muon", lr, s, tau), args.seeds))
         top = max(r["max_logit"] for rows in runs for r in rows if "max_logit" in r)
         val = mean_curve(runs)
+        unclipped_val = unclipped_val or val[max(val)]
         print(f"muon lr={lr:g} qk-clip {label} (tau {tau:g}): largest logit over the run {top:.3f} | final val "
-              f"{val[max(val)]:.4f} ({val[max(val)] / unclipped_val - 1:+.2%} vs the sweep's)")
+              f"{val[max(val)]:.4f} ({val[max(val)] / unclipped_val - 1:+.2%} vs unclipped)")
         tau = args.qk_clip_tau or args.qk_clip_frac * top
 
 
@@ -179,6 +182,7 @@ def main() -> None:
     p.add_argument("--qk-clip-tau", type=float, default=None, help="QK-clip runs at this tau")
     p.add_argument("--qk-clip-frac", type=float, default=None, help="QK-clip runs at this fraction of the largest "
                    "logit of the unclipped run")
+    p.add_argument("--qk-clip-lr", type=float, default=None, help="no sweep: only the QK-clip runs, Muon at this lr")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time")
     p.add_argument("--threads", type=int, default=1, help="OMP threads per run")
     p.add_argument("--set", nargs="*", default=[], help="more overrides for every run")
@@ -193,7 +197,10 @@ def main() -> None:
     if args.keep:
         Path(args.keep).mkdir(parents=True, exist_ok=True)
     with nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory() as out:
-        report(args, sweep(args, Path(out)), Path(out))
+        if args.qk_clip_lr:
+            qk_clip(args, args.qk_clip_lr, Path(out))
+        else:
+            report(args, sweep(args, Path(out)), Path(out))
 
 
 if __name__ == "__main__":
