@@ -68,7 +68,7 @@ def parallelize(model: nn.Module, mesh, dims: ParallelDims, *, param_dtype: str 
     if mesh is None:
         return model
     if dims.dp * dims.cp > 1:  # f from every token of the step (all data-parallel and context-parallel ranks)
-        reduce = reduce_loads_over(mesh["dp_cp"].get_group())
+        reduce = reduce_loads_over(ep_dispatch.on(mesh).route(mesh["dp_cp"].get_group()))
         for moe in model.moe_layers().values():
             moe.reduce_counts = reduce
     _fully_shard(model, mesh, dims, param_dtype, reduce_dtype, cpu_offload)

@@ -35,6 +35,8 @@ whole data-parallel degree, not just the ranks that hold copies of the same expe
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
@@ -46,6 +48,43 @@ import torch.nn.functional as F
 from model.moe import Chunk
 
 
+class Lane:
+    """Marks the thread that runs the backward half of a pipeline's paired forward and backward (parallel/pipeline.py,
+    DualPipeV's overlapped actions). The collectives a `Route` carries go over its twin group on that thread, so each
+    process group sees its collectives in the same order on every rank however the two threads interleave."""
+
+    def __init__(self):
+        self._here = threading.local()
+
+    @contextmanager
+    def backward(self):
+        self._here.on = True
+        try:
+            yield
+        finally:
+            self._here.on = False
+
+    def active(self) -> bool:
+        return getattr(self._here, "on", False)
+
+
+@dataclass(frozen=True)
+class Route:
+    """A process group and, where forward and backward run at once on two threads (`Lane`), a twin of it (the same
+    ranks) for the backward's thread. Calling it gives the group for the calling thread."""
+    group: object
+    twin: object = None
+    lane: Lane | None = None
+
+    def __call__(self):
+        return self.twin if self.lane is not None and self.lane.active() else self.group
+
+
+def _pg(group):
+    """The process group of `group`, a Route or a group."""
+    return group() if isinstance(group, Route) else group
+
+
 class _AllToAll(torch.autograd.Function):
     """Rows of x split by `send` sizes to each rank; returns rows received, `recv` sizes from each rank."""
 
@@ -53,23 +92,24 @@ class _AllToAll(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, recv: list[int], send: list[int], group, label: str) -> torch.Tensor:
         ctx.sizes, ctx.group, ctx.label = (recv, send), group, label  # label: a failure report names it
         out = x.new_empty(sum(recv), *x.shape[1:])
-        dist.all_to_all_single(out, x.contiguous(), recv, send, group=group)
+        dist.all_to_all_single(out, x.contiguous(), recv, send, group=_pg(group))
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         recv, send = ctx.sizes
         dx = grad.new_empty(sum(send), *grad.shape[1:])
-        dist.all_to_all_single(dx, grad.contiguous(), send, recv, group=ctx.group)
+        dist.all_to_all_single(dx, grad.contiguous(), send, recv, group=_pg(ctx.group))
         return dx, None, None, None, None
 
 
 def all_to_all(x: torch.Tensor, recv: list[int], send: list[int], group, label: str = "",
                overlap: bool = False) -> torch.Tensor:
-    """Rows of x split by `send` sizes to each rank of `group`, `recv` rows back from each, with autograd: blocking,
-    or (`overlap`) asynchronous, waited for at first use in forward and backward (torch's functional collective)."""
+    """Rows of x split by `send` sizes to each rank of `group` (a group or a `Route`), `recv` rows back from each, with
+    autograd: blocking, or (`overlap`) asynchronous, waited for at first use in forward and backward (torch's
+    functional collective, on the group of the forward's thread)."""
     if overlap:
-        return funcol.all_to_all_single_autograd(x.contiguous(), recv, send, group)
+        return funcol.all_to_all_single_autograd(x.contiguous(), recv, send, _pg(group))
     return _AllToAll.apply(x, recv, send, group, label)
 
 
@@ -101,7 +141,7 @@ class _Exchanged(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
         # last chunk first: the engine runs the later chunk's consumer first (it was created later)
-        back = [funcol.all_to_all_single(g.contiguous(), send, recv, ctx.group)
+        back = [funcol.all_to_all_single(g.contiguous(), send, recv, _pg(ctx.group))
                 for g, (recv, send) in zip(grads[::-1], ctx.sizes[::-1])]
         return (None, None, None, None, *back[::-1])
 
@@ -114,7 +154,7 @@ def _joins_later(overlap: bool) -> bool:
 
 def _started(x: torch.Tensor, recv: list[int], send: list[int], group) -> torch.Tensor:
     """An asynchronous all-to-all of x's values (no autograd), waited for at first use."""
-    return funcol.all_to_all_single(x.detach().contiguous(), recv, send, group)
+    return funcol.all_to_all_single(x.detach().contiguous(), recv, send, _pg(group))
 
 
 @dataclass
@@ -131,15 +171,15 @@ class Flight:
 
 class AllToAllDispatcher:
     """The token dispatcher of one MoE layer under expert parallelism, flat: every (token, expert) row goes
-    straight to the expert's rank (see the module's docstring). `hosts`: the host of each rank of `group`, for the
-    count of rows that cross hosts."""
+    straight to the expert's rank (see the module's docstring). `group`: the ep ranks, a process group or a `Route`;
+    `hosts`: the host of each rank of it, for the count of rows that cross hosts."""
 
     def __init__(self, group, n_experts: int, overlap: bool = False, chunks: int = 1, label: str = "",
                  hosts: list[int] | None = None):
-        self.group = group
+        self.group = group if isinstance(group, Route) else Route(group)
         self.label = label  # "MoE layer 3": what a report of a failed all-to-all names (train/watch.py)
-        self.ep = dist.get_world_size(group)
-        self.me = dist.get_rank(group)
+        self.ep = dist.get_world_size(self.group.group)
+        self.me = dist.get_rank(self.group.group)
         self.n_local = n_experts // self.ep
         self.overlap = overlap
         self.chunks = chunks if overlap else 1
@@ -151,7 +191,7 @@ class AllToAllDispatcher:
     def dispatch(self, chunks: list[Chunk]) -> list[Flight]:
         sent = torch.stack([c.counts for c in chunks]).to(torch.int64)  # [chunks, E]
         got = torch.empty_like(sent.t().contiguous())  # [E, chunks] from each rank: (source, local expert) rows
-        dist.all_to_all_single(got, sent.t().contiguous(), group=self.group)
+        dist.all_to_all_single(got, sent.t().contiguous(), group=self.group())
         flights, joined = [], _joins_later(self.overlap)
         for i, c in enumerate(chunks):
             send = sent[i].view(self.ep, -1).sum(1).tolist()
@@ -224,8 +264,9 @@ class HierarchicalDispatcher:
     token, and sends one row per token back over the link, where the host sums are added up."""
 
     def __init__(self, inter, intra, n_experts: int, overlap: bool = False, chunks: int = 1, label: str = ""):
-        self.inter, self.label = inter, label
-        self.hosts, self.host = dist.get_world_size(inter), dist.get_rank(inter)
+        self.inter = inter if isinstance(inter, Route) else Route(inter)
+        self.label = label
+        self.hosts, self.host = dist.get_world_size(self.inter.group), dist.get_rank(self.inter.group)
         self.per_host = n_experts // self.hosts  # experts on each host
         self.local = AllToAllDispatcher(intra, self.per_host, label=label)
         self.overlap = overlap
@@ -240,13 +281,13 @@ class HierarchicalDispatcher:
             pair_host, token = F.one_hot(host, self.hosts + 1)[..., :self.hosts].any(1).t().nonzero(as_tuple=True)
             send_t = torch.bincount(pair_host, minlength=self.hosts)
             recv_t = torch.empty_like(send_t)
-            dist.all_to_all_single(recv_t, send_t, group=self.inter)
+            dist.all_to_all_single(recv_t, send_t, group=self.inter())
             send, recv = send_t.tolist(), recv_t.tolist()
             here = host.index_select(0, token) == pair_host.unsqueeze(1)  # [P, K] slots on the pair's host
             local_ids = c.indices.index_select(0, token) - pair_host.unsqueeze(1) * self.per_host
             ids = torch.where(here, local_ids, self.per_host)
             got_ids = ids.new_empty(sum(recv), ids.shape[1])
-            dist.all_to_all_single(got_ids, ids, recv, send, group=self.inter)
+            dist.all_to_all_single(got_ids, ids, recv, send, group=self.inter())
             sent = [c.x.index_select(0, token), c.weights.index_select(0, token) * here]
             if _joins_later(self.overlap):  # joined to autograd in `compute`
                 flights.append(HostFlight(c, token, send, recv, *sent, got_ids,
@@ -289,19 +330,32 @@ class HierarchicalDispatcher:
 @dataclass(frozen=True)
 class ExpertDispatch:
     """How a MoE layer's routed rows reach experts on other ranks: parallel.ep_overlap, ep_chunks, ep_dispatch, and
-    the ranks of the job on each host (torchrun's LOCAL_WORLD_SIZE; ranks are numbered host by host)."""
+    the ranks of the job on each host (torchrun's LOCAL_WORLD_SIZE; ranks are numbered host by host), and the `Lane`
+    of a pipeline that pairs forward and backward on two threads (parallel.pp_overlap_fb)."""
     overlap: bool = False
     chunks: int = 1
     hierarchical: bool = False
     ranks_per_host: int | None = None  # None: every rank on one host
+    lane: Lane | None = None
     groups: tuple | None = None  # hierarchical: this rank's (inter, intra) groups, made once by `on`
+    twins: dict | None = None  # with `lane`: a twin of each group the MoE layers use in forward, made by `on`
 
     def on(self, mesh) -> "ExpertDispatch":
-        """This dispatch with its host groups made on `mesh` (collective: every rank calls it once), so that the
-        model parts of a pipelined rank share them."""
-        if not self.hierarchical or self.groups is not None:
-            return self
-        return replace(self, groups=_host_groups(mesh, self.ranks_per_host))
+        """This dispatch with its host groups and twins made on `mesh` (collective: every rank calls it once), so
+        that the model parts of a pipelined rank share them."""
+        how = self
+        if how.hierarchical and how.groups is None:
+            how = replace(how, groups=_host_groups(mesh, how.ranks_per_host))
+        if how.lane is not None and how.twins is None:  # new groups of the same ranks, made as the originals were
+            used = [*(how.groups or (mesh["ep"].get_group(),)), mesh["dp_cp"].get_group()]
+            twins = _host_groups(mesh, how.ranks_per_host) if how.hierarchical else (_subgroup(mesh, ("ep",)),)
+            twins += (_subgroup(mesh, ("dp_replicate", "efsdp", "cp", "ep")),)  # parallel/dims.py's "dp_cp"
+            how = replace(how, twins=dict(zip(used, twins)))
+        return how
+
+    def route(self, group) -> Route:
+        """`group` with its twin for the paired backward's thread, if any."""
+        return Route(group, (self.twins or {}).get(group), self.lane)
 
 
 def host_problem(ep: int, tp: int, ranks_per_host: int, n_group: int | None) -> str | None:
@@ -323,11 +377,22 @@ def host_problem(ep: int, tp: int, ranks_per_host: int, n_group: int | None) -> 
     return None
 
 
+def _mesh_groups(mesh, dims: tuple[str, ...]) -> list[list[int]]:
+    """Every group of ranks of `mesh` that differ only along `dims` (the groups of those dims flattened)."""
+    axes = [list(mesh.mesh_dim_names).index(d) for d in dims]
+    ranks = mesh.mesh.movedim(axes, list(range(-len(axes), 0)))
+    return ranks.reshape(-1, ranks.shape[-len(axes):].numel()).tolist()
+
+
+def _subgroup(mesh, dims: tuple[str, ...]):
+    """A new process group of this rank's ranks along `dims`; collective: made for every group on every rank."""
+    return dist.new_subgroups_by_enumeration(_mesh_groups(mesh, dims))[0]
+
+
 def _host_groups(mesh, ranks_per_host: int):
     """This rank's (inter, intra) groups: the ranks of its ep group with its place on every host, and the ranks of its
     ep group on its host. Made for every ep group on every rank (torch's new_group is collective)."""
-    names = list(mesh.mesh_dim_names)
-    groups = mesh.mesh.movedim(names.index("ep"), -1).reshape(-1, mesh["ep"].size()).tolist()
+    groups = _mesh_groups(mesh, ("ep",))
     host_of = [[g // ranks_per_host for g in group] for group in groups]
     hosts = len(set(host_of[0]))
     local = len(groups[0]) // hosts
@@ -343,10 +408,10 @@ def apply_ep(model: nn.Module, mesh, how: ExpertDispatch = ExpertDispatch()) -> 
 
     from model.moe import MoE
 
-    ep_mesh = mesh["ep"]
+    ep_mesh, how = mesh["ep"], how.on(mesh)
     members = dist.get_process_group_ranks(ep_mesh.get_group())
     hosts = [g // (how.ranks_per_host or dist.get_world_size()) for g in members]
-    inter, intra = how.on(mesh).groups or (None, None)
+    inter, intra = (how.route(g) for g in how.groups or (None, None))
     dispatchers = []
     for path, module in model.named_modules():
         if not isinstance(module, MoE):
@@ -359,15 +424,17 @@ def apply_ep(model: nn.Module, mesh, how: ExpertDispatch = ExpertDispatch()) -> 
         e = module.cfg.n_routed_experts
         module.dispatcher = (HierarchicalDispatcher(inter, intra, e, how.overlap, how.chunks, label)
                              if how.hierarchical else
-                             AllToAllDispatcher(ep_mesh.get_group(), e, how.overlap, how.chunks, label, hosts))
+                             AllToAllDispatcher(how.route(ep_mesh.get_group()), e, how.overlap, how.chunks, label,
+                                                hosts))
         dispatchers.append(module.dispatcher)
     return dispatchers
 
 
 def reduce_loads_over(group):
-    """A `MoE.reduce_counts` function: the sum of a count vector over the data-parallel ranks."""
+    """A `MoE.reduce_counts` function: the sum of a count vector over the data-parallel ranks (`group`: a process
+    group or a `Route`)."""
     def reduce_sum(t: torch.Tensor) -> torch.Tensor:
         t = t.clone()
-        dist.all_reduce(t, group=group)
+        dist.all_reduce(t, group=_pg(group))
         return t
     return reduce_sum

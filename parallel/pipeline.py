@@ -16,6 +16,7 @@ schedule), which runs `step` and `evaluate`; build it before FSDP/EP wrap the st
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable
@@ -31,6 +32,7 @@ from torch.distributed.pipelining import (
     ScheduleInterleaved1F1B,
     ScheduleZBVZeroBubble,
 )
+from torch.distributed.pipelining.schedules import OVERLAP_F_B, _wait_batch_p2p
 from torch.distributed.tensor import DTensor
 
 from model.transformer import Transformer, lm_and_mtp_loss
@@ -49,6 +51,63 @@ _CLASSES = {
 SCHEDULE_NAMES = tuple(_CLASSES)  # every name `canonical_schedule` accepts (case-insensitive)
 _SINGLE_STAGE = ("GPipe", "1F1B")
 _V_STYLE = ("ZBVZeroBubble", "DualPipeV")
+
+
+# --------------------------------------------------------------------------------------------- paired actions
+def _forward_beside_backward(lane, action, ctx) -> None:
+    """DualPipeV's OVERLAP_F_B action: one microbatch's forward on one stage and another's backward on the other
+    stage of this rank, at once. The forward runs on this thread (its autocast and grad mode are this thread's),
+    the backward on a second thread under `lane`, whose expert exchanges go over twin process groups: while one
+    waits for an all-to-all, the other computes. Each reads and writes only its own stage's modules."""
+    schedule, (forward, backward) = ctx.schedule_ref, action.sub_actions
+    stages = {stage.stage_index: stage for stage in schedule._stages}
+    failed: list[BaseException] = []
+
+    def run_backward():
+        try:
+            with lane.backward():
+                _full_backward(schedule, stages, backward)
+        except BaseException as e:  # raised again on the schedule's thread
+            failed.append(e)
+
+    thread = threading.Thread(target=run_backward, name="paired backward", daemon=True)
+    thread.start()
+    try:
+        _forward(schedule, stages, forward, ctx.arg_mbs, ctx.kwarg_mbs, ctx.target_mbs)
+    finally:
+        thread.join()
+    if failed:
+        raise failed[0]
+
+
+def _forward(schedule, stages: dict, action, arg_mbs, kwarg_mbs, target_mbs) -> None:
+    """A FORWARD action as torch's runtime performs it (its inputs received; the loss on the last stage; the output
+    handed to the next stage where that stage is this rank's), outputs not kept (`Pipeline.step`)."""
+    i, mb = action.stage_index, action.microbatch_index
+    stage = stages[i]
+    schedule._assert_unsharded(stage)
+    if not stage.is_first and i - 1 not in stages:
+        _wait_batch_p2p(schedule.fwd_recv_ops.pop((i, mb)))
+    output = stage.forward_one_chunk(mb, arg_mbs[mb], kwarg_mbs[mb], save_forward_output=False)
+    schedule._maybe_compute_loss(stage, output, target_mbs, mb)
+    if i + 1 in stages:
+        stages[i + 1].set_local_fwd_input(output, mb)
+
+
+def _full_backward(schedule, stages: dict, action) -> None:
+    """A FULL_BACKWARD action as torch's runtime performs it (the output gradient received; the input gradient
+    handed to the previous stage where that stage is this rank's)."""
+    i, mb = action.stage_index, action.microbatch_index
+    stage = stages[i]
+    schedule._assert_unsharded(stage)
+    if not stage.is_last and i + 1 not in stages:
+        _wait_batch_p2p(schedule.bwd_recv_ops.pop((i, mb)))
+    loss = schedule._maybe_get_loss(stage, mb)
+    schedule.backward_counter[i] += 1
+    stage.backward_one_chunk(mb, loss=loss, full_backward=True,
+                             last_backward=schedule.backward_counter[i] == schedule._n_microbatches)
+    if i - 1 in stages:
+        stages[i - 1].set_local_bwd_input(stage.get_local_bwd_output(mb), mb)
 
 
 # --------------------------------------------------------------------------------------------- layout
@@ -220,6 +279,7 @@ class Pipeline:
     mtp_loss_weight: float = 0.0
     n_microbatches: int = 0  # of `schedule`
     schedule: object = None  # the torch schedule, built by `use_microbatches`
+    lane: object = None  # DualPipeV: a parallel/expert.py `Lane`, whose thread runs each paired backward
 
     @property
     def n_stages(self) -> int:
@@ -265,6 +325,8 @@ class Pipeline:
         runner = _CLASSES[self.schedule_name]
         self.schedule = runner(stages[0] if self.schedule_name in _SINGLE_STAGE else stages, n_microbatches,
                                loss_fn=loss, scale_grads=False)
+        if self.lane is not None:
+            self.schedule.register_custom_function(OVERLAP_F_B, partial(_forward_beside_backward, self.lane))
         self.n_microbatches = n_microbatches
 
     def step(self, tokens: torch.Tensor | None, labels: torch.Tensor | None,
@@ -320,7 +382,8 @@ class Pipeline:
 
 def build_pipeline(model: Transformer, pp_mesh_or_group, schedule: str, n_microbatches: int,
                    stages_per_rank: int, loss_fn: Callable, device, *, microbatch_size: int, seq_len: int,
-                   activation_dtype: torch.dtype | None = None, loss_for: Callable | None = None) -> Pipeline:
+                   activation_dtype: torch.dtype | None = None, loss_for: Callable | None = None,
+                   lane=None) -> Pipeline:
     """This rank's `Pipeline`: its stage modules (`pipeline.parts`) and the torch schedule that runs them.
 
     model: the whole model (same weights on every pp rank), before FSDP/EP; it is not modified.
@@ -329,8 +392,10 @@ def build_pipeline(model: Transformer, pp_mesh_or_group, schedule: str, n_microb
     microbatch of token ids (local batch = n_microbatches * microbatch_size). activation_dtype: dtype of
     the hidden states and logits a stage emits (default: the model's parameter dtype; bf16 under an FSDP
     param_dtype of bfloat16). loss_for(part) -> loss_fn: a loss of the last stage's module itself (a fused
-    head's loss reads its weight), used instead of loss_fn where given. The stage modules may be wrapped in
-    place (FSDP, EP) before the first step.
+    head's loss reads its weight), used instead of loss_fn where given. lane: DualPipeV only, a parallel/expert.py
+    `Lane`: each overlapped action runs its forward and backward at once (`_forward_beside_backward`); the expert
+    dispatch of the stage modules must use the same lane. The stage modules may be wrapped in place (FSDP, EP)
+    before the first step.
     """
     schedule = canonical_schedule(schedule)
     group = _group_of(pp_mesh_or_group)
@@ -345,7 +410,7 @@ def build_pipeline(model: Transformer, pp_mesh_or_group, schedule: str, n_microb
     head_loss = loss_for(last) if loss_for is not None and last is not None else loss_fn
     pipeline = Pipeline(parts, stages, [stage_ids(schedule, r, pp, stages_per_rank) for r in range(pp)], schedule,
                         group, microbatch_size, seq_len, dtype, torch.device(device), head_loss,
-                        mtp_loss_weight=model.cfg.mtp_loss_weight)
+                        mtp_loss_weight=model.cfg.mtp_loss_weight, lane=lane)
     pipeline.use_microbatches(n_microbatches)
     return pipeline
 

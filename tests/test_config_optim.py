@@ -25,6 +25,9 @@ def test_overrides_reach_typed_fields():
     assert cfg.output_dir == "/tmp/x"
 
 
+DUALPIPEV = ["parallel.pp=2", "parallel.pp_schedule=DualPipeV"]
+
+
 @pytest.mark.parametrize("overrides,fragment", [
     (["+train.foo=1"], "unknown config key(s) ['train.foo']"),
     (["train.steps=abc"], "train.steps must be int"),
@@ -35,11 +38,32 @@ def test_overrides_reach_typed_fields():
     (["optim.betas=[0.9]"], "optim.betas must be two numbers"),
     (["precision.bf16_gemm_emulate=true"], "precision.bf16_gemm_emulate needs precision.param_dtype=bfloat16"),
     (["precision=bf16", "precision.bf16_gemm_emulate=true", "parallel.compile=true"], "set parallel.compile=false"),
+    (["parallel.pp=2", "parallel.ep=2", "parallel.pp_overlap_fb=true"],
+     "parallel.pp_overlap_fb=true: it runs DualPipeV's overlapped actions: needs parallel.pp > 1 and "
+     "pp_schedule=DualPipeV, got pp=2 and 1F1B"),
+    ([*DUALPIPEV, "parallel.pp_overlap_fb=true"], "needs parallel.ep > 1 and ep_overlap"),
+    ([*DUALPIPEV, "parallel.ep=2", "parallel.tp=2", "parallel.pp_overlap_fb=true"], "needs parallel.tp=1 and cp=1, "
+     "got tp=2 and cp=1"),
+    ([*DUALPIPEV, "parallel.ep=2", "parallel.compile=true", "parallel.pp_overlap_fb=true"],
+     "needs parallel.compile=false"),
 ])
 def test_bad_config_is_one_line_error(overrides, fragment):
     with pytest.raises(ConfigError) as e:
         compose_config(overrides)
     assert fragment in str(e.value)
+
+
+def test_dualpipev_pairs_forward_and_backward_where_it_applies():
+    """parallel.pp_overlap_fb unset: on for DualPipeV with overlapped expert all-to-alls, off elsewhere."""
+    from train.config import pp_overlap_fb_on
+    on = {name: pp_overlap_fb_on(compose_config(over)) for name, over in {
+        "dualpipev_ep2": [*DUALPIPEV, "parallel.ep=2"], "dualpipev": DUALPIPEV,
+        "dualpipev_ep2_blocking": [*DUALPIPEV, "parallel.ep=2", "parallel.ep_overlap=false"],
+        "zbv_ep2": ["parallel.pp=2", "parallel.pp_schedule=ZBVZeroBubble", "parallel.ep=2"],
+        "dualpipev_ep2_cp2": [*DUALPIPEV, "parallel.ep=2", "parallel.cp=2"],
+        "dualpipev_ep2_off": [*DUALPIPEV, "parallel.ep=2", "parallel.pp_overlap_fb=false"]}.items()}
+    assert on == {"dualpipev_ep2": True, "dualpipev": False, "dualpipev_ep2_blocking": False, "zbv_ep2": False,
+                  "dualpipev_ep2_cp2": False, "dualpipev_ep2_off": False}
 
 
 @pytest.mark.parametrize("schedule,stages", [("1F1B", 1), ("Interleaved1F1B", 2), ("ZBVZeroBubble", 2),

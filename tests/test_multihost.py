@@ -188,10 +188,13 @@ def test_a_replica_per_host_trains_like_one_host(dataset, reference_run, local_c
 # layout: (hosts, ranks per host, overrides). ep=4 on 2 x 2: two ep ranks on each host (the fan-out crosses the
 # host's ranks); tp=2 x ep=2 on 2 x 2: an ep group's ranks lie tp apart, so each host holds one rank of every ep
 # group and both tensor-parallel ranks of it; pp=2 x ep=2 on 4 x 1: the ep groups lie inside a pipeline stage (the
-# mesh's fastest dims), so they span hosts only with one rank a host, and each stage's MoE layers share the groups
+# mesh's fastest dims), so they span hosts only with one rank a host, and the MoE layers of a rank's two DualPipeV
+# stages share the groups, with the forward and backward of each overlapped action at once (their twin groups)
 HIERARCHICAL = {"ep4": (2, 2, EP4),
                 "tp2_ep2": (2, 2, {"parallel.tp": 2, "parallel.ep": 2, "train.micro_batch_size": 1}),
-                "pp2_ep2": (4, 1, {"parallel.pp": 2, "parallel.ep": 2, "train.micro_batch_size": 1})}
+                "pp2_ep2_dualpipev_paired": (4, 1, {"parallel.pp": 2, "parallel.ep": 2, "train.micro_batch_size": 1,
+                                                    "parallel.pp_schedule": "DualPipeV", "train.global_batch_size": 8,
+                                                    "parallel.pp_overlap_fb": "true"})}
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ gradient accumulation over the same microbatches in this process.
 
 from __future__ import annotations
 
+import threading
 import traceback
 from dataclasses import replace
 from functools import partial
@@ -18,13 +19,15 @@ import torch.distributed as dist
 
 from conftest import close, cross_entropy, fixed_batch, run_ranks, tiny, tiny_model
 from model.transformer import Transformer
+from parallel.expert import Lane
 from parallel.pipeline import (
     SCHEDULES, check_microbatches, _check_output, build_pipeline, build_stage_modules, split_layers, stage_ids,
 )
 
 WORLD = 2
 B, T, STEPS, LR = 4, 32, 3, 1e-2
-# case: (schedule, stages_per_rank, n_microbatches)
+# case: (schedule, stages_per_rank, n_microbatches[, paired: DualPipeV's overlapped actions' forward and backward at
+# once, the backward on a second thread])
 CASES = {
     "1F1B": ("1F1B", 1, 4),
     "GPipe": ("GPipe", 1, 2),
@@ -32,6 +35,7 @@ CASES = {
     "ZBVZeroBubble": ("ZBVZeroBubble", 2, 4),
     "ZBVZeroBubble-2mb": ("ZBVZeroBubble", 2, 2),  # fewer microbatches than stages
     "DualPipeV": ("DualPipeV", 2, 4),
+    "DualPipeV-paired": ("DualPipeV", 2, 4, True),
 }
 
 
@@ -89,13 +93,18 @@ def reference_run(n_microbatches: int) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- pp worker
-def run_case(schedule: str, stages_per_rank: int, n_microbatches: int) -> dict:
-    """This rank's side of one pipeline run: losses (last-stage rank only), loads, parameters of its parts."""
+def run_case(schedule: str, stages_per_rank: int, n_microbatches: int, paired: bool = False) -> dict:
+    """This rank's side of one pipeline run: losses (last-stage rank only), loads, parameters of its parts, and the
+    threads that accumulated gradients."""
     model = four_layers()
     tokens, labels = fixed_batch(model.cfg.vocab_size, B, T)
     pipeline = build_pipeline(model, None, schedule, n_microbatches, stages_per_rank, cross_entropy,
-                              torch.device("cpu"), microbatch_size=B // n_microbatches, seq_len=T)
+                              torch.device("cpu"), microbatch_size=B // n_microbatches, seq_len=T,
+                              lane=Lane() if paired else None)
     parts = pipeline.parts
+    threads = set()
+    for p in (p for part in parts for p in part.parameters()):
+        p.register_post_accumulate_grad_hook(lambda _: threads.add(threading.current_thread().name))
     # the stage modules carry no pipeline state: their attributes are a fresh model's
     assert all(vars(part).keys() == vars(model).keys() for part in parts)
     del model
@@ -107,7 +116,8 @@ def run_case(schedule: str, stages_per_rank: int, n_microbatches: int) -> dict:
         opt.step()
         losses.append(None if loss is None else loss.item())
         loads.append(take_loads(parts))
-    return {"losses": losses, "loads": loads, "params": params_of(parts), "grads": grads_of(parts)}
+    return {"losses": losses, "loads": loads, "params": params_of(parts), "grads": grads_of(parts),
+            "threads": sorted(threads)}
 
 
 def rank_results(rank: int, world: int) -> dict[str, dict]:
@@ -144,6 +154,10 @@ def test_every_schedule_gives_the_single_process_losses_weights_grads_and_loads(
     errors = [r["error"] for r in ranks if "error" in r]
     assert not errors, errors[0]
     ref = references[CASES[name][2]]
+    if CASES[name][0] == "DualPipeV":  # paired, every rank runs some backward on the second thread
+        paired = CASES[name][3:] == (True,)
+        want = ["MainThread", "paired backward"] if paired else ["MainThread"]
+        assert [r["threads"] for r in ranks] == [want] * WORLD
     # losses: exactly one rank holds the last stage
     with_loss = [r["losses"] for r in ranks if r["losses"][0] is not None]
     assert len(with_loss) == 1

@@ -126,6 +126,10 @@ class ParallelConfig:
     # flat: every (token, expert) row straight to the expert's rank; hierarchical: a token crosses to another host
     # once per host holding any of its experts and fans out there (parallel/expert.py HierarchicalDispatcher)
     ep_dispatch: EpDispatch = "flat"
+    # DualPipeV's overlapped actions run one microbatch's forward and another's backward at once (the backward on a
+    # second thread, its expert all-to-alls over twin process groups), so one's all-to-alls travel while the other
+    # computes (parallel/pipeline.py); None: on where it applies (pp_overlap_fb_problem)
+    pp_overlap_fb: Optional[bool] = None
     # gradient accumulation without pipelining: keep weights gathered and gradients unsharded over a step's
     # micro-batches (one all-gather and one reduce-scatter per step, for the unsharded weights' and gradients'
     # memory); pipelining always does this
@@ -270,6 +274,30 @@ def ep_overlap_on(cfg: RunConfig) -> bool:
     """Whether expert parallelism overlaps its all-to-alls (parallel.ep_overlap, or its default: on when ep > 1)."""
     p = cfg.parallel
     return p.ep > 1 if p.ep_overlap is None else p.ep_overlap
+
+
+def pp_overlap_fb_problem(cfg: RunConfig) -> str | None:
+    """Why DualPipeV's forward and backward cannot run at once in this layout (parallel.pp_overlap_fb), or None."""
+    p = cfg.parallel
+    if p.pp == 1 or str(p.pp_schedule).lower() != "dualpipev":
+        return f"it runs DualPipeV's overlapped actions: needs parallel.pp > 1 and pp_schedule=DualPipeV, got " \
+               f"pp={p.pp} and {p.pp_schedule}"
+    if not ep_overlap_on(cfg):
+        return "it pairs expert all-to-alls with the other microbatch's compute: needs parallel.ep > 1 and ep_overlap"
+    if p.tp > 1 or p.cp > 1:
+        return f"the two threads would issue tensor- or context-parallel collectives on one group in an order that " \
+               f"differs between ranks: needs parallel.tp=1 and cp=1, got tp={p.tp} and cp={p.cp}"
+    if p.compile:
+        return "compiled blocks trace their all-to-alls on one process group: needs parallel.compile=false"
+    if cfg.precision.bf16_gemm_emulate:
+        return "the bf16 GEMM emulation is a mode of the forward's thread only: needs precision.bf16_gemm_emulate=false"
+    return None
+
+
+def pp_overlap_fb_on(cfg: RunConfig) -> bool:
+    """Whether DualPipeV runs its paired forward and backward at once (parallel.pp_overlap_fb, or where it applies)."""
+    p = cfg.parallel
+    return pp_overlap_fb_problem(cfg) is None if p.pp_overlap_fb is None else p.pp_overlap_fb
 
 
 def fused_loss_on(cfg: RunConfig) -> bool:
@@ -479,6 +507,8 @@ def _validate_parallel(cfg: RunConfig) -> None:
     _require(p.ep_chunks >= 1, f"parallel.ep_chunks must be >= 1, got {p.ep_chunks}")
     _require(not (p.ep_overlap and p.ep == 1), "parallel.ep_overlap=true overlaps expert parallelism's "
              "all-to-alls, but parallel.ep=1 has none: set parallel.ep > 1 or leave ep_overlap unset")
+    problem = pp_overlap_fb_problem(cfg) if p.pp_overlap_fb else None
+    _require(problem is None, f"parallel.pp_overlap_fb=true: {problem}")
     _require(p.pp_microbatches >= 0, f"parallel.pp_microbatches must be >= 0 (0: one per micro-batch), got "
                                      f"{p.pp_microbatches}")
     _require(not (cfg.train.rampup_batch_size and p.pp > 1 and p.pp_microbatches),

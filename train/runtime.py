@@ -22,13 +22,14 @@ from model import Transformer
 from model.analysis import param_counts
 from model.config import TORCH_DTYPES
 from parallel import ParallelDims, parallelize, tp_loss
-from parallel.expert import ExpertDispatch
+from parallel.expert import ExpertDispatch, Lane
 from parallel.deepspeed_ops import deepspeed_problem, fused_lm_loss
 from parallel.fp8 import Fp8Recipe, check_fp8
 from parallel.inventory import rank_parameters
 from parallel.pipeline import Pipeline, build_pipeline, ends_share_rank, rank_stage_modules
 
-from .config import ConfigError, RunConfig, ep_overlap_on, fused_loss_on, pipeline_microbatches, validate_layout
+from .config import (ConfigError, RunConfig, ep_overlap_on, fused_loss_on, pipeline_microbatches, pp_overlap_fb_on,
+                     validate_layout)
 from .env import Env, init_distributed
 from .moe_stats import StatsGroups
 from .schedule import BatchSchedule, RunPosition
@@ -221,10 +222,10 @@ def build_parts(rt: Runtime, meta: bool = False) -> None:
     if rt.dims.pp > 1 and meta:  # the stages alone: a schedule needs real peers
         parts = rank_stage_modules(model, cfg.parallel.pp_schedule, rt.mesh["pp"].get_local_rank(), rt.dims.pp,
                                    cfg.parallel.pp_stages_per_rank)
-    elif rt.dims.pp > 1:
-        rt.pipeline = _build_pipeline(rt, model)
-        parts = rt.pipeline.parts
     p, dispatch = cfg.parallel, expert_dispatch(rt)
+    if rt.dims.pp > 1 and not meta:
+        rt.pipeline = _build_pipeline(rt, model, dispatch.lane)
+        parts = rt.pipeline.parts
     parts = [parallelize(part, rt.mesh, rt.dims, param_dtype=cfg.precision.param_dtype,
                          reduce_dtype=cfg.precision.reduce_dtype, cpu_offload=p.cpu_offload,
                          activation_checkpoint=p.activation_checkpoint, compile=p.compile, fp8=rt.fp8,
@@ -243,11 +244,13 @@ def build_parts(rt: Runtime, meta: bool = False) -> None:
 def expert_dispatch(rt: Runtime) -> ExpertDispatch:
     """The expert dispatch of this job's layout, its host groups made once for all model parts."""
     p = rt.cfg.parallel
-    how = ExpertDispatch(ep_overlap_on(rt.cfg), p.ep_chunks, p.ep_dispatch == "hierarchical", rt.env.ranks_per_host)
+    lane = Lane() if rt.dims.pp > 1 and pp_overlap_fb_on(rt.cfg) else None
+    how = ExpertDispatch(ep_overlap_on(rt.cfg), p.ep_chunks, p.ep_dispatch == "hierarchical", rt.env.ranks_per_host,
+                         lane)
     return how.on(rt.mesh) if rt.mesh is not None and rt.dims.ep > 1 else how
 
 
-def _build_pipeline(rt: Runtime, model: Transformer) -> Pipeline:
+def _build_pipeline(rt: Runtime, model: Transformer, lane: Lane | None) -> Pipeline:
     cfg = rt.cfg
     local_batch = rt.batches.size(0) // rt.groups.dp_world
     n_micro = pipeline_microbatches(cfg, local_batch)  # it divides local_batch (validate_layout)
@@ -256,6 +259,6 @@ def _build_pipeline(rt: Runtime, model: Transformer) -> Pipeline:
                               cfg.parallel.pp_stages_per_rank, rt.loss_fn, rt.env.device,
                               microbatch_size=local_batch // n_micro, seq_len=cfg.data.seq_len // rt.dims.cp,
                               activation_dtype=TORCH_DTYPES[cfg.precision.param_dtype],
-                              loss_for=lambda part: loss_for(rt, part))
+                              loss_for=lambda part: loss_for(rt, part), lane=lane)
     except ValueError as e:
         raise ConfigError(f"pipeline: {e}") from None
