@@ -3,7 +3,7 @@ tbf on both ends of each host's cable), each host's ranks started by torchrun in
 trainer's own step (train/runtime.py, train/step.py). Needs root (network namespaces).
 
     python bench/ep_overlap.py [--rates unlimited,800mbit,400mbit] [--steps 5] [--skip 2]
-                               [--parts overlap,link,dispatch] [--chunks 2] [--mb 3]
+                               [--parts overlap,link,dispatch,pipeline] [--chunks 2] [--mb 3]
 
 overlap   2 hosts x 1 rank, parallel.ep=2, the issue's setting (`RUN`), with the expert all-to-alls blocking and
           overlapped (`parallel.ep_overlap`; one run per `--chunks` value, `parallel.ep_chunks`), at each link
@@ -39,6 +39,9 @@ link      2 hosts x 1 rank, gloo alone, at each limited rate, `--mb` MB crossing
 dispatch  2 hosts x 2 ranks, parallel.ep=4, `parallel.ep_dispatch` flat and hierarchical at the first limited
           rate: step time, rows of hidden states the dispatchers sent between hosts, and the bytes each host's
           cable carried (its interface counters, everything included).
+pipeline  4 hosts x 1 rank, parallel.pp=2 x ep=2 under DualPipeV (`PIPE`; each ep group spans two hosts, and so does
+          each pipeline send), with `parallel.pp_overlap_fb` off (each overlapped action's forward, then its backward)
+          and on (both at once, the backward on a second thread), at each rate: the median step and its speed-up.
 """
 
 from __future__ import annotations
@@ -66,6 +69,10 @@ RUN = ["model=small", "model.num_hidden_layers=4", "model.num_experts_per_tok=8"
 # 2 hosts x 2 ranks: tiny-width experts so that four ranks fit two cores; groups map to hosts (n_group % 2 == 0)
 DISPATCH = ["model=small", "model.num_hidden_layers=2", "model.num_experts_per_tok=6", "data.seq_len=256",
             "train.global_batch_size=8", "train.micro_batch_size=2", "parallel.ep=4"]
+# 4 hosts x 1 rank, pp=2 x ep=2 under DualPipeV: 4 stages of one layer, 4 microbatches of 1 x 256 tokens a rank
+PIPE = ["model=small", "model.num_hidden_layers=4", "model.num_experts_per_tok=6", "data.seq_len=256",
+        "train.global_batch_size=8", "train.micro_batch_size=1", "parallel.ep=2", "parallel.pp=2",
+        "parallel.pp_schedule=DualPipeV"]
 COMMON = ["train.val_every=0", "checkpoint.every=0", "log.every=1", "train.peak_tflops=1.0", "checkpoint.load=false"]
 
 
@@ -327,6 +334,19 @@ def dispatch_part(rate: str, steps: int, skip: int, port: int) -> None:
                   f"{sum(s['tx']) / 1e6:.0f} MB in {steps} steps |", flush=True)
 
 
+def pipeline_part(rates: list[str], steps: int, skip: int, port: int) -> None:
+    print("\n| pipeline (4 hosts x 1 rank, pp=2 x ep=2, DualPipeV) | forward, then backward | both at once | "
+          "speed-up |\n|---|---|---|---|", flush=True)
+    for rate in rates:
+        with LocalCluster(4, rate=None if rate == "unlimited" else rate) as cluster:
+            walls = []
+            for paired in ("false", "true"):
+                port += 1
+                got = run_job(cluster, [*PIPE, f"parallel.pp_overlap_fb={paired}"], 1, steps, skip, port)
+                walls.append(summary(got, skip)["wall"])
+            print(f"| {rate} | {walls[0]:.2f} s | {walls[1]:.2f} s | x{walls[0] / walls[1]:.2f} |", flush=True)
+
+
 def main() -> None:
     if "--worker" in sys.argv:
         ap = argparse.ArgumentParser()
@@ -348,7 +368,7 @@ def main() -> None:
     ap.add_argument("--rates", default="unlimited,800mbit,400mbit")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--skip", type=int, default=2, help="first steps left out of the medians (start-up)")
-    ap.add_argument("--parts", default="overlap,link,dispatch")
+    ap.add_argument("--parts", default="overlap,link,dispatch,pipeline")
     ap.add_argument("--chunks", default="2", help="overlap part: the token chunks of each overlapped run")
     ap.add_argument("--mb", type=float, default=3.0, help="link part: MB crossing each way per exchange")
     args = ap.parse_args()
@@ -364,6 +384,8 @@ def main() -> None:
         link_part([r for r in rates if r != "unlimited"], args.mb, 29650)
     if "dispatch" in args.parts:
         dispatch_part(next((r for r in rates if r != "unlimited"), "unlimited"), args.steps, args.skip, 29700)
+    if "pipeline" in args.parts:
+        pipeline_part(rates, args.steps, args.skip, 29750)
 
 
 if __name__ == "__main__":

@@ -14,10 +14,10 @@ from launch.dryrun import build_rank
 from train.hardware import GPUS, device_bf16_tflops
 from launch.plan import StageShapes, layout_of, meta_model, rank_parameter_elements
 from launch.plan.__main__ import estimate, fits, search
-from launch.plan.cost import (bubble_fraction, collectives, expert_a2a_seconds, expert_nodes,
+from launch.plan.cost import (bubble_fraction, collectives, expert_a2a_seconds, expert_nodes, paired_fraction,
                               expert_rows_per_token, step_cost)
 from launch.plan.memory import rank_layers
-from model.analysis import param_counts
+from model.analysis import attention_params, param_counts
 from parallel.inventory import rank_parameters
 from conftest import PY, ROOT
 from train.config import compose_config
@@ -394,3 +394,56 @@ def test_plan_rejects_an_unknown_gpu(capsys):
 def test_mfu_peak_of_a_device_comes_from_the_planners_gpu_table(device_name, tflops):
     """The trainer's MFU denominator comes from the planner's GPU table (one source of the datasheet numbers)."""
     assert device_bf16_tflops(device_name) == tflops
+
+
+@pytest.mark.parametrize("pp,n", [(2, 4), (2, 5), (2, 8), (4, 8), (4, 11), (8, 16), (16, 32), (16, 64)])
+def test_paired_fraction_is_what_torchs_dualpipev_pairs_on_its_least_paired_rank(pp, n):
+    """parallel.pp_overlap_fb: the planner's share of a rank's 2 n microbatch-stage forwards that run beside a
+    backward equals, on the rank with the fewest, the OVERLAP_F_B actions torch's ScheduleDualPipeV emits (its
+    per-rank action list, computed without a process group)."""
+    from types import SimpleNamespace
+
+    from torch.distributed.pipelining.schedules import OVERLAP_F_B, ScheduleDualPipeV
+
+    fewest = min(sum(a is not None and a.computation_type == OVERLAP_F_B for a in
+                     ScheduleDualPipeV._calculate_single_rank_operations(
+                         SimpleNamespace(pp_group_size=pp, _n_microbatches=n), rank)) for rank in range(pp))
+    over = ["model=tiny", "model.num_hidden_layers=64", f"parallel.pp={pp}", "parallel.ep=2",
+            "parallel.pp_schedule=DualPipeV", f"train.global_batch_size={2 * n}", "train.micro_batch_size=1"]
+    layout = layout_of(compose_config(over), 2 * pp)
+    assert layout.pp_overlap_fb and layout.n_micro == n
+    assert paired_fraction(layout) == fewest / (2 * n)
+    assert paired_fraction(layout_of(compose_config([*over, "parallel.pp_overlap_fb=false"]), 2 * pp)) == 0
+
+
+def test_paired_forward_and_backward_hide_the_all_to_all_under_the_pairs_expert_gemms():
+    """tiny (4 layers, 3 MoE) at pp=2 x ep=2 under DualPipeV, 8 microbatches of 2 x 128 tokens a rank, a slow link:
+    11 of rank 0's 16 microbatch-stages run paired, and their share of the all-to-all hides under the pair's GEMMs
+    of forward and backward (3 x 2 (A + 3 D I (1 + K)) FLOPs per token and MoE layer, A the attention's weights), the
+    other 5/16 under their own layer's (shared + (C-1)/C of routed, forward only), each at most its share; by
+    hand, against parallel.pp_overlap_fb=false on the same layout."""
+    over = ["model=tiny", "parallel.pp=2", "parallel.ep=2", "parallel.pp_schedule=DualPipeV",
+            "train.global_batch_size=32", "train.micro_batch_size=2", "data.seq_len=128", "cluster.gpus_per_node=1",
+            "cluster.link_efficiency=0.0002", "cluster.gemm_efficiency=0.00001"]
+    cfg = compose_config(over)
+    m, gpu = cfg.model, GPUS["h800"]
+    shapes = StageShapes(meta_model(m))
+
+    def a2a(extra):
+        layout = layout_of(compose_config(over + extra), 4)
+        comms = max((collectives(shapes, layout, cfg.data.seq_len, gpu, cfg.cluster, p) for p in range(2)),
+                    key=lambda cs: sum(c.seconds for c in cs))
+        return layout, {c.name: c for c in comms}["ep all-to-all"]
+
+    layout, paired = a2a([])
+    _, alone = a2a(["parallel.pp_overlap_fb=false"])
+    assert layout.n_micro == 8 and paired.seconds == alone.seconds
+    n_moe = max(sum(m.is_moe_layer(i) for i in rank_layers(m, layout, p)[0]) for p in range(2))
+    per_flop = 8 * n_moe * 2 * 128 / (gpu.bf16_tflops * 1e12 * cfg.cluster.gemm_efficiency)
+    per_expert = 2 * 3 * m.hidden_size * m.moe_intermediate_size
+    within = per_expert * (m.n_shared_experts + m.num_experts_per_tok / 2) * per_flop  # 2 chunks
+    pair = 3 * (2 * attention_params(m) + per_expert * (m.n_shared_experts + m.num_experts_per_tok)) * per_flop
+    f, s = 11 / 16, paired.seconds
+    assert alone.exposed == pytest.approx(max(0.0, s - within), rel=1e-9) and alone.exposed > 0
+    assert paired.exposed == pytest.approx(max(0.0, (1 - f) * (s - within)) + max(0.0, f * (s - pair)), rel=1e-9)
+    assert 0 < paired.exposed < alone.exposed

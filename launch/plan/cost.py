@@ -30,7 +30,11 @@ ranks are `stride` apart):
        (parallel/expert.py): the shared experts and, of the routed experts' GEMMs, all but one chunk's
        ((C-1)/C with C = parallel.ep_chunks), in each forward (a full recomputation's too), none in backward
        (the estimate nearest the measured wait, see `_expert_overlap_flops`); only what outlasts that compute
-       shows (shared over the per-link entries by their seconds).
+       shows (shared over the per-link entries by their seconds). With parallel.pp_overlap_fb (DualPipeV), the
+       share of a rank's microbatch-stages that run as a forward beside another's backward (`paired_fraction`)
+       hides its all-to-alls instead under the pair's GEMMs of those layers (attention projections, shared and
+       routed experts; forward, backward's two passes and a full recomputation's forward; not the attention core),
+       which the other thread computes meanwhile.
   cp   Ulysses all-to-alls per attention layer and micro-batch, forward and backward (and once more in a full
        recomputation): q, k, v to whole sequences and the output back, (cp-1)/cp of the micro-batch's
        H x (2 (N+R) + 2 V) elements per token. In the critical path.
@@ -51,7 +55,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from model.analysis import attention_core_widths, forward_flops_per_token, training_flops_per_token
+from model.analysis import attention_core_widths, attention_params, forward_flops_per_token, training_flops_per_token
 from model.config import ModelConfig
 
 from train.hardware import GPU
@@ -210,7 +214,7 @@ def collectives(shapes: StageShapes, layout: Layout, seq_len: int, gpu: GPU, clu
         result.append(Collective(name, nbytes, link, seconds, 0.0 if prefetched else seconds, prefetched))
     if d.ep > 1:
         flops_per_s = gpu.bf16_tflops * 1e12 * cluster.gemm_efficiency
-        _expose_expert_all_to_all(result, layout.ep_hierarchical, _expert_hidden_seconds(m, layout, n_moe, flops_per_s))
+        _expose_expert_all_to_all(result, layout.ep_hierarchical, _expert_hides(m, layout, n_moe, flops_per_s))
     return result
 
 
@@ -255,14 +259,31 @@ def _expert_all_to_all(m: ModelConfig, layout: Layout, n_moe: int, per_node: int
     return [(EP_A2A, between * row_bytes, "ib")] + ([(EP_A2A_IN_NODE, within * row_bytes, "nvlink")] if within else [])
 
 
-def _expose_expert_all_to_all(comms: list[Collective], hierarchical: bool, hidden: float) -> None:
+def _expose_expert_all_to_all(comms: list[Collective], hierarchical: bool, hides: list[tuple[float, float]]) -> None:
     """Set the exposed seconds of the expert all-to-all's per-link entries: their sum (hierarchical: the hop and
-    the fan-out one after the other) or the longest (flat: both links at once), less `hidden`, shared by seconds."""
+    the fan-out one after the other) or the longest (flat: both links at once), less what `hides` (`_expert_hides`)
+    hides, shared by seconds."""
     parts = [c for c in comms if c.name in (EP_A2A, EP_A2A_IN_NODE)]
     total = sum(c.seconds for c in parts)
     seconds = total if hierarchical else max((c.seconds for c in parts), default=0.0)
     for c in parts:
-        c.exposed = max(0.0, seconds - hidden) * c.seconds / total if total else 0.0
+        c.exposed = _exposed(seconds, hides) * c.seconds / total if total else 0.0
+
+
+def _expert_gemm_flops(m: ModelConfig) -> tuple[float, float]:
+    """Forward FLOPs per token and MoE layer of the shared experts, and of the routed experts a token reaches."""
+    per_expert = 2 * 3 * m.hidden_size * m.moe_intermediate_size
+    return per_expert * m.n_shared_experts, per_expert * m.num_experts_per_tok
+
+
+def paired_fraction(layout: Layout) -> float:
+    """The share of a pipeline rank's microbatch-stages whose forward runs beside another's backward under
+    parallel.pp_overlap_fb: torch's ScheduleDualPipeV pairs all but 3 pp - 1 of the 2 n forwards (n microbatches,
+    two stages) of its rank 0, which pairs the fewest; 0 without it."""
+    if not layout.pp_overlap_fb:
+        return 0.0
+    n, pp = layout.n_micro, layout.dims.pp
+    return max(0, 2 * n - 3 * pp + 1) / (2 * n)
 
 
 def _expert_overlap_flops(m: ModelConfig, layout: Layout) -> float:
@@ -273,34 +294,47 @@ def _expert_overlap_flops(m: ModelConfig, layout: Layout) -> float:
     1.08-1.45x the wait, and counting the backward's two passes too gives 0-0.19x (the exchanges' threads take CPU
     from the compute there); the nearer of the two, and not optimistic."""
     passes = 2 if layout.activation_checkpoint == "full" else 1  # in forward-GEMM units
-    shared = 2 * 3 * m.hidden_size * m.moe_intermediate_size * m.n_shared_experts
-    routed = 2 * 3 * m.hidden_size * m.moe_intermediate_size * m.num_experts_per_tok
+    shared, routed = _expert_gemm_flops(m)
     return passes * (shared + routed * (layout.ep_chunks - 1) / layout.ep_chunks)
 
 
-def _expert_hidden_seconds(m: ModelConfig, layout: Layout, n_moe: int, flops_per_s: float) -> float:
-    """Seconds of compute per step the expert all-to-alls of `n_moe` MoE layers hide under (0 without
-    parallel.ep_overlap)."""
+def _expert_hides(m: ModelConfig, layout: Layout, n_moe: int, flops_per_s: float) -> list[tuple[float, float]]:
+    """How the expert all-to-alls of `n_moe` MoE layers hide, per part of the step: (share of the all-to-all
+    seconds, seconds of compute that share hides under); the unpaired part under its layer's own compute (none
+    without parallel.ep_overlap), the paired part (`paired_fraction`) under the pair's GEMMs of those layers
+    (attention projections and experts)."""
     if not layout.ep_overlap:
-        return 0.0
-    return _expert_overlap_flops(m, layout) * layout.n_micro * n_moe * layout.micro_tokens / flops_per_s
+        return [(1.0, 0.0)]
+    seconds_per_flop = layout.n_micro * n_moe * layout.micro_tokens / flops_per_s
+    within = _expert_overlap_flops(m, layout) * seconds_per_flop
+    paired = paired_fraction(layout)
+    if paired == 0:
+        return [(1.0, within)]
+    passes = 4 if layout.activation_checkpoint == "full" else 3  # forward, backward's two, a recomputed forward
+    pair = passes * (2 * attention_params(m) + sum(_expert_gemm_flops(m))) * seconds_per_flop
+    return [(1 - paired, (1 - paired) * within), (paired, paired * pair)]
+
+
+def _exposed(seconds: float, hides: list[tuple[float, float]]) -> float:
+    return sum(max(0.0, share * seconds - hidden) for share, hidden in hides)
 
 
 def expert_a2a_seconds(m: ModelConfig, layout: Layout, link_bytes_per_s: float, flops_per_s: float,
                        inter_node: bool = True, ranks_per_host: int | None = None) -> tuple[float, float, float]:
     """The expert all-to-all of one rank on one link, by the formulas `collectives` uses, on the pipeline rank
     with the most MoE layers: (seconds per step of its bytes on that link at `link_bytes_per_s`, seconds of
-    compute per step it hides under at `flops_per_s`, exposed seconds: the first less the second, at least 0, as
-    if the other link took no time). `inter_node`: the bytes between hosts, else those within a host;
-    `ranks_per_host`: ranks on each host (None: one ep rank per host where `inter_node`, else the whole group on
-    one host), e.g. for a measurement on a CPU cluster of hosts joined by one link."""
+    compute per step it hides under at `flops_per_s`, exposed seconds: the first less the second, at least 0, per
+    part of the step that hides alike (`_expert_hides`), as if the other link took no time). `inter_node`: the
+    bytes between hosts, else those within a host; `ranks_per_host`: ranks on each host (None: one ep rank per host
+    where `inter_node`, else the whole group on one host), e.g. for a measurement on a CPU cluster of hosts joined
+    by one link."""
     d = layout.dims
     per_host = ranks_per_host or (d.tp if inter_node else d.ep * d.tp)
     n_moe = max(sum(m.is_moe_layer(i) for i in _rank_layers_with_mtp(m, layout, p)) for p in range(d.pp))
     link = "ib" if inter_node else "nvlink"
     nbytes = sum(b for _, b, on in _expert_all_to_all(m, layout, n_moe, per_host) if on == link) if d.ep > 1 else 0.0
-    seconds, hidden = nbytes / link_bytes_per_s, _expert_hidden_seconds(m, layout, n_moe, flops_per_s)
-    return seconds, hidden, max(0.0, seconds - hidden)
+    seconds, hides = nbytes / link_bytes_per_s, _expert_hides(m, layout, n_moe, flops_per_s)
+    return seconds, sum(hidden for _, hidden in hides), _exposed(seconds, hides)
 
 
 def step_cost(shapes: StageShapes, layout: Layout, seq_len: int, global_batch: int, gpu: GPU, cluster) -> StepCost:

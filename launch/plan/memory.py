@@ -53,6 +53,7 @@ class Layout:
     ep_overlap: bool = False  # parallel.ep_overlap: the expert all-to-alls hidden under expert compute
     ep_chunks: int = 1  # parallel.ep_chunks
     ep_hierarchical: bool = False  # parallel.ep_dispatch=hierarchical
+    pp_overlap_fb: bool = False  # parallel.pp_overlap_fb: DualPipeV's paired forward and backward at once
     optimizer: str = "adamw"  # optim.name: muon keeps one fp32 buffer for the parameters it takes, AdamW two
     muon_router: bool = True  # optim.muon_router
 
@@ -82,7 +83,7 @@ def layout_of(cfg, world: int, check_batch: bool = True, ranks_per_host: int | N
     """The layout `cfg` (a RunConfig) describes on `world` ranks, `ranks_per_host` on each host (None: all on one);
     LayoutError for an impossible one (train.config.validate_layout). `check_batch=False`: for parameter counts
     only (the batch need not split over this many ranks)."""
-    from train.config import ep_overlap_on, fused_loss_on, pipeline_microbatches, validate_layout
+    from train.config import ep_overlap_on, fused_loss_on, pipeline_microbatches, pp_overlap_fb_on, validate_layout
 
     p, t, pr = cfg.parallel, cfg.train, cfg.precision
     dims = validate_layout(cfg, world, check_batch, ranks_per_host)
@@ -92,7 +93,7 @@ def layout_of(cfg, world: int, check_batch: bool = True, ranks_per_host: int | N
                   p.activation_checkpoint, DTYPE_BYTES[pr.param_dtype], DTYPE_BYTES[pr.reduce_dtype],
                   DTYPE_BYTES[pr.moment_dtype], pr.fp8_recipe, pr.fp8_fsdp_all_gather, p.accumulate_unsharded,
                   fused_loss_on(cfg), ep_overlap=ep_overlap_on(cfg), ep_chunks=p.ep_chunks,
-                  ep_hierarchical=p.ep_dispatch == "hierarchical",
+                  ep_hierarchical=p.ep_dispatch == "hierarchical", pp_overlap_fb=pp_overlap_fb_on(cfg),
                   optimizer=cfg.optim.name, muon_router=cfg.optim.muon_router)
 
 
