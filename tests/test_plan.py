@@ -409,7 +409,8 @@ def test_paired_fraction_is_what_torchs_dualpipev_pairs_on_its_least_paired_rank
                      ScheduleDualPipeV._calculate_single_rank_operations(
                          SimpleNamespace(pp_group_size=pp, _n_microbatches=n), rank)) for rank in range(pp))
     over = ["model=tiny", "model.num_hidden_layers=64", f"parallel.pp={pp}", "parallel.ep=2",
-            "parallel.pp_schedule=DualPipeV", f"train.global_batch_size={2 * n}", "train.micro_batch_size=1"]
+            "parallel.pp_schedule=DualPipeV", f"train.global_batch_size={2 * n}", "train.micro_batch_size=1",
+            "parallel.pp_overlap_fb=true"]
     layout = layout_of(compose_config(over), 2 * pp)
     assert layout.pp_overlap_fb and layout.n_micro == n
     assert paired_fraction(layout) == fewest / (2 * n)
@@ -423,8 +424,9 @@ def test_paired_forward_and_backward_hide_the_all_to_all_under_the_pairs_expert_
     other 5/16 under their own layer's (shared + (C-1)/C of routed, forward only), each at most its share; by
     hand, against parallel.pp_overlap_fb=false on the same layout."""
     over = ["model=tiny", "parallel.pp=2", "parallel.ep=2", "parallel.pp_schedule=DualPipeV",
-            "train.global_batch_size=32", "train.micro_batch_size=2", "data.seq_len=128", "cluster.gpus_per_node=1",
-            "cluster.link_efficiency=0.0002", "cluster.gemm_efficiency=0.00001"]
+            "parallel.pp_overlap_fb=true", "train.global_batch_size=32", "train.micro_batch_size=2",
+            "data.seq_len=128", "cluster.gpus_per_node=1", "cluster.link_efficiency=0.0002",
+            "cluster.gemm_efficiency=0.00001"]
     cfg = compose_config(over)
     m, gpu = cfg.model, GPUS["h800"]
     shapes = StageShapes(meta_model(m))

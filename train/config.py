@@ -128,8 +128,8 @@ class ParallelConfig:
     ep_dispatch: EpDispatch = "flat"
     # DualPipeV's overlapped actions run one microbatch's forward and another's backward at once (the backward on a
     # second thread, its expert all-to-alls over twin process groups), so one's all-to-alls travel while the other
-    # computes (parallel/pipeline.py); None: on where it applies (pp_overlap_fb_problem)
-    pp_overlap_fb: Optional[bool] = None
+    # computes (parallel/pipeline.py); off by default: no faster on the CPU clusters measured, not run on a GPU
+    pp_overlap_fb: bool = False
     # gradient accumulation without pipelining: keep weights gathered and gradients unsharded over a step's
     # micro-batches (one all-gather and one reduce-scatter per step, for the unsharded weights' and gradients'
     # memory); pipelining always does this
@@ -295,9 +295,9 @@ def pp_overlap_fb_problem(cfg: RunConfig) -> str | None:
 
 
 def pp_overlap_fb_on(cfg: RunConfig) -> bool:
-    """Whether DualPipeV runs its paired forward and backward at once (parallel.pp_overlap_fb, or where it applies)."""
-    p = cfg.parallel
-    return pp_overlap_fb_problem(cfg) is None if p.pp_overlap_fb is None else p.pp_overlap_fb
+    """Whether DualPipeV runs its paired forward and backward at once: parallel.pp_overlap_fb, where it applies (a
+    planner's candidate layouts under a config that sets it: the DualPipeV ones)."""
+    return cfg.parallel.pp_overlap_fb and pp_overlap_fb_problem(cfg) is None
 
 
 def fused_loss_on(cfg: RunConfig) -> bool:
