@@ -173,6 +173,16 @@ def test_fsdp_and_expert_parallel_volumes_equal_hand_counts():
         "fsdp all-gather/reduce-scatter (dense)"] == "ib"  # 32 ranks span 4 nodes of 8
 
 
+def expert_a2a(overrides: list[str], world: int = 4):
+    """The layout of `overrides` on `world` H800s and its step's "ep all-to-all" entry, on the pipeline rank whose
+    collectives take longest (as `step_cost` takes)."""
+    cfg = compose_config(overrides)
+    layout, shapes = layout_of(cfg, world), StageShapes(meta_model(cfg.model))
+    comms = max((collectives(shapes, layout, cfg.data.seq_len, GPUS["h800"], cfg.cluster, p)
+                 for p in range(layout.dims.pp)), key=lambda cs: sum(c.seconds for c in cs))
+    return layout, {c.name: c for c in comms}["ep all-to-all"]
+
+
 def test_overlapped_expert_all_to_all_shows_only_what_outlasts_the_expert_compute():
     """parallel.ep_overlap: the all-to-all hides under the shared experts and (C-1)/C of the routed experts' GEMMs
     of the forward (not the backward's: the planner's estimate nearest the measured wait). By hand for tiny at
@@ -184,11 +194,9 @@ def test_overlapped_expert_all_to_all_shows_only_what_outlasts_the_expert_comput
                  "cluster.gemm_efficiency=0.00001"]
     cfg = compose_config(overrides)
     m, gpu = cfg.model, GPUS["h800"]
-    shapes = StageShapes(meta_model(m))
 
     def a2a(extra):
-        layout = layout_of(compose_config(overrides + extra), 4)
-        return {c.name: c for c in collectives(shapes, layout, cfg.data.seq_len, gpu, cfg.cluster)}["ep all-to-all"]
+        return expert_a2a(overrides + extra)[1]
 
     blocking, overlapped = a2a(["parallel.ep_overlap=false"]), a2a([])
     assert blocking.link == "ib" and blocking.exposed == blocking.seconds == overlapped.seconds
@@ -429,16 +437,8 @@ def test_paired_forward_and_backward_hide_the_all_to_all_under_the_pairs_expert_
             "cluster.gemm_efficiency=0.00001"]
     cfg = compose_config(over)
     m, gpu = cfg.model, GPUS["h800"]
-    shapes = StageShapes(meta_model(m))
-
-    def a2a(extra):
-        layout = layout_of(compose_config(over + extra), 4)
-        comms = max((collectives(shapes, layout, cfg.data.seq_len, gpu, cfg.cluster, p) for p in range(2)),
-                    key=lambda cs: sum(c.seconds for c in cs))
-        return layout, {c.name: c for c in comms}["ep all-to-all"]
-
-    layout, paired = a2a([])
-    _, alone = a2a(["parallel.pp_overlap_fb=false"])
+    layout, paired = expert_a2a(over)
+    _, alone = expert_a2a([*over, "parallel.pp_overlap_fb=false"])
     assert layout.n_micro == 8 and paired.seconds == alone.seconds
     n_moe = max(sum(m.is_moe_layer(i) for i in rank_layers(m, layout, p)[0]) for p in range(2))
     per_flop = 8 * n_moe * 2 * 128 / (gpu.bf16_tflops * 1e12 * cfg.cluster.gemm_efficiency)
