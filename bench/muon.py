@@ -74,10 +74,11 @@ def steps_to(curve: dict[int, float], target: float) -> float | None:
 
 
 def summary(runs: list[list[dict]], key: str, skip: int = 5) -> float:
-    """Median over seeds of a run's median `key` after the first `skip` steps (step_time), or its max."""
+    """Median over seeds of a run's median `key` after the first `skip` steps (step_time), or its max; a run of
+    `skip` steps or fewer counts all of them."""
     per_run = []
     for rows in runs:
-        vals = [r[key] for r in rows if key in r and r["step"] > skip]
+        vals = [r[key] for r in rows if key in r and r["step"] > skip] or [r[key] for r in rows if key in r]
         per_run.append(statistics.median(vals) if key == "step_time" else max(vals))
     return statistics.median(per_run)
 
