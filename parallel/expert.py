@@ -411,7 +411,6 @@ def apply_ep(model: nn.Module, mesh, how: ExpertDispatch = ExpertDispatch()) -> 
     ep_mesh, how = mesh["ep"], how.on(mesh)
     members = dist.get_process_group_ranks(ep_mesh.get_group())
     hosts = [g // (how.ranks_per_host or dist.get_world_size()) for g in members]
-    inter, intra = (how.route(g) for g in how.groups or (None, None))
     dispatchers = []
     for path, module in model.named_modules():
         if not isinstance(module, MoE):
@@ -422,7 +421,7 @@ def apply_ep(model: nn.Module, mesh, how: ExpertDispatch = ExpertDispatch()) -> 
             sharded = distribute_tensor(param.data, ep_mesh, [Shard(0)])
             experts.register_parameter(name, nn.Parameter(sharded, requires_grad=param.requires_grad))
         e = module.cfg.n_routed_experts
-        module.dispatcher = (HierarchicalDispatcher(inter, intra, e, how.overlap, how.chunks, label)
+        module.dispatcher = (HierarchicalDispatcher(*map(how.route, how.groups), e, how.overlap, how.chunks, label)
                              if how.hierarchical else
                              AllToAllDispatcher(how.route(ep_mesh.get_group()), e, how.overlap, how.chunks, label,
                                                 hosts))

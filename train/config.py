@@ -279,7 +279,7 @@ def ep_overlap_on(cfg: RunConfig) -> bool:
 def pp_overlap_fb_problem(cfg: RunConfig) -> str | None:
     """Why DualPipeV's forward and backward cannot run at once in this layout (parallel.pp_overlap_fb), or None."""
     p = cfg.parallel
-    if p.pp == 1 or str(p.pp_schedule).lower() != "dualpipev":
+    if p.pp == 1 or p.pp_schedule != "DualPipeV":
         return f"it runs DualPipeV's overlapped actions: needs parallel.pp > 1 and pp_schedule=DualPipeV, got " \
                f"pp={p.pp} and {p.pp_schedule}"
     if not ep_overlap_on(cfg):
