@@ -58,13 +58,11 @@ def test_dualpipev_pairs_forward_and_backward_only_where_asked_and_applicable():
     sets it are other layouts than the one validated)."""
     from train.config import pp_overlap_fb_on
     on = [*DUALPIPEV, "parallel.ep=2", "parallel.pp_overlap_fb=true"]
-    cfg = compose_config(on)
-    assert pp_overlap_fb_on(cfg) and not pp_overlap_fb_on(compose_config([*DUALPIPEV, "parallel.ep=2"]))
-    for other in ({"pp_schedule": "ZBVZeroBubble"}, {"ep_overlap": False}, {"cp": 2}, {"compile": True}):
-        for key, value in other.items():
-            setattr(cfg.parallel, key, value)
-        assert not pp_overlap_fb_on(cfg), other
+    assert pp_overlap_fb_on(compose_config(on)) and not pp_overlap_fb_on(compose_config([*DUALPIPEV, "parallel.ep=2"]))
+    for key, value in (("pp_schedule", "ZBVZeroBubble"), ("ep_overlap", False), ("cp", 2), ("compile", True)):
         cfg = compose_config(on)
+        setattr(cfg.parallel, key, value)  # a candidate layout, past the config's validation
+        assert not pp_overlap_fb_on(cfg), key
 
 
 @pytest.mark.parametrize("schedule,stages", [("1F1B", 1), ("Interleaved1F1B", 2), ("ZBVZeroBubble", 2),
